@@ -1,0 +1,1 @@
+"""The `zoo` command: a thin Typer skin over zoo, training and export."""

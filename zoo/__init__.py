@@ -1,0 +1,36 @@
+"""zoo: train a family of nested networks in one run, slice any member out, export it.
+
+    import zoo
+    model = zoo.create_model("slim_resnet20", num_classes=10)
+    model.set_subnet(width=0.5)
+    small = zoo.slice(model, width=0.5)
+    zoo.save(small, "small.safetensors")
+    same = zoo.load("small.safetensors")
+
+Importing zoo registers every family with timm, so ``timm.create_model("slim_resnet20")``
+works too.
+"""
+
+from .base import ElasticModel
+from .registry import create_model, family_of, list_models
+from .slicing import recalibrate_bn, slice_model as slice, subnet
+from .subnet import Subnet
+from .weights import WeightsFileError, load, read_header, save
+from . import models  # noqa: F401,E402  (registers the families with zoo and timm)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElasticModel",
+    "Subnet",
+    "WeightsFileError",
+    "create_model",
+    "family_of",
+    "list_models",
+    "load",
+    "read_header",
+    "recalibrate_bn",
+    "save",
+    "slice",
+    "subnet",
+]

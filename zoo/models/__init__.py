@@ -1,0 +1,3 @@
+"""Model families; importing this module registers them with zoo and timm."""
+
+from . import resnet  # noqa: F401

@@ -1,0 +1,100 @@
+"""From a family to a standalone member, and batch-norm recalibration for a new member.
+
+Because every axis is nested, a member is the same architecture built at smaller sizes
+whose every tensor is a prefix of the family's tensor (per row block for fused projections).
+Slicing is therefore generic: build the small model from the family's arguments, then copy
+the matching prefix of each tensor. It knows nothing of masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator
+
+import torch
+
+from .base import ElasticModel
+from .layers import ElasticBatchNorm2d, take_rows
+from .subnet import Subnet
+
+
+def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tensor:
+    out = take_rows(source, shape[0] // chunks, chunks) if source.dim() else source
+    return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
+
+
+@torch.no_grad()
+def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: float | None = None) -> ElasticModel:
+    """A physically smaller copy of ``model`` at one sub-network, equal in output to it."""
+    from .registry import create_model
+
+    subnet = width if isinstance(width, Subnet) else model.resolve_subnet(width, rank)
+    model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
+    args = {**model.model_args, "max_width": subnet.width, "widths": [subnet.width], "extra_subnets": []}
+    if model.low_rank:
+        args.update(max_rank=subnet.rank, ranks=[subnet.rank])
+    small = create_model(model.arch, **args)
+    for name, module in small.named_modules():
+        source = model.get_submodule(name)
+        chunks = getattr(source, "chunks", 1)
+        chunked = getattr(source, "chunked", ())
+        for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            src = getattr(source, pname)
+            tensor.copy_(_prefix(src, tensor.shape, chunks if pname in chunked else 1))
+    small.train(model.training)
+    small.zoo_metadata = dict(getattr(model, "zoo_metadata", {}))
+    return small
+
+
+@contextlib.contextmanager
+def subnet(model: ElasticModel, width: float | None = None, rank: float | None = None, **other) -> Iterator[Subnet]:
+    """Run ``model`` as one sub-network inside the block, then restore the previous one."""
+    previous = model.active_subnet
+    try:
+        yield model.set_subnet(width, rank, **other)
+    finally:
+        model.set_subnet(previous)
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: ElasticModel,
+    batches: Iterable[torch.Tensor],
+    width: float | None = None,
+    rank: float | None = None,
+    max_batches: int | None = None,
+) -> Subnet:
+    """Estimate a sub-network's batch-norm statistics from data (exact average over batches).
+
+    The sub-network is added to the model's grid if new; its statistics are reset and
+    replaced by the cumulative average of per-batch statistics, as in Universally Slimmable
+    Networks' post-statistics. No parameter changes.
+    """
+    chosen = model.resolve_subnet(width, rank)
+    bns = [m for m in model.modules() if isinstance(m, ElasticBatchNorm2d)]
+    if not bns:
+        return chosen
+    model.add_subnet(chosen)
+    for bn in bns:
+        bn.add_stats(chosen)
+    was_training, previous = model.training, model.active_subnet
+    momenta = [bn.momentum for bn in bns]
+    model.set_subnet(chosen)
+    model.train()
+    seen = 0
+    try:
+        for batch in batches:
+            if max_batches is not None and seen >= max_batches:
+                break
+            for bn in bns:
+                bn.momentum = 1.0 / (seen + 1)
+            model(batch)
+            seen += 1
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+        model.set_subnet(previous)
+    if seen == 0:
+        raise ValueError("recalibration got no batches")
+    return chosen

@@ -1,0 +1,134 @@
+"""Weights files: safetensors tensors plus a JSON header that rebuilds the model.
+
+The header (safetensors metadata key ``"zoo"``) holds the architecture, its arguments, the
+axes, the trained sub-networks and the caller's metadata (metrics, provenance). Loading needs
+nothing but the file and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .base import ElasticModel
+from .fileio import atomic_path
+
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, corrupt, foreign, or inconsistent with its header."""
+
+
+def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = None, dtype: str = "float32") -> Path:
+    """Write ``model`` to ``path`` atomically. ``dtype`` stores floating tensors smaller."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    header = {
+        "format_version": FORMAT_VERSION,
+        "arch": model.arch,
+        "model_args": model.model_args,
+        "axes": list(model.axes),
+        "subnets": [s.to_dict() for s in model.subnets],
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "dtype": dtype,
+        "metadata": metadata or {},
+    }
+    tensors = {
+        name: (t.to(_DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
+        for name, t in model.state_dict().items()
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"zoo": json.dumps(header)})
+    return Path(path)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The zoo header of a weights file, without reading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"no such weights file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+    if "zoo" not in meta:
+        raise WeightsFileError(f"{path} is a safetensors file but not a zoo weights file (no zoo header)")
+    try:
+        header = json.loads(meta["zoo"])
+        header["arch"], header["model_args"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise WeightsFileError(f"{path} has a corrupt zoo header") from None
+    return header
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ElasticModel:
+    """Rebuild the model stored in ``path``; its metadata is in ``model.zoo_metadata``."""
+    from .registry import create_model
+
+    path = Path(path)
+    header = read_header(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightsFileError(f"{path} is corrupt or truncated ({_first_line(err)})") from None
+    try:
+        model = create_model(header["arch"], **header["model_args"])
+    except ValueError as err:
+        raise WeightsFileError(f"{path}: its header does not describe a buildable model ({err})") from None
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in tensors]
+    problems += [f"unexpected {k}" for k in tensors if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(tensors[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise WeightsFileError(f"tensors in {path} do not match its header: {'; '.join(problems[:3])}{more}")
+    model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
+    model.zoo_metadata = header.get("metadata", {})
+    return model.to(device)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pretrained_path(arch: str) -> Path:
+    """Where the shipped weights of ``arch`` live inside the installed ``weights`` package."""
+    return Path(str(resources.files("weights") / f"{arch}.safetensors"))
+
+
+def load_pretrained(arch: str, **kwargs) -> ElasticModel:
+    """Load the shipped weights of ``arch``; ``num_classes`` may differ (new classifier)."""
+    path = pretrained_path(arch)
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.safetensors"))
+        raise ValueError(f"no pretrained weights are shipped for {arch}; shipped: {', '.join(shipped) or 'none'}")
+    model = load(path)
+    num_classes = kwargs.pop("num_classes", None)
+    conflicts = [k for k, v in kwargs.items() if model.model_args.get(k, v) != v]
+    if conflicts:
+        raise ValueError(f"pretrained {arch} was trained with {', '.join(f'{k}={model.model_args[k]!r}' for k in conflicts)}")
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
