@@ -13,7 +13,7 @@ works too.
 
 from .base import ElasticModel
 from .registry import create_model, family_of, list_models
-from .slicing import recalibrate_bn, slice_model as slice, subnet
+from .slicing import parameter_masks, recalibrate_bn, slice_model as slice, subnet
 from .subnet import Subnet
 from .weights import WeightsFileError, load, read_header, save
 from . import models  # noqa: F401,E402  (registers the families with zoo and timm)
@@ -28,6 +28,7 @@ __all__ = [
     "family_of",
     "list_models",
     "load",
+    "parameter_masks",
     "read_header",
     "recalibrate_bn",
     "save",

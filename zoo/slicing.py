@@ -23,27 +23,56 @@ def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tenso
     return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
 
 
-@torch.no_grad()
-def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: float | None = None) -> ElasticModel:
-    """A physically smaller copy of ``model`` at one sub-network, equal in output to it."""
+def _build_member(model: ElasticModel, subnet: Subnet) -> ElasticModel:
     from .registry import create_model
 
-    subnet = width if isinstance(width, Subnet) else model.resolve_subnet(width, rank)
-    model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
     args = {**model.model_args, "max_width": subnet.width, "widths": [subnet.width], "extra_subnets": []}
     if model.low_rank:
         args.update(max_rank=subnet.rank, ranks=[subnet.rank])
-    small = create_model(model.arch, **args)
-    for name, module in small.named_modules():
+    return create_model(model.arch, **args)
+
+
+def _pairs(model: ElasticModel, member: ElasticModel):
+    """(name, member tensor, family tensor, row chunks) for every tensor of the member."""
+    for name, module in member.named_modules():
         source = model.get_submodule(name)
         chunks = getattr(source, "chunks", 1)
         chunked = getattr(source, "chunked", ())
         for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            src = getattr(source, pname)
-            tensor.copy_(_prefix(src, tensor.shape, chunks if pname in chunked else 1))
+            full_name = f"{name}.{pname}" if name else pname
+            yield full_name, tensor, getattr(source, pname), chunks if pname in chunked else 1
+
+
+@torch.no_grad()
+def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: float | None = None) -> ElasticModel:
+    """A physically smaller copy of ``model`` at one sub-network, equal in output to it."""
+    subnet = width if isinstance(width, Subnet) else model.resolve_subnet(width, rank)
+    model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
+    small = _build_member(model, subnet)
+    for _, tensor, source, chunks in _pairs(model, small):
+        tensor.copy_(_prefix(source, tensor.shape, chunks))
     small.train(model.training)
     small.zoo_metadata = dict(getattr(model, "zoo_metadata", {}))
     return small
+
+
+def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tensor]:
+    """For each parameter, a bool tensor that is True on the coordinates ``subnet`` uses.
+
+    The region is exactly what :func:`slice_model` copies, so a masked update moves the
+    sliced member's parameters and nothing else.
+    """
+    with torch.device("meta"):
+        member = _build_member(model, subnet)
+    params = dict(model.named_parameters())
+    masks = {}
+    for name, tensor, source, chunks in _pairs(model, member):
+        if name in params:
+            mask = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
+            blocks = mask.view(chunks, -1, *mask.shape[1:])  # one row block per fused chunk
+            blocks[(slice(None), slice(0, tensor.shape[0] // chunks), *(slice(0, n) for n in tensor.shape[1:]))] = True
+            masks[name] = mask
+    return masks
 
 
 @contextlib.contextmanager
