@@ -12,6 +12,7 @@ works too.
 """
 
 from .base import ElasticModel
+from .flops import count_flops
 from .registry import create_model, family_of, list_models
 from .slicing import parameter_masks, recalibrate_bn, slice_model as slice, subnet
 from .subnet import Subnet
@@ -24,6 +25,7 @@ __all__ = [
     "ElasticModel",
     "Subnet",
     "WeightsFileError",
+    "count_flops",
     "create_model",
     "family_of",
     "list_models",
