@@ -57,7 +57,7 @@ class ElasticModel(nn.Module):
         self.model_args = {}
 
     def _finish_init(self) -> None:
-        self.set_subnet()
+        self.set_subnet(self.subnets[-1])  # the largest trained member (the grid is sorted)
 
     # ----- the space ------------------------------------------------------------------
     @property
