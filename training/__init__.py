@@ -1,0 +1,1 @@
+"""Training: data, strategies, masked optimizer steps, the trainer and evaluation."""
