@@ -1,0 +1,119 @@
+"""Width-slimmable (and optionally low-rank) GPT-style byte language models.
+
+A GPT-2-style causal decoder (Radford et al. 2019) over raw bytes: 256 token ids, learned
+token and position embeddings, pre-LayerNorm blocks with causal attention, a final LayerNorm
+and a linear ``lm_head`` that predicts the next byte. Width scales the heads and MLP hidden
+units of every block (see :mod:`zoo.models.transformer`); the embeddings, norms and lm_head
+are dense and fixed. The lm_head is not tied to the token embedding because safetensors does
+not store shared tensors.
+
+The model takes int64 tokens ``(B, T)`` for any ``T <= context_length`` and returns next-byte
+logits ``(B, T, 256)``; the position embedding is sliced to ``T``, so an exported graph keeps
+a dynamic sequence axis (bounded by ``context_length``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..base import ElasticModel
+from ..layers import LayerFactory
+from ..registry import build, register_family
+from ..subnet import DEFAULT_GRID, fixed
+from .transformer import Block, trunc_normal
+
+VOCAB_SIZE = 256  # one token per byte
+
+
+class SlimGPT(ElasticModel):
+    """A causal byte-level Transformer whose heads and MLP units (and ranks) are elastic."""
+
+    input_kind = "tokens"
+
+    def __init__(
+        self,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        context_length: int = 256,
+        dropout: float = 0.0,
+        low_rank: bool = False,
+        widths: Iterable[float] = DEFAULT_GRID,
+        ranks: Iterable[float] | None = None,
+        max_width: float = 1.0,
+        max_rank: float = 1.0,
+        extra_subnets: Iterable[dict] = (),
+    ):
+        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
+            raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
+        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=8)
+        self.num_classes = self.vocab_size = VOCAB_SIZE
+        self.context_length = context_length
+        self.num_features = self.embed_dim = embed_dim
+
+        self.tok_embed = nn.Embedding(VOCAB_SIZE, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, context_length, embed_dim))
+        trunc_normal(self.tok_embed.weight)
+        trunc_normal(self.pos_embed)
+        self.drop = nn.Dropout(dropout)
+        block = dict(causal=True, dropout=dropout, eps=1e-5)
+        self.blocks = nn.Sequential(*[Block(f, embed_dim, num_heads, mlp_ratio, **block) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.lm_head = f.linear(fixed(embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal)
+        self.pretrained_cfg = {
+            "input_size": (context_length,),
+            "num_classes": VOCAB_SIZE,
+            "vocab_size": VOCAB_SIZE,
+            "context_length": context_length,
+            "classifier": "lm_head",
+        }
+        self._finish_init()
+
+    def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Byte ids (B, T) -> normalised hidden states (B, T, embed_dim)."""
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"{self._name} takes integer byte ids of shape (batch, seq_len), got {tokens.dtype} {tuple(tokens.shape)}")
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"{self._name}: sequence length {tokens.shape[1]} exceeds context_length {self.context_length}")
+        x = self.tok_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
+        return self.norm(self.blocks(self.drop(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Hidden states -> next-byte logits (B, T, 256)."""
+        return x if pre_logits else self.lm_head(x)
+
+    @property
+    def _name(self) -> str:
+        return self.arch or type(self).__name__
+
+    def get_classifier(self) -> nn.Module:
+        return self.lm_head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Re-initialise the lm_head; its outputs are the 256 byte values and cannot change."""
+        if num_classes != VOCAB_SIZE:
+            raise ValueError(f"{self._name} predicts the next byte: its lm_head has {VOCAB_SIZE} outputs, got num_classes={num_classes}")
+        self.lm_head = self._factory.linear(fixed(self.embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal)
+        self.set_subnet(self.active_subnet)
+
+
+def _create(arch: str, embed_dim: int, depth: int, num_heads: int, pretrained: bool, kwargs: dict) -> SlimGPT:
+    fixed_args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
+    return build(SlimGPT, arch, pretrained, fixed_args, kwargs)
+
+
+@register_family("gpt")
+def slim_gpt_nano(pretrained: bool = False, **kwargs) -> SlimGPT:
+    """Byte GPT-nano: dim 128, 4 blocks, 4 heads (0.89 M parameters at context 256)."""
+    return _create("slim_gpt_nano", 128, 4, 4, pretrained, kwargs)
+
+
+@register_family("gpt")
+def slim_gpt_small(pretrained: bool = False, **kwargs) -> SlimGPT:
+    """Byte GPT-small: dim 384, 6 blocks, 6 heads (10.9 M parameters at context 256)."""
+    return _create("slim_gpt_small", 384, 6, 6, pretrained, kwargs)
