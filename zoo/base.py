@@ -133,6 +133,15 @@ class ElasticModel(nn.Module):
     def default_cfg(self) -> dict:
         return self.pretrained_cfg
 
+    def _replace_classifier(self, name: str, classifier: nn.Module, num_classes: int) -> None:
+        """Install a new classifier (for ``reset_classifier``) and record the class count in
+        ``model_args`` too, so that a saved model rebuilds with the new classifier."""
+        setattr(self, name, classifier)
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        self.set_subnet(self.active_subnet)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 

@@ -129,11 +129,7 @@ class SlimResNet(ElasticModel):
         return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.fc = self._factory.linear(self._feature_dim, fixed(num_classes), factorize=False)
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.set_subnet(self.active_subnet)
+        self._replace_classifier("fc", self._factory.linear(self._feature_dim, fixed(num_classes), factorize=False), num_classes)
 
 
 def _cifar(arch: str, depth: int, pretrained: bool, kwargs: dict) -> SlimResNet:

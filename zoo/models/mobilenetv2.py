@@ -1,0 +1,140 @@
+"""Width-slimmable (and optionally low-rank) MobileNetV2.
+
+MobileNetV2 (Sandler et al. 2018): a 3x3 stride-2 stem of 32 channels, seventeen inverted
+residual blocks (1x1 expansion by ``t``, 3x3 depthwise, linear 1x1 projection), a 1x1 conv to
+1280 features, global pooling, dropout and a linear classifier; batch norm and ReLU6.
+
+Every channel count is elastic with divisor 8 (Slimmable MobileNetV2), including each block's
+expanded channels, which are ``in_channels * t`` of the block's *full-width* input and shrink
+with width. The final conv's 1280 outputs stay fixed at every width, as the paper does for
+width multipliers below one, so the classifier always sees 1280 features.
+With ``low_rank=True`` every non-depthwise conv except the stem is factorized (depthwise convs
+have nothing to factorize) and the classifier stays dense.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import ElasticModel
+from ..layers import LayerFactory
+from ..registry import build, register_family
+from ..subnet import DEFAULT_GRID, Dim, fixed
+
+# (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
+INVERTED_RESIDUAL_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+HEAD_FEATURES = 1280
+
+
+def conv_kaiming_normal(weight: torch.Tensor) -> None:
+    """The conv initialisation of the reference implementations (He normal, fan-out)."""
+    nn.init.kaiming_normal_(weight, mode="fan_out")
+
+
+def classifier_normal(weight: torch.Tensor) -> None:
+    nn.init.normal_(weight, 0.0, 0.01)
+
+
+def _conv_bn_act(f: LayerFactory, in_dim: Dim, out_dim: Dim, kernel_size: int, **kwargs) -> nn.Sequential:
+    conv = f.conv(in_dim, out_dim, kernel_size, init=conv_kaiming_normal, **kwargs)
+    return nn.Sequential(conv, f.bn(out_dim), nn.ReLU6(inplace=True))
+
+
+class InvertedResidual(nn.Module):
+    """Expand (1x1), filter (3x3 depthwise), project (1x1, no activation); add if shapes match."""
+
+    def __init__(self, f: LayerFactory, in_dim: Dim, out_dim: Dim, stride: int, expansion: int):
+        super().__init__()
+        hidden = f.dim(in_dim.units * expansion)
+        self.expand = _conv_bn_act(f, in_dim, hidden, 1) if expansion != 1 else None
+        self.depthwise = _conv_bn_act(f, hidden, hidden, 3, stride=stride, depthwise=True)
+        self.project = f.conv(hidden, out_dim, 1, init=conv_kaiming_normal)
+        self.bn = f.bn(out_dim)
+        self.use_residual = stride == 1 and in_dim == out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x if self.expand is None else self.expand(x)
+        out = self.bn(self.project(self.depthwise(out)))
+        return x + out if self.use_residual else out
+
+
+class SlimMobileNetV2(ElasticModel):
+    """A MobileNetV2 whose every channel count (and, if low-rank, every 1x1 conv's rank) is
+    elastic, except the 1280 features before the classifier."""
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        drop_rate: float = 0.2,
+        low_rank: bool = False,
+        widths: Iterable[float] = DEFAULT_GRID,
+        ranks: Iterable[float] | None = None,
+        max_width: float = 1.0,
+        max_rank: float = 1.0,
+        extra_subnets: Iterable[dict] = (),
+    ):
+        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")
+        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=8)
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+
+        stem_dim = f.dim(STEM_CHANNELS)
+        self.stem = _conv_bn_act(f, fixed(in_chans), stem_dim, 3, stride=2, factorize=False)
+        in_dim, blocks = stem_dim, []
+        for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
+            for i in range(repeats):
+                out_dim = f.dim(channels)
+                blocks.append(InvertedResidual(f, in_dim, out_dim, stride if i == 0 else 1, expansion))
+                in_dim = out_dim
+        self.blocks = nn.Sequential(*blocks)
+        self._feature_dim = fixed(HEAD_FEATURES)
+        self.final_conv = _conv_bn_act(f, in_dim, self._feature_dim, 1)
+        self.num_features = HEAD_FEATURES
+        self.classifier = self._new_classifier(num_classes)
+        self.pretrained_cfg = {
+            "input_size": (in_chans, img_size, img_size),
+            "num_classes": num_classes,
+            "mean": (0.5,) * in_chans,
+            "std": (0.5,) * in_chans,
+            "first_conv": "stem.0",
+            "classifier": "classifier",
+        }
+        self._finish_init()
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        return self._factory.linear(self._feature_dim, fixed(num_classes), factorize=False, init=classifier_normal)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_conv(self.blocks(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.dropout(x.mean((2, 3)), self.drop_rate, self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self._replace_classifier("classifier", self._new_classifier(num_classes), num_classes)
+
+
+@register_family("mobilenetv2")
+def slim_mobilenetv2(pretrained: bool = False, **kwargs) -> SlimMobileNetV2:
+    """MobileNetV2 1.0 (3.50 M parameters with 1000 classes, as torchvision's)."""
+    return build(SlimMobileNetV2, "slim_mobilenetv2", pretrained, {}, kwargs)
