@@ -11,6 +11,8 @@ import functools
 import sys
 from typing import Callable
 
+import torch
+
 from .base import ElasticModel
 
 _ENTRYPOINTS: dict[str, Callable[..., ElasticModel]] = {}
@@ -90,6 +92,14 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> ElasticModel:
     if name not in _ENTRYPOINTS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_ENTRYPOINTS))}")
     return _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
+
+
+def create_uninitialized(name: str, device: str | torch.device = "cpu", **kwargs) -> ElasticModel:
+    """Build a model whose tensors hold garbage: no random init, no SVDs. For callers that
+    overwrite every tensor (loading a file, slicing a family)."""
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return model.to_empty(device=device)
 
 
 def _import_families() -> None:

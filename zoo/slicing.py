@@ -23,13 +23,14 @@ def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tenso
     return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
 
 
-def _build_member(model: ElasticModel, subnet: Subnet) -> ElasticModel:
-    from .registry import create_model
+def _build_member(model: ElasticModel, subnet: Subnet, device: torch.device | str) -> ElasticModel:
+    """The family's architecture at one member's sizes, uninitialised (every tensor is copied)."""
+    from .registry import create_uninitialized
 
     args = {**model.model_args, "max_width": subnet.width, "widths": [subnet.width], "extra_subnets": []}
     if model.low_rank:
         args.update(max_rank=subnet.rank, ranks=[subnet.rank])
-    return create_model(model.arch, **args)
+    return create_uninitialized(model.arch, device, **args)
 
 
 def _pairs(model: ElasticModel, member: ElasticModel):
@@ -48,7 +49,7 @@ def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: 
     """A physically smaller copy of ``model`` at one sub-network, equal in output to it."""
     subnet = width if isinstance(width, Subnet) else model.resolve_subnet(width, rank)
     model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
-    small = _build_member(model, subnet)
+    small = _build_member(model, subnet, next(model.parameters()).device)
     for _, tensor, source, chunks in _pairs(model, small):
         tensor.copy_(_prefix(source, tensor.shape, chunks))
     small.train(model.training)
@@ -62,8 +63,7 @@ def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tens
     The region is exactly what :func:`slice_model` copies, so a masked update moves the
     sliced member's parameters and nothing else.
     """
-    with torch.device("meta"):
-        member = _build_member(model, subnet)
+    member = _build_member(model, subnet, "meta")
     params = dict(model.named_parameters())
     masks = {}
     for name, tensor, source, chunks in _pairs(model, member):

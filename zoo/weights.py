@@ -73,7 +73,7 @@ def read_header(path: str | os.PathLike) -> dict:
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ElasticModel:
     """Rebuild the model stored in ``path``; its metadata is in ``model.zoo_metadata``."""
-    from .registry import create_model
+    from .registry import create_uninitialized
 
     path = Path(path)
     header = read_header(path)
@@ -82,7 +82,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Elastic
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsFileError(f"{path} is corrupt or truncated ({_first_line(err)})") from None
     try:
-        model = create_model(header["arch"], **header["model_args"])
+        model = create_uninitialized(header["arch"], **header["model_args"])  # every tensor is loaded below
     except ValueError as err:
         raise WeightsFileError(f"{path}: its header does not describe a buildable model ({err})") from None
     expected = model.state_dict()

@@ -96,11 +96,7 @@ class SlimVisionTransformer(ElasticModel):
         return self.head
 
     def reset_classifier(self, num_classes: int) -> None:
-        self.head = self._new_head(num_classes)
-        self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.set_subnet(self.active_subnet)
+        self._replace_classifier("head", self._new_head(num_classes), num_classes)
 
 
 def _create(arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict) -> SlimVisionTransformer:
