@@ -40,11 +40,10 @@ def user_errors(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from zoo.weights import WeightsFileError
-
         try:
             return fn(*args, **kwargs)
-        except (UserError, WeightsFileError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        # zoo.WeightsFileError is a ValueError: not importing it keeps `zoo run` free of torch.
+        except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
             typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
             raise typer.Exit(1) from None
 

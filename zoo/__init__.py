@@ -13,6 +13,7 @@ works too.
 
 from .base import ElasticModel
 from .flops import count_flops
+from .members import Member, WeightsSource, slice_file
 from .registry import create_model, family_of, list_models
 from .slicing import parameter_masks, recalibrate_bn, slice_model as slice, subnet
 from .subnet import Subnet
@@ -23,7 +24,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ElasticModel",
+    "Member",
     "Subnet",
+    "WeightsSource",
     "WeightsFileError",
     "count_flops",
     "create_model",
@@ -35,5 +38,6 @@ __all__ = [
     "recalibrate_bn",
     "save",
     "slice",
+    "slice_file",
     "subnet",
 ]

@@ -1,0 +1,149 @@
+"""onnxruntime against PyTorch eager, and whether a narrower member is as much faster as its FLOPs say.
+
+For the smallest variant of each family (random weights: speed does not depend on them), the
+members at width 1.0 and 0.5 are sliced, exported with zoo's exporter (verified against
+PyTorch) and timed at batch 1 in both runtimes. All four runs of a model are interleaved,
+repeat by repeat, with the same fixed thread count, and medians are reported.
+
+Targets: onnxruntime at most 0.5x PyTorch's latency for the CNNs; the latency ratio of width
+0.5 to width 1.0 in onnxruntime at most 1.3x their FLOP ratio (the narrow member keeps its
+FLOP savings rather than losing them to per-op overhead).
+
+    python benchmarks/bench_onnx.py [--threads 1] [--repeats 30] [--image-size 224]
+
+Prints a table and writes it to benchmarks/results/onnx.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+
+import zoo
+from export.benchmark import onnx_session, time_interleaved
+from export.onnx_export import export_member
+from zoo.fileio import atomic_path
+
+MODELS = ("slim_resnet20", "slim_resnet18", "slim_mobilenetv2", "slim_vit_tiny", "slim_gpt_nano")
+CNN_FAMILIES = ("resnet", "mobilenetv2")
+WIDTHS = (1.0, 0.5)
+SPEEDUP_TARGET, FLOP_TRACKING_TARGET = 0.5, 1.3
+RESULTS = Path(__file__).parent / "results" / "onnx.md"
+
+
+def build_family(name: str, image_size: int) -> zoo.ElasticModel:
+    imagenet_style = name in ("slim_resnet18", "slim_mobilenetv2", "slim_vit_tiny")
+    kwargs = {"img_size": image_size} if imagenet_style else {}
+    return zoo.create_model(name, widths=list(WIDTHS), **kwargs).eval()
+
+
+def measure(name: str, image_size: int, repeats: int, threads: int, workdir: Path) -> dict:
+    """Both widths of one model, both runtimes, interleaved; medians in milliseconds."""
+    torch.manual_seed(0)
+    weights = zoo.save(build_family(name, image_size), workdir / f"{name}.safetensors")
+    source = zoo.WeightsSource.open(weights)
+    runs, flops, shape = {}, {}, None
+    for width in WIDTHS:
+        member = source.member(width)
+        exported = export_member(member, workdir / f"{name}_{width}.onnx")
+        model, session = member.model.eval(), onnx_session(exported.path, threads)
+        x = model.example_input(1)
+        shape = tuple(x.shape)
+        flops[width] = exported.flops
+        runs[("pytorch", width)] = lambda model=model, x=x: model(x)
+        runs[("onnxruntime", width)] = lambda session=session, x=x.numpy(): session.run(["logits"], {"input": x})
+    with torch.inference_mode():
+        ms = time_interleaved(runs, repeats, warmup=3)
+    return {"name": name, "family": zoo.family_of(name), "input": shape, "flops": flops, "ms": ms}
+
+
+def rows(results: list[dict]) -> list[list[str]]:
+    table = []
+    for r in results:
+        ms, flops = r["ms"], r["flops"]
+        speedup = {w: ms[("onnxruntime", w)] / ms[("pytorch", w)] for w in WIDTHS}
+        flop_ratio = flops[0.5] / flops[1.0]
+        latency_ratio = ms[("onnxruntime", 0.5)] / ms[("onnxruntime", 1.0)]
+        tracking = latency_ratio / flop_ratio
+        is_cnn = r["family"] in CNN_FAMILIES
+        table.append([
+            r["name"],
+            "x".join(map(str, r["input"][1:])),
+            f"{flops[1.0] / 1e6:.1f}",
+            f"{ms[('pytorch', 1.0)]:.2f}",
+            f"{ms[('onnxruntime', 1.0)]:.2f}",
+            f"{speedup[1.0]:.2f}x" + (" ok" if speedup[1.0] <= SPEEDUP_TARGET else " MISS") * is_cnn,
+            f"{speedup[0.5]:.2f}x",
+            f"{flop_ratio:.3f}",
+            f"{latency_ratio:.3f}",
+            f"{tracking:.2f}x" + (" ok" if tracking <= FLOP_TRACKING_TARGET else " MISS"),
+        ])
+    return table
+
+
+HEADER = [
+    "model", "input", "MFLOPs w1", "torch ms w1", "ort ms w1", "ort/torch w1", "ort/torch w0.5",
+    "FLOPs w0.5/w1", "ort latency w0.5/w1", "latency/FLOP ratio",
+]
+
+
+def markdown(table: list[list[str]], notes: list[str]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return "\n".join(["# onnxruntime vs PyTorch eager (batch 1)", "", *notes, "", *lines, ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both runtimes")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per model, runtime and width")
+    parser.add_argument("--image-size", type=int, default=224, help="input size of the ImageNet-style models")
+    parser.add_argument("--models", nargs="*", default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    known = set(zoo.list_models())
+    skipped = [name for name in args.models if name not in known]
+    load_before, started = os.getloadavg()[0], time.time()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as workdir:
+        for name in args.models:
+            if name in known:
+                print(f"measuring {name} ...", file=sys.stderr, flush=True)
+                results.append(measure(name, args.image_size, args.repeats, args.threads, Path(workdir)))
+    notes = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_onnx.py "
+        f"--threads {args.threads} --repeats {args.repeats} --image-size {args.image_size}` "
+        f"in {time.time() - started:.0f} s.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load average {load_before:.1f} before "
+        f"and {os.getloadavg()[0]:.1f} after (other processes share these cores). "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} intra-op thread(s) in both runtimes.",
+        f"Random weights, batch 1, median of {args.repeats} interleaved runs after 3 warm-up runs; "
+        "PyTorch runs the sliced member in eager mode under inference_mode; onnxruntime runs the exported file "
+        "(CPU provider, full graph optimisation). ImageNet-style models at "
+        f"{args.image_size}x{args.image_size}, slim_resnet20 at 32x32, slim_gpt_nano on a full context.",
+        f"Targets: ort/torch <= {SPEEDUP_TARGET} for the CNNs (resnet, mobilenetv2); "
+        f"ort latency ratio w0.5/w1 at most {FLOP_TRACKING_TARGET}x the FLOP ratio (latency/FLOP ratio <= "
+        f"{FLOP_TRACKING_TARGET}; below 1 the narrow member saves more time than FLOPs, e.g. when the wide one is "
+        "bound by reading its weights at batch 1).",
+    ]
+    if skipped:
+        notes.append(f"Skipped (not registered): {', '.join(skipped)}.")
+    text = markdown(rows(results), notes)
+    print(text)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`zoo run` (an exported file in onnxruntime, no torch) and `zoo bench` (members side by side)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import command
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@command("run")
+def run_command(
+    file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
+    input: str = typer.Argument(..., help="Image file or .npy array (classifiers), or a prompt (language models)."),
+    device: Device = typer.Option(Device.cpu, "--device", help="Execution provider; cuda fails unless it really runs."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes to print per image."),
+    max_bytes: int = typer.Option(200, "--max-bytes", min=0, help="Bytes to generate (language models)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
+) -> None:
+    """Run an exported member with onnxruntime: top-k classes of an image, or text from a prompt."""
+    from export.runtime import Predictor
+
+    predictor = Predictor(file, device=device.value)
+    if predictor.kind == "tokens":
+        new = predictor.generate(input, max_new_bytes=max_bytes, temperature=temperature, seed=seed)
+        typer.echo((input.encode("utf-8") + new).decode("utf-8", errors="replace"))
+        return
+    images = _read_npy(Path(input)) if input.lower().endswith(".npy") else input
+    results = predictor.top_k(images, k=top_k)
+    for index, best in enumerate(results):
+        if len(results) > 1:
+            typer.echo(f"image {index}:")
+        for label, probability in best:
+            typer.echo(f"{probability:8.4f}  {label}")
+
+
+def _read_npy(path: Path):
+    """A .npy image or batch of images, never unpickled."""
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no such array file: {path}")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy array ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+
+
+@command("bench")
+def bench_command(
+    weights: Path = typer.Argument(..., help="A zoo weights file (.safetensors)."),
+    width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to measure (repeatable); default: the file's grid."),
+    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to measure (repeatable, low-rank families)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="The larger batch, measured next to batch 1."),
+    repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per runtime and batch (median reported)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for both runtimes; default: torch's."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write metric (or FLOPs) against latency to this PNG."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime."""
+    import torch
+
+    from export.benchmark import bench_family, check_plot_path, choose_subnets, plot_results
+    from zoo import WeightsSource
+
+    source = WeightsSource.open(weights)
+    model = source.model
+    subnets = choose_subnets(model, width, rank)
+    threads = threads or torch.get_num_threads()
+    if plot is not None:
+        check_plot_path(plot)  # before minutes of measuring, not after
+    results = bench_family(source, subnets, batch_size=batch_size, repeats=repeats, threads=threads)
+    if plot is not None:
+        plot_results(results, plot, f"{model.arch} (threads={threads})")
+    if json_output:
+        report = {
+            "weights": str(weights),
+            "arch": model.arch,
+            "threads": threads,
+            "batch_sizes": sorted({1, batch_size}),
+            "repeats": repeats,
+            "plot": None if plot is None else str(plot),
+            "members": [r.to_dict() for r in results],
+        }
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_table(model.arch, results, batch_size, threads, repeats)
+    if plot is not None:
+        typer.echo(f"plot: {plot}")
+
+
+def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from export.benchmark import format_count, member_label
+
+    batches = sorted({1, batch_size})
+    table = Table(title=f"{arch}: median of {repeats} runs, threads={threads}, latency in ms", box=None)
+    for column in ("member", "params", "FLOPs", "metric"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for b in batches:
+        table.add_column(f"torch b{b}", justify="right")
+        table.add_column(f"ort b{b}", justify="right")
+    table.add_column("ort/torch b1", justify="right")
+    for r in results:
+        metric = "-" if r.metric is None else f"{r.metric:.4g} {r.metric_name}"
+        latencies = [f"{r.latency_ms[rt][b]:.2f}" for b in batches for rt in ("pytorch", "onnxruntime")]
+        ratio = r.latency_ms["onnxruntime"][1] / r.latency_ms["pytorch"][1]
+        table.add_row(member_label(r.subnet), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x")
+    Console(width=160).print(table)

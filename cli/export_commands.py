@@ -1,0 +1,280 @@
+"""`zoo slice`, `zoo info` and `zoo export`: from a family's weights file to a deployable member.
+
+The library does the work (``zoo.slice_file``, ``zoo.WeightsSource``, ``export.onnx_export``);
+this module parses flags, loads calibration data with ``training.data`` (the export library
+never imports training) and prints.
+
+Data for calibration comes from ``--calibrate DATA`` or else the data spec the training run
+recorded in the weights file (``metadata["train"]["data"]``, or a top-level ``"data"``).
+Batch-norm recalibration and int8 calibration read the training split with augmentation off;
+the int8 cost is measured on the validation split.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import typer
+
+from .app import command
+
+if TYPE_CHECKING:  # heavy imports stay inside the commands
+    import numpy as np
+    import torch
+
+    from training.data import DataBundle
+    from zoo import ElasticModel
+
+BN_BATCHES, BN_BATCH_SIZE = 8, 64  # batch-norm recalibration: 512 training examples
+QUANT_CALIBRATION_BATCHES, QUANT_BATCH_SIZE = 8, 32  # int8 activation ranges: 256 examples
+VALIDATION_BATCHES = 16  # int8 cost: at most 16 validation batches ...
+VALIDATION_BATCH_SIZE = {"image": 64, "tokens": 16}  # ... of 64 images or 16 windows
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
+def _fraction(name: str):
+    """A Typer callback: widths and ranks lie in (0, 1] (exit 2 otherwise)."""
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise typer.BadParameter(f"{name} must be in (0, 1], got {value:g}")
+        return value
+
+    return check
+
+
+WIDTH = typer.Option(None, "--width", help="Member width in (0, 1]; default: the largest.", callback=_fraction("width"))
+RANK = typer.Option(None, "--rank", help="Member rank in (0, 1] (low-rank families); default: the largest.", callback=_fraction("rank"))
+CALIBRATE = typer.Option(
+    None, "--calibrate", metavar="DATA", help="Data spec (digits, stdlib, cifar10:PATH, ...) for batch-norm recalibration and int8 calibration."
+)
+
+
+class CalibrationData:
+    """The data a command calibrates on, loaded on first use and shaped for the model."""
+
+    def __init__(self, spec: Optional[str], model: "ElasticModel"):
+        from zoo.members import recorded
+
+        self.spec = spec or recorded(getattr(model, "zoo_metadata", {}), "data")
+        self.model, self._bundle = model, None
+
+    def bundle(self, why: str) -> "DataBundle":
+        if not self.spec:
+            raise ValueError(f"{why} needs data, and the weights file records none: pass --calibrate DATA (e.g. digits or stdlib)")
+        if self._bundle is None:
+            from training.data import load_data
+
+            model = self.model
+            if model.input_kind == "tokens":
+                bundle = load_data(self.spec, seq_len=model.context_length)
+            else:
+                channels, height, _ = model.pretrained_cfg["input_size"]
+                bundle = load_data(self.spec, img_size=height)
+                if bundle.kind != "image" or bundle.input_size[0] != channels:
+                    got = f"{bundle.input_size[0]}-channel images" if bundle.kind == "image" else "text"
+                    raise ValueError(f"{model.arch} takes {channels}-channel images, but data {self.spec!r} is {got}")
+            if bundle.kind != model.input_kind:
+                raise ValueError(f"{model.arch} takes {model.input_kind}, but data {self.spec!r} is {bundle.kind}")
+            if getattr(bundle.train, "augment", False):
+                bundle.train.augment = False  # calibration must see plain inputs
+            self._bundle = bundle
+        return self._bundle
+
+    def bn_batches(self) -> Iterator["torch.Tensor"]:
+        """Recalibration batches, loaded only if iterated (only untrained members need them)."""
+        from training.data import batches
+
+        yield from batches(self.bundle("batch-norm recalibration").train, BN_BATCH_SIZE, limit=BN_BATCHES)
+
+    def quant_calibration(self) -> list["np.ndarray"]:
+        from training.data import batches
+
+        return [b.numpy() for b in batches(self.bundle("int8 calibration").train, QUANT_BATCH_SIZE, limit=QUANT_CALIBRATION_BATCHES)]
+
+    def validation(self) -> list[tuple["np.ndarray", "np.ndarray"]]:
+        import torch
+
+        val = self.bundle("measuring the int8 cost").val
+        size = VALIDATION_BATCH_SIZE[self.model.input_kind]
+        count = min(len(val), VALIDATION_BATCHES * size)
+        out = []
+        for start in range(0, count, size):
+            inputs, targets = zip(*(val[i] for i in range(start, min(start + size, count))))
+            out.append((torch.stack(inputs).numpy(), torch.stack(targets).numpy()))
+        return out
+
+
+@command("slice")
+def slice_command(
+    weights: Path = typer.Argument(..., help="A family's weights file (.safetensors)."),
+    width: Optional[float] = WIDTH,
+    rank: Optional[float] = RANK,
+    calibrate: Optional[str] = CALIBRATE,
+    out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
+) -> None:
+    """Write one member as a standalone, physically smaller weights file."""
+    import zoo
+    from zoo.weights import file_sha256
+
+    calibration = (lambda model: CalibrationData(calibrate, model).bn_batches()) if calibrate else None
+    member = zoo.slice_file(weights, out, width, rank, calibration, _bn_note(calibrate))
+    params = sum(p.numel() for p in member.model.parameters())
+    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)")
+    typer.echo(f"member {member.model.arch} {member.subnet}: {params:,} parameters")
+    if member.recalibrated:
+        typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
+    elif calibrate:
+        typer.echo(f"note: {member.subnet} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed")
+    for entry in member.metadata["metrics"]:
+        typer.echo("metrics: " + _metric_text(entry))
+
+
+@command("export")
+def export_command(
+    weights: Path = typer.Argument(..., help="A family's (or a sliced member's) weights file."),
+    width: Optional[float] = WIDTH,
+    rank: Optional[float] = RANK,
+    all_members: bool = typer.Option(False, "--all", help="Export every trained member into the --out folder, with manifest.json."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write (a folder with --all)."),
+    opset: Optional[int] = typer.Option(None, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or later); default: the exporter's."),
+    quantize: Optional[Quantization] = typer.Option(None, "--quantize", help="int8: static QDQ for CNNs, dynamic for Transformers; reports the accuracy cost."),
+    calibrate: Optional[str] = CALIBRATE,
+    device: Device = typer.Option(Device.cpu, "--device", help="Export for and verify on this execution provider; cuda fails unless it exists."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX checker and the onnxruntime-vs-PyTorch comparison."),
+) -> None:
+    """Export a member to a self-contained ONNX file, verified against PyTorch."""
+    import zoo
+    from export.onnx_export import export_all, export_member
+    from export.verify import require_device
+
+    if all_members and (width is not None or rank is not None):
+        raise typer.BadParameter("--all exports every trained member; leave out --width and --rank")
+    require_device(device.value)
+    source = zoo.WeightsSource.open(weights)
+    data = CalibrationData(calibrate, source.model)
+    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantize.value if quantize else None)
+    if all_members:
+        options.update(_quantization_data(data, source.model, quantize))
+        results, manifest = export_all(source, out, **options)
+        for result in results:
+            typer.echo(result.summary())
+        typer.echo(f"wrote {manifest} ({len(results)} members)")
+        return
+    member = source.member(width, rank, data.bn_batches() if calibrate else None, _bn_note(calibrate))
+    if member.recalibrated:
+        typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
+    options.update(_quantization_data(data, source.model, quantize))
+    typer.echo(export_member(member, out, **options).summary())
+
+
+def _bn_note(calibrate: Optional[str]) -> Optional[str]:
+    """How recalibration data is described in the member's metadata."""
+    return f"{calibrate} (training split, no augmentation, up to {BN_BATCHES} batches of {BN_BATCH_SIZE})" if calibrate else None
+
+
+def _quantization_data(data: CalibrationData, model: "ElasticModel", quantize: Optional[Quantization]) -> dict:
+    if not quantize:
+        return {}
+    from export.quantize import method_for
+
+    calibration = data.quant_calibration() if method_for(model.uses_batchnorm) == "static" else None
+    return {"calibration": calibration, "validation": data.validation()}
+
+
+@command("info")
+def info_command(file: Path = typer.Argument(..., help="A weights file (.safetensors) or an exported .onnx file.")) -> None:
+    """Describe a weights file (architecture, members, metrics) or an exported ONNX file."""
+    if not file.exists():
+        raise FileNotFoundError(f"no such file: {file}")
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a folder, not a weights or ONNX file")
+    lines = _onnx_info(file) if file.suffix.lower() == ".onnx" else _weights_info(file)
+    for name, value in lines:
+        typer.echo(f"{name:<13}{value}")
+
+
+def _weights_info(path: Path) -> list[tuple[str, str]]:
+    import zoo
+    from zoo.members import recorded, trained_members
+    from zoo.weights import file_sha256
+
+    model = zoo.load(path)  # reads every tensor, so a truncated file is reported here
+    header = zoo.read_header(path)
+    meta = model.zoo_metadata
+    lines = [
+        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {file_sha256(path)[:12]})"),
+        ("architecture", f"{model.arch} (family {zoo.family_of(model.arch)}, {model.input_kind} input)"),
+        ("axes", ", ".join(model.axes)),
+        ("space", model.describe_space()),
+        ("members", f"{trained_members(model)}" + ("" if model.uses_batchnorm else " (LayerNorm: any member can be sliced)")),
+        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+    ]
+    origin = meta.get("sliced_from")
+    if origin:
+        lines.append(("sliced from", f"{origin.get('arch')} {zoo.Subnet.from_dict(origin['subnet'])} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})"))
+    if meta.get("bn_recalibration"):
+        lines.append(("batch norm", f"recalibrated on {meta['bn_recalibration'].get('data')}"))
+    data = recorded(meta, "data")
+    if data:
+        lines.append(("data", str(data)))
+    metrics = meta.get("metrics") or []
+    lines += [("metrics", _metric_text(entry)) for entry in metrics] or [("metrics", "none recorded")]
+    return lines
+
+
+def _onnx_info(path: Path) -> list[tuple[str, str]]:
+    import onnx
+
+    from export.onnx_export import read_record
+
+    record = read_record(path)
+    graph = onnx.load(str(path), load_external_data=False)
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in graph.opset_import)
+    lines = [
+        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {graph.producer_name} {graph.producer_version})"),
+        ("architecture", f"{record.get('arch')} (family {record.get('family')})"),
+        ("member", ", ".join(f"{k}={v:g}" for k, v in (record.get("subnet") or {}).items())),
+        ("inputs", "; ".join(_value_info(v) for v in graph.graph.input)),
+        ("outputs", "; ".join(_value_info(v) for v in graph.graph.output)),
+        ("opset", opsets),
+        ("parameters", f"{record.get('num_params', 0):,}"),
+        ("FLOPs", f"{record.get('flops', 0) / 1e6:,.2f} M per example"),
+        ("quantized", record.get("quantized") or "no (float32)"),
+        ("low-rank", f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, {record.get('low_rank_layers', {}).get('factorized', 0)} factorized"),
+        ("metrics", _metric_text(record["metrics"]) if record.get("metrics") else "none recorded"),
+        ("source", f"sha256 {record.get('source_sha256')}"),
+        ("input spec", json.dumps(record.get("input"))),
+    ]
+    if record.get("labels"):
+        lines.append(("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else "")))
+    return lines
+
+
+def _value_info(value) -> str:
+    tensor = value.type.tensor_type
+    import onnx
+
+    dims = [d.dim_param or str(d.dim_value) for d in tensor.shape.dim]
+    return f"{value.name} {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} [{', '.join(dims)}]"
+
+
+def _metric_text(entry: dict) -> str:
+    parts = []
+    if "subnet" in entry:
+        import zoo
+
+        parts.append(str(zoo.Subnet.from_dict(entry["subnet"])) + ":")
+    parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "subnet"]
+    return " ".join(parts)

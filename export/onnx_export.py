@@ -1,0 +1,319 @@
+"""A family member as one self-contained, verified ONNX file.
+
+The member is sliced out first (a plain network: no slicing ops left in its graph), its
+low-rank layers whose dense form is cheaper are merged (:mod:`export.merge`), and PyTorch's
+dynamo exporter (``torch.export`` then ONNX translation and the onnxscript optimizer) writes
+the graph with a dynamic ``batch`` axis and, for language models, a dynamic ``sequence`` axis.
+
+The file contract (what ``export/runtime.py`` relies on): one input ``input`` (float32
+``[batch, C, H, W]`` images or int64 ``[batch, sequence]`` bytes), one output ``logits``, and
+model metadata key ``"zoo"`` holding JSON that describes the member (see :func:`zoo_record`).
+Weights are embedded (no external data file) and the file appears only after it passed
+verification: it is built in a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+import torch
+
+import zoo
+from zoo import ElasticModel, Member, Subnet, WeightsSource
+from zoo.fileio import atomic_path
+from zoo.members import recorded
+
+from .merge import describe_merges, merge_low_rank
+from .quantize import method_for, quantization_report, quantize_int8
+from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
+
+METADATA_KEY = "zoo"
+MAX_EMBEDDED_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
+QUANTIZE_CHOICES = ("int8",)
+MIN_OPSET = 18  # below this the exporter silently writes 18
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote and measured."""
+
+    path: Path
+    subnet: Subnet
+    size_bytes: int
+    num_params: int
+    flops: int
+    max_abs_diff: float | None  # fp32 onnxruntime vs PyTorch; None when not verified
+    low_rank_layers: dict[str, list[int]]
+    export_seconds: float
+    metadata: dict = field(repr=False)
+    quantization: dict | None = None
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        record = self.metadata
+        lines = [
+            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, {self.export_seconds:.1f} s to export)",
+            f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, {self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
+            "verification: " + ("skipped (--no-verify)" if self.max_abs_diff is None else f"max |onnxruntime - PyTorch| = {self.max_abs_diff:.2e} (fp32, tolerance {FP32_TOLERANCE:g})"),
+            describe_merges(self.low_rank_layers),
+        ]
+        if self.quantization:
+            q = self.quantization
+            changes = ", ".join(f"{name} {q['fp32'][name]:.4f} -> {q['int8'][name]:.4f} ({delta:+.4f})" for name, delta in q["change"].items())
+            lines.append(
+                f"int8 ({q['method']}): {q['fp32_bytes'] / 1e6:.2f} MB -> {q['int8_bytes'] / 1e6:.2f} MB; "
+                f"on {q['validation_samples']:,} validation {'bytes' if 'bits_per_byte' in q['fp32'] else 'examples'} "
+                f"({q['validation_batches']} batches): {changes}"
+            )
+        return "\n".join(lines)
+
+
+def _unit(input_record: dict) -> str:
+    """What one forward pass of ``zoo.count_flops`` covers."""
+    return f"{input_record['context_length']}-byte sequence" if input_record["kind"] == "tokens" else "image"
+
+
+def input_record(model: ElasticModel, metadata: dict) -> dict:
+    """How to feed the model: image shape and normalisation, or the token context."""
+    if model.input_kind == "tokens":
+        return {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
+    cfg = model.pretrained_cfg
+    mean, std = recorded(metadata, "mean"), recorded(metadata, "std")
+    return {
+        "kind": "image",
+        "shape": list(cfg["input_size"]),
+        "mean": [float(m) for m in (mean if mean is not None else cfg["mean"])],
+        "std": [float(s) for s in (std if std is not None else cfg["std"])],
+    }
+
+
+def zoo_record(member: Member, model: ElasticModel, merges: dict[str, list[int]], opset: int, flops: int, quantized: str | None = None) -> dict:
+    """The JSON stored under the ``"zoo"`` metadata key of every exported file."""
+    metrics = member.metadata.get("metrics") or []
+    labels = recorded(member.metadata, "labels")
+    return {
+        "arch": model.arch,
+        "family": zoo.family_of(model.arch),
+        "subnet": member.subnet.to_dict(),
+        "input": input_record(model, member.metadata),
+        "labels": list(labels) if labels else None,
+        "metrics": {k: v for k, v in metrics[0].items() if k != "subnet"} if metrics else None,
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "flops": flops,
+        "source_sha256": member.source_sha256,
+        "opset": opset,
+        "quantized": quantized,
+        "low_rank_layers": {"merged": sum(c[0] for c in merges.values()), "factorized": sum(c[1] - c[0] for c in merges.values())},
+        "zoo_version": zoo.__version__,
+    }
+
+
+def _example_and_axes(model: ElasticModel, device: str) -> tuple[torch.Tensor, tuple[dict, ...]]:
+    """An example input of batch 2 (1 would be specialised) and its dynamic axes."""
+    batch = torch.export.Dim("batch", min=1)
+    if model.input_kind == "tokens":
+        context = model.context_length
+        if context < 2:
+            return model.example_input(2, seq_len=1).to(device), ({0: batch},)
+        sequence = torch.export.Dim("sequence", min=1, max=context)
+        return model.example_input(2, seq_len=max(2, context // 2)).to(device), ({0: batch, 1: sequence},)
+    return model.example_input(2).to(device), ({0: batch},)
+
+
+def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu") -> onnx.ModelProto:
+    """The model's graph through PyTorch's dynamo exporter, weights embedded."""
+    example, dynamic_shapes = _example_and_axes(model, device)
+    quiet = logging.getLogger("onnxscript")  # it logs failed version conversions as tracebacks
+    level = quiet.level
+    try:
+        quiet.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                external_data=False,
+                optimize=True,
+            )
+    except Exception as err:  # the exporter raises many types; report one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"torch.onnx.export failed for {model.arch}: {first}") from None
+    finally:
+        quiet.setLevel(level)
+    return program.model_proto
+
+
+def _opset_of(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _without_unused_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the opset imports that onnxruntime's optimizer declares but no node uses."""
+    used = {node.domain for node in proto.graph.node} | {"", "ai.onnx"} | {f.domain for f in proto.functions}
+    for function in proto.functions:
+        used |= {node.domain for node in function.node}
+    kept = [o for o in proto.opset_import if o.domain in used]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
+
+
+def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
+    """Write ``proto`` with its zoo record as one self-contained file."""
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
+    proto.producer_name, proto.producer_version = "zoo", zoo.__version__
+    proto.doc_string = (
+        f"{record['arch']} member {Subnet.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
+        f"with torch {torch.__version__.split('+')[0]}'s dynamo ONNX exporter; see the 'zoo' metadata"
+    )
+    if proto.ByteSize() > MAX_EMBEDDED_BYTES:
+        raise ValueError(f"{record['arch']} is too large ({proto.ByteSize() / 2**30:.1f} GiB) to embed its weights in one ONNX file")
+    onnx.save_model(proto, str(path))
+
+
+def export_member(
+    member: Member,
+    out: str | os.PathLike,
+    *,
+    opset: int | None = None,
+    device: str = "cpu",
+    verify_output: bool = True,
+    quantize: str | None = None,
+    calibration: list[np.ndarray] | None = None,
+    validation: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> ExportResult:
+    """Export a sliced member to ``out``; verify it; optionally quantize it to int8.
+
+    The member's low-rank layers whose dense form is cheaper are merged in place first.
+    ``calibration`` (input batches) feeds static int8 calibration and ``validation``
+    ((inputs, targets) batches) measures what int8 costs. ``out`` appears only on success.
+    """
+    require_device(device)
+    if Path(out).is_dir():
+        raise ValueError(f"the output {out} is a folder; give a file name (or export every member with --all)")
+    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}")
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if quantize and device != "cpu":
+        raise ValueError("int8 export targets onnxruntime's CPU execution provider; use --device cpu with --quantize int8")
+    if quantize and not validation:
+        raise ValueError("--quantize int8 reports its accuracy cost on validation data; give data with --calibrate DATA")
+    model = member.model.eval()
+    merges = merge_low_rank(model)
+    flops = zoo.count_flops(model, batch_size=1)
+    model = model.to(device)
+    started = time.perf_counter()
+    proto = to_onnx(model, opset, device)
+    export_seconds = time.perf_counter() - started
+    if opset is not None and _opset_of(proto) != opset:
+        raise ValueError(f"the exporter wrote opset {_opset_of(proto)}, not the requested {opset}")
+    record = zoo_record(member, model, merges, _opset_of(proto), flops)
+
+    with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
+        fp32_path = Path(work) / "model.onnx"
+        _save(proto, fp32_path, record)
+        diff = verify(model, fp32_path, device) if verify_output else None
+        final, report = fp32_path, None
+        if quantize:
+            method = method_for(model.uses_batchnorm)
+            int8_path = Path(work) / "model.int8.onnx"
+            quantize_int8(fp32_path, int8_path, method, calibration)
+            report = quantization_report(fp32_path, int8_path, method, model.input_kind, calibration if method == "static" else None, validation)
+            report["int8_max_abs_diff"] = max_abs_difference(model, int8_path, "cpu")  # informative, not gated
+            record = {**record, "quantized": quantize, "quantization": report}
+            _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record)
+            check_model(int8_path)
+            final = int8_path
+        with atomic_path(out) as tmp:
+            shutil.copyfile(final, tmp)
+    model.cpu()
+    return ExportResult(Path(out), member.subnet, Path(out).stat().st_size, record["num_params"], flops, diff, merges, export_seconds, record, report)
+
+
+def export_file(
+    weights: str | os.PathLike,
+    out: str | os.PathLike,
+    width: float | None = None,
+    rank: float | None = None,
+    *,
+    bn_calibration: Iterable[torch.Tensor] | None = None,
+    calibration_source: str | None = None,
+    **options,
+) -> ExportResult:
+    """Slice one member of the family in ``weights`` and export it (options: export_member's)."""
+    require_device(options.get("device", "cpu"))
+    member = WeightsSource.open(weights).member(width, rank, bn_calibration, calibration_source)
+    return export_member(member, out, **options)
+
+
+def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.PathLike, **options) -> tuple[list[ExportResult], Path]:
+    """Export every trained member into ``out_dir`` plus ``manifest.json`` describing them."""
+    require_device(options.get("device", "cpu"))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--all writes a folder, but {out_dir} is a file")
+    source = weights if isinstance(weights, WeightsSource) else WeightsSource.open(weights)
+    results = []
+    for subnet in source.model.subnets:
+        member = source.member(subnet)
+        results.append(export_member(member, out_dir / f"{source.model.arch}_{subnet.key}.onnx", **options))
+    manifest = {
+        "arch": source.model.arch,
+        "family": zoo.family_of(source.model.arch),
+        "source_sha256": source.sha256,
+        "source_path": str(source.path.resolve()),
+        "members": [
+            {
+                "file": r.path.name,
+                "member": r.subnet.to_dict(),
+                "parameters": r.num_params,
+                "flops": r.flops,
+                "metric": r.metadata["metrics"],
+                "size_bytes": r.size_bytes,
+                "quantized": r.metadata["quantized"],
+                "max_abs_diff": r.max_abs_diff,
+            }
+            for r in results
+        ],
+    }
+    manifest_path = out_dir / "manifest.json"
+    with atomic_path(manifest_path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    return results, manifest_path
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """The zoo record of an exported file (ValueError for a foreign or corrupt file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"{path} is not a readable ONNX file ({type(err).__name__})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if METADATA_KEY not in props:
+        raise ValueError(f"{path} is an ONNX file but not a zoo export (no 'zoo' metadata)")
+    try:
+        return json.loads(props[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} has corrupt zoo metadata") from None

@@ -1,0 +1,95 @@
+"""Checking an exported file: the ONNX checker, then onnxruntime against PyTorch.
+
+The comparison runs the real onnxruntime session on random inputs at two batch sizes (and, for
+language models, two sequence lengths), so a graph whose dynamic axes were specialised to the
+example input, or whose numbers drifted, fails here rather than in deployment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from zoo import ElasticModel
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+FP32_TOLERANCE = 1e-4
+VERIFY_BATCH_SIZES = (1, 3)
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def require_device(device: str) -> None:
+    """Refuse a device that PyTorch or onnxruntime cannot use here: never fall back silently."""
+    if device not in _PROVIDERS:
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        available = ort.get_available_providers()
+        if _PROVIDERS["cuda"] not in available:
+            raise ValueError(
+                "--device cuda needs onnxruntime's CUDAExecutionProvider, which this onnxruntime does not have "
+                f"(it has {', '.join(available)}); install onnxruntime-gpu or use --device cpu"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda needs a CUDA GPU for PyTorch, and torch.cuda.is_available() is False here")
+
+
+def session(path: str | os.PathLike, device: str = "cpu") -> ort.InferenceSession:
+    """An onnxruntime session on exactly the requested execution provider."""
+    require_device(device)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initializers are noise here
+    # TF32 would make CUDA results differ from fp32 by far more than the tolerance.
+    provider = (_PROVIDERS[device], {"use_tf32": "0"}) if device == "cuda" else _PROVIDERS[device]
+    sess = ort.InferenceSession(str(path), options, providers=[provider])
+    if sess.get_providers()[0] != _PROVIDERS[device]:
+        raise ValueError(f"onnxruntime did not start {_PROVIDERS[device]} for {path} (it runs {sess.get_providers()})")
+    return sess
+
+
+def check_model(path: str | os.PathLike) -> None:
+    """The ONNX checker with full shape and type inference."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise ValueError(f"the exported graph fails the ONNX checker: {str(err).strip().splitlines()[0]}") from None
+
+
+def verification_inputs(model: ElasticModel, seed: int = 0) -> list[torch.Tensor]:
+    """Random inputs at batch 1 and 3 (times two sequence lengths for language models)."""
+    generator = torch.Generator().manual_seed(seed)
+    if model.input_kind == "tokens":
+        context = model.context_length
+        lengths = sorted({max(1, context // 3), context})
+        return [torch.randint(0, model.num_classes, (b, t), generator=generator) for b in VERIFY_BATCH_SIZES for t in lengths]
+    shape = tuple(model.pretrained_cfg["input_size"])
+    return [torch.randn((b, *shape), generator=generator) for b in VERIFY_BATCH_SIZES]
+
+
+@torch.no_grad()
+def max_abs_difference(model: ElasticModel, path: str | os.PathLike, device: str = "cpu") -> float:
+    """Largest |onnxruntime - PyTorch| over the verification inputs."""
+    sess = session(path, device)
+    torch_device = next(model.parameters()).device
+    worst = 0.0
+    for x in verification_inputs(model):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            expected = model(x.to(torch_device)).float().cpu().numpy()
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise ValueError(f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}")
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected))))
+    return worst
+
+
+def verify(model: ElasticModel, path: str | Path, device: str = "cpu", tolerance: float | None = FP32_TOLERANCE) -> float:
+    """Check the graph, compare it with PyTorch; above ``tolerance`` is an error. Returns the max diff."""
+    check_model(path)
+    diff = max_abs_difference(model, path, device)
+    if tolerance is not None and not diff <= tolerance:
+        raise ValueError(f"verification failed: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}); nothing was written")
+    return diff

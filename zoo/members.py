@@ -1,0 +1,167 @@
+"""Members of a family stored in a weights file: choose one, slice it out, say where it came from.
+
+A batch-norm family has statistics only for the members it was trained for (its grid). Any
+other member would run on another member's statistics, the silent failure Slimmable users
+keep reporting, so it is refused unless calibration data is given to recalibrate it.
+LayerNorm families (ViT, GPT) accept any valid member.
+
+    source = WeightsSource.open("family.safetensors")
+    member = source.member(width=0.5)
+    zoo.save(member.model, "small.safetensors", metadata=member.metadata)
+
+or in one call, ``slice_file("family.safetensors", "small.safetensors", width=0.5)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Union
+
+import torch
+
+from .base import ElasticModel
+from .slicing import recalibrate_bn, slice_model
+from .subnet import Subnet
+from .weights import file_sha256, load, save
+
+# Calibration batches, or a function of the loaded family that returns them (so that data is
+# loaded only when a member needs it, and shaped for that model).
+Calibration = Union[Iterable[torch.Tensor], Callable[[ElasticModel], Iterable[torch.Tensor]]]
+
+# Metadata keys that describe one member, rewritten for every slice rather than inherited.
+_MEMBER_KEYS = ("metrics", "sliced_from", "bn_recalibration")
+
+
+def recorded(metadata: dict, key: str):
+    """A value the training run recorded (data spec, labels, mean, std): at the top level of
+    a weights file's metadata, or in the trainer's ``"train"`` record; None if absent."""
+    if metadata.get(key) is not None:
+        return metadata[key]
+    train = metadata.get("train")
+    return train.get(key) if isinstance(train, dict) else None
+
+
+def trained_members(model: ElasticModel) -> str:
+    """The trained grid as one line, e.g. ``width=0.5; width=1``."""
+    return "; ".join(str(s) for s in model.subnets)
+
+
+def member_metrics(metadata: dict, subnet: Subnet) -> list[dict]:
+    """The entries of ``metadata["metrics"]`` recorded for ``subnet`` (design-doc convention)."""
+    entries = metadata.get("metrics") or []
+    found = []
+    for entry in entries if isinstance(entries, list) else []:
+        try:
+            if Subnet.from_dict(entry["subnet"]) == subnet:
+                found.append(entry)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return found
+
+
+@dataclass
+class Member:
+    """A standalone member and the metadata to store with it."""
+
+    model: ElasticModel
+    subnet: Subnet
+    metadata: dict
+    source_sha256: str
+
+    @property
+    def recalibrated(self) -> bool:
+        return "bn_recalibration" in self.metadata
+
+
+@dataclass
+class WeightsSource:
+    """A loaded weights file, from which members are sliced."""
+
+    path: Path
+    model: ElasticModel
+    sha256: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "WeightsSource":
+        path = Path(path)
+        model = load(path).eval()
+        return cls(path, model, file_sha256(path))
+
+    def resolve(self, width: float | None = None, rank: float | None = None) -> Subnet:
+        """Validate a requested member (None means the largest)."""
+        return self.model.resolve_subnet(width, rank)
+
+    def needs_calibration(self, subnet: Subnet) -> bool:
+        return self.model.uses_batchnorm and subnet not in self.model.subnets
+
+    def member(
+        self,
+        width: float | Subnet | None = None,
+        rank: float | None = None,
+        calibration: Calibration | None = None,
+        calibration_source: str | None = None,
+    ) -> Member:
+        """Slice one member out. An untrained member of a batch-norm family needs
+        ``calibration`` batches (inputs only, no augmentation): its statistics are
+        re-estimated on them and the metadata records it."""
+        subnet = width if isinstance(width, Subnet) else self.resolve(width, rank)
+        recalibration = None
+        if self.needs_calibration(subnet):
+            if calibration is None:
+                raise ValueError(
+                    f"{self.model.arch} in {self.path} has batch-norm statistics only for its trained members "
+                    f"({trained_members(self.model)}); {subnet} is not one of them: pick one of those, "
+                    "or recalibrate it on data (--calibrate DATA)"
+                )
+            counted = _Counted(calibration(self.model) if callable(calibration) else calibration)
+            recalibrate_bn(self.model, counted, subnet.width, subnet.rank)
+            recalibration = {"batches": counted.seen, "data": calibration_source}
+        small = slice_model(self.model, subnet).eval()
+        inherited = {k: v for k, v in getattr(self.model, "zoo_metadata", {}).items() if k not in _MEMBER_KEYS}
+        metadata = {
+            **inherited,
+            "sliced_from": {
+                "arch": self.model.arch,
+                "subnet": subnet.to_dict(),
+                "source_sha256": self.sha256,
+                "source_path": str(self.path.resolve()),
+            },
+            "metrics": member_metrics(getattr(self.model, "zoo_metadata", {}), subnet),
+        }
+        if recalibration is not None:
+            metadata["bn_recalibration"] = recalibration
+        small.zoo_metadata = metadata
+        return Member(small, subnet, metadata, self.sha256)
+
+
+class _Counted:
+    """Counts the batches an iterable yields (recalibration reports how many it used)."""
+
+    def __init__(self, batches: Iterable[torch.Tensor]):
+        self.batches, self.seen = batches, 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in self.batches:
+            self.seen += 1
+            yield batch
+
+
+def slice_file(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    width: float | None = None,
+    rank: float | None = None,
+    calibration: Calibration | None = None,
+    calibration_source: str | None = None,
+) -> Member:
+    """Write one member of the family in ``path`` to ``out`` as a standalone weights file."""
+    if Path(out).resolve() == Path(path).resolve():
+        raise ValueError(f"the output {out} is the source file itself; choose another path")
+    if Path(out).is_dir():
+        raise ValueError(f"the output {out} is a folder; give a file name")
+    source = WeightsSource.open(path)
+    member = source.member(width, rank, calibration, calibration_source)
+    save(member.model, out, metadata=member.metadata)
+    return member
