@@ -1,0 +1,197 @@
+"""`zoo train` (a family, jointly, with masked updates) and `zoo eval` (metrics per member)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import command
+
+
+class Strategy(str, Enum):
+    alternating = "alternating"
+    sandwich = "sandwich"
+    all = "all"
+    random = "random"
+    separate = "separate"
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+@command("train")
+def train_command(
+    model: str = typer.Argument(..., help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano."),
+    out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt."),
+    data: Optional[str] = typer.Option(None, "--data", help="digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib (byte models)."),
+    strategy: Strategy = typer.Option(Strategy.alternating, "--strategy", help="alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place distillation; all: every member each step; random: one random member per step; separate: one member alone (the baseline)."),
+    width: Optional[List[float]] = typer.Option(None, "--width", help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model."),
+    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1."),
+    low_rank: bool = typer.Option(False, "--low-rank", help="Build the family with factorized (low-rank) layers."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps; default 600 (images) or 1000 (byte models)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (split over processes); default 128 (images) or 16 (byte models)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate; default 0.1 (sgd) or 3e-3 (adamw)."),
+    optimizer: Optional[Optimizer] = typer.Option(None, "--optimizer", help="Default: sgd for images, adamw for byte models."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
+    nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup before the cosine decay; default 5% of the steps."),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient's global norm to this value."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing of the cross-entropy on labels."),
+    core_prob: float = typer.Option(0.5, "--core-prob", help="alternating: fraction of steps that train a core (0.5: full, core, full, ...)."),
+    num_random: int = typer.Option(2, "--num-random", help="sandwich: random members per step besides the largest and smallest."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Byte models: context length trained on."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Images: resize to this size; default: the dataset's own."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every member every N steps; default: 10 times per run."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all."),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this step with a checkpoint (for time-limited jobs); continue with --resume."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the model, the data order and split, and the member choice."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)."),
+    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
+) -> None:
+    """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
+    from training.distributed import launch, world_size_from_env
+    from training.trainer import TrainConfig, train
+
+    config = TrainConfig(
+        model=model, out=str(out), data=data, strategy=strategy.value, widths=width or None, ranks=rank or None,
+        low_rank=low_rank, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+        optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, momentum=momentum,
+        nesterov=nesterov, warmup_steps=warmup_steps, clip_grad=clip_grad, label_smoothing=label_smoothing,
+        core_prob=core_prob, num_random=num_random, seq_len=seq_len, img_size=img_size,
+        init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
+        eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
+    )  # fmt: skip
+    if nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
+    if nproc_per_node > 1 and world_size_from_env() == 1:  # not yet inside the launched processes
+        config.check()
+        raise typer.Exit(launch(sys.argv[1:], nproc_per_node))
+    result = train(config, _Progress())
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if not result.finished:
+        typer.echo(f"stopped after step {result.steps} of {result.total_steps}; continue with --resume")
+        return
+    _print_members(f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s", result.metrics, result.metric, result.member_params)
+    typer.echo(f"wrote {result.model_path} and {result.out / 'metrics.jsonl'}")
+
+
+@command("eval")
+def eval_command(
+    weights: str = typer.Argument(..., help="A zoo weights file, or a catalogue name with --pretrained."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="WEIGHTS is a catalogue name: evaluate its shipped weights."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."),
+    width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to evaluate (repeatable); default: the trained members."),
+    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 65536 bytes of byte windows (as in training)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on the first N validation items only."),
+    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
+    import zoo
+    from training.distributed import resolve_device
+    from training.evaluate import choose_members, data_for, default_batch_size, evaluate, metric_name
+
+    torch_device = resolve_device(device.value)
+    model = zoo.create_model(weights, pretrained=True) if pretrained else zoo.load(weights)
+    model = model.to(torch_device)
+    members = choose_members(model, width, rank)
+    bundle = data_for(model, data)
+    started = time.perf_counter()
+    records = evaluate(model, bundle.val, members, batch_size=batch_size or default_batch_size(model), limit=limit)
+    if json_output:
+        typer.echo(json.dumps(records))
+        return
+    params = {s.key: _member_params(model, s) for s in members}
+    count = min(len(bundle.val), limit or len(bundle.val))
+    title = f"{model.arch} on {bundle.spec} (validation, {count} items, {time.perf_counter() - started:.1f} s)"
+    _print_members(title, records, metric_name(model), params)
+
+
+def _member_params(model, subnet) -> int:
+    import zoo
+
+    masks = zoo.parameter_masks(model, subnet)
+    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
+
+
+def _print_members(title: str, records: list[dict], metric: str, params: dict[str, int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from zoo import Subnet
+
+    table = Table(title=title, box=None)
+    for column in ("member", "params", metric.replace("_", " "), "loss"):
+        table.add_column(column, justify="left" if column == "member" else "right")
+    for r in records:
+        subnet = Subnet.from_dict(r["subnet"])
+        value = f"{r[metric]:.4f}" if metric == "accuracy" else f"{r[metric]:.3f}"
+        table.add_row(str(subnet), f"{params.get(subnet.key, 0):,}", value, f"{r['loss']:.4f}")
+    Console().print(table)
+
+
+class _Progress:
+    """A live progress bar (loss, samples/s) on a terminal; one line per evaluation otherwise."""
+
+    def start(self, total_steps: int, done: int, description: str, batch_size: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console()
+        self.batch_size, self.last_time, self.rate = batch_size, time.perf_counter(), None
+        self.progress = None
+        if done:
+            self.console.print(f"resumed at step {done} of {total_steps}")
+        if self.console.is_terminal:
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                       TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+            self.progress = Progress(*columns, console=self.console, transient=False)
+            self.task = self.progress.add_task(description, total=total_steps, completed=done, loss="-", rate="-")
+            self.progress.start()
+        else:
+            self.console.print(f"training {description}: {total_steps} steps")
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        rate = self.batch_size / max(now - self.last_time, 1e-9)
+        self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
+        self.last_time = now
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{self.rate:,.0f}")
+
+    def evaluated(self, step: int, records: list[dict]) -> None:
+        from zoo import Subnet
+
+        parts = []
+        for r in records:
+            metric = f"acc {r['accuracy']:.4f}" if "accuracy" in r else f"bpb {r['bits_per_byte']:.3f}"
+            parts.append(f"{Subnet.from_dict(r['subnet'])}: {metric}")
+        self.console.print(f"step {step}: " + " | ".join(parts), soft_wrap=True, highlight=False)
+        self.last_time = time.perf_counter()  # evaluation time is not training speed
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

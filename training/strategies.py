@@ -1,0 +1,164 @@
+"""Training strategies: which members of the family each step trains.
+
+A strategy is a small object with one method, ``plan(step) -> list[Pass]``: the members the
+step trains, in order. The trainer runs each pass's forward and backward, sums the gradients
+and takes one optimizer step masked to the union of the trained members (see
+:mod:`training.masking`). Random choices come from the strategy's own seeded generator, so
+every process of a distributed run chooses the same members, and a resumed run (which
+restores the generator from its checkpoint) chooses what the uninterrupted run would have.
+
+* ``alternating``: the paper's schedule (Mohtashami, Jaggi, Stich 2022): consecutive steps
+  switch between the full network and a core. A fraction ``core_prob`` of the steps, spread
+  evenly, are core steps (0.5: full, core, full, core, ...); with several cores a core step
+  picks one at random.
+* ``sandwich``: the sandwich rule with in-place distillation (Universally Slimmable Networks):
+  each step trains the largest member on the labels, then the smallest and ``num_random``
+  random other members on the largest one's detached soft outputs.
+* ``all``: every member each step (MatFormer).
+* ``random``: one member, sampled uniformly, per step (Once-for-All, whittle).
+* ``separate``: one member trained alone; the baseline every comparison needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import torch
+
+from zoo import Subnet
+from zoo.subnet import grid
+
+STRATEGIES = ("alternating", "sandwich", "all", "random", "separate")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One forward/backward of a step. ``distill``: learn from the step's first pass's soft
+    outputs rather than the labels (the first pass is then the largest member)."""
+
+    subnet: Subnet
+    distill: bool = False
+
+
+class Strategy:
+    """Chooses the passes of every step from ``members`` (sorted smallest first)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int):
+        self.members = list(members)
+        self.largest = largest
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def plan(self, step: int) -> list[Pass]:
+        raise NotImplementedError
+
+    def _pick(self, choices: Sequence[Subnet]) -> Subnet:
+        return choices[int(torch.randint(len(choices), (1,), generator=self.generator))]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class Alternating(Strategy):
+    name = "alternating"
+
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, core_prob: float = 0.5):
+        super().__init__(members, largest, seed)
+        if not 0.0 < core_prob < 1.0:
+            raise ValueError(f"--core-prob must be in (0, 1), got {core_prob:g}")
+        self.core_prob = core_prob
+        self.cores = [s for s in self.members if s != largest]
+        if not self.cores:
+            raise ValueError("the alternating strategy needs a core: give a --width or --rank below the largest")
+
+    def is_core_step(self, step: int) -> bool:
+        """Step ``t`` is a core step when ``floor((t+1)p)`` passes an integer: exactly a
+        fraction ``p`` of the steps, spread evenly."""
+        return math.floor((step + 1) * self.core_prob + 1e-9) > math.floor(step * self.core_prob + 1e-9)
+
+    def plan(self, step: int) -> list[Pass]:
+        return [Pass(self._pick(self.cores) if self.is_core_step(step) else self.largest)]
+
+
+class Sandwich(Strategy):
+    name = "sandwich"
+
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, num_random: int = 2):
+        super().__init__(members, largest, seed)
+        if num_random < 0:
+            raise ValueError(f"--num-random must be >= 0, got {num_random}")
+        if len(self.members) < 2:
+            raise ValueError("the sandwich strategy needs at least two members (a --width or --rank below the largest)")
+        self.num_random = num_random
+        self.smallest = self.members[0]
+        self.middle = [s for s in self.members if s not in (largest, self.smallest)]
+
+    def plan(self, step: int) -> list[Pass]:
+        order = torch.randperm(len(self.middle), generator=self.generator)[: self.num_random].tolist()
+        chosen = [self.middle[i] for i in sorted(order)]
+        return [Pass(self.largest), Pass(self.smallest, distill=True), *[Pass(s, distill=True) for s in chosen]]
+
+
+class All(Strategy):
+    name = "all"
+
+    def plan(self, step: int) -> list[Pass]:
+        return [Pass(s) for s in reversed(self.members)]
+
+
+class Random(Strategy):
+    name = "random"
+
+    def plan(self, step: int) -> list[Pass]:
+        return [Pass(self._pick(self.members))]
+
+
+class Separate(Strategy):
+    name = "separate"
+
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int):
+        super().__init__(members, largest, seed)
+        if len(self.members) != 1:
+            raise ValueError(
+                f"the separate strategy trains exactly one member, got {len(self.members)} "
+                f"({'; '.join(str(s) for s in self.members)}); give one --width (and one --rank)"
+            )
+
+    def plan(self, step: int) -> list[Pass]:
+        return [Pass(self.members[0])]
+
+
+_CLASSES = {cls.name: cls for cls in (Alternating, Sandwich, All, Random, Separate)}
+
+
+def members_for(strategy: str, widths: Sequence[float], ranks: Sequence[float] | None, largest: Subnet) -> list[Subnet]:
+    """The trained members: the product of the width and rank lists, smallest first; joint
+    strategies also train the largest member (the full model)."""
+    if strategy not in _CLASSES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    members = grid(widths, ranks)
+    if strategy != "separate" and largest not in members:
+        members.append(largest)
+    return sorted(members, key=lambda s: (s.width, s.rank or 0.0))
+
+
+def create_strategy(
+    name: str,
+    members: Sequence[Subnet],
+    largest: Subnet,
+    seed: int,
+    *,
+    core_prob: float = 0.5,
+    num_random: int = 2,
+) -> Strategy:
+    """Build a strategy by name; its generator is seeded from ``seed`` alone."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    options = {"alternating": {"core_prob": core_prob}, "sandwich": {"num_random": num_random}}.get(name, {})
+    return _CLASSES[name](members, largest, seed, **options)

@@ -1,0 +1,548 @@
+"""The training loop: a family trained jointly with its members (or one member alone).
+
+``train(TrainConfig(...))`` is everything ``zoo train`` does; the CLI only parses and prints.
+Each step a strategy (:mod:`training.strategies`) names the members to train; each member's
+forward and backward runs on the same batch, gradients are summed (all-reduced once per step
+under DDP), and one optimizer step is taken, masked to the trained members' parameters
+(:mod:`training.masking`), so a step that trains only a core leaves every other coordinate,
+and its optimizer state, exactly as it was.
+
+Optimizers and schedule come from timm (``create_optimizer_v2``: SGD with momentum, optionally
+Nesterov, or AdamW, no weight decay on biases and norms; ``CosineLRScheduler`` with linear
+warmup, driven per step). The schedule is a pure function of the step, so resuming needs only
+the step. Everything that decides a run's trajectory is in its checkpoint, so ``--resume``
+ends bit-identical to a run never interrupted (same seed and device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import zoo
+from zoo import Subnet
+from zoo.fileio import atomic_path
+from zoo.subnet import DEFAULT_GRID, check_fraction, grid
+
+from . import distributed
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from .data import DataBundle, batches, default_data, load_data
+from .evaluate import autocast, default_batch_size, evaluate, metric_name
+from .masking import MaskCache, masked_step
+from .strategies import STRATEGIES, Strategy, create_strategy, members_for
+
+MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CALIBRATION_BATCHES = 20  # training batches (unaugmented) per member for final BN statistics
+
+# Defaults that depend on what the model reads: (images, byte tokens).
+KIND_DEFAULTS = {
+    "image": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "steps": 600, "eval_limit": 2048},
+    "tokens": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1, "batch_size": 16, "steps": 1000, "eval_limit": 128},
+}
+
+# Fields that decide a run's trajectory: a resumed run must agree on all of them.
+_NOT_TRAJECTORY = {"out", "resume", "stop_after", "device", "workers", "ckpt_every", "eval_every", "eval_limit"}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` means "the default for the model's input kind" (KIND_DEFAULTS)."""
+
+    model: str
+    out: str
+    data: str | None = None
+    strategy: str = "alternating"
+    widths: list[float] | None = None  # default: 0.25, 0.5, 0.75, 1 (dense); 1 (low-rank)
+    ranks: list[float] | None = None  # default with --low-rank: 0.25, 0.5, 0.75, 1
+    low_rank: bool = False
+    steps: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None  # the global batch, split over processes
+    lr: float | None = None
+    optimizer: str | None = None  # sgd | adamw
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = False
+    warmup_steps: int | None = None  # default: 5% of the steps
+    clip_grad: float | None = None
+    label_smoothing: float = 0.0
+    core_prob: float = 0.5
+    num_random: int = 2
+    seq_len: int = 256
+    img_size: int | None = None
+    init: str | None = None
+    resume: bool = False
+    ckpt_every: int | None = None  # default: every evaluation
+    eval_every: int | None = None  # default: 10 evaluations per run
+    eval_limit: int | None = None  # validation items per periodic evaluation (the final one uses all)
+    stop_after: int | None = None  # stop (with a checkpoint) after this step; continue with --resume
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+
+    def check(self) -> None:
+        """Validate everything that needs no data, so bad flags fail in a second."""
+        if self.model not in zoo.list_models():
+            raise ValueError(f"unknown model {self.model!r}; see `zoo list`")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.optimizer not in (None, "sgd", "adamw"):
+            raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
+        for name in ("steps", "epochs", "batch_size", "ckpt_every", "eval_every", "eval_limit", "stop_after", "seq_len", "img_size"):
+            _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
+        for name in ("lr", "clip_grad"):
+            _check(name, getattr(self, name), lambda v: v > 0, "positive")
+        for name in ("weight_decay", "warmup_steps", "workers", "momentum", "num_random"):
+            _check(name, getattr(self, name), lambda v: v >= 0, "non-negative")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for w in self.widths or []:
+            check_fraction("--width", w)
+        if self.ranks and not self.low_rank:
+            raise ValueError("--rank needs --low-rank (the dense family has no rank axis)")
+        for r in self.ranks or []:
+            check_fraction("--rank", r)
+        distributed.resolve_device(self.device)
+        create_strategy(self.strategy, self.members(), self.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random)
+
+    @property
+    def largest(self) -> Subnet:
+        return Subnet(1.0, 1.0 if self.low_rank else None)
+
+    def member_lists(self) -> tuple[list[float], list[float] | None]:
+        """The width and rank lists whose product (plus the largest member) is trained.
+
+        Defaults: every width of the grid (dense) or every rank at width 1 (low-rank); for the
+        separate baseline, the full value of each axis not given.
+        """
+        if self.strategy == "separate":
+            return self.widths or [1.0], ((self.ranks or [1.0]) if self.low_rank else None)
+        widths = self.widths or ([1.0] if self.low_rank else list(DEFAULT_GRID))
+        return widths, ((self.ranks or list(DEFAULT_GRID)) if self.low_rank else None)
+
+    def members(self) -> list[Subnet]:
+        return members_for(self.strategy, *self.member_lists(), self.largest)
+
+    def resolved(self, input_kind: str) -> "TrainConfig":
+        """A copy with every default filled in (what the run records)."""
+        defaults = KIND_DEFAULTS[input_kind]
+        fills = {k: v for k, v in defaults.items() if k != "steps" and getattr(self, k) is None}
+        return dataclasses.replace(self, data=self.data or default_data(input_kind), **fills)
+
+
+def _check(name: str, value: float | None, ok, requirement: str) -> None:
+    if value is not None and not ok(value):
+        raise ValueError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    model_path: Path | None  # None when the run stopped early (stop_after)
+    metrics: list[dict]  # final per-member metrics (empty when stopped early)
+    steps: int  # steps done
+    total_steps: int
+    wall_time_s: float
+    metric: str  # "accuracy" or "bits_per_byte"
+    member_params: dict[str, int] = field(default_factory=dict)  # subnet key -> parameters
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+class Reporter:
+    """Receives a run's progress on rank 0 (the CLI draws it); by default ignores it."""
+
+    def start(self, total_steps: int, done: int, description: str, batch_size: int) -> None: ...
+
+    def step(self, step: int, loss: float, lr: float) -> None: ...
+
+    def evaluated(self, step: int, records: list[dict]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite."""
+
+
+def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
+    """Run (or resume) one training run; returns the final metrics per member."""
+    config.check()
+    ctx = distributed.setup(config.device)
+    try:
+        return Trainer(config, ctx, reporter or Reporter()).run()
+    finally:
+        ctx.close()
+
+
+def _with_schedule(cfg: TrainConfig, steps_per_epoch: int, default_steps: int) -> TrainConfig:
+    """Fill in the step counts that depend on the data: steps, warmup, evaluation and
+    checkpoint intervals."""
+    steps = cfg.steps or (cfg.epochs * steps_per_epoch if cfg.epochs else default_steps)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else steps // 20
+    if warmup >= steps:
+        raise ValueError(f"--warmup-steps {warmup} must be below the run's {steps} steps")
+    eval_every = cfg.eval_every or max(1, steps // 10)
+    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup, eval_every=eval_every, ckpt_every=cfg.ckpt_every or eval_every)
+
+
+def _check_same_run(saved: dict, cfg: TrainConfig, out: Path) -> None:
+    """A resumed run must agree with its checkpoint on everything that shapes the trajectory."""
+    current = dataclasses.asdict(cfg)
+    diffs = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if k not in _NOT_TRAJECTORY and saved.get(k) != v]
+    if diffs:
+        raise ValueError(f"--resume: the checkpoint in {out} was written with other settings: {', '.join(diffs)}; resume with the original flags")
+
+
+def input_kind_of(model_name: str) -> str:
+    with torch.device("meta"):  # shapes only: instant, no memory
+        return zoo.create_model(model_name).input_kind
+
+
+def _seed_of(*parts: object) -> int:
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _hard_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), label_smoothing=label_smoothing)
+
+
+def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's soft outputs (KL up to the teacher's fixed entropy)."""
+    soft = F.softmax(teacher.float().flatten(0, -2), dim=-1)
+    return -(soft * F.log_softmax(logits.float().flatten(0, -2), dim=-1)).sum(-1).mean()
+
+
+class Trainer:
+    """One run: set up from a config (fresh, from --init, or resumed), loop, finish."""
+
+    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, reporter: Reporter):
+        self.ctx, self.reporter = ctx, reporter
+        self.out = Path(config.out)
+        self.checkpoint_path = self.out / CHECKPOINT_NAME
+        self.started = time.perf_counter()
+        kind = input_kind_of(config.model)
+        cfg = config.resolved(kind)
+        if not cfg.resume and self.checkpoint_path.exists():
+            raise ValueError(f"{self.out} already holds a training checkpoint; pass --resume to continue it, or choose another --out")
+        if cfg.resume and not self.checkpoint_path.exists():
+            raise ValueError(f"--resume: no checkpoint in {self.out} (expected {self.checkpoint_path})")
+        checkpoint = load_checkpoint(self.checkpoint_path) if cfg.resume else None
+
+        _seed_everything(cfg.seed)
+        self.data = load_data(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, img_size=cfg.img_size)
+        if self.data.kind != kind:
+            raise ValueError(f"{cfg.model} reads {kind}, but data {cfg.data!r} holds {self.data.kind}")
+        if cfg.batch_size % ctx.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
+        self.steps_per_epoch = len(self.data.train) // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split ({len(self.data.train)} items)")
+        self.cfg = cfg = _with_schedule(cfg, self.steps_per_epoch, KIND_DEFAULTS[kind]["steps"])
+        self.total_steps = cfg.steps
+        if checkpoint is not None:
+            _check_same_run(checkpoint["config"], cfg, self.out)
+
+        self.members = cfg.members()
+        self.model = self._create_model().to(ctx.device)
+        self.masks = MaskCache(self.model)
+        self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random)
+        self.optimizer = self._create_optimizer()
+        self.scheduler = self._create_scheduler()
+        self.step, self.history, self.previous_wall_s, self.checkpoint_step = 0, [], 0.0, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif cfg.init:
+            _load_init(self.model, cfg.init)
+        self.net = self._wrap_ddp()
+
+    # ----- setup ------------------------------------------------------------------------------
+    def _create_model(self) -> zoo.ElasticModel:
+        """The family at full size whose grid is exactly the trained members, so that each
+        has its own batch-norm statistics."""
+        cfg, data = self.cfg, self.data
+        widths, ranks = cfg.member_lists()
+        product = set(grid(widths, ranks))
+        args: dict = {"low_rank": cfg.low_rank, "widths": widths, "ranks": ranks}
+        extra = [s.to_dict() for s in self.members if s not in product]
+        if extra:
+            args["extra_subnets"] = extra
+        if data.kind == "tokens":
+            args["context_length"] = data.seq_len
+        else:
+            channels, height, _ = data.input_size
+            args.update(num_classes=data.num_classes, in_chans=channels, img_size=height)
+        return zoo.create_model(cfg.model, **args)
+
+    def _create_optimizer(self) -> torch.optim.Optimizer:
+        from timm.optim import create_optimizer_v2
+
+        cfg = self.cfg
+        if cfg.optimizer == "sgd":  # timm: "sgd" is Nesterov SGD, "momentum" is classical momentum
+            name = "sgd" if cfg.nesterov else "momentum"
+            return create_optimizer_v2(self.model, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return create_optimizer_v2(self.model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _create_scheduler(self):
+        from timm.scheduler import CosineLRScheduler
+
+        cfg = self.cfg
+        return CosineLRScheduler(
+            self.optimizer,
+            t_initial=max(1, self.total_steps - cfg.warmup_steps),
+            warmup_t=cfg.warmup_steps,
+            warmup_lr_init=cfg.lr * 0.01,
+            warmup_prefix=True,
+            t_in_epochs=False,  # driven per step by step_update
+        )
+
+    def _wrap_ddp(self) -> torch.nn.Module:
+        if not self.ctx.distributed:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # A member that leaves a parameter entirely unused needs DDP's unused-parameter search.
+        unused = any(not bool(m.any()) for s in self.members for m in (self.masks.member(s) or {}).values())
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=unused)
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def _restore(self, checkpoint: dict) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.strategy.load_state_dict(checkpoint["strategy"])
+        set_rng_states(checkpoint["rng"])
+        self.step = self.checkpoint_step = int(checkpoint["step"])
+        self.history = list(checkpoint["history"])
+        self.previous_wall_s = float(checkpoint["wall_time_s"])
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint_step = self.step
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(
+            self.checkpoint_path,
+            {
+                "config": dataclasses.asdict(self.cfg),
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "strategy": self.strategy.state_dict(),
+                "rng": rng_states(),
+                "history": self.history,
+                "wall_time_s": self.wall_time_s,
+            },
+        )
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.previous_wall_s + time.perf_counter() - self.started
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        end = self.total_steps if cfg.stop_after is None else min(cfg.stop_after, self.total_steps)
+        described = f"{cfg.model} {cfg.strategy} ({len(self.members)} member{'s' * (len(self.members) > 1)})"
+        if self.ctx.is_main:
+            self.reporter.start(self.total_steps, self.step, described, cfg.batch_size)
+            self._write_metrics()
+        self.model.train()
+        interval_start, interval_steps = time.perf_counter(), 0
+        try:
+            while self.step < end:
+                epoch, position = divmod(self.step, self.steps_per_epoch)
+                for inputs, targets in self._epoch_batches(epoch, position):
+                    losses = self._train_step(inputs.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device, non_blocking=True))
+                    self.step += 1
+                    interval_steps += 1
+                    if self.ctx.is_main:
+                        self.reporter.step(self.step, sum(losses) / len(losses), self.optimizer.param_groups[0]["lr"])
+                    if self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                        throughput = interval_steps * cfg.batch_size / (time.perf_counter() - interval_start)
+                        self._periodic_evaluation(throughput)
+                        interval_start, interval_steps = time.perf_counter(), 0
+                    if self.step % cfg.ckpt_every == 0 or self.step == end:
+                        self._save_checkpoint()
+                    if self.step >= end:
+                        break
+            throughput = interval_steps * cfg.batch_size / max(time.perf_counter() - interval_start, 1e-9)
+            if self.step < self.total_steps:
+                return self._result(None, [])
+            return self._finish(throughput)
+        finally:
+            if self.ctx.is_main:
+                self.reporter.finish()
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's share of the global batches of ``epoch`` from batch ``start`` on.
+
+        The order is a permutation seeded by (seed, epoch) alone; the dataset's augmentation is
+        seeded by (seed, epoch, index) (``set_epoch``). Rank ``r`` of ``w`` takes items
+        ``r, r + w, ...`` of each global batch.
+        """
+        train = self.data.train
+        if hasattr(train, "set_epoch"):
+            train.set_epoch(epoch)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed_of("order", self.cfg.seed, epoch)))
+        size, rank, world = self.cfg.batch_size, self.ctx.rank, self.ctx.world_size
+        index_batches = [order[k * size : (k + 1) * size][rank::world].tolist() for k in range(start, self.steps_per_epoch)]
+        loader = DataLoader(
+            train,
+            batch_sampler=index_batches,
+            num_workers=self.cfg.workers,
+            pin_memory=self.ctx.device.type == "cuda",
+            generator=torch.Generator(),  # the loader's own seed must not draw from the global RNG
+        )
+        yield from loader
+
+    def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        plan = self.strategy.plan(self.step)
+        self.scheduler.step_update(self.step)
+        teacher, losses = None, []
+        for i, part in enumerate(plan):
+            if self.model.active_subnet != part.subnet:
+                self.model.set_subnet(part.subnet)
+            last = i == len(plan) - 1
+            with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
+                with autocast(self.ctx.device):
+                    logits = self.net(inputs)
+                loss = _distill_loss(logits, teacher) if part.distill else _hard_loss(logits, targets, self.cfg.label_smoothing)
+                loss.backward()
+            if i == 0 and not last:
+                teacher = logits.detach()
+            losses.append(loss.detach())
+        values = self.ctx.mean(torch.stack(losses)).tolist()
+        for part, value in zip(plan, values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}")
+        if self.cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        masked_step(self.optimizer, self.masks.union(part.subnet for part in plan))
+        self.optimizer.zero_grad(set_to_none=True)
+        return values
+
+    def _last_checkpoint(self) -> str:
+        if self.checkpoint_step is None:
+            return "no checkpoint was written yet; lower --lr or add --clip-grad"
+        return f"the last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step}); lower --lr or add --clip-grad"
+
+    # ----- evaluation and the end -------------------------------------------------------------
+    def _periodic_evaluation(self, throughput: float) -> None:
+        if not self.ctx.is_main:
+            return
+        records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit)
+        self._log(records, throughput)
+
+    def _log(self, records: list[dict], throughput: float, final: bool = False) -> None:
+        entries = [{"step": self.step, **r, "samples_per_s": round(throughput, 2), **({"final": True} if final else {})} for r in records]
+        self.history.extend(entries)
+        self._write_metrics()
+        self.reporter.evaluated(self.step, records)
+
+    def _write_metrics(self) -> None:
+        with atomic_path(self.out / METRICS_FILE) as tmp:
+            tmp.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
+
+    def _finish(self, throughput: float) -> TrainResult:
+        """Rank 0: recalibrate batch norm per member, evaluate, write the weights file."""
+        if not self.ctx.is_main:
+            return self._result(None, [])
+        if self.model.uses_batchnorm:
+            calibration = self._calibration_data()
+            for subnet in self.members:
+                inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size))
+                zoo.recalibrate_bn(self.model, inputs, subnet.width, subnet.rank)
+        metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size)
+        self._log(metrics, throughput, final=True)
+        path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
+        return self._result(path, metrics)
+
+    def _calibration_data(self):
+        """A fixed random subset of the training split, without augmentation."""
+        train = self.data.train
+        if getattr(train, "augment", False):
+            train = copy.copy(train)
+            train.augment = False
+        count = min(len(train), CALIBRATION_BATCHES * self.cfg.batch_size)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed_of("calibration", self.cfg.seed)))
+        return Subset(train, order[:count].tolist())
+
+    @property
+    def eval_batch_size(self) -> int:
+        return default_batch_size(self.model)
+
+    def _provenance(self) -> dict:
+        data: DataBundle = self.data
+        info = {
+            "config": dataclasses.asdict(self.cfg),
+            "strategy": self.cfg.strategy,
+            "members": [s.to_dict() for s in self.members],
+            "steps": self.total_steps,
+            "epochs": round(self.total_steps / self.steps_per_epoch, 3),
+            "data": data.spec,
+            "seed": self.cfg.seed,
+            "world_size": self.ctx.world_size,
+            "device": self.ctx.device.type,
+            "wall_time_s": round(self.wall_time_s, 2),
+        }
+        if data.kind == "tokens":
+            info.update(vocab="bytes", vocab_size=data.num_classes, seq_len=data.seq_len)
+        else:
+            info.update(labels=data.labels, input_size=list(data.input_size), mean=list(data.mean), std=list(data.std))
+        return info
+
+    def _result(self, path: Path | None, metrics: list[dict]) -> TrainResult:
+        params = {}
+        for subnet in self.members:
+            masks = self.masks.member(subnet) or {}
+            params[subnet.key] = sum(int(masks[p].sum()) if p in masks else p.numel() for p in self.model.parameters())
+        return TrainResult(self.out, path, metrics, self.step, self.total_steps, self.wall_time_s, metric_name(self.model), params)
+
+
+def _load_init(model: zoo.ElasticModel, path: str) -> None:
+    """Start from a zoo weights file of the same architecture (parameters must all fit)."""
+    source = zoo.load(path)
+    if source.arch != model.arch:
+        raise ValueError(f"--init {path} holds {source.arch} weights, but this run trains {model.arch}")
+    if source.low_rank != model.low_rank:
+        kinds = {True: "low-rank", False: "dense"}
+        raise ValueError(f"--init {path} holds the {kinds[source.low_rank]} {source.arch}, but this run trains it {kinds[model.low_rank]} (--low-rank)")
+    src, dst = source.state_dict(), model.state_dict()
+    params = dict(model.named_parameters())
+    problems = [f"missing {k}" for k in params if k not in src]
+    problems += [f"{k} is {tuple(src[k].shape)}, expected {tuple(v.shape)}" for k, v in params.items() if k in src and src[k].shape != v.shape]
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise ValueError(f"--init {path} does not fit {model.arch} as configured here: {'; '.join(problems[:2])}{more}")
+    with torch.no_grad():
+        for name, tensor in dst.items():  # parameters, and batch-norm statistics of shared members
+            if name in src and src[name].shape == tensor.shape:
+                tensor.copy_(src[name])
