@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,13 @@ def test_create_model_refuses_unknown_names_and_arguments():
         zoo.create_model("nope")
     with pytest.raises(ValueError, match="slim_resnet20: got an unexpected keyword argument 'bogus'"):
         zoo.create_model("slim_resnet20", bogus=1)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates 0600 files; zoo's files follow the umask like any other file."""
+    mask = os.umask(0o022)
+    try:
+        path = zoo.save(zoo.create_model("slim_resnet20", widths=[1.0]), tmp_path / "m.safetensors")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
