@@ -13,8 +13,20 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .layers import ElasticBatchNorm2d, ElasticLayer
+from .layers import ElasticBatchNorm2d, ElasticLayer, LayerFactory
 from .subnet import DEFAULT_GRID, Subnet, check_fraction, grid
+
+
+def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, classifier: str) -> dict:
+    """timm's ``pretrained_cfg`` for an image family (inputs normalised with mean/std 0.5)."""
+    return {
+        "input_size": (in_chans, img_size, img_size),
+        "num_classes": num_classes,
+        "mean": (0.5,) * in_chans,
+        "std": (0.5,) * in_chans,
+        "first_conv": first_conv,
+        "classifier": classifier,
+    }
 
 
 def _order(subnet: Subnet) -> tuple[float, float]:
@@ -55,6 +67,11 @@ class ElasticModel(nn.Module):
         extra = [self.resolve_subnet(**d) for d in extra_subnets]
         self.subnets: list[Subnet] = sorted(set(grid(widths, ranks) + extra), key=_order)
         self.model_args = {}
+
+    def _layer_factory(self, divisor: int) -> LayerFactory:
+        """A factory for layers of this model's sizes and grid (kept for reset_classifier)."""
+        self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=divisor)
+        return self._factory
 
     def _finish_init(self) -> None:
         self.set_subnet(self.subnets[-1])  # the largest trained member (the grid is sorted)

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ..base import ElasticModel
-from ..layers import LayerFactory
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, fixed
 from .transformer import Block, trunc_normal
@@ -51,7 +50,7 @@ class SlimGPT(ElasticModel):
         super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
             raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
-        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=8)
+        f = self._layer_factory(8)
         self.num_classes = self.vocab_size = VOCAB_SIZE
         self.context_length = context_length
         self.num_features = self.embed_dim = embed_dim

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ElasticModel
+from ..base import ElasticModel, image_cfg
 from ..layers import LayerFactory
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Dim, fixed
@@ -91,7 +91,7 @@ class SlimMobileNetV2(ElasticModel):
         super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")
-        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=8)
+        f = self._layer_factory(8)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
 
         stem_dim = f.dim(STEM_CHANNELS)
@@ -107,14 +107,7 @@ class SlimMobileNetV2(ElasticModel):
         self.final_conv = _conv_bn_act(f, in_dim, self._feature_dim, 1)
         self.num_features = HEAD_FEATURES
         self.classifier = self._new_classifier(num_classes)
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "num_classes": num_classes,
-            "mean": (0.5,) * in_chans,
-            "std": (0.5,) * in_chans,
-            "first_conv": "stem.0",
-            "classifier": "classifier",
-        }
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "classifier")
         self._finish_init()
 
     def _new_classifier(self, num_classes: int) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import ElasticModel
+from ..base import ElasticModel, image_cfg
 from ..layers import LayerFactory
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Dim, fixed
@@ -86,7 +86,7 @@ class SlimResNet(ElasticModel):
         super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         divisor = 4 if stem == "cifar" else 8
-        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=divisor)
+        f = self._layer_factory(divisor)
         self.num_classes, self.in_chans = num_classes, in_chans
 
         stem_dim = f.dim(channels[0])
@@ -108,14 +108,7 @@ class SlimResNet(ElasticModel):
         self._feature_dim = in_dim
         self.num_features = in_dim.count(self.max_width)
         self.fc = f.linear(in_dim, fixed(num_classes), factorize=False)
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "num_classes": num_classes,
-            "mean": (0.5,) * in_chans,
-            "std": (0.5,) * in_chans,
-            "first_conv": "stem.0",
-            "classifier": "fc",
-        }
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "fc")
         self._finish_init()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +128,8 @@ class SlimResNet(ElasticModel):
 def _cifar(arch: str, depth: int, pretrained: bool, kwargs: dict) -> SlimResNet:
     n = (depth - 2) // 6
     fixed_args = dict(block="basic", layers=(n, n, n), channels=(16, 32, 64), stem="cifar")
-    return build(SlimResNet, arch, pretrained, fixed_args, {"num_classes": 10, "img_size": 32, **kwargs})
+    defaults = {} if pretrained else {"num_classes": 10, "img_size": 32}  # shipped weights carry their own
+    return build(SlimResNet, arch, pretrained, fixed_args, {**defaults, **kwargs})
 
 
 def _imagenet(arch: str, block: str, layers: tuple[int, ...], pretrained: bool, kwargs: dict) -> SlimResNet:

@@ -19,8 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..base import ElasticModel
-from ..layers import LayerFactory
+from ..base import ElasticModel, image_cfg
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, fixed
 from .transformer import Block, trunc_normal
@@ -52,7 +51,7 @@ class SlimVisionTransformer(ElasticModel):
             patch_size = 16 if img_size >= 128 else max(1, img_size // 4)
         if img_size < 1 or patch_size < 1 or img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
-        f = self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=8)
+        f = self._layer_factory(8)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size, self.patch_size = img_size, patch_size
         self.num_features = self.embed_dim = embed_dim
@@ -67,14 +66,7 @@ class SlimVisionTransformer(ElasticModel):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "num_classes": num_classes,
-            "mean": (0.5,) * in_chans,
-            "std": (0.5,) * in_chans,
-            "first_conv": "patch_embed",
-            "classifier": "head",
-        }
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "patch_embed", "head")
         self._finish_init()
 
     def _new_head(self, num_classes: int) -> nn.Module:
