@@ -220,9 +220,6 @@ class ElasticBatchNorm2d(ElasticLayer):
         self.register_buffer(f"running_mean_{subnet.key}", torch.zeros(n))
         self.register_buffer(f"running_var_{subnet.key}", torch.ones(n))
 
-    def has_stats(self, subnet: Subnet) -> bool:
-        return hasattr(self, f"running_mean_{subnet.key}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = self.active.key
         mean, var = getattr(self, f"running_mean_{key}"), getattr(self, f"running_var_{key}")
