@@ -207,7 +207,7 @@ def info_command(file: Path = typer.Argument(..., help="A weights file (.safeten
 
 def _weights_info(path: Path) -> list[tuple[str, str]]:
     import zoo
-    from zoo.members import recorded, trained_members
+    from zoo.members import recorded
     from zoo.weights import file_sha256
 
     model = zoo.load(path)  # reads every tensor, so a truncated file is reported here
@@ -218,7 +218,7 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         ("architecture", f"{model.arch} (family {zoo.family_of(model.arch)}, {model.input_kind} input)"),
         ("axes", ", ".join(model.axes)),
         ("space", model.describe_space()),
-        ("members", f"{trained_members(model)}" + ("" if model.uses_batchnorm else " (LayerNorm: any member can be sliced)")),
+        ("members", model.trained_members() + ("" if model.uses_batchnorm else " (LayerNorm: any member can be sliced)")),
         ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
     ]
     origin = meta.get("sliced_from")

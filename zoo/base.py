@@ -112,6 +112,14 @@ class ElasticModel(nn.Module):
             rank = self.max_rank if rank is None else check_fraction("rank", rank, self.max_rank)
         return Subnet(width, rank)
 
+    def needs_calibration(self, subnet: Subnet) -> bool:
+        """True for a batch-norm member without statistics (one outside the trained grid)."""
+        return self.uses_batchnorm and subnet not in self.subnets
+
+    def trained_members(self) -> str:
+        """The trained grid as one line, e.g. ``width=0.5; width=1``."""
+        return "; ".join(str(s) for s in self.subnets)
+
     def set_subnet(self, width: float | None = None, rank: float | None = None, **other) -> Subnet:
         """Make every layer run the chosen sub-network. Returns it.
 
@@ -119,10 +127,10 @@ class ElasticModel(nn.Module):
         others need :func:`zoo.recalibrate_bn` first.
         """
         subnet = width if isinstance(width, Subnet) and rank is None and not other else self.resolve_subnet(width, rank, **other)
-        if self.uses_batchnorm and subnet not in self.subnets:
+        if self.needs_calibration(subnet):
             raise ValueError(
                 f"{self.arch or type(self).__name__} has no batch-norm statistics for {subnet} "
-                f"(it has: {'; '.join(str(s) for s in self.subnets)}); recalibrate it on data first "
+                f"(it has: {self.trained_members()}); recalibrate it on data first "
                 "(zoo.recalibrate_bn, or `zoo slice --calibrate DATA`)"
             )
         for module in self.modules():

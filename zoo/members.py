@@ -43,11 +43,6 @@ def recorded(metadata: dict, key: str):
     return train.get(key) if isinstance(train, dict) else None
 
 
-def trained_members(model: ElasticModel) -> str:
-    """The trained grid as one line, e.g. ``width=0.5; width=1``."""
-    return "; ".join(str(s) for s in model.subnets)
-
-
 def member_metrics(metadata: dict, subnet: Subnet) -> list[dict]:
     """The entries of ``metadata["metrics"]`` recorded for ``subnet`` (design-doc convention)."""
     entries = metadata.get("metrics") or []
@@ -93,9 +88,6 @@ class WeightsSource:
         """Validate a requested member (None means the largest)."""
         return self.model.resolve_subnet(width, rank)
 
-    def needs_calibration(self, subnet: Subnet) -> bool:
-        return self.model.uses_batchnorm and subnet not in self.model.subnets
-
     def member(
         self,
         width: float | Subnet | None = None,
@@ -108,11 +100,11 @@ class WeightsSource:
         re-estimated on them and the metadata records it."""
         subnet = width if isinstance(width, Subnet) else self.resolve(width, rank)
         recalibration = None
-        if self.needs_calibration(subnet):
+        if self.model.needs_calibration(subnet):
             if calibration is None:
                 raise ValueError(
                     f"{self.model.arch} in {self.path} has batch-norm statistics only for its trained members "
-                    f"({trained_members(self.model)}); {subnet} is not one of them: pick one of those, "
+                    f"({self.model.trained_members()}); {subnet} is not one of them: pick one of those, "
                     "or recalibrate it on data (--calibrate DATA)"
                 )
             counted = _Counted(calibration(self.model) if callable(calibration) else calibration)
