@@ -115,6 +115,8 @@ def eval_command(
     from training.evaluate import choose_members, data_for, default_batch_size, evaluate, metric_name
 
     torch_device = resolve_device(device.value)
+    if not pretrained and not Path(weights).exists() and weights in zoo.list_models():
+        raise ValueError(f"no such weights file: {weights} (a catalogue name: add --pretrained to evaluate its shipped weights)")
     model = zoo.create_model(weights, pretrained=True) if pretrained else zoo.load(weights)
     model = model.to(torch_device)
     members = choose_members(model, width, rank)

@@ -97,3 +97,10 @@ def test_shipped_weights_stay_small():
 def test_a_family_without_shipped_weights_is_refused_by_name():
     with pytest.raises(ValueError, match="no pretrained weights are shipped for slim_resnet56; shipped: .*slim_resnet20"):
         zoo.create_model("slim_resnet56", pretrained=True)
+
+
+def test_zoo_eval_of_a_catalogue_name_without_pretrained_says_to_add_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no file of that name in the working directory
+    result = CliRunner().invoke(app, ["eval", "slim_resnet20"])
+    assert result.exit_code == 1
+    assert "add --pretrained" in result.output
