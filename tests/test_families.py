@@ -237,12 +237,13 @@ def test_timm_creates_the_zoo_model(name):
 def test_timm_face_and_reset_classifier(name, family, tmp_path):
     model = copy.deepcopy(family(name))
     x = example(model)
-    model.set_subnet()  # num_features counts the largest member's features
+    model.set_subnet()
     features = model.forward_features(x)
     assert model.forward_head(features, pre_logits=True).shape[-1] == model.num_features
     model.set_subnet(width=0.75)
     features = model.forward_features(x)
     assert torch.equal(model.forward_head(features), model(x))
+    assert model.forward_head(features, pre_logits=True).shape[-1] == model.num_features  # follows the member
     assert model.get_classifier().out_features == model.num_classes
 
     if model.input_kind == "tokens":  # a language model's classes are its vocabulary

@@ -106,10 +106,14 @@ class SlimResNet(ElasticModel):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self._feature_dim = in_dim
-        self.num_features = in_dim.count(self.max_width)
         self.fc = f.linear(in_dim, fixed(num_classes), factorize=False)
         self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "fc")
         self._finish_init()
+
+    @property
+    def num_features(self) -> int:
+        """Channels ``forward_features`` returns: the active member's, as timm reads it."""
+        return self._feature_dim.count(self.active_subnet.width)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
