@@ -20,6 +20,8 @@ run's wall time (training, batch-norm recalibration and the final evaluation).
     python benchmarks/compare.py --only gpt --steps 300 --seeds 5   # re-measure one section
     python benchmarks/compare.py --replot           # rewrite compare.md/png from compare.json
     python benchmarks/compare.py --tiny --out /tmp/cmp   # a few steps, one seed (CI)
+    python benchmarks/compare.py --only gpt --seed 1 --out /tmp/s1   # one seed per process, then
+    python benchmarks/compare.py --merge /tmp/s0 /tmp/s1 /tmp/s2     # their runs in one table
 
 Default steps: N = 150 for gpt, 60 per row for resnet, 200 per row for vit (short on purpose:
 on digits every strategy reaches ~99% given a few hundred steps, hiding the differences).
@@ -314,11 +316,38 @@ def merged_with_previous(tables: list[Table], out: Path) -> tuple[list[Table], l
     return merged, commands
 
 
-def write_outputs(tables: list[Table], seeds: list[int], out: Path) -> None:
-    command = {"command": ("python benchmarks/compare.py " + " ".join(sys.argv[1:])).strip(), "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads()}
+def write_outputs(tables: list[Table], new_commands: list[dict], out: Path) -> None:
     tables, commands = merged_with_previous(tables, out)
-    commands.append(command)
-    rewrite(tables, commands, out)
+    rewrite(tables, commands + new_commands, out)
+
+
+def _same_settings(config: dict) -> dict:
+    """A row's config with the corpus's scratch folder left out (each process writes its own)."""
+    return {**config, "data": data_label(config["data"])}
+
+
+def merge_parts(parts: list[Path]) -> tuple[list[Table], list[dict]]:
+    """The tables of several ``compare.json`` files as one: every row's runs are the union of
+    the parts' runs (seeds measured by separate processes). The parts must have measured each
+    shared table with the same rows and settings, and no seed twice."""
+    merged: dict[str, Table] = {}
+    commands: list[dict] = []
+    for part in parts:
+        record = json.loads((part / "compare.json").read_text())
+        commands += record["commands"]
+        for table in map(table_from_record, record["tables"]):
+            if table.name not in merged:
+                merged[table.name] = table
+                continue
+            base = merged[table.name]
+            if [(r.label, _same_settings(r.config)) for r in base.rows] != [(r.label, _same_settings(r.config)) for r in table.rows]:
+                raise ValueError(f"{part}: the {table.name} table was measured with other rows or settings")
+            for into, row in zip(base.rows, table.rows):
+                repeated = {r["seed"] for r in into.runs} & {r["seed"] for r in row.runs}
+                if repeated:
+                    raise ValueError(f"{part}: seed {min(repeated)} of the {table.name} table is measured twice")
+                into.runs = sorted(into.runs + row.runs, key=lambda r: r["seed"])
+    return list(merged.values()), commands
 
 
 def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
@@ -346,15 +375,22 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (0, 1, ...)")
+    parser.add_argument("--seed", type=int, action="append", help="run exactly this seed (repeatable; overrides --seeds)")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR", help="only combine the runs in these folders' compare.json into --out")
     parser.add_argument("--steps", type=int, default=None, help="steps: N for gpt, every row for resnet/vit (default per section)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     parser.add_argument("--data", default=None, help="also run the resnet table on this image data, e.g. cifar10:PATH")
     parser.add_argument("--replot", action="store_true", help="only rewrite compare.md and compare.png from compare.json in --out")
-    parser.add_argument("--tiny", action="store_true", help="a few steps, one seed: an end-to-end check, not a measurement")
+    parser.add_argument("--tiny", action="store_true", help="a few steps, seed 0 unless --seed: an end-to-end check, not a measurement")
     args = parser.parse_args(argv)
     if args.seeds < 1 or (args.steps is not None and args.steps < 2):
         parser.error("--seeds must be at least 1 and --steps at least 2")
+    if args.seed and min(args.seed) < 0:
+        parser.error("--seed must be at least 0")
+    missing = [str(d) for d in args.merge or [] if not (d / "compare.json").is_file()]
+    if missing:
+        parser.error(f"--merge: no compare.json in {', '.join(missing)}")
     if args.data:
         try:
             if load_data(args.data).kind != "image":
@@ -371,7 +407,15 @@ def main(argv: list[str] | None = None) -> list[Table]:
         tables = [table_from_record(r) for r in record["tables"]]
         rewrite(tables, record["commands"], args.out)
         return tables
-    seeds = list(range(1 if args.tiny else args.seeds))
+    if args.merge:
+        try:
+            tables, commands = merge_parts(args.merge)
+        except ValueError as err:
+            raise SystemExit(f"--merge: {err}") from None
+        write_outputs(tables, commands, args.out)
+        print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
+        return tables
+    seeds = sorted(set(args.seed)) if args.seed else [0] if args.tiny else list(range(args.seeds))
     sections = args.only or list(SECTIONS)
     steps = {s: args.steps or (TINY_STEPS if args.tiny else DEFAULT_STEPS)[s] for s in SECTIONS}
     tables: list[Table] = []
@@ -393,7 +437,8 @@ def main(argv: list[str] | None = None) -> list[Table]:
                     row.config["batch_size"] = 8
         for table in tables:
             run_table(table, seeds, workdir)
-    write_outputs(tables, seeds, args.out)
+    command = ("python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    write_outputs(tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads()}], args.out)
     print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
     return tables
 

@@ -87,3 +87,24 @@ def test_tiny_resnet_table_on_cifar10_files(tmp_path, cifar10_dir):
     rows = table_rows((tmp_path / "compare.md").read_text(), "slim_resnet20 on cifar10")
     assert [row[0] for row in rows][-3:] == ["alternating", "sandwich", "all"]
     assert [len(finite_cells(row)) for row in rows] == [2] * 4 + [5] * 3
+
+
+def test_seeds_run_in_separate_processes_merge_into_one_table(tmp_path, capsys):
+    compare = load_compare()
+    for seed in (0, 1):
+        compare.main(["--tiny", "--only", "resnet", "--seed", str(seed), "--out", str(tmp_path / f"s{seed}")])
+    parts = [json.loads((tmp_path / f"s{seed}" / "compare.json").read_text())["tables"][0] for seed in (0, 1)]
+
+    (table,) = compare.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "both")])
+    for row, row0, row1 in zip(table.rows, parts[0]["rows"], parts[1]["rows"]):
+        assert row.runs == row0["runs"] + row1["runs"] and [r["seed"] for r in row.runs] == [0, 1]
+    markdown = (tmp_path / "both" / "compare.md").read_text()
+    assert "--seed 0" in markdown and "--seed 1" in markdown
+    assert all("±" in cell for row in table_rows(markdown, "slim_resnet20") for cell in row[1:] if cell != "–")
+
+    with pytest.raises(SystemExit, match="seed 0 of the resnet table is measured twice"):
+        compare.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "twice")])
+    assert not (tmp_path / "twice").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--merge", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "none")])
+    assert exit_info.value.code == 2 and "no compare.json in" in capsys.readouterr().err
