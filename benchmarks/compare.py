@@ -360,7 +360,7 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
     head = [
         "# Joint training vs separate training",
         "",
-        f"Measured with {measured_by}: mean ± std over seeds. torch {torch.__version__}, {platform.machine()} CPU "
+        f"Measured with {measured_by}: mean ± std over seeds. torch {', '.join(sorted({c.get('torch', '(not recorded)') for c in commands}))}, {platform.machine()} CPU "
         "shared with other jobs, so wall times are rough. Wall time covers training, batch-norm recalibration and "
         "the final evaluation of every trained member on the whole validation split.",
         "",
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
         for table in tables:
             run_table(table, seeds, workdir)
     command = ("python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    write_outputs(tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads()}], args.out)
+    write_outputs(tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__}], args.out)
     print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
     return tables
 
