@@ -31,13 +31,15 @@ def one_thread():
 
 
 def assert_same_metrics(measured: list[dict], recorded: list[dict], metric: str) -> None:
+    """Accuracy exactly; mean losses to float32 rounding, which differs between torch builds and
+    CPU kernels (1.2e-6 relative on slim_resnet20's 0.0057 loss, torch 2.15 vs 2.14)."""
     assert [m["subnet"] for m in measured] == [r["subnet"] for r in recorded]
     for m, r in zip(measured, recorded):
         if metric == "accuracy":
             assert m["accuracy"] == r["accuracy"]  # a count of correct images
         else:
-            assert m[metric] == pytest.approx(r[metric], rel=1e-6, abs=0)
-        assert m["loss"] == pytest.approx(r["loss"], rel=1e-6, abs=0)
+            assert m[metric] == pytest.approx(r[metric], rel=1e-5, abs=0)
+        assert m["loss"] == pytest.approx(r["loss"], rel=1e-5, abs=0)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
