@@ -17,14 +17,17 @@ run's wall time (training, batch-norm recalibration and the final evaluation).
 3. ``vit``: ``slim_vit_tiny`` at widths 0.5 and 1.0 on ``digits``, the same rows.
 
     python benchmarks/compare.py                    # all three, 3 seeds -> benchmarks/results/
-    python benchmarks/compare.py --only gpt --steps 300 --seeds 5   # re-measure one section
+    python benchmarks/compare.py --only vit --steps 400 --seeds 5   # re-measure one section
     python benchmarks/compare.py --replot           # rewrite compare.md/png from compare.json
     python benchmarks/compare.py --tiny --out /tmp/cmp   # a few steps, one seed (CI)
     python benchmarks/compare.py --only gpt --seed 1 --out /tmp/s1   # one seed per process, then
     python benchmarks/compare.py --merge /tmp/s0 /tmp/s1 /tmp/s2     # their runs in one table
 
-Default steps: N = 150 for gpt, 60 per row for resnet, 200 per row for vit (short on purpose:
-on digits every strategy reaches ~99% given a few hundred steps, hiding the differences).
+Default steps: N = 1000 for gpt (at N = 150 every row was still on the ~4.2 bits-per-byte
+unigram plateau, ``results/gpt-n150``; one seed of the five gpt rows takes about 50 minutes on
+one core, so run seeds in parallel processes with ``--seed`` and join them with ``--merge``),
+60 per row for resnet, 200 per row for vit (short on purpose: on digits every strategy reaches
+~99% given a few hundred steps, hiding the differences).
 
 Writes ``compare.md`` (tables, framings, commands), ``compare.json`` (every run's numbers)
 and ``compare.png`` (metric per member for each strategy) into ``--out``, atomically.
@@ -52,7 +55,7 @@ from zoo.fileio import atomic_path  # noqa: E402
 
 SECTIONS = ("gpt", "resnet", "vit")
 # Default steps per section: N for gpt (rows run N or 2N), every row for the image families.
-DEFAULT_STEPS = {"gpt": 150, "resnet": 60, "vit": 200}
+DEFAULT_STEPS = {"gpt": 1000, "resnet": 60, "vit": 200}
 TINY_STEPS = {"gpt": 4, "resnet": 4, "vit": 4}
 GPT_CORPUS_BYTES, TINY_CORPUS_BYTES = 2**20, 2**16
 CORE_RANK = 0.25
@@ -196,27 +199,30 @@ def gpt_framings(table: Table) -> list[str]:
     def wall(row: Row) -> float:
         return mean_std([run["wall_s"] for run in row.runs])[0]
 
-    def compare(joint_value: float, base_value: float) -> str:
+    def compare(base: Row, member: Subnet) -> str:
+        """The joint run's mean against ``base``'s, and in how many seeds (paired) it is lower."""
+        joint_value, base_value = mean_of(joint, member), mean_of(base, member)
         verdict = "better" if joint_value < base_value else "worse"
-        return f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f})"
+        paired = {run["seed"]: run["metrics"][member.key] for run in base.runs}
+        seeds = [run for run in joint.runs if run["seed"] in paired]
+        wins = sum(run["metrics"][member.key] < paired[run["seed"]] for run in seeds)
+        return f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; lower in {wins} of {len(seeds)} seeds)"
 
-    jc, jf = mean_of(joint, core), mean_of(joint, full)
     data = sep_core_n.config["data"]
     return [
         f"`{data_label(data)}` is the first {data_label(data).split('-')[-1].removesuffix('.txt')} of the training split of zoo's `stdlib` corpus (`load_data(\"stdlib\").train`), written to a file by this "
         "script; its last 10% is the validation split. Every row uses the same hyper-parameters (the commands below); "
         "rows differ in strategy, trained rank and steps. Learning-rate schedules run over each row's own steps.",
         "",
-        "Three framings (means over seeds; lower bits per byte is better):",
+        "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; lower bits per byte is better):",
         "",
         f"- **Equal updates per member** (alternating 2N vs separate N: each member got N updates): core "
-        f"{compare(jc, mean_of(sep_core_n, core))}; full {compare(jf, mean_of(sep_full_n, full))}.",
-        f"- **Equal total steps** (alternating 2N vs separate 2N): core {compare(jc, mean_of(sep_core_2n, core))}; "
-        f"full {compare(jf, mean_of(sep_full_2n, full))}.",
+        f"{compare(sep_core_n, core)}; full {compare(sep_full_n, full)}.",
+        f"- **Equal total steps** (alternating 2N vs separate 2N): core {compare(sep_core_2n, core)}; "
+        f"full {compare(sep_full_2n, full)}.",
         f"- **Equal budget for the whole family** (one joint run of 2N steps, {wall(joint):.0f} s, vs core N + full N "
         f"separately, {wall(sep_core_n) + wall(sep_full_n):.0f} s; the same 2N steps in all): the joint run gives both "
-        f"members in one set of weights; core {compare(jc, mean_of(sep_core_n, core))}, full "
-        f"{compare(jf, mean_of(sep_full_n, full))}.",
+        f"members in one set of weights; core {compare(sep_core_n, core)}, full {compare(sep_full_n, full)}.",
     ]
 
 
