@@ -23,9 +23,10 @@ run's wall time (training, batch-norm recalibration and the final evaluation).
     python benchmarks/compare.py --only gpt --seed 1 --out /tmp/s1   # one seed per process, then
     python benchmarks/compare.py --merge /tmp/s0 /tmp/s1 /tmp/s2     # their runs in one table
 
-Default steps: N = 1000 for gpt (at N = 150 every row was still on the ~4.2 bits-per-byte
-unigram plateau, ``results/gpt-n150``; one seed of the five gpt rows takes about 50 minutes on
-one core, so run seeds in parallel processes with ``--seed`` and join them with ``--merge``),
+Default steps: N = 1000 for gpt (at N = 150 every row was still near the plateau of a byte
+unigram model, 4.35 bits per byte, ``results/gpt-n150``; one seed of the five gpt rows took
+82 minutes on a 2-core CPU shared by three such seeds, so run seeds in parallel processes with
+``--seed`` and join them with ``--merge``),
 60 per row for resnet, 200 per row for vit (short on purpose: on digits every strategy reaches
 ~99% given a few hundred steps, hiding the differences).
 
