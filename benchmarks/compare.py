@@ -209,6 +209,7 @@ def gpt_framings(table: Table) -> list[str]:
         wins = sum(run["metrics"][member.key] < paired[run["seed"]] for run in seeds)
         return f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; lower in {wins} of {len(seeds)} seeds)"
 
+    core_vs_n, full_vs_n = compare(sep_core_n, core), compare(sep_full_n, full)
     data = sep_core_n.config["data"]
     return [
         f"`{data_label(data)}` is the first {data_label(data).split('-')[-1].removesuffix('.txt')} of the training split of zoo's `stdlib` corpus (`load_data(\"stdlib\").train`), written to a file by this "
@@ -218,12 +219,12 @@ def gpt_framings(table: Table) -> list[str]:
         "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; lower bits per byte is better):",
         "",
         f"- **Equal updates per member** (alternating 2N vs separate N: each member got N updates): core "
-        f"{compare(sep_core_n, core)}; full {compare(sep_full_n, full)}.",
+        f"{core_vs_n}; full {full_vs_n}.",
         f"- **Equal total steps** (alternating 2N vs separate 2N): core {compare(sep_core_2n, core)}; "
         f"full {compare(sep_full_2n, full)}.",
         f"- **Equal budget for the whole family** (one joint run of 2N steps, {wall(joint):.0f} s, vs core N + full N "
         f"separately, {wall(sep_core_n) + wall(sep_full_n):.0f} s; the same 2N steps in all): the joint run gives both "
-        f"members in one set of weights; core {compare(sep_core_n, core)}, full {compare(sep_full_n, full)}.",
+        f"members in one set of weights; core {core_vs_n}, full {full_vs_n}.",
     ]
 
 
@@ -419,9 +420,15 @@ def main(argv: list[str] | None = None) -> list[Table]:
             tables, commands = merge_parts(args.merge)
         except ValueError as err:
             raise SystemExit(f"--merge: {err}") from None
-        write_outputs(tables, commands, args.out)
-        print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
-        return tables
+    else:
+        tables, commands = measure(args, argv)
+    write_outputs(tables, commands, args.out)
+    print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
+    return tables
+
+
+def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[list[Table], list[dict]]:
+    """Train every row of the chosen sections; the tables and the command that measured them."""
     seeds = sorted(set(args.seed)) if args.seed else [0] if args.tiny else list(range(args.seeds))
     sections = args.only or list(SECTIONS)
     steps = {s: args.steps or (TINY_STEPS if args.tiny else DEFAULT_STEPS)[s] for s in SECTIONS}
@@ -445,9 +452,7 @@ def main(argv: list[str] | None = None) -> list[Table]:
         for table in tables:
             run_table(table, seeds, workdir)
     command = ("python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    write_outputs(tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__}], args.out)
-    print(f"wrote {args.out / 'compare.md'}, compare.json and compare.png")
-    return tables
+    return tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__}]
 
 
 if __name__ == "__main__":
