@@ -82,7 +82,7 @@ def test_low_rank_linear_is_the_dense_layer_at_full_rank_and_its_best_approximat
     x = torch.randn(5, 24)
     torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=0)
 
-    low.set_subnet(Subnet(1.0, 0.5))  # 8 components: the best rank-8 approximation (Eckart-Young)
+    low.set_subnet({"rank": (0.5,)}, "r0p5")  # 8 components: the best rank-8 approximation (Eckart-Young)
     u, s, vh = torch.linalg.svd(dense.weight.detach().double())
     best = ((u[:, :8] * s[:8]) @ vh[:8]).float()
     torch.testing.assert_close(low(x), x @ best.T, atol=1e-5, rtol=0)
@@ -104,7 +104,7 @@ def test_fused_linear_slices_each_chunk(low_rank):
     torch.manual_seed(0)
     qkv = ElasticLinear(fixed(8), Dim(4, unit_size=2), chunks=3, low_rank=low_rank)  # 3 x 4 heads of 2
     nn.init.normal_(qkv.bias)
-    qkv.set_subnet(Subnet(0.5, 0.5 if low_rank else None))  # 2 heads of 2 in each of q, k, v
+    qkv.set_subnet({"width": (0.5,), "rank": (0.5,)}, "w0p5")  # 2 heads of 2 in each of q, k, v
     rows = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
     x = torch.randn(5, 8)
     if low_rank:
@@ -165,8 +165,8 @@ def test_subnet_context_restores_the_previous_subnet():
     model = zoo.create_model("slim_resnet20")
     model.set_subnet(width=0.5)
     with zoo.subnet(model, width=0.25) as chosen:
-        assert chosen == Subnet(0.25) and model.active_subnet == chosen and model.fc.active == chosen
-    assert model.active_subnet == Subnet(0.5) and model.fc.active == Subnet(0.5)
+        assert chosen == Subnet(0.25) and model.active_subnet == chosen and model.fc.key == chosen.key
+    assert model.active_subnet == Subnet(0.5) and model.fc.key == Subnet(0.5).key
     with pytest.raises(RuntimeError, match="inside"):
         with zoo.subnet(model, width=0.75):
             raise RuntimeError("inside")
@@ -249,7 +249,7 @@ def _write(path: Path, data: bytes) -> Path:
             lambda saved, d: (save_file(load_file(saved), d / "json.safetensors", metadata={"zoo": '{"arch": '}), d / "json.safetensors")[1],
             "corrupt zoo header",
         ),
-        (lambda saved, d: _with_header(saved, d / "width.safetensors", model_args={"max_width": 0.5, "widths": [0.5]}), "do not match its header"),
+        (lambda saved, d: _with_header(saved, d / "width.safetensors", model_args={"max_member": {"width": 0.5}, "widths": [0.5]}), "do not match its header"),
         (lambda saved, d: _with_header(saved, d / "arch.safetensors", arch="slim_resnet56"), "do not match its header: missing"),
         (lambda saved, d: _with_header(saved, d / "nope.safetensors", arch="slim_nope"), "does not describe a buildable model.*unknown model"),
     ],

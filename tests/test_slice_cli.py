@@ -49,7 +49,7 @@ def test_slice_writes_a_smaller_standalone_file_with_provenance(family, tmp_path
     assert out.stat().st_size < 0.4 * family.stat().st_size
 
     small = zoo.load(out)  # loads on its own
-    assert small.max_width == 0.5 and small.subnets == [zoo.Subnet(0.5)]
+    assert small.largest == zoo.Subnet(0.5) and small.subnets == [zoo.Subnet(0.5)]
     assert small.zoo_metadata["sliced_from"] == {
         "arch": "slim_resnet20",
         "subnet": {"width": 0.5},
@@ -97,7 +97,7 @@ def test_layernorm_families_slice_any_member(tmp_path):
     weights = zoo.save(zoo.create_model("slim_gpt_nano", context_length=8), tmp_path / "gpt.safetensors")
     result = invoke("slice", weights, "--width", "0.6", "--out", tmp_path / "g.safetensors")
     assert result.exit_code == 0, result.output
-    assert zoo.load(tmp_path / "g.safetensors").max_width == 0.6
+    assert zoo.load(tmp_path / "g.safetensors").largest == zoo.Subnet(0.6)
 
 
 @pytest.mark.parametrize("case", ["random bytes", "foreign safetensors", "missing", "width out of range", "out is source"])

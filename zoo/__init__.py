@@ -2,7 +2,7 @@
 
     import zoo
     model = zoo.create_model("slim_resnet20", num_classes=10)
-    model.set_subnet(width=0.5)
+    model.set_subnet(width=0.5)                  # or a member: {"width": [0.5, 1, 1], "depth": [1, 3, 3]}
     small = zoo.slice(model, width=0.5)
     zoo.save(small, "small.safetensors")
     same = zoo.load("small.safetensors")
@@ -15,7 +15,7 @@ from .base import ElasticModel
 from .flops import count_flops
 from .members import Member, WeightsSource, slice_file
 from .registry import create_model, family_of, list_models
-from .slicing import parameter_masks, recalibrate_bn, slice_model as slice, subnet
+from .slicing import count_params, parameter_masks, recalibrate_bn, slice_model as slice, subnet
 from .subnet import Subnet
 from .weights import WeightsFileError, load, read_header, save
 from . import models  # noqa: F401,E402  (registers the families with zoo and timm)
@@ -29,6 +29,7 @@ __all__ = [
     "WeightsSource",
     "WeightsFileError",
     "count_flops",
+    "count_params",
     "create_model",
     "family_of",
     "list_models",

@@ -1,20 +1,20 @@
-"""The face every family shows: its space of sub-networks, and choosing one of them.
+"""The face every family shows: its space of members, and choosing one of them.
 
-A family model is built from plain arguments (``model_args``) and can be rebuilt from them;
-``max_width``/``max_rank`` say how large it physically is (1.0 for a full family, the chosen
-sizes for a sliced member) and ``widths``/``ranks`` give the grid of sub-networks it was
-trained for, which is also the set that has batch-norm statistics.
+A family model is built from plain arguments (``model_args``) and can be rebuilt from them.
+``max_member`` says how large it physically is (the whole family, or the member it was sliced
+to) and ``widths``/``ranks`` (plus ``extra_subnets``) give the members it was trained for,
+which are also the members that have batch-norm statistics.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from .layers import ElasticBatchNorm2d, ElasticLayer, LayerFactory
-from .subnet import DEFAULT_GRID, Subnet, check_fraction, grid
+from .layers import Elastic, ElasticBatchNorm2d, LayerFactory
+from .subnet import DEFAULT_GRID, Space, Subnet, Values, check_fraction, grid
 
 
 def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, classifier: str) -> dict:
@@ -29,15 +29,25 @@ def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, c
     }
 
 
-def _order(subnet: Subnet) -> tuple[float, float]:
-    return (subnet.width, subnet.rank or 0.0)
+def as_subnet(member=None, rank: float | None = None, width: float | None = None, **axes) -> Subnet:
+    """A member however it was given: a ``Subnet``, its JSON dict, a number (the uniform width)
+    or keyword axes. Not yet validated (see ``ElasticModel.resolve_subnet``)."""
+    if isinstance(member, (Subnet, Mapping)):
+        if rank is not None or width is not None or axes:
+            raise ValueError("give a member, or width/rank/axes, not both")
+        return member if isinstance(member, Subnet) else Subnet.from_dict(member)
+    if member is not None:
+        if width is not None:
+            raise ValueError("the width was given twice")
+        width = member
+    return Subnet(width, rank, **axes)
 
 
 class ElasticModel(nn.Module):
-    """Base class of all families. Subclasses build layers from ``ElasticLayer`` types.
+    """Base class of all families. Subclasses build layers from ``Elastic`` types.
 
-    Subclasses call ``super().__init__(...)`` first, build their layers, then call
-    ``self._finish_init()``.
+    Subclasses call ``super().__init__(space=..., ...)`` first, build their layers with
+    ``self._layer_factory(divisor)``, then call ``self._finish_init()``.
     """
 
     arch: str = ""  # set by the registry to the catalogue name
@@ -47,96 +57,134 @@ class ElasticModel(nn.Module):
     def __init__(
         self,
         *,
+        space: Space,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
-        extra_subnets: Iterable[dict] = (),
+        max_member: Mapping | None = None,
+        extra_subnets: Iterable[Mapping] = (),
     ):
         super().__init__()
         self.low_rank = bool(low_rank)
-        self.max_width = check_fraction("max_width", max_width)
-        self.max_rank = check_fraction("max_rank", max_rank) if self.low_rank else None
+        self._space = space
+        name = type(self).__name__
         if not self.low_rank and ranks is not None and list(ranks) not in ([], [1.0]):
             raise ValueError("ranks were given, but the family is built dense; build it with low_rank=True")
-        widths = [check_fraction("width", w, self.max_width) for w in widths]
-        ranks = [check_fraction("rank", r, self.max_rank) for r in (DEFAULT_GRID if ranks is None else ranks)] if self.low_rank else None
-        if not widths or (ranks is not None and not ranks):
-            raise ValueError("the sub-network grid needs at least one width (and one rank for low-rank families)")
-        extra = [self.resolve_subnet(**d) for d in extra_subnets]
-        self.subnets: list[Subnet] = sorted(set(grid(widths, ranks) + extra), key=_order)
+        self.max_values: Values = space.expand(as_subnet(max_member or {}), space.full(), f"{name} max_member")
+        widths = [check_fraction("width", w) for w in widths]
+        ranks = [check_fraction("rank", r) for r in (DEFAULT_GRID if ranks is None else ranks)] if self.low_rank else None
+        members = grid(widths, ranks) if widths and (ranks is None or ranks) else []
+        members += [as_subnet(d) for d in extra_subnets]
+        if not members:
+            raise ValueError("the trained members need at least one width (and one rank for low-rank families), or an extra member")
+        self.subnets: list[Subnet] = self._sorted({self.resolve_subnet(s) for s in members})
         self.model_args = {}
 
     def _layer_factory(self, divisor: int) -> LayerFactory:
-        """A factory for layers of this model's sizes and grid (kept for reset_classifier)."""
-        self._factory = LayerFactory(max_width=self.max_width, low_rank=self.low_rank, max_rank=self.max_rank, subnets=self.subnets, divisor=divisor)
+        """A factory for layers of this model's sizes and members (kept for reset_classifier)."""
+        members = [(s.key, self.expand(s)) for s in self.subnets]
+        self._factory = LayerFactory(max_values=self.max_values, low_rank=self.low_rank, members=members, divisor=divisor)
         return self._factory
 
     def _finish_init(self) -> None:
-        self.set_subnet(self.subnets[-1])  # the largest trained member (the grid is sorted)
+        self.set_subnet(self.subnets[-1])  # the largest trained member (sorted smallest first)
+
+    def _sorted(self, subnets: Iterable[Subnet]) -> list[Subnet]:
+        return sorted(subnets, key=lambda s: (self._space.size_key(self.expand(s)), s.key))
 
     # ----- the space ------------------------------------------------------------------
     @property
     def axes(self) -> tuple[str, ...]:
-        return ("width", "rank") if self.low_rank else ("width",)
+        """The member fields of this family (``width`` is the shorthand for all width axes)."""
+        return self._space.axes
 
     @property
     def largest(self) -> Subnet:
-        return Subnet(self.max_width, self.max_rank)
+        """The largest member this model physically holds."""
+        return self._space.compact(self.max_values)
 
     @property
     def uses_batchnorm(self) -> bool:
         return any(isinstance(m, ElasticBatchNorm2d) for m in self.modules())
 
-    def describe_space(self) -> str:
-        """One line naming the axes, their ranges and the trained grid."""
-        widths = sorted({s.width for s in self.subnets})
-        text = f"{self.arch or type(self).__name__}: width in (0, {self.max_width:g}]"
-        if self.low_rank:
-            text += f", rank in (0, {self.max_rank:g}]"
-        text += f"; trained widths {', '.join(f'{w:g}' for w in widths)}"
-        if self.low_rank:
-            text += f", ranks {', '.join(f'{r:g}' for r in sorted({s.rank for s in self.subnets}))}"
-        return text
+    @property
+    def width_choices(self) -> list[float]:
+        """Widths a sampled member draws from: the trained uniform widths (else the default grid)."""
+        return sorted({s.width for s in self.subnets if s.width is not None}) or list(DEFAULT_GRID)
 
-    def resolve_subnet(self, width: float | None = None, rank: float | None = None, **other) -> Subnet:
-        """Validate a requested sub-network against this model's space; None means largest."""
-        name = self.arch or type(self).__name__
-        if other:
-            raise ValueError(f"{name} has axes {', '.join(self.axes)}; unknown axis {', '.join(sorted(other))}")
-        if rank is not None and not self.low_rank:
-            raise ValueError(f"{name} is built dense and has no rank axis (create it with low_rank=True)")
-        width = self.max_width if width is None else check_fraction("width", width, self.max_width)
-        if self.low_rank:
-            rank = self.max_rank if rank is None else check_fraction("rank", rank, self.max_rank)
-        return Subnet(width, rank)
+    @property
+    def rank_choices(self) -> list[float] | None:
+        if not self.low_rank:
+            return None
+        return sorted({s.rank for s in self.subnets if s.rank is not None}) or list(DEFAULT_GRID)
+
+    def space(self) -> dict:
+        """The choices of this family, JSON-ready: its groups, axes, limits and trained members."""
+        described = self._space.describe(self.max_values, self.width_choices, self.rank_choices)
+        return {
+            "arch": self.arch,
+            **described,
+            "largest": self.largest.to_dict(),
+            "trained": [s.to_dict() for s in self.subnets],
+        }
+
+    def sample_member(self, generator: torch.Generator | None = None, layerwise: bool = True) -> dict:
+        """A random valid member (a dict): each stage's or block's width, rank and depth drawn
+        independently (``layerwise=False``: one width and rank for all, full depth)."""
+        values = self._space.sample(generator or torch.default_generator, self.width_choices, self.rank_choices, self.max_values, layerwise)
+        return self._space.compact(values).to_dict()
+
+    def smallest_member(self, layerwise: bool = True) -> Subnet:
+        """The smallest member ``sample_member`` can draw (the bottom of the sandwich)."""
+        return self._space.compact(self._space.smallest(self.width_choices, self.rank_choices, self.max_values, layerwise))
+
+    def describe_space(self) -> str:
+        """One line naming the member fields, their groups and the trained members."""
+        space = self._space
+        fields = ", ".join(space.axes)
+        text = f"{self.arch or type(self).__name__}: {space.groups} {space.group}s with {fields} per {space.group}"
+        return text + f"; trained members: {self.trained_members()}"
+
+    def expand(self, subnet: Subnet) -> Values:
+        """A canonical member's values, one per group of every axis."""
+        return self._space.expand(subnet, self.max_values, self._name)
+
+    @property
+    def _name(self) -> str:
+        return self.arch or type(self).__name__
+
+    def resolve_subnet(self, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> Subnet:
+        """Validate a member (a ``Subnet``, its dict, a uniform width, or axes) against this
+        model's space; the canonical ``Subnet``. Nothing given means the largest."""
+        return self._space.compact(self.expand(as_subnet(member, rank, width, **axes)))
 
     def needs_calibration(self, subnet: Subnet) -> bool:
-        """True for a batch-norm member without statistics (one outside the trained grid)."""
+        """True for a batch-norm member without statistics (one it was not trained for)."""
         return self.uses_batchnorm and subnet not in self.subnets
 
     def trained_members(self) -> str:
-        """The trained grid as one line, e.g. ``width=0.5; width=1``."""
+        """The trained members as one line, e.g. ``width=0.5; width=1``."""
         return "; ".join(str(s) for s in self.subnets)
 
-    def set_subnet(self, width: float | None = None, rank: float | None = None, **other) -> Subnet:
-        """Make every layer run the chosen sub-network. Returns it.
+    def set_subnet(self, member=None, rank: float | None = None, *, width: float | None = None, for_training: bool = False, **axes) -> Subnet:
+        """Make every layer run the chosen member. Returns it (canonical).
 
-        Batch-norm families only accept sub-networks that have statistics (the trained grid);
-        others need :func:`zoo.recalibrate_bn` first.
+        Batch-norm families evaluate only members that have statistics (the trained ones);
+        others need :func:`zoo.recalibrate_bn` first. ``for_training=True`` lets any member run
+        in training mode, normalised with each batch's own statistics (layerwise training).
         """
-        subnet = width if isinstance(width, Subnet) and rank is None and not other else self.resolve_subnet(width, rank, **other)
-        if self.needs_calibration(subnet):
+        subnet = self.resolve_subnet(member, rank, width=width, **axes)
+        if self.needs_calibration(subnet) and not for_training:
             raise ValueError(
-                f"{self.arch or type(self).__name__} has no batch-norm statistics for {subnet} "
+                f"{self._name} has no batch-norm statistics for {subnet} "
                 f"(it has: {self.trained_members()}); recalibrate it on data first "
                 "(zoo.recalibrate_bn, or `zoo slice --calibrate DATA`)"
             )
+        values = self.expand(subnet)
         for module in self.modules():
-            if isinstance(module, ElasticLayer):
-                module.set_subnet(subnet)
-        self._active = subnet
+            if isinstance(module, Elastic):
+                module.set_subnet(values, subnet.key)
+        self._active, self._active_values = subnet, values
         return subnet
 
     @property
@@ -144,13 +192,16 @@ class ElasticModel(nn.Module):
         return self._active
 
     def add_subnet(self, subnet: Subnet) -> None:
-        """Add ``subnet`` to the grid with fresh batch-norm statistics (see recalibrate_bn)."""
+        """Add ``subnet`` to the trained members with fresh batch-norm statistics (see
+        recalibrate_bn)."""
+        subnet = self.resolve_subnet(subnet)
         if subnet in self.subnets:
             return
+        values = self.expand(subnet)
         for module in self.modules():
             if isinstance(module, ElasticBatchNorm2d):
-                module.add_stats(subnet)
-        self.subnets = sorted([*self.subnets, subnet], key=_order)
+                module.add_stats(subnet.key, values)
+        self.subnets = self._sorted([*self.subnets, subnet])
         self.model_args["extra_subnets"] = [*self.model_args.get("extra_subnets", []), subnet.to_dict()]
 
     # ----- timm's model face ----------------------------------------------------------
@@ -165,7 +216,7 @@ class ElasticModel(nn.Module):
         self.num_classes = num_classes
         self.model_args["num_classes"] = num_classes
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.set_subnet(self.active_subnet)
+        self.set_subnet(self.active_subnet, for_training=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

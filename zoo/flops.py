@@ -9,17 +9,20 @@ from .base import ElasticModel
 
 
 @torch.no_grad()
-def count_flops(model: ElasticModel, batch_size: int = 1) -> int:
+def count_flops(model: ElasticModel, member=None, *, batch_size: int = 1) -> int:
     """Forward FLOPs (multiply and add counted separately) for one example input batch.
 
-    Counts the active sub-network of an elastic model, which equals its sliced twin's count:
-    slicing adds no matmul work.
+    Counts ``member`` (the active one if None) of an elastic model, which equals its sliced
+    twin's count: slicing adds no matmul work. Needs no batch-norm statistics.
     """
-    was_training = model.training
-    model.eval()
+    was_training, previous = model.training, model.active_subnet
+    if member is not None:
+        model.set_subnet(member, for_training=True)
+    model.train()  # a member without statistics runs on batch statistics; FLOPs are the same
     try:
         with FlopCounterMode(display=False) as counter:
             model(model.example_input(batch_size))
     finally:
         model.train(was_training)
+        model.set_subnet(previous, for_training=True)
     return int(counter.get_total_flops())

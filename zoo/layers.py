@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .subnet import Dim, Subnet, rank_count
+from .subnet import Dim, Values, rank_count
 
 DenseInit = Callable[[torch.Tensor], object]
 
@@ -58,28 +58,46 @@ def take_rows(t: torch.Tensor, n: int, chunks: int = 1) -> torch.Tensor:
     return t.view(chunks, t.shape[0] // chunks, *t.shape[1:])[:, : n].reshape(chunks * n, *t.shape[1:])
 
 
-class ElasticLayer(nn.Module):
-    """Common state of elastic layers: the dimension specs and the active sub-network."""
+class Elastic:
+    """Anything a member configures: the model calls ``set_subnet`` on every such module."""
+
+    def set_subnet(self, values: Values, key: str) -> None:
+        raise NotImplementedError
+
+
+def _size(dim: Dim, max_values: Values | None) -> int:
+    """Features of ``dim`` in the largest member the layer holds (the whole layer if none)."""
+    return dim.count_in(max_values) if max_values is not None else dim.count(1.0)
+
+
+class ElasticLayer(nn.Module, Elastic):
+    """Common state of elastic layers: the output dimension, the rank group, and the active
+    member's values (one per group of every axis)."""
 
     chunked = ("weight", "u", "bias")  # parameters whose rows are split into ``chunks`` blocks
 
-    def __init__(self, out_dim: Dim, chunks: int, max_width: float, low_rank: bool, max_rank: float):
+    def __init__(self, out_dim: Dim, chunks: int, low_rank: bool, max_values: Values | None, group: int):
         super().__init__()
         self.out_dim = out_dim
         self.chunks = chunks
         self.low_rank = low_rank
-        self.active = Subnet(max_width, max_rank if low_rank else None)
+        self.group = group
+        self.values: Values = max_values or {}
+        self.key = ""
 
-    def set_subnet(self, subnet: Subnet) -> None:
-        self.active = subnet
+    def set_subnet(self, values: Values, key: str) -> None:
+        self.values, self.key = values, key
 
     @property
     def active_out(self) -> int:
-        """Output features per chunk at the active width."""
-        return self.out_dim.count(self.active.width)
+        """Output features per chunk in the active member."""
+        return _size(self.out_dim, self.values or None)
 
-    def active_rank(self, in_features: int) -> int:
-        return rank_count(self.active.rank, self.chunks * self.active_out, in_features)
+    def max_rank_fraction(self) -> float:
+        return self.values["rank"][self.group] if self.values else 1.0
+
+    def active_rank(self, m: int, n: int) -> int:
+        return rank_count(self.max_rank_fraction(), m, n)
 
 
 class ElasticLinear(ElasticLayer):
@@ -97,17 +115,17 @@ class ElasticLinear(ElasticLayer):
         chunks: int = 1,
         bias: bool = True,
         low_rank: bool = False,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_values: Values | None = None,
+        group: int = 0,
         init: DenseInit = kaiming_uniform,
     ):
-        super().__init__(out_dim, chunks, max_width, low_rank, max_rank)
-        self.in_features = in_dim.count(max_width)
-        self.out_features = chunks * out_dim.count(max_width)
+        super().__init__(out_dim, chunks, low_rank, max_values, group)
+        self.in_features = _size(in_dim, max_values)
+        self.out_features = chunks * _size(out_dim, max_values)
         dense = torch.empty(self.out_features, self.in_features)
         init(dense)
         if low_rank:
-            u, v = _svd_factors(dense, rank_count(max_rank, self.out_features, self.in_features))
+            u, v = _svd_factors(dense, self.active_rank(self.out_features, self.in_features))
             self.u, self.v = nn.Parameter(u), nn.Parameter(v)
         else:
             self.weight = nn.Parameter(dense)
@@ -119,7 +137,7 @@ class ElasticLinear(ElasticLayer):
         if not self.low_rank:
             weight = take_rows(self.weight, n_out, self.chunks)
             return F.linear(x, weight if n_in == weight.shape[1] else weight[:, :n_in], bias)
-        r = self.active_rank(n_in)
+        r = self.active_rank(self.chunks * n_out, n_in)
         v = self.v if (r, n_in) == tuple(self.v.shape) else self.v[:r, :n_in]
         u = take_rows(self.u, n_out, self.chunks)
         return F.linear(F.linear(x, v), u if r == u.shape[1] else u[:, :r], bias)
@@ -148,24 +166,24 @@ class ElasticConv2d(ElasticLayer):
         depthwise: bool = False,
         bias: bool = False,
         low_rank: bool = False,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_values: Values | None = None,
+        group: int = 0,
         init: DenseInit = kaiming_uniform,
     ):
         if depthwise and low_rank:
             raise ValueError("a depthwise conv cannot be low-rank")
-        super().__init__(out_dim, 1, max_width, low_rank, max_rank)
+        super().__init__(out_dim, 1, low_rank, max_values, group)
         self.kernel_size, self.stride = kernel_size, stride
         self.padding = kernel_size // 2 if padding is None else padding
         self.depthwise = depthwise
-        self.in_channels = in_dim.count(max_width)
-        self.out_channels = out_dim.count(max_width)
+        self.in_channels = _size(in_dim, max_values)
+        self.out_channels = _size(out_dim, max_values)
         in_per_group = 1 if depthwise else self.in_channels
         dense = torch.empty(self.out_channels, in_per_group, kernel_size, kernel_size)
         init(dense)
         if low_rank:
             fan_in = in_per_group * kernel_size * kernel_size
-            u, v = _svd_factors(dense.reshape(self.out_channels, fan_in), rank_count(max_rank, self.out_channels, fan_in))
+            u, v = _svd_factors(dense.reshape(self.out_channels, fan_in), self.active_rank(self.out_channels, fan_in))
             self.u = nn.Parameter(u[:, :, None, None])
             self.v = nn.Parameter(v.reshape(-1, in_per_group, kernel_size, kernel_size))
         else:
@@ -182,7 +200,7 @@ class ElasticConv2d(ElasticLayer):
             weight = take_rows(self.weight, n_out)
             weight = weight if n_in == weight.shape[1] else weight[:, :n_in]
             return F.conv2d(x, weight, bias, self.stride, self.padding)
-        r = rank_count(self.active.rank, n_out, n_in * self.kernel_size**2)
+        r = self.active_rank(n_out, n_in * self.kernel_size**2)
         v = self.v if (r, n_in) == tuple(self.v.shape[:2]) else self.v[:r, :n_in]
         u = take_rows(self.u, n_out)
         u = u if r == u.shape[1] else u[:, :r]
@@ -194,64 +212,101 @@ class ElasticConv2d(ElasticLayer):
 
 
 class ElasticBatchNorm2d(ElasticLayer):
-    """Batch norm with shared affine parameters and private statistics per sub-network.
+    """Batch norm with shared affine parameters and private statistics per member.
 
-    A narrower (or lower-rank) network sees different activation statistics, so each
-    sub-network of the model's grid keeps its own ``running_mean_<key>`` and
-    ``running_var_<key>``. A sub-network without statistics is refused, never silently given
-    another one's; :func:`zoo.recalibrate_bn` adds them from data.
+    A narrower (or shallower, or lower-rank) network sees different activation statistics, so
+    each member of the model's grid keeps its own ``running_mean_<key>`` and
+    ``running_var_<key>``. Evaluating a member without statistics is refused, never silently
+    given another one's; :func:`zoo.recalibrate_bn` adds them from data. Training one (a member
+    sampled from the layerwise space) normalises with the batch's statistics alone.
     """
 
     chunked = ()
 
-    def __init__(self, dim: Dim, subnets: list[Subnet], *, max_width: float = 1.0, eps: float = 1e-5, momentum: float = 0.1):
-        low_rank = any(s.rank is not None for s in subnets)
-        super().__init__(dim, 1, max_width, low_rank, max((s.rank or 1.0) for s in subnets))
-        self.num_features = dim.count(max_width)
+    def __init__(self, dim: Dim, members: list[tuple[str, Values]], *, max_values: Values | None = None, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(dim, 1, False, max_values, dim.group)
+        self.num_features = _size(dim, max_values)
         self.eps, self.momentum = eps, momentum
         self.weight = nn.Parameter(torch.ones(self.num_features))
         self.bias = nn.Parameter(torch.zeros(self.num_features))
-        for subnet in subnets:
-            self.add_stats(subnet)
+        for key, values in members:
+            self.add_stats(key, values)
 
-    def add_stats(self, subnet: Subnet) -> None:
-        """Create fresh statistics (mean 0, variance 1) for ``subnet``."""
-        n = self.out_dim.count(subnet.width)
-        self.register_buffer(f"running_mean_{subnet.key}", torch.zeros(n))
-        self.register_buffer(f"running_var_{subnet.key}", torch.ones(n))
+    def add_stats(self, key: str, values: Values) -> None:
+        """Create fresh statistics (mean 0, variance 1) for the member ``key``."""
+        n = self.out_dim.count_in(values)
+        self.register_buffer(f"running_mean_{key}", torch.zeros(n))
+        self.register_buffer(f"running_var_{key}", torch.ones(n))
+
+    def has_stats(self, key: str) -> bool:
+        return hasattr(self, f"running_mean_{key}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = self.active.key
-        mean, var = getattr(self, f"running_mean_{key}"), getattr(self, f"running_var_{key}")
         n = x.shape[1]
         weight = self.weight if n == self.num_features else self.weight[:n]
         bias = self.bias if n == self.num_features else self.bias[:n]
+        if not self.has_stats(self.key):
+            if not self.training:
+                raise ValueError(f"no batch-norm statistics for member {self.key}: recalibrate it first (zoo.recalibrate_bn)")
+            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        mean, var = getattr(self, f"running_mean_{self.key}"), getattr(self, f"running_var_{self.key}")
         return F.batch_norm(x, mean, var, weight, bias, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
 
+class ElasticBlocks(nn.ModuleDict, Elastic):
+    """A sequence of blocks of which a member runs some: a CNN stage its first ``depth``
+    blocks (axis ``depth``), a Transformer the chosen indices (axis ``blocks``).
+
+    Keys are the blocks' indices in the full family, so a member sliced without some blocks
+    keeps every tensor's name (``blocks.5.attn.qkv.weight`` stays that) and slicing needs no
+    renaming.
+    """
+
+    def __init__(self, blocks: dict[int, nn.Module], axis: str, group: int = 0):
+        super().__init__({str(i): block for i, block in blocks.items()})
+        self.axis, self.group = axis, group
+        self.active = list(self.keys())
+
+    def set_subnet(self, values: Values, key: str) -> None:
+        if self.axis == "depth":
+            self.active = list(self.keys())[: values["depth"][self.group]]
+        else:
+            self.active = [str(i) for i in values["blocks"]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name in self.active:
+            x = self[name](x)
+        return x
+
+
 class LayerFactory:
     """Builds a family's elastic layers with its shared settings, so a family reads as an
     architecture: ``f.conv(f.dim(64), f.dim(128), 3, stride=2)`` rather than a wall of flags.
+    ``f.at(g)`` is the same factory for group ``g`` (a stage or block): its dimensions and
+    factorized layers take that group's width and rank.
     """
 
-    def __init__(self, *, max_width: float, low_rank: bool, max_rank: float | None, subnets: list[Subnet], divisor: int = 1):
-        self.max_width, self.low_rank, self.max_rank = max_width, low_rank, max_rank or 1.0
-        self.subnets, self.divisor = subnets, divisor
+    def __init__(self, *, max_values: Values, low_rank: bool, members: list[tuple[str, Values]], divisor: int = 1, group: int = 0):
+        self.max_values, self.low_rank, self.members = max_values, low_rank, members
+        self.divisor, self.group = divisor, group
 
-    def dim(self, units: int, unit_size: int = 1) -> Dim:
-        """An elastic dimension rounded to this family's divisor (use divisor 1 for heads)."""
-        return Dim(units, unit_size, self.divisor if unit_size == 1 else 1)
+    def at(self, group: int) -> "LayerFactory":
+        return LayerFactory(max_values=self.max_values, low_rank=self.low_rank, members=self.members, divisor=self.divisor, group=group)
+
+    def dim(self, units: int, unit_size: int = 1, axis: str = "width") -> Dim:
+        """An elastic dimension rounded to this family's divisor (divisor 1 for heads)."""
+        return Dim(units, unit_size, self.divisor if unit_size == 1 else 1, axis=axis, group=self.group)
 
     def conv(self, in_dim: Dim, out_dim: Dim, kernel_size: int, *, factorize: bool = True, **kwargs) -> ElasticConv2d:
         low_rank = self.low_rank and factorize and not kwargs.get("depthwise", False)
-        return ElasticConv2d(in_dim, out_dim, kernel_size, low_rank=low_rank, max_width=self.max_width, max_rank=self.max_rank, **kwargs)
+        return ElasticConv2d(in_dim, out_dim, kernel_size, low_rank=low_rank, max_values=self.max_values, group=self.group, **kwargs)
 
     def linear(self, in_dim: Dim, out_dim: Dim, *, factorize: bool = True, **kwargs) -> ElasticLinear:
         low_rank = self.low_rank and factorize
-        return ElasticLinear(in_dim, out_dim, low_rank=low_rank, max_width=self.max_width, max_rank=self.max_rank, **kwargs)
+        return ElasticLinear(in_dim, out_dim, low_rank=low_rank, max_values=self.max_values, group=self.group, **kwargs)
 
     def bn(self, dim: Dim) -> ElasticBatchNorm2d:
-        return ElasticBatchNorm2d(dim, self.subnets, max_width=self.max_width)
+        return ElasticBatchNorm2d(dim, self.members, max_values=self.max_values)

@@ -84,13 +84,13 @@ class WeightsSource:
         model = load(path).eval()
         return cls(path, model, file_sha256(path))
 
-    def resolve(self, width: float | None = None, rank: float | None = None) -> Subnet:
-        """Validate a requested member (None means the largest)."""
-        return self.model.resolve_subnet(width, rank)
+    def resolve(self, member=None, rank: float | None = None) -> Subnet:
+        """Validate a requested member (a Subnet, its dict, or a uniform width; None: the largest)."""
+        return self.model.resolve_subnet(member, rank)
 
     def member(
         self,
-        width: float | Subnet | None = None,
+        member=None,
         rank: float | None = None,
         calibration: Calibration | None = None,
         calibration_source: str | None = None,
@@ -98,7 +98,7 @@ class WeightsSource:
         """Slice one member out. An untrained member of a batch-norm family needs
         ``calibration`` batches (inputs only, no augmentation): its statistics are
         re-estimated on them and the metadata records it."""
-        subnet = width if isinstance(width, Subnet) else self.resolve(width, rank)
+        subnet = self.resolve(member, rank)
         recalibration = None
         if self.model.needs_calibration(subnet):
             if calibration is None:
@@ -108,7 +108,7 @@ class WeightsSource:
                     "or recalibrate it on data (--calibrate DATA)"
                 )
             counted = _Counted(calibration(self.model) if callable(calibration) else calibration)
-            recalibrate_bn(self.model, counted, subnet.width, subnet.rank)
+            recalibrate_bn(self.model, counted, subnet)
             recalibration = {"batches": counted.seen, "data": calibration_source}
         small = slice_model(self.model, subnet).eval()
         inherited = {k: v for k, v in getattr(self.model, "zoo_metadata", {}).items() if k not in _MEMBER_KEYS}
@@ -143,7 +143,7 @@ class _Counted:
 def slice_file(
     path: str | os.PathLike,
     out: str | os.PathLike,
-    width: float | None = None,
+    member=None,
     rank: float | None = None,
     calibration: Calibration | None = None,
     calibration_source: str | None = None,
@@ -154,6 +154,6 @@ def slice_file(
     if Path(out).is_dir():
         raise ValueError(f"the output {out} is a folder; give a file name")
     source = WeightsSource.open(path)
-    member = source.member(width, rank, calibration, calibration_source)
-    save(member.model, out, metadata=member.metadata)
-    return member
+    sliced = source.member(member, rank, calibration, calibration_source)
+    save(sliced.model, out, metadata=sliced.metadata)
+    return sliced

@@ -24,12 +24,12 @@ def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tenso
 
 
 def _build_member(model: ElasticModel, subnet: Subnet, device: torch.device | str) -> ElasticModel:
-    """The family's architecture at one member's sizes, uninitialised (every tensor is copied)."""
+    """The family's architecture at one member's sizes (and blocks), uninitialised: every
+    tensor is copied. Its one trained member is ``subnet``."""
     from .registry import create_uninitialized
 
-    args = {**model.model_args, "max_width": subnet.width, "widths": [subnet.width], "extra_subnets": []}
-    if model.low_rank:
-        args.update(max_rank=subnet.rank, ranks=[subnet.rank])
+    member = subnet.to_dict()
+    args = {**model.model_args, "max_member": member, "widths": [], "ranks": [], "extra_subnets": [member]}
     return create_uninitialized(model.arch, device, **args)
 
 
@@ -45,9 +45,12 @@ def _pairs(model: ElasticModel, member: ElasticModel):
 
 
 @torch.no_grad()
-def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: float | None = None) -> ElasticModel:
-    """A physically smaller copy of ``model`` at one sub-network, equal in output to it."""
-    subnet = width if isinstance(width, Subnet) else model.resolve_subnet(width, rank)
+def slice_model(model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> ElasticModel:
+    """A physically smaller copy of ``model`` at one member, equal in output to it.
+
+    ``member``: a ``Subnet``, its dict (``{"width": [0.5, 1, 1], "depth": [1, 3, 3]}``) or a
+    uniform width; blocks the member skips are not in the copy."""
+    subnet = model.resolve_subnet(member, rank, width=width, **axes)
     model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
     small = _build_member(model, subnet, next(model.parameters()).device)
     for _, tensor, source, chunks in _pairs(model, small):
@@ -58,12 +61,13 @@ def slice_model(model: ElasticModel, width: float | Subnet | None = None, rank: 
 
 
 def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tensor]:
-    """For each parameter, a bool tensor that is True on the coordinates ``subnet`` uses.
+    """For each parameter the member uses, a bool tensor that is True on the coordinates it uses
+    (parameters of skipped blocks are absent).
 
     The region is exactly what :func:`slice_model` copies, so a masked update moves the
     sliced member's parameters and nothing else.
     """
-    member = _build_member(model, subnet, "meta")
+    member = _build_member(model, model.resolve_subnet(subnet), "meta")
     params = dict(model.named_parameters())
     masks = {}
     for name, tensor, source, chunks in _pairs(model, member):
@@ -75,37 +79,47 @@ def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tens
     return masks
 
 
+def count_params(model: ElasticModel, member=None) -> int:
+    """Parameters of a member (the active one if None): those its sliced copy holds."""
+    subnet = model.active_subnet if member is None else model.resolve_subnet(member)
+    return sum(p.numel() for p in _build_member(model, subnet, "meta").parameters())
+
+
 @contextlib.contextmanager
-def subnet(model: ElasticModel, width: float | None = None, rank: float | None = None, **other) -> Iterator[Subnet]:
-    """Run ``model`` as one sub-network inside the block, then restore the previous one."""
+def subnet(model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> Iterator[Subnet]:
+    """Run ``model`` as one member inside the block, then restore the previous one."""
     previous = model.active_subnet
     try:
-        yield model.set_subnet(width, rank, **other)
+        yield model.set_subnet(member, rank, width=width, **axes)
     finally:
-        model.set_subnet(previous)
+        model.set_subnet(previous, for_training=True)
 
 
 @torch.no_grad()
 def recalibrate_bn(
     model: ElasticModel,
     batches: Iterable[torch.Tensor],
-    width: float | None = None,
+    member=None,
     rank: float | None = None,
+    *,
+    width: float | None = None,
     max_batches: int | None = None,
+    **axes,
 ) -> Subnet:
-    """Estimate a sub-network's batch-norm statistics from data (exact average over batches).
+    """Estimate a member's batch-norm statistics from data (exact average over batches).
 
-    The sub-network is added to the model's grid if new; its statistics are reset and
+    The member is added to the model's trained members if new; its statistics are reset and
     replaced by the cumulative average of per-batch statistics, as in Universally Slimmable
     Networks' post-statistics. No parameter changes.
     """
-    chosen = model.resolve_subnet(width, rank)
+    chosen = model.resolve_subnet(member, rank, width=width, **axes)
     bns = [m for m in model.modules() if isinstance(m, ElasticBatchNorm2d)]
     if not bns:
         return chosen
     model.add_subnet(chosen)
+    values = model.expand(chosen)
     for bn in bns:
-        bn.add_stats(chosen)
+        bn.add_stats(chosen.key, values)
     was_training, previous = model.training, model.active_subnet
     momenta = [bn.momentum for bn in bns]
     model.set_subnet(chosen)
@@ -123,7 +137,7 @@ def recalibrate_bn(
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
         model.train(was_training)
-        model.set_subnet(previous)
+        model.set_subnet(previous, for_training=True)
     if seen == 0:
         raise ValueError("recalibration got no batches")
     return chosen

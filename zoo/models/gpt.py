@@ -21,7 +21,8 @@ from torch import nn
 
 from ..base import ElasticModel
 from ..registry import build, register_family
-from ..subnet import DEFAULT_GRID, fixed
+from ..layers import ElasticBlocks
+from ..subnet import DEFAULT_GRID, Space, fixed
 from .transformer import Block, trunc_normal
 
 VOCAB_SIZE = 256  # one token per byte
@@ -43,11 +44,11 @@ class SlimGPT(ElasticModel):
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_member: dict | None = None,
         extra_subnets: Iterable[dict] = (),
     ):
-        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
+        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
             raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
         f = self._layer_factory(8)
@@ -61,7 +62,7 @@ class SlimGPT(ElasticModel):
         trunc_normal(self.pos_embed)
         self.drop = nn.Dropout(dropout)
         block = dict(causal=True, dropout=dropout, eps=1e-5)
-        self.blocks = nn.Sequential(*[Block(f, embed_dim, num_heads, mlp_ratio, **block) for _ in range(depth)])
+        self.blocks = ElasticBlocks({i: Block(f.at(i), embed_dim, num_heads, mlp_ratio, **block) for i in self.max_values["blocks"]}, "blocks")
         self.norm = nn.LayerNorm(embed_dim)
         self.lm_head = f.linear(fixed(embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal)
         self.pretrained_cfg = {

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import ElasticModel, image_cfg
-from ..layers import LayerFactory
+from ..layers import ElasticBlocks, LayerFactory
 from ..registry import build, register_family
-from ..subnet import DEFAULT_GRID, Dim, fixed
+from ..subnet import DEFAULT_GRID, Dim, Space, fixed
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -84,25 +84,29 @@ class SlimMobileNetV2(ElasticModel):
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_member: dict | None = None,
         extra_subnets: Iterable[dict] = (),
     ):
-        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        depths = tuple(repeats for _, _, repeats, _ in INVERTED_RESIDUAL_SETTINGS)
+        space = Space("stage", len(depths), ("width",), low_rank, depths=depths)
+        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")
         f = self._layer_factory(8)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
 
-        stem_dim = f.dim(STEM_CHANNELS)
-        self.stem = _conv_bn_act(f, fixed(in_chans), stem_dim, 3, stride=2, factorize=False)
-        in_dim, blocks = stem_dim, []
-        for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
-            for i in range(repeats):
-                out_dim = f.dim(channels)
-                blocks.append(InvertedResidual(f, in_dim, out_dim, stride if i == 0 else 1, expansion))
+        first = f.at(0)  # the stem's channels are the first stage's (its depthwise conv reads them)
+        stem_dim = first.dim(STEM_CHANNELS)
+        self.stem = _conv_bn_act(first, fixed(in_chans), stem_dim, 3, stride=2, factorize=False)
+        in_dim, stages = stem_dim, []
+        for i, (expansion, channels, _, stride) in enumerate(INVERTED_RESIDUAL_SETTINGS):
+            g, blocks = f.at(i), {}
+            for j in range(self.max_values["depth"][i]):  # a sliced member holds only its blocks
+                out_dim = g.dim(channels)
+                blocks[j] = InvertedResidual(g, in_dim, out_dim, stride if j == 0 else 1, expansion)
                 in_dim = out_dim
-        self.blocks = nn.Sequential(*blocks)
+            stages.append(ElasticBlocks(blocks, "depth", i))
+        self.blocks = nn.Sequential(*stages)
         self._feature_dim = fixed(HEAD_FEATURES)
         self.final_conv = _conv_bn_act(f, in_dim, self._feature_dim, 1)
         self.num_features = HEAD_FEATURES

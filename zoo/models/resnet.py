@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import ElasticModel, image_cfg
-from ..layers import LayerFactory
+from ..layers import ElasticBlocks, LayerFactory
 from ..registry import build, register_family
-from ..subnet import DEFAULT_GRID, Dim, fixed
+from ..subnet import DEFAULT_GRID, Dim, Space, fixed
 
 
 class BasicBlock(nn.Module):
@@ -79,31 +79,33 @@ class SlimResNet(ElasticModel):
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_member: dict | None = None,
         extra_subnets: Iterable[dict] = (),
     ):
-        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        space = Space("stage", len(layers), ("width",), low_rank, depths=tuple(layers))
+        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        divisor = 4 if stem == "cifar" else 8
+        stem_kind, divisor = stem, (4 if stem == "cifar" else 8)
         f = self._layer_factory(divisor)
         self.num_classes, self.in_chans = num_classes, in_chans
 
-        stem_dim = f.dim(channels[0])
-        if stem == "cifar":
-            conv = f.conv(fixed(in_chans), stem_dim, 3, factorize=False)
-            self.stem = nn.Sequential(conv, f.bn(stem_dim), nn.ReLU(inplace=True))
+        first = f.at(0)  # the stem's channels are the first stage's (its blocks add to them)
+        stem_dim = first.dim(channels[0])
+        if stem_kind == "cifar":
+            conv = first.conv(fixed(in_chans), stem_dim, 3, factorize=False)
+            self.stem = nn.Sequential(conv, first.bn(stem_dim), nn.ReLU(inplace=True))
         else:
-            conv = f.conv(fixed(in_chans), stem_dim, 7, stride=2, factorize=False)
-            self.stem = nn.Sequential(conv, f.bn(stem_dim), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+            conv = first.conv(fixed(in_chans), stem_dim, 7, stride=2, factorize=False)
+            self.stem = nn.Sequential(conv, first.bn(stem_dim), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
 
         in_dim, stages = stem_dim, []
-        for i, (planes, n) in enumerate(zip(channels, layers)):
-            blocks = []
-            for j in range(n):
-                blocks.append(block_cls(f, in_dim, planes, 2 if (j == 0 and i > 0) else 1))
-                in_dim = f.dim(planes * block_cls.expansion)
-            stages.append(nn.Sequential(*blocks))
+        for i, planes in enumerate(channels):
+            g = f.at(i)
+            blocks = {}
+            for j in range(self.max_values["depth"][i]):  # a sliced member holds only its blocks
+                blocks[j] = block_cls(g, in_dim, planes, 2 if (j == 0 and i > 0) else 1)
+                in_dim = g.dim(planes * block_cls.expansion)
+            stages.append(ElasticBlocks(blocks, "depth", i))
         self.stages = nn.Sequential(*stages)
         self._feature_dim = in_dim
         self.fc = f.linear(in_dim, fixed(num_classes), factorize=False)
@@ -113,7 +115,7 @@ class SlimResNet(ElasticModel):
     @property
     def num_features(self) -> int:
         """Channels ``forward_features`` returns: the active member's, as timm reads it."""
-        return self._feature_dim.count(self.active_subnet.width)
+        return self._feature_dim.count_in(self._active_values)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

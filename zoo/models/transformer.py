@@ -1,8 +1,9 @@
 """The pre-LayerNorm Transformer block shared by the ViT and GPT families.
 
-Elastic axes (MatFormer-style): width scales the number of attention heads (the head
-dimension is fixed) and the MLP hidden units; the residual width stays fixed, so every
-sub-network reads and writes the same residual stream. QKV is one fused projection with three
+Elastic axes (MatFormer-style), per block: ``heads`` scales the number of attention heads
+(the head dimension is fixed) and ``mlp`` the MLP hidden units; the residual width stays
+fixed, so every member reads and writes the same residual stream, and a member may skip
+blocks (``blocks``). QKV is one fused projection with three
 row blocks (``chunks=3``), so a narrower width keeps the first heads of q, k *and* v.
 With ``low_rank=True`` exactly the four big matrices of a block are factorized: qkv, the
 attention output projection, and the MLP's fc1 and fc2.
@@ -32,7 +33,7 @@ class Attention(nn.Module):
             raise ValueError(f"embedding dim {dim} is not a multiple of num_heads {num_heads}")
         self.head_dim = dim // num_heads
         self.causal, self.dropout = causal, dropout
-        heads = f.dim(num_heads, unit_size=self.head_dim)
+        heads = f.dim(num_heads, unit_size=self.head_dim, axis="heads")
         self.qkv = f.linear(fixed(dim), heads, chunks=3, init=trunc_normal)
         self.proj = f.linear(heads, fixed(dim), init=trunc_normal)
         self.proj_drop = nn.Dropout(dropout)
@@ -55,7 +56,7 @@ class Mlp(nn.Module):
 
     def __init__(self, f: LayerFactory, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
-        hidden_dim: Dim = f.dim(hidden)
+        hidden_dim: Dim = f.dim(hidden, axis="mlp")
         self.fc1 = f.linear(fixed(dim), hidden_dim, init=trunc_normal)
         self.fc2 = f.linear(hidden_dim, fixed(dim), init=trunc_normal)
         self.drop = nn.Dropout(dropout)

@@ -21,7 +21,8 @@ from torch import nn
 
 from ..base import ElasticModel, image_cfg
 from ..registry import build, register_family
-from ..subnet import DEFAULT_GRID, fixed
+from ..layers import ElasticBlocks
+from ..subnet import DEFAULT_GRID, Space, fixed
 from .transformer import Block, trunc_normal
 
 
@@ -42,11 +43,11 @@ class SlimVisionTransformer(ElasticModel):
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
-        max_width: float = 1.0,
-        max_rank: float = 1.0,
+        max_member: dict | None = None,
         extra_subnets: Iterable[dict] = (),
     ):
-        super().__init__(low_rank=low_rank, widths=widths, ranks=ranks, max_width=max_width, max_rank=max_rank, extra_subnets=extra_subnets)
+        space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
+        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
         if patch_size is None:
             patch_size = 16 if img_size >= 128 else max(1, img_size // 4)
         if img_size < 1 or patch_size < 1 or img_size % patch_size:
@@ -62,7 +63,7 @@ class SlimVisionTransformer(ElasticModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         nn.init.normal_(self.cls_token, std=1e-6)
         trunc_normal(self.pos_embed)
-        self.blocks = nn.Sequential(*[Block(f, embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = ElasticBlocks({i: Block(f.at(i), embed_dim, num_heads, mlp_ratio) for i in self.max_values["blocks"]}, "blocks")
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
