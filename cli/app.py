@@ -1,13 +1,19 @@
 """The Typer app behind `zoo`. Each command parses, calls one library function, prints.
 
-Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant. Errors a
-user can cause become one line on stderr and exit code 1 (bad flag values: exit 2).
+Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant; `zoo list`
+and `zoo info` read the catalogue's facts and file headers without importing torch or timm
+(see :func:`zoo_module`). Errors a user can cause become one line on stderr and exit code 1
+(bad flag values: exit 2).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import typer
@@ -55,26 +61,53 @@ def command(name: str | None = None, **kwargs) -> Callable[[Callable], Callable]
     return lambda fn: app.command(name, **kwargs)(user_errors(fn))
 
 
+def zoo_module(name: str) -> ModuleType:
+    """``zoo.<name>`` for a module that imports only the standard library (``catalogue``,
+    ``header``), loaded without running ``zoo/__init__.py``, which imports torch and timm
+    (seconds): what keeps `zoo list` and `zoo info` fast."""
+    if "zoo" in sys.modules:
+        return importlib.import_module(f"zoo.{name}")
+    key = f"_zoo_light_{name}"  # not "zoo.<name>": the package itself is not loaded
+    if key not in sys.modules:
+        package = importlib.util.find_spec("zoo")  # finds the package without importing it
+        location = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, location)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def weights_file(weights: str | Path, pretrained: bool) -> Path:
+    """The weights file a command reads: a path, or with ``--pretrained`` the shipped weights
+    of a catalogue name (the same for every command that takes a weights file)."""
+    catalogue = zoo_module("catalogue")
+    if pretrained:
+        return catalogue.pretrained_file(str(weights))
+    path = Path(weights)
+    if not path.exists() and str(weights) in catalogue.MODELS:
+        raise ValueError(f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)")
+    return path
+
+
+PRETRAINED = typer.Option(False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`).")
+
+
 @command("list")
 def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
-    """Print the catalogue: name, family, axes, parameter count."""
+    """Print the catalogue: name, family, axes, parameter count, shipped weights."""
     from rich.console import Console
     from rich.table import Table
 
-    import torch
-
-    import zoo
-
-    table = Table("name", "family", "axes", "params (dense)", "params (low-rank)", box=None)
-    for name in zoo.list_models(pattern):
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            dense, low = zoo.create_model(name), zoo.create_model(name, low_rank=True)
-        table.add_row(name, zoo.family_of(name), "width, rank (low_rank=True)", f"{_count(dense):,}", f"{_count(low):,}")
-    Console().print(table)
-
-
-def _count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    catalogue = zoo_module("catalogue")
+    caption = "rank: families built with low_rank=True. pretrained: the shipped weights' timm tag (--pretrained NAME)."
+    table = Table("name", "family", "member axes", "params", "params (low-rank)", "pretrained", box=None, caption=caption, caption_justify="left")
+    for name in catalogue.names(pattern):
+        facts = catalogue.MODELS[name]
+        shipped = catalogue.PRETRAINED.get(name)
+        axes = f"{', '.join(facts['axes_low_rank'])} per {facts['groups'][1]}"
+        table.add_row(name, facts["family"], axes, f"{facts['params']:,}", f"{facts['params_low_rank']:,}", f"{name}.{shipped['tag']}" if shipped else "-")
+    Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import command
+from .app import PRETRAINED, command, weights_file
 
 
 class Device(str, Enum):
@@ -58,7 +58,8 @@ def _read_npy(path: Path):
 
 @command("bench")
 def bench_command(
-    weights: Path = typer.Argument(..., help="A zoo weights file (.safetensors)."),
+    weights: Path = typer.Argument(..., help="A zoo weights file (.safetensors); a catalogue name with --pretrained."),
+    pretrained: bool = PRETRAINED,
     width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to measure (repeatable); default: the file's grid."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to measure (repeatable, low-rank families)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="The larger batch, measured next to batch 1."),
@@ -73,7 +74,7 @@ def bench_command(
     from export.benchmark import bench_family, check_plot_path, choose_subnets, plot_results
     from zoo import WeightsSource
 
-    source = WeightsSource.open(weights)
+    source = WeightsSource.open(weights_file(weights, pretrained))
     model = source.model
     subnets = choose_subnets(model, width, rank)
     threads = threads or torch.get_num_threads()

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 
-from .app import command
+from .app import PRETRAINED, command, weights_file, zoo_module
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
     import numpy as np
@@ -118,7 +118,8 @@ class CalibrationData:
 
 @command("slice")
 def slice_command(
-    weights: Path = typer.Argument(..., help="A family's weights file (.safetensors)."),
+    weights: Path = typer.Argument(..., help="A family's weights file (.safetensors); a catalogue name with --pretrained."),
+    pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
     calibrate: Optional[str] = CALIBRATE,
@@ -128,6 +129,7 @@ def slice_command(
     import zoo
     from zoo.weights import file_sha256
 
+    weights = weights_file(weights, pretrained)
     calibration = (lambda model: CalibrationData(calibrate, model).bn_batches()) if calibrate else None
     member = zoo.slice_file(weights, out, width, rank, calibration, _bn_note(calibrate))
     params = sum(p.numel() for p in member.model.parameters())
@@ -143,7 +145,8 @@ def slice_command(
 
 @command("export")
 def export_command(
-    weights: Path = typer.Argument(..., help="A family's (or a sliced member's) weights file."),
+    weights: Path = typer.Argument(..., help="A family's (or a sliced member's) weights file; a catalogue name with --pretrained."),
+    pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
     all_members: bool = typer.Option(False, "--all", help="Export every trained member into the --out folder, with manifest.json."),
@@ -162,7 +165,7 @@ def export_command(
     if all_members and (width is not None or rank is not None):
         raise typer.BadParameter("--all exports every trained member; leave out --width and --rank")
     require_device(device.value)
-    source = zoo.WeightsSource.open(weights)
+    source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
     options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantize.value if quantize else None)
     if all_members:
@@ -194,8 +197,15 @@ def _quantization_data(data: CalibrationData, model: "ElasticModel", quantize: O
 
 
 @command("info")
-def info_command(file: Path = typer.Argument(..., help="A weights file (.safetensors) or an exported .onnx file.")) -> None:
-    """Describe a weights file (architecture, members, metrics) or an exported ONNX file."""
+def info_command(
+    file: Path = typer.Argument(..., help="A weights file (.safetensors) or an exported .onnx file; a catalogue name with --pretrained."),
+    pretrained: bool = PRETRAINED,
+) -> None:
+    """Describe a weights file (architecture, members, metrics) or an exported ONNX file.
+
+    Reads headers only (no torch, no timm), so it answers at once on any file size.
+    """
+    file = weights_file(file, pretrained)
     if not file.exists():
         raise FileNotFoundError(f"no such file: {file}")
     if file.is_dir():
@@ -206,27 +216,25 @@ def info_command(file: Path = typer.Argument(..., help="A weights file (.safeten
 
 
 def _weights_info(path: Path) -> list[tuple[str, str]]:
-    import zoo
-    from zoo.members import recorded
-    from zoo.weights import file_sha256
-
-    model = zoo.load(path)  # reads every tensor, so a truncated file is reported here
-    header = zoo.read_header(path)
-    meta = model.zoo_metadata
+    header = zoo_module("header").read_header(path)  # checks the file's size against its tensors
+    catalogue, arch = zoo_module("catalogue"), header["arch"]
+    catalogue.check_name(arch)
+    facts, low_rank = catalogue.MODELS[arch], bool(header["model_args"].get("low_rank"))
+    meta = header.get("metadata") or {}
     lines = [
-        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {file_sha256(path)[:12]})"),
-        ("architecture", f"{model.arch} (family {zoo.family_of(model.arch)}, {model.input_kind} input)"),
-        ("axes", ", ".join(model.axes)),
-        ("space", model.describe_space()),
-        ("members", model.trained_members() + ("" if model.uses_batchnorm else " (LayerNorm: any member can be sliced)")),
-        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
+        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {_sha256(path)[:12]})"),
+        ("architecture", f"{arch} (family {facts['family']}, {facts['input']} input)"),
+        ("axes", ", ".join(catalogue.axes(arch, low_rank))),
+        ("space", catalogue.space(arch, low_rank)),
+        ("members", "; ".join(_member_text(s) for s in header.get("subnets") or []) + ("" if facts["batchnorm"] else " (LayerNorm: any member can be sliced)")),
+        ("parameters", f"{header.get('num_params', 0):,}"),
     ]
     origin = meta.get("sliced_from")
     if origin:
-        lines.append(("sliced from", f"{origin.get('arch')} {zoo.Subnet.from_dict(origin['subnet'])} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})"))
+        lines.append(("sliced from", f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})"))
     if meta.get("bn_recalibration"):
         lines.append(("batch norm", f"recalibrated on {meta['bn_recalibration'].get('data')}"))
-    data = recorded(meta, "data")
+    data = meta.get("data") or (meta.get("train") or {}).get("data")
     if data:
         lines.append(("data", str(data)))
     metrics = meta.get("metrics") or []
@@ -234,47 +242,60 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
     return lines
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _onnx_info(path: Path) -> list[tuple[str, str]]:
-    import onnx
+    from export.onnx_header import read_onnx_header, zoo_record
 
-    from export.onnx_export import read_record
-
-    record = read_record(path)
-    graph = onnx.load(str(path), load_external_data=False)
-    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in graph.opset_import)
+    header = read_onnx_header(path)
+    record = zoo_record(header, path)
+    opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in header.opsets)
+    quantization = record.get("quantization") or {}
     lines = [
-        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {graph.producer_name} {graph.producer_version})"),
+        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {header.producer_name} {header.producer_version})"),
         ("architecture", f"{record.get('arch')} (family {record.get('family')})"),
-        ("member", ", ".join(f"{k}={v:g}" for k, v in (record.get("subnet") or {}).items())),
-        ("inputs", "; ".join(_value_info(v) for v in graph.graph.input)),
-        ("outputs", "; ".join(_value_info(v) for v in graph.graph.output)),
+        ("member", _member_text(record.get("subnet") or {})),
+        ("inputs", "; ".join(map(str, header.inputs))),
+        ("outputs", "; ".join(map(str, header.outputs))),
         ("opset", opsets),
         ("parameters", f"{record.get('num_params', 0):,}"),
         ("FLOPs", f"{record.get('flops', 0) / 1e6:,.2f} M per example"),
-        ("quantized", record.get("quantized") or "no (float32)"),
+        ("quantized", f"{record['quantized']} ({quantization.get('method')})" if record.get("quantized") else "no (float32)"),
         ("low-rank", f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, {record.get('low_rank_layers', {}).get('factorized', 0)} factorized"),
         ("metrics", _metric_text(record["metrics"]) if record.get("metrics") else "none recorded"),
-        ("source", f"sha256 {record.get('source_sha256')}"),
-        ("input spec", json.dumps(record.get("input"))),
     ]
+    if quantization.get("fp32"):
+        lines[-1] = ("metrics", lines[-1][1] + f" (this int8 file, in onnxruntime on {_measured_on(quantization)})")
+        lines.append(("float32", _metric_text(quantization["fp32"]) + " (the float32 export on the same data)"))
+    lines += [("source", f"sha256 {record.get('source_sha256')}"), ("input spec", json.dumps(record.get("input")))]
     if record.get("labels"):
         lines.append(("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else "")))
     return lines
 
 
-def _value_info(value) -> str:
-    tensor = value.type.tensor_type
-    import onnx
+def _measured_on(quantization: dict) -> str:
+    unit = "bytes" if "bits_per_byte" in quantization["fp32"] else "examples"
+    return f"{quantization.get('validation_samples', 0):,} validation {unit}"
 
-    dims = [d.dim_param or str(d.dim_value) for d in tensor.shape.dim]
-    return f"{value.name} {onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)} [{', '.join(dims)}]"
+
+def _member_text(member: dict) -> str:
+    """A member as ``str(zoo.Subnet)`` writes it, without importing torch."""
+
+    def show(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else (str(v) if isinstance(v, int) else "[" + ",".join(f"{x:g}" for x in v) + "]")
+
+    return ", ".join(f"{k}={show(v)}" for k, v in sorted(member.items()) if v is not None) or "largest"
 
 
 def _metric_text(entry: dict) -> str:
-    parts = []
-    if "subnet" in entry:
-        import zoo
-
-        parts.append(str(zoo.Subnet.from_dict(entry["subnet"])) + ":")
+    parts = [_member_text(entry["subnet"]) + ":"] if "subnet" in entry else []
     parts += [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items() if k != "subnet"]
     return " ".join(parts)

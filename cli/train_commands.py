@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import command
+from .app import PRETRAINED, command, weights_file
 
 
 class Strategy(str, Enum):
@@ -100,7 +100,7 @@ def train_command(
 @command("eval")
 def eval_command(
     weights: str = typer.Argument(..., help="A zoo weights file, or a catalogue name with --pretrained."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="WEIGHTS is a catalogue name: evaluate its shipped weights."),
+    pretrained: bool = PRETRAINED,
     data: Optional[str] = typer.Option(None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."),
     width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to evaluate (repeatable); default: the trained members."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."),
@@ -115,10 +115,7 @@ def eval_command(
     from training.evaluate import choose_members, data_for, default_batch_size, evaluate, metric_name
 
     torch_device = resolve_device(device.value)
-    if not pretrained and not Path(weights).exists() and weights in zoo.list_models():
-        raise ValueError(f"no such weights file: {weights} (a catalogue name: add --pretrained to evaluate its shipped weights)")
-    model = zoo.create_model(weights, pretrained=True) if pretrained else zoo.load(weights)
-    model = model.to(torch_device)
+    model = zoo.load(weights_file(weights, pretrained)).to(torch_device)
     members = choose_members(model, width, rank)
     bundle = data_for(model, data)
     started = time.perf_counter()

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import zoo
+from zoo.catalogue import unknown_model
 from zoo import Subnet
 from zoo.fileio import atomic_path
 from zoo.subnet import DEFAULT_GRID, check_fraction, grid
@@ -98,7 +99,7 @@ class TrainConfig:
     def check(self) -> None:
         """Validate everything that needs no data, so bad flags fail in a second."""
         if self.model not in zoo.list_models():
-            raise ValueError(f"unknown model {self.model!r}; see `zoo list`")
+            raise ValueError(unknown_model(self.model, zoo.list_models()))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if self.steps is not None and self.epochs is not None:

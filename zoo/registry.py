@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .base import ElasticModel
+from .catalogue import PRETRAINED, pretrained_file, shipped_path, unknown_model
 
 _ENTRYPOINTS: dict[str, Callable[..., ElasticModel]] = {}
 _FAMILY: dict[str, str] = {}
@@ -36,19 +37,55 @@ def register_family(family: str) -> Callable[[Callable[..., ElasticModel]], Call
 
 
 def _register_with_timm(fn: Callable[..., ElasticModel]) -> None:
-    from timm.models import register_model
-    from timm.models._registry import _model_entrypoints
+    """Register with timm, with the shipped weights as pretrained tags (``slim_resnet20.digits``).
 
-    if _model_entrypoints.get(fn.__name__) is fn:
-        return
+    timm reads an entrypoint's pretrained cfgs from ``default_cfgs`` in the entrypoint's module.
+    """
+    from timm.models import register_model
+    from timm.models._builder import resolve_pretrained_cfg
+
+    name = fn.__name__
+    if name in PRETRAINED:
+        module = sys.modules[fn.__module__]
+        module.__dict__.setdefault("default_cfgs", {})[name] = _timm_default_cfgs()[name]
 
     @functools.wraps(fn)
     def timm_entrypoint(pretrained: bool = False, **kwargs) -> ElasticModel:
         device, dtype = kwargs.get("device"), kwargs.get("dtype")
-        model = fn(pretrained=pretrained, **{k: v for k, v in kwargs.items() if k not in _TIMM_ONLY})
+        args = {k: v for k, v in kwargs.items() if k not in _TIMM_ONLY}
+        if pretrained:  # the file comes from the resolved cfg, so pretrained_cfg_overlay=dict(file=...) works
+            given, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+            if name not in PRETRAINED and not given and not overlay:
+                pretrained_file(name)  # raises: no weights are shipped for this model
+            cfg = resolve_pretrained_cfg(name, given, overlay)
+            if not cfg.file:
+                raise ValueError(f"the pretrained cfg of {name} names no local file; zoo loads weights from files only")
+            from .weights import load_pretrained
+
+            model = load_pretrained(name, cfg.file, **args)
+            model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name, "tag": cfg.tag, "file": str(cfg.file)}
+        else:
+            model = fn(pretrained=False, **args)
         return model.to(device=device, dtype=dtype) if device or dtype else model
 
     register_model(timm_entrypoint)
+
+
+@functools.lru_cache(maxsize=None)
+def _timm_default_cfgs() -> dict:
+    """timm's pretrained cfgs of the shipped weights: local files, no network."""
+    from timm.models import generate_default_cfgs
+
+    cfgs = {}
+    for name, facts in PRETRAINED.items():
+        cfgs[f"{name}.{facts['tag']}"] = dict(
+            file=str(shipped_path(name)),
+            license="apache-2.0",
+            fixed_input_size=True,
+            description=f"zoo's shipped {name} family, trained on {facts['tag']} (weights/README.md)",
+            **{k: v for k, v in facts.items() if k != "tag" and v is not None},  # input size, classes, mean, std
+        )
+    return generate_default_cfgs(cfgs)
 
 
 def build(cls: type[ElasticModel], arch: str, pretrained: bool, fixed_args: dict, user_args: dict) -> ElasticModel:
@@ -90,7 +127,7 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> ElasticModel:
     """Build a catalogue model. ``pretrained=True`` loads the weights shipped in ``weights/``."""
     _import_families()
     if name not in _ENTRYPOINTS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(_ENTRYPOINTS))}")
+        raise ValueError(unknown_model(name, sorted(_ENTRYPOINTS)))
     return _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
 
 

@@ -10,22 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .base import ElasticModel
+from .catalogue import pretrained_file
 from .fileio import atomic_path
+from .header import WeightsFileError, read_header
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class WeightsFileError(ValueError):
-    """A weights file that is missing, corrupt, foreign, or inconsistent with its header."""
 
 
 def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = None, dtype: str = "float32") -> Path:
@@ -49,26 +46,6 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"zoo": json.dumps(header)})
     return Path(path)
-
-
-def read_header(path: str | os.PathLike) -> dict:
-    """The zoo header of a weights file, without reading its tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsFileError(f"no such weights file: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise WeightsFileError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
-    if "zoo" not in meta:
-        raise WeightsFileError(f"{path} is a safetensors file but not a zoo weights file (no zoo header)")
-    try:
-        header = json.loads(meta["zoo"])
-        header["arch"], header["model_args"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise WeightsFileError(f"{path} has a corrupt zoo header") from None
-    return header
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ElasticModel:
@@ -111,16 +88,16 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def pretrained_path(arch: str) -> Path:
     """Where the shipped weights of ``arch`` live inside the installed ``weights`` package."""
-    return Path(str(resources.files("weights") / f"{arch}.safetensors"))
+    return pretrained_file(arch)
 
 
-def load_pretrained(arch: str, **kwargs) -> ElasticModel:
-    """Load the shipped weights of ``arch``; ``num_classes`` may differ (new classifier)."""
-    path = pretrained_path(arch)
-    if not path.is_file():
-        shipped = sorted(p.stem for p in path.parent.glob("*.safetensors"))
-        raise ValueError(f"no pretrained weights are shipped for {arch}; shipped: {', '.join(shipped) or 'none'}")
+def load_pretrained(arch: str, path: str | os.PathLike | None = None, **kwargs) -> ElasticModel:
+    """Load the shipped weights of ``arch`` (or ``path``, e.g. from timm's pretrained cfg);
+    ``num_classes`` may differ (new classifier)."""
+    path = Path(path) if path is not None else pretrained_file(arch)
     model = load(path)
+    if model.arch != arch:
+        raise WeightsFileError(f"{path} holds {model.arch} weights, not {arch}")
     num_classes = kwargs.pop("num_classes", None)
     conflicts = [k for k, v in kwargs.items() if model.model_args.get(k, v) != v]
     if conflicts:

@@ -1,0 +1,61 @@
+"""The zoo header of a weights file, read straight from the safetensors layout.
+
+A safetensors file is an 8-byte little-endian header length, a JSON header (every tensor's
+dtype, shape and byte range, plus string metadata) and the tensor bytes. Reading the header
+needs no tensor library, so `zoo info` answers without importing torch; the module imports
+only the standard library (the CLI loads it without running ``zoo/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is missing, corrupt, foreign, or inconsistent with its header."""
+
+
+def safetensors_header(path: str | os.PathLike) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (so that a
+    truncated file is reported without reading its tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsFileError(f"no such weights file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+            raise WeightsFileError(f"{path} is not a readable safetensors file (no valid header length)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightsFileError(f"{path} is not a readable safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise WeightsFileError(f"{path} is not a readable safetensors file (a tensor entry has no byte range)") from None
+    if 8 + length + end > size:
+        raise WeightsFileError(f"{path} is not a readable safetensors file (truncated: {size:,} bytes, its header describes {8 + length + end:,})")
+    return header
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The zoo header of a weights file, without reading its tensors."""
+    meta = safetensors_header(path).get("__metadata__") or {}
+    if not isinstance(meta, dict) or "zoo" not in meta:
+        raise WeightsFileError(f"{path} is a safetensors file but not a zoo weights file (no zoo header)")
+    try:
+        header = json.loads(meta["zoo"])
+        header["arch"], header["model_args"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise WeightsFileError(f"{path} has a corrupt zoo header") from None
+    return header
