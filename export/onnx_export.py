@@ -35,7 +35,7 @@ from zoo.fileio import atomic_path
 from zoo.members import recorded
 
 from .merge import describe_merges, merge_low_rank
-from .quantize import method_for, quantization_report, quantize_int8
+from .quantize import int8_record, method_for, quantization_report, quantize_int8
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
 
 METADATA_KEY = "zoo"
@@ -72,7 +72,7 @@ class ExportResult:
             q = self.quantization
             changes = ", ".join(f"{name} {q['fp32'][name]:.4f} -> {q['int8'][name]:.4f} ({delta:+.4f})" for name, delta in q["change"].items())
             lines.append(
-                f"int8 ({q['method']}): {q['fp32_bytes'] / 1e6:.2f} MB -> {q['int8_bytes'] / 1e6:.2f} MB; "
+                f"int8 ({q['method']}): {q['fp32_bytes'] / 1e6:.2f} MB as float32 -> {self.size_bytes / 1e6:.2f} MB; "
                 f"on {q['validation_samples']:,} validation {'bytes' if 'bits_per_byte' in q['fp32'] else 'examples'} "
                 f"({q['validation_batches']} batches): {changes}"
             )
@@ -239,7 +239,7 @@ def export_member(
             quantize_int8(fp32_path, int8_path, method, calibration)
             report = quantization_report(fp32_path, int8_path, method, model.input_kind, calibration if method == "static" else None, validation)
             report["int8_max_abs_diff"] = max_abs_difference(model, int8_path, "cpu")  # informative, not gated
-            record = {**record, "quantized": quantize, "quantization": report}
+            record = int8_record(record, quantize, report)
             _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record)
             check_model(int8_path)
             final = int8_path
