@@ -90,6 +90,10 @@ def train_command(
     result = train(config, _Progress())
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if result.already_finished:
+        typer.echo(f"{out} holds a finished run: already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten")
+        _print_members(f"{model}: recorded metrics", result.metrics, result.metric, result.member_params)
+        return
     if not result.finished:
         typer.echo(f"stopped after step {result.steps} of {result.total_steps}; continue with --resume")
         return

@@ -163,6 +163,7 @@ class TrainResult:
     wall_time_s: float
     metric: str  # "accuracy" or "bits_per_byte"
     member_params: dict[str, int] = field(default_factory=dict)  # subnet key -> parameters
+    already_finished: bool = False  # resumed a finished run: nothing was trained or written
 
     @property
     def finished(self) -> bool:
@@ -372,6 +373,8 @@ class Trainer:
         cfg = self.cfg
         end = self.total_steps if cfg.stop_after is None else min(cfg.stop_after, self.total_steps)
         described = f"{cfg.model} {cfg.strategy} ({len(self.members)} member{'s' * (len(self.members) > 1)})"
+        if self.step >= self.total_steps and (self.out / MODEL_FILE).exists():
+            return self._already_finished()
         if self.ctx.is_main:
             self.reporter.start(self.total_steps, self.step, described, cfg.batch_size)
             self._write_metrics()
@@ -401,6 +404,14 @@ class Trainer:
         finally:
             if self.ctx.is_main:
                 self.reporter.finish()
+
+    def _already_finished(self) -> TrainResult:
+        """``--resume`` of a run that wrote its weights: report them, rewrite nothing."""
+        metadata = zoo.read_header(self.out / MODEL_FILE).get("metadata") or {}
+        result = self._result(self.out / MODEL_FILE, metadata.get("metrics") or [])
+        result.wall_time_s = float((metadata.get("train") or {}).get("wall_time_s", result.wall_time_s))
+        result.already_finished = True
+        return result
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This process's share of the global batches of ``epoch`` from batch ``start`` on.
