@@ -48,8 +48,9 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        # zoo.WeightsFileError is a ValueError: not importing it keeps `zoo run` free of torch.
-        except (UserError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        # zoo.WeightsFileError is a ValueError and zoo.fileio's WriteError (a full disk, a
+        # read-only folder) an OSError: not importing them keeps `zoo run` free of torch.
+        except (UserError, ValueError, OSError) as err:
             typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
             raise typer.Exit(1) from None
 

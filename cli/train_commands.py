@@ -71,6 +71,7 @@ def train_command(
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
     from training.distributed import launch, world_size_from_env
+    from training.signals import Interrupted
     from training.trainer import TrainConfig, train
 
     config = TrainConfig(
@@ -87,8 +88,18 @@ def train_command(
     if nproc_per_node > 1 and world_size_from_env() == 1:  # not yet inside the launched processes
         config.check()
         raise typer.Exit(launch(sys.argv[1:], nproc_per_node))
-    result = train(config, _Progress())
-    if int(os.environ.get("RANK", "0")) != 0:
+    main = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(config, _Progress())
+    except Interrupted as stop:  # a second signal, or one outside the loop: no new checkpoint
+        if main:
+            typer.echo(str(stop), err=True)
+        raise typer.Exit(stop.exit_code) from None
+    if result.stopped_by is not None:  # SIGTERM or SIGINT: the step finished and was checkpointed
+        if main:
+            typer.echo(f"stopped at step {result.steps} of {result.total_steps}; continue with --resume", err=True)
+        raise typer.Exit(128 + result.stopped_by)
+    if not main:
         return
     if result.already_finished:
         typer.echo(f"{out} holds a finished run: already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten")

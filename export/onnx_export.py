@@ -31,7 +31,7 @@ import torch
 
 import zoo
 from zoo import ElasticModel, Member, Subnet, WeightsSource
-from zoo.fileio import atomic_path
+from zoo.fileio import atomic_path, locked_folder
 from zoo.members import recorded
 
 from .merge import describe_merges, merge_low_rank
@@ -266,12 +266,21 @@ def export_file(
 
 
 def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.PathLike, **options) -> tuple[list[ExportResult], Path]:
-    """Export every trained member into ``out_dir`` plus ``manifest.json`` describing them."""
+    """Export every trained member into ``out_dir`` plus ``manifest.json`` describing them.
+
+    The folder is locked meanwhile (``zoo.fileio.locked_folder``): a run or another export
+    writing into it at the same time is refused, not mixed in.
+    """
     require_device(options.get("device", "cpu"))
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--all writes a folder, but {out_dir} is a file")
     source = weights if isinstance(weights, WeightsSource) else WeightsSource.open(weights)
+    with locked_folder(out_dir, "zoo export --all"):
+        return _export_members(source, out_dir, options)
+
+
+def _export_members(source: WeightsSource, out_dir: Path, options: dict) -> tuple[list[ExportResult], Path]:
     results = []
     for subnet in source.model.subnets:
         member = source.member(subnet)

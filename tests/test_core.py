@@ -3,8 +3,10 @@ masks, FLOPs, weights files and the catalogue command."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -268,12 +270,14 @@ def test_save_is_atomic(saved, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="dtype must be one of"):
         zoo.save(other, saved, dtype="int8")
 
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError("No space left on device")
+    real_write = Path.write_bytes
 
-    monkeypatch.setattr(zoo.weights, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    def disk_full(path, data):  # the disk fills up half-way through the write
+        real_write(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(OSError, match=f"^cannot write {re.escape(str(saved))}: No space left on device$"):
         zoo.save(other, saved)
     assert saved.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == [saved.name]  # no temporary file left behind

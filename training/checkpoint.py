@@ -25,8 +25,8 @@ FORMAT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a failed write keeps its errno
+        torch.save({"format_version": FORMAT_VERSION, **state}, f)
 
 
 def load_checkpoint(path: Path) -> dict:

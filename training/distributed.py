@@ -50,6 +50,18 @@ class DistContext:
         dist.all_reduce(values)
         return values / self.world_size
 
+    def agreed_signal(self, signum: int | None) -> int | None:
+        """The stop signal any process received (the largest number), so all stop at one step."""
+        if not self.distributed:
+            return signum
+        flag = torch.tensor([signum or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -90,7 +102,9 @@ def launch(argv: list[str], nproc: int) -> int:
     What ``torchrun --standalone`` does, kept small so that errors stay one line: each process
     gets RANK, LOCAL_RANK, WORLD_SIZE and a free rendezvous port. Rank 0's output is shown
     as is; other ranks' stderr is kept in a file and shown only if one of them fails alone.
-    If any process fails, the others are stopped. Returns the exit code.
+    If any process fails, the others are stopped. SIGTERM and SIGINT are forwarded to every
+    process, which stop together with a checkpoint (:mod:`training.signals`); the exit code is
+    then rank 0's. Returns the exit code.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,22 +118,34 @@ def launch(argv: list[str], nproc: int) -> int:
     }
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     with tempfile.TemporaryDirectory(prefix="zoo-launch-") as logs:
-        procs, err_files = [], []
+        procs, err_files, forwarded = [], [], []
+
+        def forward(signum: int, frame) -> None:
+            forwarded.append(signum)
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         for rank in range(nproc):
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             err = None if rank == 0 else open(Path(logs, f"rank{rank}.err"), "w+")
             err_files.append(err)
             out = None if rank == 0 else subprocess.DEVNULL
             procs.append(subprocess.Popen([sys.executable, "-m", "cli", *argv], env=env, stdout=out, stderr=err))
+        if forwarded:  # a signal came while starting them: the later ones have not had it
+            forward(forwarded[-1], None)
         try:
-            failed = _wait_all(procs)
-        except KeyboardInterrupt:
-            _stop(procs)
-            return 130
+            failed = _wait_all(procs, forwarded)
         finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
             for f in err_files:
                 if f is not None:
                     f.close()
+        if forwarded:  # every process stopped by itself; rank 0 said where
+            code = procs[0].returncode
+            return code if code >= 0 else 128 - code  # killed before it could handle the signal
         if failed is None:
             return 0
         code = procs[failed].returncode
@@ -130,13 +156,19 @@ def launch(argv: list[str], nproc: int) -> int:
         return code if code > 0 else 1
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> int | None:
+def _wait_all(procs: list[subprocess.Popen], forwarded: list[int]) -> int | None:
     """Wait for every process; when one fails, stop the rest (they would wait forever).
 
     Returns the failed rank whose error to show: rank 0 if it failed on its own (it printed
-    its error already; a bad flag fails every rank at once), else the first to fail.
+    its error already; a bad flag fails every rank at once), else the first to fail. Once a
+    signal was forwarded, non-zero exits are expected: wait for every process (rank 0 may
+    still be writing the checkpoint) and return None.
     """
     while True:
+        if forwarded:
+            for p in procs:
+                p.wait()
+            return None
         for index, p in enumerate(procs):
             if p.poll() not in (None, 0):
                 try:  # give rank 0 a moment to fail by itself and say why
@@ -152,13 +184,9 @@ def _wait_all(procs: list[subprocess.Popen]) -> int | None:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
+    """Kill the processes still running: without the failed one no step can complete, so
+    there is nothing for them to finish (SIGTERM would make them try)."""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.time() + 10
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+        p.wait()

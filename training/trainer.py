@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 import zoo
 from zoo.catalogue import unknown_model
 from zoo import Subnet
-from zoo.fileio import atomic_path
+from zoo.fileio import atomic_path, locked_folder
 from zoo.subnet import DEFAULT_GRID, check_fraction, grid
 
 from . import distributed
@@ -44,6 +44,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_check
 from .data import DataBundle, batches, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
 from .masking import MaskCache, masked_step
+from .signals import Interrupted, StopSignals, signal_name
 from .strategies import STRATEGIES, Strategy, create_strategy, members_for
 
 MODEL_FILE = "model.safetensors"
@@ -163,6 +164,7 @@ class TrainResult:
     wall_time_s: float
     metric: str  # "accuracy" or "bits_per_byte"
     member_params: dict[str, int] = field(default_factory=dict)  # subnet key -> parameters
+    stopped_by: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run after a checkpoint
     already_finished: bool = False  # resumed a finished run: nothing was trained or written
 
     @property
@@ -187,11 +189,23 @@ class TrainingDiverged(ValueError):
 
 
 def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
-    """Run (or resume) one training run; returns the final metrics per member."""
+    """Run (or resume) one training run; returns the final metrics per member.
+
+    Rank 0 holds the run folder's lock for the whole run, so a second run into it is refused
+    (``zoo.fileio.FolderInUse``). SIGTERM or SIGINT ends the run after the current step with a
+    checkpoint (``TrainResult.stopped_by``); a second one, or one outside the loop, raises
+    :class:`~training.signals.Interrupted` and leaves the previous checkpoint.
+    """
     config.check()
     ctx = distributed.setup(config.device)
     try:
-        return Trainer(config, ctx, reporter or Reporter()).run()
+        with StopSignals() as signals, locked_folder(config.out, "zoo train") if ctx.is_main else contextlib.nullcontext():
+            try:
+                return Trainer(config, ctx, reporter or Reporter(), signals).run()
+            except Interrupted as stop:
+                checkpoint = Path(config.out) / CHECKPOINT_NAME
+                kept = f"{checkpoint} is as it was; continue with --resume" if checkpoint.exists() else "no checkpoint was written"
+                raise Interrupted(stop.signum, f"stopped at once by {signal_name(stop.signum)}; {kept}") from None
     finally:
         ctx.close()
 
@@ -244,8 +258,9 @@ def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One run: set up from a config (fresh, from --init, or resumed), loop, finish."""
 
-    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, reporter: Reporter):
+    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, reporter: Reporter, signals: StopSignals | None = None):
         self.ctx, self.reporter = ctx, reporter
+        self.signals = signals or StopSignals()
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         self.started = time.perf_counter()
@@ -375,6 +390,7 @@ class Trainer:
         described = f"{cfg.model} {cfg.strategy} ({len(self.members)} member{'s' * (len(self.members) > 1)})"
         if self.step >= self.total_steps and (self.out / MODEL_FILE).exists():
             return self._already_finished()
+        self.signals.deferring = True  # from here a signal lets the step finish, then checkpoints
         if self.ctx.is_main:
             self.reporter.start(self.total_steps, self.step, described, cfg.batch_size)
             self._write_metrics()
@@ -395,15 +411,28 @@ class Trainer:
                         interval_start, interval_steps = time.perf_counter(), 0
                     if self.step % cfg.ckpt_every == 0 or self.step == end:
                         self._save_checkpoint()
+                    signum = self.ctx.agreed_signal(self.signals.requested)
+                    if signum is not None:
+                        return self._stop(signum)
                     if self.step >= end:
                         break
+            self.signals.deferring = False  # the last checkpoint is written: a signal now stops at once
             throughput = interval_steps * cfg.batch_size / max(time.perf_counter() - interval_start, 1e-9)
             if self.step < self.total_steps:
                 return self._result(None, [])
             return self._finish(throughput)
         finally:
+            self.signals.deferring = False
             if self.ctx.is_main:
                 self.reporter.finish()
+
+    def _stop(self, signum: int) -> TrainResult:
+        """Every process stops at this step; rank 0 checkpoints it (a second signal while it
+        writes raises ``Interrupted`` and leaves the previous checkpoint)."""
+        if self.checkpoint_step != self.step:
+            self._save_checkpoint()
+        self.ctx.barrier()  # the others end only once the checkpoint is written
+        return self._result(None, [], stopped_by=signum)
 
     def _already_finished(self) -> TrainResult:
         """``--resume`` of a run that wrote its weights: report them, rewrite nothing."""
@@ -531,12 +560,12 @@ class Trainer:
             info.update(labels=data.labels, input_size=list(data.input_size), mean=list(data.mean), std=list(data.std))
         return info
 
-    def _result(self, path: Path | None, metrics: list[dict]) -> TrainResult:
+    def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:
         params = {}
         for subnet in self.members:
             masks = self.masks.member(subnet) or {}
             params[subnet.key] = sum(int(masks[p].sum()) if p in masks else p.numel() for p in self.model.parameters())
-        return TrainResult(self.out, path, metrics, self.step, self.total_steps, self.wall_time_s, metric_name(self.model), params)
+        return TrainResult(self.out, path, metrics, self.step, self.total_steps, self.wall_time_s, metric_name(self.model), params, stopped_by=stopped_by)
 
 
 def _load_init(model: zoo.ElasticModel, path: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as to_safetensors
 
 from .base import ElasticModel
 from .catalogue import pretrained_file
@@ -43,8 +43,9 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
         name: (t.to(_DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
         for name, t in model.state_dict().items()
     }
+    data = to_safetensors(tensors, metadata={"zoo": json.dumps(header)})
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"zoo": json.dumps(header)})
+        tmp.write_bytes(data)  # Python's own write: a failure keeps its errno (safetensors' does not)
     return Path(path)
 
 
