@@ -169,9 +169,11 @@ def test_export_to_a_full_disk_is_one_line(tmp_path, tmpfs):
 
 
 # ----- signals -----------------------------------------------------------------------------------
-def _start(out: Path, *args: str) -> subprocess.Popen:
-    """A real `zoo train` process, returned once its training loop runs (metrics.jsonl exists)."""
-    process = subprocess.Popen([sys.executable, "-m", "cli", "train", *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(out: Path, *args: str, group: bool = False) -> subprocess.Popen:
+    """A real `zoo train` process, returned once its training loop runs (metrics.jsonl exists).
+    ``group``: in a process group of its own, as a terminal's foreground job."""
+    command = [sys.executable, "-m", "cli", "train", *args, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists():
         assert process.poll() is None, process.communicate()
@@ -180,9 +182,13 @@ def _start(out: Path, *args: str) -> subprocess.Popen:
     return process
 
 
-def _stopped_at(process: subprocess.Popen, signum: int) -> int:
-    """Send ``signum``; check the exit code and the one line; return the step it stopped at."""
-    process.send_signal(signum)
+def _stopped_at(process: subprocess.Popen, signum: int, group: bool = False) -> int:
+    """Send ``signum`` (to the process group: as Ctrl-C does); check the exit code and the one
+    line; return the step it stopped at."""
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
@@ -198,8 +204,10 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_checkpoints_the_step_reached_and_resume_is_bit_identical(signum, tmp_path, uninterrupted):
-    out = tmp_path / "run"
-    step = _stopped_at(_start(out, *RUN_ARGS), signum)
+    """SIGTERM to the process, as a scheduler sends it; SIGINT to its whole process group, a
+    data-loading worker included, as Ctrl-C sends it."""
+    out, ctrl_c = tmp_path / "run", signum == signal.SIGINT
+    step = _stopped_at(_start(out, *RUN_ARGS, *(["--workers", "1"] if ctrl_c else []), group=ctrl_c), signum, group=ctrl_c)
     assert 1 <= step < 30
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step  # --ckpt-every is 1000: this is the signal's
     assert not (out / "model.safetensors").exists() and not (out / LOCK_NAME).exists()

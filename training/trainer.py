@@ -44,7 +44,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_check
 from .data import DataBundle, batches, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
 from .masking import MaskCache, masked_step
-from .signals import Interrupted, StopSignals, signal_name
+from .signals import Interrupted, StopSignals, ignore_stop_signals, signal_name
 from .strategies import STRATEGIES, Strategy, create_strategy, members_for
 
 MODEL_FILE = "model.safetensors"
@@ -461,6 +461,7 @@ class Trainer:
             num_workers=self.cfg.workers,
             pin_memory=self.ctx.device.type == "cuda",
             generator=torch.Generator(),  # the loader's own seed must not draw from the global RNG
+            worker_init_fn=ignore_stop_signals,
         )
         yield from loader
 
