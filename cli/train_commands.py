@@ -119,7 +119,7 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."),
     width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to evaluate (repeatable); default: the trained members."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 65536 bytes of byte windows (as in training)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 8192 bytes of byte windows."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on the first N validation items only."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
@@ -134,7 +134,8 @@ def eval_command(
     members = choose_members(model, width, rank)
     bundle = data_for(model, data)
     started = time.perf_counter()
-    records = evaluate(model, bundle.val, members, batch_size=batch_size or default_batch_size(model), limit=limit)
+    with _EvalProgress(f"evaluating {model.arch} ({len(members)} members)") as progress:
+        records = evaluate(model, bundle.val, members, batch_size=batch_size or default_batch_size(model), limit=limit, progress=progress)
     if json_output:
         typer.echo(json.dumps(records))
         return
@@ -209,3 +210,36 @@ class _Progress:
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+class _EvalProgress:
+    """Progress of `zoo eval` on stderr (stdout stays the table or the JSON): a live bar on a
+    terminal, else a line at every tenth, so logs of long evaluations show it is moving."""
+
+    def __init__(self, description: str):
+        from rich.console import Console
+
+        self.console, self.description = Console(stderr=True), description
+        self.bar, self.next_tenth, self.started = None, 1, time.perf_counter()
+
+    def __enter__(self) -> "_EvalProgress":
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+            self.bar = Progress(*columns, console=self.console, transient=True)
+            self.task = self.bar.add_task(self.description, total=None)
+            self.bar.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, total=total)
+            return
+        if done * 10 >= self.next_tenth * total:
+            self.console.print(f"{self.description}: {100 * done // total}% after {time.perf_counter() - self.started:.0f} s", highlight=False)
+            self.next_tenth = 10 * done // total + 1
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,13 @@ from zoo import Subnet
 
 
 EVAL_IMAGES = 256  # images per evaluation batch
-EVAL_TOKENS = 2**16  # byte positions per evaluation batch (256 windows of 256)
+# Byte positions per evaluation batch (32 windows of 256): a batch's activations then stay in
+# the CPU's caches; 65536 positions ran 15-20% slower (benchmarks/bench_eval.py).
+EVAL_TOKENS = 2**13
 
 
 def default_batch_size(model: zoo.ElasticModel) -> int:
-    """Evaluation batch: 256 images, or as many windows as make 65536 bytes."""
+    """Evaluation batch: 256 images, or as many windows as make 8192 bytes."""
     return EVAL_IMAGES if model.input_kind == "image" else max(1, EVAL_TOKENS // model.context_length)
 
 
@@ -44,11 +46,13 @@ def evaluate(
     subnets: Sequence[Subnet],
     batch_size: int = 256,
     limit: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """``[{"subnet": {...}, "loss": .., "accuracy" | "bits_per_byte": ..}]``, one per member.
 
     Runs on the model's device in eval mode over the first ``limit`` items of ``dataset`` (all
     by default), each batch through every member; the model's mode and member are restored.
+    ``progress(done, total)`` is called after every forward pass, counting items times members.
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch size and limit must be at least 1, got {batch_size} and {limit}")
@@ -58,7 +62,7 @@ def evaluate(
     data = dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
     loss_sums = torch.zeros(len(subnets), dtype=torch.float64)
     correct = torch.zeros(len(subnets), dtype=torch.int64)
-    count = 0
+    count, done, total = 0, 0, len(data) * len(subnets)
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
@@ -72,6 +76,9 @@ def evaluate(
                 logits = logits.float().flatten(0, -2)
                 loss_sums[i] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
                 correct[i] += (logits.argmax(-1) == targets).sum().cpu()
+                done += len(inputs)
+                if progress is not None:
+                    progress(done, total)
     finally:
         model.set_subnet(previous)
         model.train(was_training)
