@@ -17,39 +17,58 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".npy")
+RUN_BATCH = 32  # images per onnxruntime call: a large folder is classified in pieces
+
+
 @command("run")
 def run_command(
     file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
-    input: str = typer.Argument(..., help="Image file or .npy array (classifiers), or a prompt (language models)."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders of images or .npy arrays (classifiers); one prompt (language models)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Execution provider; cuda fails unless it really runs."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes to print per image."),
     max_bytes: int = typer.Option(200, "--max-bytes", min=0, help="Bytes to generate (language models)."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
 ) -> None:
-    """Run an exported member with onnxruntime: top-k classes of an image, or text from a prompt."""
+    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt."""
     from export.runtime import Predictor
 
     predictor = Predictor(file, device=device.value)
     if predictor.kind == "tokens":
-        new = predictor.generate(input, max_new_bytes=max_bytes, temperature=temperature, seed=seed)
-        typer.echo((input.encode("utf-8") + new).decode("utf-8", errors="replace"))
+        if len(inputs) != 1:
+            raise ValueError(f"{file} is a language model: give one prompt (quote it), got {len(inputs)} arguments")
+        new = predictor.generate_bytes(inputs[0], max_new_bytes=max_bytes, temperature=temperature, seed=seed)
+        typer.echo((inputs[0].encode("utf-8") + new).decode("utf-8", errors="replace"))
         return
-    images = _read_npy(Path(input)) if input.lower().endswith(".npy") else input
-    results = predictor.top_k(images, k=top_k)
-    for index, best in enumerate(results):
-        if len(results) > 1:
-            typer.echo(f"image {index}:")
-        for label, probability in best:
-            typer.echo(f"{probability:8.4f}  {label}")
+    images = [image for argument in inputs for image in _expand(Path(argument))]
+    for start in range(0, len(images), RUN_BATCH):
+        chunk = images[start : start + RUN_BATCH]
+        for (name, _), best in zip(chunk, predictor.top_k([array for _, array in chunk], k=top_k)):
+            typer.echo(f"{name}: " + ", ".join(f"{label} {probability:.4f}" for label, probability in best))
+
+
+def _expand(path: Path) -> list[tuple[str, object]]:
+    """(name, image) pairs of one argument: an image file, a .npy image or batch, or a folder of them."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return [pair for p in files for pair in _expand(p)]
+    if not path.is_file():
+        raise FileNotFoundError(f"no such image file or folder: {path}")
+    if path.suffix.lower() != ".npy":
+        return [(str(path), str(path))]
+    array = _read_npy(path)
+    if array.ndim != 4:
+        return [(str(path), array)]
+    return [(f"{path}[{i}]", image) for i, image in enumerate(array)]
 
 
 def _read_npy(path: Path):
     """A .npy image or batch of images, never unpickled."""
     import numpy as np
 
-    if not path.is_file():
-        raise FileNotFoundError(f"no such array file: {path}")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:

@@ -156,6 +156,7 @@ def export_command(
     calibrate: Optional[str] = CALIBRATE,
     device: Device = typer.Option(Device.cpu, "--device", help="Export for and verify on this execution provider; cuda fails unless it exists."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX checker and the onnxruntime-vs-PyTorch comparison."),
+    fuse: bool = typer.Option(False, "--fuse", help="Rewrite attention and LayerNorm into onnxruntime's fused kernels (onnxruntime only)."),
 ) -> None:
     """Export a member to a self-contained ONNX file, verified against PyTorch."""
     import zoo
@@ -167,7 +168,7 @@ def export_command(
     require_device(device.value)
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
-    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantize.value if quantize else None)
+    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantize.value if quantize else None, fuse=fuse)
     if all_members:
         options.update(_quantization_data(data, source.model, quantize))
         results, manifest = export_all(source, out, **options)

@@ -8,6 +8,9 @@ the graph with a dynamic ``batch`` axis and, for language models, a dynamic ``se
 The file contract (what ``export/runtime.py`` relies on): one input ``input`` (float32
 ``[batch, C, H, W]`` images or int64 ``[batch, sequence]`` bytes), one output ``logits``, and
 model metadata key ``"zoo"`` holding JSON that describes the member (see :func:`zoo_record`).
+Language models also take and return the keys and values of earlier positions, as optional
+inputs that default to an empty cache (:mod:`export.kv_cache`). With ``fuse=True`` attention
+and LayerNorm are rewritten into onnxruntime's fused kernels (:mod:`export.fusion`).
 Weights are embedded (no external data file) and the file appears only after it passed
 verification: it is built in a temporary folder and renamed into place.
 """
@@ -34,6 +37,8 @@ from zoo import ElasticModel, Member, Subnet, WeightsSource
 from zoo.fileio import atomic_path, locked_folder
 from zoo.members import recorded
 
+from .fusion import describe_fusions, fuse_for_onnxruntime
+from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
 from .merge import describe_merges, merge_low_rank
 from .quantize import int8_record, method_for, quantization_report, quantize_int8
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
@@ -42,6 +47,7 @@ METADATA_KEY = "zoo"
 MAX_EMBEDDED_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
 QUANTIZE_CHOICES = ("int8",)
 MIN_OPSET = 18  # below this the exporter silently writes 18
+MIN_CACHED_CONTEXT = 4  # the example needs a past and a sequence of 2 each (1 would be specialised)
 
 
 @dataclass
@@ -68,6 +74,10 @@ class ExportResult:
             "verification: " + ("skipped (--no-verify)" if self.max_abs_diff is None else f"max |onnxruntime - PyTorch| = {self.max_abs_diff:.2e} (fp32, tolerance {FP32_TOLERANCE:g})"),
             describe_merges(self.low_rank_layers),
         ]
+        if record.get("kv_cache"):
+            lines.append(f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value for {record['kv_cache']} blocks")
+        if record.get("fusions") is not None:
+            lines.append(describe_fusions(record["fusions"]))
         if self.quantization:
             q = self.quantization
             changes = ", ".join(f"{name} {q['fp32'][name]:.4f} -> {q['int8'][name]:.4f} ({delta:+.4f})" for name, delta in q["change"].items())
@@ -98,8 +108,14 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
     }
 
 
-def zoo_record(member: Member, model: ElasticModel, merges: dict[str, list[int]], opset: int, flops: int, quantized: str | None = None) -> dict:
-    """The JSON stored under the ``"zoo"`` metadata key of every exported file."""
+def zoo_record(
+    member: Member, model: ElasticModel, merges: dict[str, list[int]], opset: int, flops: int,
+    quantized: str | None = None, fusions: dict[str, int] | None = None, kv_cache: int | None = None,
+) -> dict:
+    """The JSON stored under the ``"zoo"`` metadata key of every exported file.
+
+    ``fusions``: onnxruntime kernels that fusion produced (None: not fused); ``kv_cache``: the
+    number of blocks whose keys and values are cache inputs (None: no cache)."""
     metrics = member.metadata.get("metrics") or []
     labels = recorded(member.metadata, "labels")
     return {
@@ -115,25 +131,40 @@ def zoo_record(member: Member, model: ElasticModel, merges: dict[str, list[int]]
         "opset": opset,
         "quantized": quantized,
         "low_rank_layers": {"merged": sum(c[0] for c in merges.values()), "factorized": sum(c[1] - c[0] for c in merges.values())},
+        "fusions": fusions,
+        "kv_cache": kv_cache,
         "zoo_version": zoo.__version__,
     }
 
 
-def _example_and_axes(model: ElasticModel, device: str) -> tuple[torch.Tensor, tuple[dict, ...]]:
-    """An example input of batch 2 (1 would be specialised) and its dynamic axes."""
+def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tuple, dict]:
+    """What to export: the module, an example of batch 2 (1 would be specialised), and the
+    exporter's names and dynamic axes. Language models are exported with their cache."""
     batch = torch.export.Dim("batch", min=1)
-    if model.input_kind == "tokens":
-        context = model.context_length
-        if context < 2:
-            return model.example_input(2, seq_len=1).to(device), ({0: batch},)
-        sequence = torch.export.Dim("sequence", min=1, max=context)
-        return model.example_input(2, seq_len=max(2, context // 2)).to(device), ({0: batch, 1: sequence},)
-    return model.example_input(2).to(device), ({0: batch},)
+    if model.input_kind != "tokens":
+        return model, (model.example_input(2).to(device),), dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+    context = model.context_length
+    if context < MIN_CACHED_CONTEXT:
+        axes = {0: batch} if context < 2 else {0: batch, 1: torch.export.Dim("sequence", min=1, max=context)}
+        example = model.example_input(2, seq_len=1 if context < 2 else context)
+        return model, (example.to(device),), dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(axes,))
+    decoder = CachedDecoder(model)
+    sequence = torch.export.Dim("sequence", min=1, max=context)
+    past = torch.export.Dim("past", min=0, max=context - 1)
+    example = model.example_input(2, seq_len=context // 2).to(device)
+    cache = tuple(torch.zeros(shape, device=device) for shape in decoder.cache_shapes(past=2))
+    names = dict(
+        input_names=[INPUT_NAME, *cache_names(PAST, len(decoder.blocks))],
+        output_names=[OUTPUT_NAME, *cache_names(PRESENT, len(decoder.blocks))],
+        dynamic_shapes=({0: batch, 1: sequence}, tuple({2: past} for _ in cache)),
+    )
+    return decoder, (example, cache), names
 
 
-def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu") -> onnx.ModelProto:
-    """The model's graph through PyTorch's dynamo exporter, weights embedded."""
-    example, dynamic_shapes = _example_and_axes(model, device)
+def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False) -> tuple[onnx.ModelProto, dict[str, int] | None]:
+    """The model's graph through PyTorch's dynamo exporter, weights embedded, optionally fused
+    for onnxruntime; and the fused kernels (None when not fused)."""
+    module, example, names = _export_args(model, device)
     quiet = logging.getLogger("onnxscript")  # it logs failed version conversions as tracebacks
     level = quiet.level
     try:
@@ -141,23 +172,24 @@ def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu") 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model,
-                (example,),
+                module,
+                example,
                 dynamo=True,
                 verbose=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
                 external_data=False,
                 optimize=True,
+                **names,
             )
     except Exception as err:  # the exporter raises many types; report one line
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"torch.onnx.export failed for {model.arch}: {first}") from None
     finally:
         quiet.setLevel(level)
-    return program.model_proto
+    proto, fusions = program.model_proto, None
+    if fuse:
+        proto, fusions = fuse_for_onnxruntime(proto)
+    return add_empty_cache_defaults(proto), fusions
 
 
 def _opset_of(proto: onnx.ModelProto) -> int:
@@ -199,10 +231,12 @@ def export_member(
     quantize: str | None = None,
     calibration: list[np.ndarray] | None = None,
     validation: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    fuse: bool = False,
 ) -> ExportResult:
     """Export a sliced member to ``out``; verify it; optionally quantize it to int8.
 
-    The member's low-rank layers whose dense form is cheaper are merged in place first.
+    The member's low-rank layers whose dense form is cheaper are merged in place first;
+    ``fuse`` rewrites the graph into onnxruntime's fused Transformer kernels.
     ``calibration`` (input batches) feeds static int8 calibration and ``validation``
     ((inputs, targets) batches) measures what int8 costs. ``out`` appears only on success.
     """
@@ -222,11 +256,12 @@ def export_member(
     flops = zoo.count_flops(model, batch_size=1)
     model = model.to(device)
     started = time.perf_counter()
-    proto = to_onnx(model, opset, device)
+    proto, fusions = to_onnx(model, opset, device, fuse)
     export_seconds = time.perf_counter() - started
     if opset is not None and _opset_of(proto) != opset:
         raise ValueError(f"the exporter wrote opset {_opset_of(proto)}, not the requested {opset}")
-    record = zoo_record(member, model, merges, _opset_of(proto), flops)
+    cached_blocks = sum(i.name.startswith(PAST + ".") and i.name.endswith(".key") for i in proto.graph.input)
+    record = zoo_record(member, model, merges, _opset_of(proto), flops, fusions=fusions, kv_cache=cached_blocks or None)
 
     with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
         fp32_path = Path(work) / "model.onnx"

@@ -63,7 +63,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
         prepared = Path(work) / "prepared.onnx"
         # onnxruntime's symbolic shape inference cannot follow the exporter's attention graphs; ONNX
         # shape inference plus the graph optimizer (batch norm folding) is what quantization needs.
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        # Its sessions would warn, once per cache input, that the key/value cache defaults (meant to
+        # be overridden) are not constants; onnxruntime's default logger has no other switch.
+        ort.set_default_logger_severity(3)
+        try:
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        finally:
+            ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         if method == "dynamic":
             quantize_dynamic(prepared, out_path, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8, per_channel=True)
             return

@@ -2,7 +2,9 @@
 
 The comparison runs the real onnxruntime session on random inputs at two batch sizes (and, for
 language models, two sequence lengths), so a graph whose dynamic axes were specialised to the
-example input, or whose numbers drifted, fails here rather than in deployment.
+example input, or whose numbers drifted, fails here rather than in deployment. A language model
+with a key/value cache is also run in two halves, the second fed the first one's cache, and
+must give the same logits.
 """
 
 from __future__ import annotations
@@ -83,7 +85,23 @@ def max_abs_difference(model: ElasticModel, path: str | os.PathLike, device: str
         if got.shape != expected.shape:
             raise ValueError(f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}")
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected))))
+        if x.shape[0] == 1 and x.shape[1] >= 2 and _cache_inputs(sess):
+            worst = max(worst, float(np.max(np.abs(_cached_logits(sess, x.numpy()).astype(np.float64) - expected))))
     return worst
+
+
+def _cache_inputs(sess: ort.InferenceSession) -> list[str]:
+    return [i.name for i in sess.get_overridable_initializers() if i.name.startswith("past_key_values.")]
+
+
+def _cached_logits(sess: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
+    """Logits of ``tokens`` computed in two halves, the second reading the first's cache."""
+    split = tokens.shape[1] // 2
+    names = _cache_inputs(sess)
+    outputs = [OUTPUT_NAME, *(name.replace("past_key_values.", "present.", 1) for name in names)]
+    first, *cache = sess.run(outputs, {INPUT_NAME: tokens[:, :split]})
+    second = sess.run([OUTPUT_NAME], {INPUT_NAME: tokens[:, split:], **dict(zip(names, cache))})[0]
+    return np.concatenate([first, second], axis=1)
 
 
 def verify(model: ElasticModel, path: str | Path, device: str = "cpu", tolerance: float | None = FP32_TOLERANCE) -> float:

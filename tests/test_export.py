@@ -94,7 +94,9 @@ def test_every_family_exports_verified_with_dynamic_axes_and_metadata(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["member.onnx"]  # no .data file, no temp file
     proto = onnx.load(str(result.path))
     assert not any(uses_external_data(t) for t in proto.graph.initializer)
-    assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
+    assert proto.graph.input[0].name == "input" and proto.graph.output[0].name == "logits"
+    if family != "gpt":
+        assert [i.name for i in proto.graph.input] == ["input"] and [o.name for o in proto.graph.output] == ["logits"]
 
     # dynamic axes, run for real: batch 1 and 5, and two sequence lengths for the language model
     shapes = [(1, 5), (5, 16)] if family == "gpt" else [(1, None), (5, None)]
@@ -112,10 +114,58 @@ def test_every_family_exports_verified_with_dynamic_axes_and_metadata(tmp_path, 
     assert record["source_sha256"] == file_sha256(weights)
     assert record["opset"] == next(o.version for o in proto.opset_import if o.domain == "")
     assert record["quantized"] is None and record["metrics"] == {"loss": 1.5}
+    assert record["fusions"] is None and "fusions" not in result.summary()
     if family == "gpt":
         assert record["input"] == {"kind": "tokens", "context_length": 16, "vocab_size": 256}
+        assert record["kv_cache"] == len(list(member.blocks.children())) and "key/value cache" in result.summary()
+        assert_cache_continues_the_sequence(result.path, member)
     else:
         assert record["input"]["kind"] == "image" and record["input"]["shape"] == list(member.pretrained_cfg["input_size"])
+        assert record["kv_cache"] is None
+
+
+def assert_cache_continues_the_sequence(path, member):
+    """Logits of a sequence fed in three pieces, each reading the cache of the ones before,
+    equal PyTorch's logits of the whole sequence; the cache inputs default to empty."""
+    blocks = list(member.blocks.children())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    past = [i.name for i in sess.get_overridable_initializers()]
+    assert [i.name for i in sess.get_inputs()] == ["input"] and len(past) == 2 * len(blocks)
+    assert past[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    present = [name.replace("past_key_values", "present") for name in past]
+    tokens = member.example_input(1, seq_len=16)
+    with torch.no_grad():
+        expected = member(tokens).numpy()
+    pieces, cache = [], {}
+    for start, stop in [(0, 7), (7, 8), (8, 16)]:
+        logits, *values = sess.run(["logits", *present], {"input": tokens[:, start:stop].numpy(), **cache})
+        assert [v.shape[:3] for v in values] == [(1, block.attn.num_heads, stop) for block in blocks for _ in "kv"]
+        pieces.append(logits)
+        cache = dict(zip(past, values))
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt", pytest.param("vit", marks=pytest.mark.slow)])
+def test_fused_transformer_is_verified_and_says_which_kernels_it_uses(tmp_path, family):
+    weights = family_file(tmp_path, family, **GRID)
+    out = tmp_path / "fused.onnx"
+    result = CliRunner().invoke(app, ["export", str(weights), "--width", "0.5", "--fuse", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    member = WeightsSource.open(weights).member(0.5).model.eval()
+    depth = len(list(member.blocks.children()))
+    record = read_record(out)
+    assert record["fusions"] == {"BiasGelu": depth, "MultiHeadAttention": depth, "SkipLayerNormalization": 2 * depth}
+    assert f"onnxruntime fusions: {depth} BiasGelu, {depth} MultiHeadAttention, {2 * depth} SkipLayerNormalization" in result.output
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert ops.count("MultiHeadAttention") == depth and "Softmax" not in ops and "LayerNormalization" in ops  # only the final norm
+    diff = float(result.output.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
+    assert diff <= 1e-4
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = member.example_input(batch)
+            np.testing.assert_allclose(ort_logits(out, x), member(x).numpy(), atol=1e-4, rtol=0)
+    if family == "gpt":
+        assert_cache_continues_the_sequence(out, member)
 
 
 def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):

@@ -67,7 +67,7 @@ def test_runtime_and_zoo_run_work_without_torch_or_zoo(resnet, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.splitlines()) == 2 and done.stdout.split()[1] in LABELS
+    assert len(done.stdout.splitlines()) == 1 and done.stdout.split()[1] in LABELS and done.stdout.count(",") == 1
 
 
 def test_classify_matches_pytorch_from_png_and_array(resnet, tmp_path):
@@ -107,16 +107,56 @@ def test_greedy_generation_equals_pytorch_and_crops_the_context(gpt):
             next_token = member(tokens[:, -CONTEXT:])[0, -1].argmax()
             tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     predictor = Predictor(path)
-    assert predictor.generate(prompt, max_new_bytes=steps) == bytes(tokens[0, len(prompt):].tolist())
-    assert predictor.generate(prompt.decode(), max_new_bytes=steps) == bytes(tokens[0, len(prompt):].tolist())
+    expected = bytes(tokens[0, len(prompt):].tolist())
+    for use_cache in (True, False):
+        assert predictor.generate_bytes(prompt, max_new_bytes=steps, use_cache=use_cache) == expected
+        assert predictor.generate_bytes(prompt.decode(), max_new_bytes=steps, use_cache=use_cache) == expected
 
 
 def test_sampling_is_reproducible_with_a_seed(gpt):
     predictor = Predictor(gpt[1])
-    first = predictor.generate("abc", max_new_bytes=24, temperature=1.0, seed=7)
+    first = predictor.generate_bytes("abc", max_new_bytes=24, temperature=1.0, seed=7)
     assert len(first) == 24
-    assert predictor.generate("abc", max_new_bytes=24, temperature=1.0, seed=7) == first
-    assert predictor.generate("abc", max_new_bytes=24, temperature=1.0, seed=8) != first
+    assert predictor.generate_bytes("abc", max_new_bytes=24, temperature=1.0, seed=7) == first
+    assert predictor.generate_bytes("abc", max_new_bytes=24, temperature=1.0, seed=8) != first
+
+
+class CountingSession:
+    """An onnxruntime session that records how many positions each call computes."""
+
+    def __init__(self, session):
+        self.session, self.positions = session, []
+
+    def run(self, outputs, feed):
+        self.positions.append(feed["input"].shape[1])
+        return self.session.run(outputs, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("prompt, steps", [(b"Hi", 10), (b"Hello, zoo!", 12), (b"0123456789abcdefXYZ", 6)], ids=["fits", "crosses-context", "longer-than-context"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cached_generation_equals_uncached_byte_for_byte(gpt, prompt, steps, temperature):
+    cached, uncached = Predictor(gpt[1]), Predictor(gpt[1])
+    assert cached.has_cache and cached.metadata["kv_cache"] == 4
+    cached.session, uncached.session = CountingSession(cached.session), CountingSession(uncached.session)
+    with_cache = cached.generate_bytes(prompt, steps, temperature, seed=3)
+    assert with_cache == uncached.generate_bytes(prompt, steps, temperature, seed=3, use_cache=False)
+    # Uncached, every byte recomputes its window; cached, each byte computes one new position
+    # until the text outgrows the context (absolute positions shift), then it recomputes too.
+    windows = [min(len(prompt) + i, CONTEXT) for i in range(steps)]
+    assert uncached.session.positions == windows
+    fits = sum(len(prompt) + i <= CONTEXT for i in range(steps))
+    assert cached.session.positions == ([len(prompt)] + [1] * (fits - 1) if fits else []) + windows[fits:]
+
+
+def test_generate_returns_text_and_bytes_on_request(gpt):
+    predictor = Predictor(gpt[1])
+    raw = predictor.generate_bytes("abc", max_new_bytes=40, temperature=1.0, seed=0)
+    text = predictor.generate("abc", max_new_bytes=40, temperature=1.0, seed=0)
+    assert isinstance(text, str) and text == raw.decode("utf-8", errors="replace")
+    assert "\ufffd" in text  # an untrained byte model emits invalid UTF-8, which is replaced
 
 
 def test_cuda_is_never_a_silent_fallback(resnet):
@@ -164,6 +204,10 @@ def test_bad_files_and_wrong_inputs_give_one_line_errors(resnet, gpt, tmp_path):
         language_model.generate(b"")
 
 
+def top_k_line(name, best) -> str:
+    return f"{name}: " + ", ".join(f"{label} {p:.4f}" for label, p in best)
+
+
 def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
     runner = CliRunner()
     image = np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)
@@ -172,10 +216,9 @@ def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
     np.save(npy, image)
     result = runner.invoke(app, ["run", str(resnet[1]), str(png), "--top-k", "3"])
     assert result.exit_code == 0, result.output
-    lines = result.stdout.strip().splitlines()
     best = Predictor(resnet[1]).top_k(image, k=3)[0]
-    assert [line.split() for line in lines] == [[f"{p:.4f}", label] for label, p in best]
-    assert runner.invoke(app, ["run", str(resnet[1]), str(npy), "--top-k", "3"]).stdout == result.stdout
+    assert result.stdout == top_k_line(png, best) + "\n"
+    assert runner.invoke(app, ["run", str(resnet[1]), str(npy), "--top-k", "3"]).stdout == top_k_line(npy, best) + "\n"
 
     result = runner.invoke(app, ["run", str(gpt[1]), "Hello", "--max-bytes", "5", "--temperature", "0.7", "--seed", "1"])
     assert result.exit_code == 0, result.output
@@ -189,3 +232,30 @@ def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
     assert runner.invoke(app, ["run", str(resnet[1]), str(tmp_path / "none.png")]).stderr.startswith("error: no such image file")
     assert runner.invoke(app, ["run", str(resnet[1]), str(png), "--top-k", "0"]).exit_code == 2
     assert runner.invoke(app, ["run", str(resnet[1]), str(png), "--device", "tpu"]).exit_code == 2
+    result = runner.invoke(app, ["run", str(gpt[1]), "two", "prompts"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "one prompt" in result.stderr
+
+
+def test_zoo_run_takes_several_images_and_folders_one_line_each(resnet, tmp_path):
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i in (1, 2):
+        Image.fromarray(images[i]).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    first = tmp_path / "0.png"
+    Image.fromarray(images[0]).save(first)
+    np.save(tmp_path / "batch.npy", images[3:])
+    result = CliRunner().invoke(app, ["run", str(resnet[1]), str(first), str(folder), str(tmp_path / "batch.npy"), "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    best = Predictor(resnet[1]).top_k(images, k=2)
+    names = [first, folder / "1.png", folder / "2.png", f"{tmp_path / 'batch.npy'}[0]", f"{tmp_path / 'batch.npy'}[1]"]
+    assert result.stdout.splitlines() == [top_k_line(name, row) for name, row in zip(names, best)]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad, message in [(empty, "holds no image files"), (tmp_path / "none.png", "no such image file")]:
+        result = CliRunner().invoke(app, ["run", str(resnet[1]), str(first), str(bad)])
+        assert result.exit_code == 1 and result.stderr.startswith("error: ") and message in result.stderr
+        assert result.stdout == "" and result.stderr.count("\n") == 1

@@ -1,0 +1,81 @@
+"""Cached decoding for the byte GPTs: the exported graph also takes and returns keys and values.
+
+Without a cache, generating a byte recomputes every position of the context. A language-model
+export therefore has, besides ``input`` -> ``logits``, per block ``i`` two optional inputs
+``past_key_values.<i>.key`` and ``.value`` (float32 ``[1, heads, past, head_dim]``: the keys
+and values of the ``past`` positions before ``input``, for one sequence) and two outputs
+``present.<i>.key`` and ``.value`` (``[batch, heads, past + sequence, head_dim]``). The inputs
+default to an empty cache (``past`` = 0: they are initializers that a caller may override), so
+``input`` alone still gives the plain logits at any batch size, as the export contract says;
+a cache of batch 1 is broadcast to the batch (cached decoding is for one sequence).
+
+The positions of ``input`` are ``past .. past + sequence - 1`` and must stay within the
+model's ``context_length``: past the context the absolute position embeddings shift, and
+every position must be recomputed (``export/runtime.py`` does that).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from zoo import ElasticModel
+
+PAST, PRESENT = "past_key_values", "present"
+PARTS = ("key", "value")
+
+
+def cache_names(prefix: str, layers: int) -> list[str]:
+    """``prefix.<i>.key``, ``prefix.<i>.value`` for every block, in block order."""
+    return [f"{prefix}.{i}.{part}" for i in range(layers) for part in PARTS]
+
+
+class CachedDecoder(nn.Module):
+    """A sliced GPT's forward pass with the keys and values of earlier positions as inputs.
+
+    It reuses the model's own modules and computes what ``model(tokens)`` computes for the
+    positions after the cache; export verification compares the two.
+    """
+
+    def __init__(self, model: ElasticModel):
+        super().__init__()
+        if model.input_kind != "tokens":
+            raise ValueError(f"{model.arch} is not a language model; only those decode with a cache")
+        self.model = model
+        self.blocks = list(model.blocks.children())  # a sliced member holds exactly the blocks it runs
+
+    def cache_shapes(self, past: int = 0) -> list[tuple[int, ...]]:
+        """The shape of every cache input (key, value per block) for ``past`` positions."""
+        return [(1, block.attn.num_heads, past, block.attn.head_dim) for block in self.blocks for _ in PARTS]
+
+    def forward(self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        model = self.model
+        batch, sequence, cached = tokens.shape[0], tokens.shape[1], past[0].shape[2]
+        x = model.tok_embed(tokens) + model.pos_embed[:, cached : cached + sequence]
+        positions = torch.arange(cached + sequence, device=tokens.device)
+        visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
+        present = []
+        for block, past_key, past_value in zip(self.blocks, past[0::2], past[1::2]):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            k = torch.cat([past_key.expand(batch, -1, -1, -1), k], dim=2)
+            v = torch.cat([past_value.expand(batch, -1, -1, -1), v], dim=2)
+            present += [k, v]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            x = x + attn.proj(out.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.norm2(x))
+        return (model.lm_head(model.norm(x)), *present)
+
+
+def add_empty_cache_defaults(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every cache input an empty initializer of the same name: omitted, it means no past."""
+    for graph_input in proto.graph.input:
+        if graph_input.name.startswith(PAST + "."):
+            dims = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+            dims[2] = 0
+            proto.graph.initializer.append(numpy_helper.from_array(np.zeros(dims, np.float32), graph_input.name))
+    return proto
