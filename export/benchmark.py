@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Hashable, Iterable
 
 import onnxruntime as ort
 import torch
@@ -54,12 +54,17 @@ class MemberResult:
         }
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median milliseconds of each callable, run in turn once per repeat after ``warmup``."""
-    for _ in range(warmup):
-        for run in runs.values():
+def time_interleaved(runs: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[Hashable, float]:
+    """Median milliseconds of each callable.
+
+    Each callable is first warmed up on its own, ``warmup`` runs back to back (its first runs
+    pay for allocation and cold caches); then every callable runs once per repeat, in turn, so
+    that a slow spell of a shared machine hits all of them alike instead of whichever ran then.
+    """
+    for run in runs.values():
+        for _ in range(warmup):
             run()
-    samples: dict[str, list[float]] = {name: [] for name in runs}
+    samples: dict[Hashable, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             time.sleep(PAUSE_S)
@@ -89,8 +94,9 @@ def member_metric(metadata: dict) -> tuple[str | None, float | None]:
     return None, None
 
 
-def bench_member(member: Member, batch_sizes: Iterable[int], repeats: int, threads: int, workdir: Path) -> MemberResult:
-    """Export a sliced member (verified against PyTorch), then time both runtimes side by side.
+def prepare_member(member: Member, batch_sizes: Iterable[int], threads: int, workdir: Path) -> tuple[MemberResult, dict]:
+    """Export a sliced member (verified against PyTorch); its result to fill in and its timed
+    runs, keyed ``(runtime, batch size)``.
 
     The exporter merges low-rank layers whose dense form is cheaper, in place, so PyTorch
     runs the very network that the ONNX file holds.
@@ -100,17 +106,13 @@ def bench_member(member: Member, batch_sizes: Iterable[int], repeats: int, threa
     result = MemberResult(member.subnet, exported.num_params, exported.flops, *member_metric(member.metadata))
     session = onnx_session(exported.path, threads)
     torch.manual_seed(0)
+    runs = {}
     for batch_size in batch_sizes:
         x = model.example_input(batch_size)  # full images, or a full context of tokens
-        x_numpy = x.numpy()
-        with torch.inference_mode():
-            medians = time_interleaved(
-                {"pytorch": lambda: model(x), "onnxruntime": lambda: session.run(["logits"], {"input": x_numpy})},
-                repeats,
-            )
-        for runtime, ms in medians.items():
-            result.latency_ms.setdefault(runtime, {})[batch_size] = ms
-    return result
+        feed = {"input": x.numpy()}
+        runs["pytorch", batch_size] = lambda x=x: model(x)
+        runs["onnxruntime", batch_size] = lambda feed=feed: session.run(["logits"], feed)
+    return result, runs
 
 
 def choose_subnets(model: ElasticModel, widths: list[float] | None, ranks: list[float] | None) -> list[Subnet]:
@@ -136,7 +138,12 @@ def bench_family(
     repeats: int = 10,
     threads: int | None = None,
 ) -> list[MemberResult]:
-    """Measure every member in ``subnets`` of the family in ``source`` at batch 1 and ``batch_size``."""
+    """Measure every member in ``subnets`` of the family in ``source`` at batch 1 and ``batch_size``.
+
+    Every member is exported first; then all members, runtimes and batch sizes are timed in
+    one interleaved series (:func:`time_interleaved`), so that no member is measured during a
+    quieter or busier spell than another.
+    """
     if repeats < 1 or batch_size < 1:
         raise ValueError("repeats and batch size must be at least 1")
     threads = threads or torch.get_num_threads()
@@ -144,12 +151,16 @@ def bench_family(
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="zoo-bench-") as workdir:
-            return [
-                bench_member(source.member(subnet), sorted({1, batch_size}), repeats, threads, Path(workdir))
-                for subnet in subnets
-            ]
+            prepared = [prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir)) for subnet in subnets]
+            runs = {(i, *key): run for i, (_, member_runs) in enumerate(prepared) for key, run in member_runs.items()}
+            with torch.inference_mode():
+                medians = time_interleaved(runs, repeats)
     finally:
         torch.set_num_threads(previous_threads)
+    results = [result for result, _ in prepared]
+    for (i, runtime, batch), ms in medians.items():
+        results[i].latency_ms.setdefault(runtime, {})[batch] = ms
+    return results
 
 
 def member_label(subnet: Subnet) -> str:
@@ -161,33 +172,118 @@ def check_plot_path(path: str | os.PathLike) -> None:
         raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {path}")
 
 
+OUTLIER_FACTOR = 10.0  # a latency this many times the median of all is drawn at the axis edge
+LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (5, -20), (-5, 13), (-5, -20), (5, 22), (-5, 22), (5, -29), (-5, -29)]
+
+
 def plot_results(results: list[MemberResult], path: str | os.PathLike, title: str) -> Path:
-    """Metric (or FLOPs when no metric is known) against batch-1 latency, one point per member."""
+    """Metric (or FLOPs when no metric is known) against batch-1 latency, one point per member
+    and runtime; written as PNG."""
+    import matplotlib.pyplot as plt
+
+    check_plot_path(path)
+    fig = draw_results(results, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_results(results: list[MemberResult], title: str):
+    """The figure of :func:`plot_results`. The latency axis fits the data: logarithmic when
+    latencies span more than a factor of 8, and a latency above ``OUTLIER_FACTOR`` times the
+    median is drawn as an arrow at the edge with its value, so it cannot squeeze the others.
+    Labels are placed where they overlap no other label and no point."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    check_plot_path(path)
     with_metric = all(r.metric is not None for r in results) and len({r.metric_name for r in results}) == 1
     ys = [r.metric if with_metric else r.flops / 1e6 for r in results]
     ylabel = results[0].metric_name.replace("_", " ") if with_metric else "MFLOPs (no metric recorded)"
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for runtime, marker in zip(RUNTIMES, ("o", "s")):
-        xs = [r.latency_ms[runtime][1] for r in results]
-        ax.plot(xs, ys, marker=marker, linestyle="none", label=runtime)
-        for x, y, r in zip(xs, ys, results):
-            ax.annotate(member_label(r.subnet), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("latency at batch 1 (ms, median)")
+    latencies = [r.latency_ms[runtime][1] for runtime in RUNTIMES for r in results]
+    cap = OUTLIER_FACTOR * statistics.median(latencies)
+    inliers = [x for x in latencies if x <= cap]
+    low, high = min(inliers), max(inliers)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
+    logarithmic = high / low > 8
+    if logarithmic:
+        ax.set_xscale("log")
+        left, right = low / 1.25, high * 1.25
+    else:
+        pad = 0.08 * (high - low) or 0.1 * high
+        left, right = max(0.0, low - pad), high + pad
+    if len(inliers) < len(latencies):
+        right = high * 1.6 if logarithmic else high + 3 * pad  # room for the arrows
+    ax.set_xlim(left, right)
+    points, labels = [], []
+    order = range(len(results))  # members in the caller's order: the line is the family's trade-off curve
+    for runtime, marker, color in zip(RUNTIMES, ("o", "s"), ("tab:blue", "tab:orange")):
+        xs = [results[i].latency_ms[runtime][1] for i in order]
+        shown = [min(x, right / 1.08 if logarithmic else right - pad) for x in xs]
+        ax.plot(shown, [ys[i] for i in order], marker=marker, color=color, linestyle=":", linewidth=0.8, label=runtime)
+        for x, x_shown, i in zip(xs, shown, order):
+            text = member_label(results[i].subnet)
+            if x > cap:
+                ax.plot([x_shown], [ys[i]], marker=">", color=color, markersize=9)
+                text += f" ({x:.0f} ms, off scale)"
+            points.append((x_shown, ys[i]))
+            labels.append(text)
+    ax.set_xlabel("latency at batch 1 (ms, median" + (", log scale)" if logarithmic else ")"))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.grid(True, alpha=0.3, which="both")
+    ax.margins(y=0.15)
+    ax.legend(loc="best")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    _place_labels(fig, ax, points, labels)
+    return fig
+
+
+def _place_labels(fig, ax, points: list[tuple[float, float]], labels: list[str]) -> None:
+    """Annotate each point at the first offset whose text box overlaps no placed label, no
+    point marker and stays inside the axes (else at the offset that overlaps least)."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    marker_boxes = []
+    for x, y in points:
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append(_bbox(px - 4, py - 4, px + 4, py + 4))
+    placed = []
+    for (x, y), text in zip(points, labels):
+        best, best_cost = None, None
+        for dx, dy in LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")  # fmt: skip
+            box = note.get_window_extent(renderer).padded(2)  # a little air between labels
+            cost = sum(_overlap(box, other) for other in placed + marker_boxes) + 10 * _outside(box, frame)
+            if best_cost is None or cost < best_cost:
+                if best is not None:
+                    best.remove()
+                best, best_cost, best_box = note, cost, box
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        placed.append(best_box)
+
+
+def _bbox(x0: float, y0: float, x1: float, y1: float):
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def _overlap(a, b) -> float:
+    width = min(a.x1, b.x1) - max(a.x0, b.x0)
+    height = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(0.0, width) * max(0.0, height)
+
+
+def _outside(box, frame) -> float:
+    """Area of ``box`` outside ``frame``."""
+    return box.width * box.height - _overlap(box, frame)
 
 
 def format_count(n: float) -> str:
