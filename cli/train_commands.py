@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 
 from .app import PRETRAINED, command, weights_file
+from .members import MEMBER, parse_members
 
 
 class Strategy(str, Enum):
@@ -21,6 +22,11 @@ class Strategy(str, Enum):
     all = "all"
     random = "random"
     separate = "separate"
+
+
+class Space(str, Enum):
+    uniform = "uniform"
+    layerwise = "layerwise"
 
 
 class Optimizer(str, Enum):
@@ -43,6 +49,8 @@ def train_command(
     width: Optional[List[float]] = typer.Option(None, "--width", help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1."),
     low_rank: bool = typer.Option(False, "--low-rank", help="Build the family with factorized (low-rank) layers."),
+    member: Optional[List[str]] = MEMBER,
+    space: Space = typer.Option(Space.uniform, "--space", help="random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth independently (layerwise, Once-for-All)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps; default 600 (images) or 1000 (byte models)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (split over processes); default 128 (images) or 16 (byte models)."),
@@ -76,7 +84,7 @@ def train_command(
 
     config = TrainConfig(
         model=model, out=str(out), data=data, strategy=strategy.value, widths=width or None, ranks=rank or None,
-        low_rank=low_rank, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+        extra_members=parse_members(member) or None, space=space.value, low_rank=low_rank, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, momentum=momentum,
         nesterov=nesterov, warmup_steps=warmup_steps, clip_grad=clip_grad, label_smoothing=label_smoothing,
         core_prob=core_prob, num_random=num_random, seq_len=seq_len, img_size=img_size,
@@ -119,6 +127,7 @@ def eval_command(
     data: Optional[str] = typer.Option(None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."),
     width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to evaluate (repeatable); default: the trained members."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."),
+    member: Optional[List[str]] = MEMBER,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 8192 bytes of byte windows."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on the first N validation items only."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
@@ -127,29 +136,26 @@ def eval_command(
     """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
     import zoo
     from training.distributed import resolve_device
-    from training.evaluate import choose_members, data_for, default_batch_size, evaluate, metric_name
+    from training.evaluate import calibration_batches, data_for, default_batch_size, evaluate, metric_name
+    from zoo.members import calibrate_members, select_members
 
     torch_device = resolve_device(device.value)
     model = zoo.load(weights_file(weights, pretrained)).to(torch_device)
-    members = choose_members(model, width, rank)
+    members = select_members(model, width, rank, parse_members(member))
     bundle = data_for(model, data)
+    recalibrated = calibrate_members(model, members, calibration_batches(bundle))
+    if recalibrated:
+        typer.echo(f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} (training split)", err=True)
     started = time.perf_counter()
     with _EvalProgress(f"evaluating {model.arch} ({len(members)} members)") as progress:
         records = evaluate(model, bundle.val, members, batch_size=batch_size or default_batch_size(model), limit=limit, progress=progress)
     if json_output:
         typer.echo(json.dumps(records))
         return
-    params = {s.key: _member_params(model, s) for s in members}
+    params = {s.key: zoo.count_params(model, s) for s in members}
     count = min(len(bundle.val), limit or len(bundle.val))
     title = f"{model.arch} on {bundle.spec} (validation, {count} items, {time.perf_counter() - started:.1f} s)"
     _print_members(title, records, metric_name(model), params)
-
-
-def _member_params(model, subnet) -> int:
-    import zoo
-
-    masks = zoo.parameter_masks(model, subnet)
-    return sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in model.named_parameters())
 
 
 def _print_members(title: str, records: list[dict], metric: str, params: dict[str, int]) -> None:

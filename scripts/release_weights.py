@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from training.evaluate import data_for, default_members, evaluate  # noqa: E402
+from training.evaluate import data_for, evaluate  # noqa: E402
+from zoo.members import trained_members  # noqa: E402
 
 EVAL_BATCH_SIZE = 256  # zoo eval's default: the same batches give the same sums
 CHECK_ITEMS = {"image": 256, "tokens": 8}
@@ -32,7 +33,7 @@ def release(run_file: Path, command: str, dtype: str, out_dir: Path) -> Path:
     torch.set_num_threads(1)  # CPU reductions in one fixed order (what the tests use too)
     source = zoo.load(run_file)
     metadata = dict(source.zoo_metadata)
-    members = default_members(source)
+    members = trained_members(source)
     target = out_dir / f"{source.arch}.safetensors"
     with tempfile.TemporaryDirectory() as scratch:
         rounded = zoo.load(zoo.save(source, Path(scratch) / "rounded.safetensors", metadata=metadata, dtype=dtype))

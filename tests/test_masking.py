@@ -119,3 +119,31 @@ def test_mask_union_of_a_step():
     assert union.keys() == half.keys() and all(torch.equal(union[p], half[p] | quarter[p]) for p in union)
     assert cache.union([Subnet(0.25), model.largest]) is None
     assert cache.union([Subnet(0.5)]) is half  # cached
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_a_structured_core_that_skips_blocks_leaves_them_bit_identical(kind):
+    """A member narrower in one stage and shallower in another: the skipped blocks' parameters,
+    and their momentum or moments, do not move; the member's own parameters do."""
+    model = _model(False)
+    optimizer = _optimizer(kind, model)
+    core = model.resolve_subnet({"width": [0.5, 1, 0.5], "depth": [3, 1, 2]})
+    cache = MaskCache(model)
+    masks = cache.member(core)
+    skipped = [n for n, p in model.named_parameters() if n.startswith(("stages.1.1.", "stages.1.2.", "stages.2.2."))]
+    assert skipped and all(not masks[dict(model.named_parameters())[n]].any() for n in skipped)
+    for _ in range(2):
+        _train_step(model, optimizer, model.largest, None)
+    before = _snapshot(model, optimizer)
+    for _ in range(3):
+        model.train()
+        model.set_subnet(core, for_training=True)  # a drawn member: batch statistics
+        x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        masked_step(optimizer, masks)
+    after = _snapshot(model, optimizer)
+    outside_equal, moved = _outside_and_inside(model, masks, before, after)
+    assert outside_equal and moved > 0
+    assert all(torch.equal(before[f"param:{n}"], after[f"param:{n}"]) for n in skipped)
+    assert not torch.equal(before["param:stages.0.2.conv1.weight"], after["param:stages.0.2.conv1.weight"])

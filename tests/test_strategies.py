@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zoo
-from training.strategies import Pass, create_strategy, members_for
+from training.strategies import LayerwiseSpace, Pass, create_strategy, members_for
 from training.trainer import TrainConfig, train
 from zoo import Subnet
 
@@ -20,13 +20,46 @@ def _plans(strategy, steps: int, start: int = 0) -> list[list[Pass]]:
     return [strategy.plan(t) for t in range(start, start + steps)]
 
 
+def _meta(name: str = "slim_resnet20", **kwargs) -> zoo.ElasticModel:
+    with torch.device("meta"):
+        return zoo.create_model(name, **kwargs)
+
+
 def test_members_are_the_product_plus_the_full_model_for_joint_strategies():
-    assert members_for("alternating", [0.5], None, FULL) == [Subnet(0.5), FULL]
-    low = members_for("all", [0.5, 1.0], [0.25], Subnet(1.0, 1.0))
+    dense, low_rank = _meta(), _meta(low_rank=True)
+    assert members_for("alternating", [0.5], None, dense) == [Subnet(0.5), FULL]
+    low = members_for("all", [0.5, 1.0], [0.25], low_rank)
     assert low == [Subnet(0.5, 0.25), Subnet(1.0, 0.25), Subnet(1.0, 1.0)]
-    assert members_for("separate", [0.5], None, FULL) == [Subnet(0.5)]
+    assert members_for("separate", [0.5], None, dense) == [Subnet(0.5)]
+    shallow = members_for("alternating", [], None, dense, extra=[{"width": [0.5, 1, 1], "depth": [1, 3, 3]}])
+    assert shallow == [Subnet(width=[0.5, 1.0, 1.0], depth=[1, 3, 3]), FULL]
     with pytest.raises(ValueError, match="unknown strategy"):
-        members_for("greedy", [0.5], None, FULL)
+        members_for("greedy", [0.5], None, dense)
+    with pytest.raises(ValueError, match="depth of stage 0 must be an integer in \\[1, 3\\]"):
+        members_for("alternating", [], None, dense, extra=[{"depth": [4, 3, 3]}])
+
+
+def test_layerwise_space_draws_every_stage_independently_and_resumes():
+    model = _meta()
+    space = LayerwiseSpace(model)
+    strategy = create_strategy("random", [FULL], FULL, seed=0, space=space)
+    first = _plans(strategy, 50)
+    drawn = [plan[0].subnet for plan in first]
+    assert len(set(drawn)) > 40 and any(not s.is_uniform for s in drawn)
+    assert {d for s in drawn for d in model.expand(s)["depth"]} == {1, 2, 3}
+    assert {w for s in drawn for w in model.expand(s)["width"]} == {0.25, 0.5, 0.75, 1.0}
+    state = strategy.state_dict()
+    later = _plans(strategy, 20, start=50)
+    again = create_strategy("random", [FULL], FULL, seed=0, space=space)
+    assert _plans(again, 50) == first  # seeded
+    again.load_state_dict(state)
+    assert _plans(again, 20, start=50) == later  # resumes where it was
+
+    sandwich = create_strategy("sandwich", [FULL], FULL, seed=0, num_random=2, space=space)
+    plan = sandwich.plan(0)
+    assert plan[0] == Pass(FULL) and plan[1] == Pass(Subnet(width=0.25, depth=[1, 1, 1]), distill=True) and len(plan) == 4
+    with pytest.raises(ValueError, match="--space layerwise applies to"):
+        create_strategy("alternating", [Subnet(0.5), FULL], FULL, seed=0, space=space)
 
 
 def test_alternating_switches_between_full_and_core_steps():

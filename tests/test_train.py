@@ -89,14 +89,16 @@ def _image_folder(tmp_path: Path) -> Path:
 def _resume_case(kind: str, tmp_path: Path) -> dict:
     if kind == "resnet":
         return dict(model="slim_resnet20", strategy="alternating", widths=[0.5], steps=6, batch_size=32, eval_every=2)
+    if kind == "layerwise":  # members drawn from the whole space, periodic batch-norm recalibration
+        return dict(model="slim_resnet20", strategy="sandwich", space="layerwise", num_random=1, steps=6, batch_size=32, eval_every=2)
     if kind == "augmented":  # 33 training images, 4 steps per epoch: the resumed part crosses an epoch
         return dict(model="slim_resnet20", data=f"folder:{_image_folder(tmp_path)}", img_size=8, strategy="random",
                     steps=6, batch_size=8, eval_every=2, optimizer="adamw", lr=1e-3)  # fmt: skip
-    return dict(model="slim_gpt_nano", data=f"text:{_text_corpus(tmp_path)}", strategy="sandwich", widths=[0.25, 0.5, 0.75],
+    return dict(model="slim_gpt_nano", data=f"text:{_text_corpus(tmp_path)}", strategy="sandwich", space="layerwise", widths=[0.25, 0.5, 0.75],
                 num_random=1, seq_len=32, steps=6, batch_size=4, eval_every=2, eval_limit=8, warmup_steps=2)  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["resnet", "augmented", "gpt"])
+@pytest.mark.parametrize("kind", ["resnet", "layerwise", "augmented", "gpt"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path):
     case = _resume_case(kind, tmp_path)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **case))

@@ -8,6 +8,7 @@ model needs per byte of validation text. ``loss`` is always the mean cross-entro
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Callable, Sequence
 
@@ -80,7 +81,7 @@ def evaluate(
                 if progress is not None:
                     progress(done, total)
     finally:
-        model.set_subnet(previous)
+        model.set_subnet(previous, for_training=True)
         model.train(was_training)
     results = []
     for i, subnet in enumerate(subnets):
@@ -90,26 +91,16 @@ def evaluate(
     return results
 
 
-def default_members(model: zoo.ElasticModel) -> list[Subnet]:
-    """The members a weights file was trained for: those with recorded metrics, else its grid."""
-    recorded = getattr(model, "zoo_metadata", {}).get("metrics") or []
-    members = [Subnet.from_dict(r["subnet"]) for r in recorded if isinstance(r, dict) and "subnet" in r]
-    return members or list(model.subnets)
+def calibration_batches(bundle, batch_size: int = 64, limit: int = 8) -> list[torch.Tensor]:
+    """Batch-norm recalibration inputs: the first ``limit`` batches of the training split,
+    without augmentation (what an untrained member's statistics are estimated from)."""
+    from .data import batches
 
-
-def choose_members(model: zoo.ElasticModel, widths: Sequence[float] | None, ranks: Sequence[float] | None) -> list[Subnet]:
-    """The product of the given widths and ranks (each defaulting to the trained members'
-    values), validated against the model's space; nothing given: the trained members."""
-    members = default_members(model)
-    if not widths and not ranks:
-        return members
-    widths = list(widths or sorted({s.width for s in members}))
-    rank_values = list(ranks) if ranks else sorted({s.rank for s in members}, key=lambda r: r or 0.0)
-    chosen = sorted({model.resolve_subnet(w, r) for w in widths for r in rank_values}, key=lambda s: (s.width, s.rank or 0.0))
-    with zoo.subnet(model):  # validates each (batch-norm statistics must exist), then restores
-        for subnet in chosen:
-            model.set_subnet(subnet)
-    return chosen
+    train = bundle.train
+    if getattr(train, "augment", False):
+        train = copy.copy(train)
+        train.augment = False
+    return list(batches(train, batch_size, limit=limit))
 
 
 def data_for(model: zoo.ElasticModel, spec: str | None):
@@ -132,3 +123,27 @@ def data_for(model: zoo.ElasticModel, spec: str | None):
     if bundle.num_classes != model.num_classes:
         raise ValueError(f"{model.arch} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
     return bundle
+
+
+class MemberScorer:
+    """The metric of one member on a fixed validation subset (for ``zoo search``).
+
+    A batch-norm member without statistics is recalibrated first on ``calibration`` batches
+    (and keeps them, so its slice and export need no more data).
+    """
+
+    def __init__(self, model: zoo.ElasticModel, bundle, limit: int | None = None, batch_size: int | None = None):
+        self.model, self.val, self.limit = model, bundle.val, limit
+        self.batch_size = batch_size or default_batch_size(model)
+        self.calibration = calibration_batches(bundle) if model.uses_batchnorm else []
+        self.metric = metric_name(model)
+
+    def prepare(self, member: Subnet) -> None:
+        """Give ``member`` batch-norm statistics if it has none (slicing needs them)."""
+        from zoo.members import calibrate_members
+
+        calibrate_members(self.model, [member], self.calibration)
+
+    def __call__(self, member: Subnet) -> float:
+        self.prepare(member)
+        return evaluate(self.model, self.val, [member], self.batch_size, self.limit)[0][self.metric]

@@ -30,6 +30,7 @@ A step that trains the largest member is unmasked and costs nothing extra.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Iterable
 
 import torch
@@ -44,25 +45,28 @@ Masks = dict[nn.Parameter, torch.Tensor]
 class MaskCache:
     """The update mask of each step: the union of the regions of the members it trained.
 
-    Masks are computed once per member (and per set of members) and hold only parameters that
-    the member does not cover completely; ``None`` means "unmasked".
+    Masks hold only parameters that the member does not cover completely; ``None`` means
+    "unmasked". The most recently used ``size`` members (and sets of members) are kept: enough
+    for every grid, bounded for a layerwise run that draws a new member almost every step.
     """
 
-    def __init__(self, model: zoo.ElasticModel):
-        self.model = model
+    def __init__(self, model: zoo.ElasticModel, size: int = 64):
+        self.model, self.size = model, size
         self._params = dict(model.named_parameters())
-        self._members: dict[Subnet, Masks | None] = {}
-        self._unions: dict[frozenset[Subnet], Masks | None] = {}
+        self._members: OrderedDict[Subnet, Masks | None] = OrderedDict()
+        self._unions: OrderedDict[frozenset[Subnet], Masks | None] = OrderedDict()
 
     def member(self, subnet: Subnet) -> Masks | None:
         if subnet not in self._members:
             if subnet == self.model.largest:
-                self._members[subnet] = None
+                masks = None
             else:
                 regions = zoo.parameter_masks(self.model, subnet)
-                # A parameter the member does not use at all gets an all-False mask.
-                masks = {p: regions.get(name, torch.zeros_like(p, dtype=torch.bool)) for name, p in self._params.items()}
-                self._members[subnet] = {p: m for p, m in masks.items() if not bool(m.all())} or None
+                # A parameter the member does not use at all (a skipped block) gets an all-False mask.
+                every = {p: regions.get(name, torch.zeros_like(p, dtype=torch.bool)) for name, p in self._params.items()}
+                masks = {p: m for p, m in every.items() if not bool(m.all())} or None
+            _remember(self._members, subnet, masks, self.size)
+        self._members.move_to_end(subnet)
         return self._members[subnet]
 
     def union(self, subnets: Iterable[Subnet]) -> Masks | None:
@@ -70,8 +74,15 @@ class MaskCache:
         key = frozenset(subnets)
         if key not in self._unions:
             parts = [self.member(s) for s in key]
-            self._unions[key] = parts[0] if len(parts) == 1 else _union(parts)
+            _remember(self._unions, key, parts[0] if len(parts) == 1 else _union(parts), self.size)
+        self._unions.move_to_end(key)
         return self._unions[key]
+
+
+def _remember(cache: OrderedDict, key, value, size: int) -> None:
+    cache[key] = value
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def _union(parts: list[Masks | None]) -> Masks | None:

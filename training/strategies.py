@@ -17,6 +17,11 @@ restores the generator from its checkpoint) chooses what the uninterrupted run w
 * ``all``: every member each step (MatFormer).
 * ``random``: one member, sampled uniformly, per step (Once-for-All, whittle).
 * ``separate``: one member trained alone; the baseline every comparison needs.
+
+``random`` and ``sandwich`` draw from the trained members (``space="uniform"``, the default)
+or from the family's whole space (``space="layerwise"``, Once-for-All): each stage's or
+block's width, rank and depth drawn independently, so members off the diagonal are trained
+too, and the bottom of the sandwich is the narrowest and shallowest member.
 """
 
 from __future__ import annotations
@@ -27,10 +32,25 @@ from typing import ClassVar, Sequence
 
 import torch
 
+import zoo
 from zoo import Subnet
 from zoo.subnet import grid
 
 STRATEGIES = ("alternating", "sandwich", "all", "random", "separate")
+SPACES = ("uniform", "layerwise")
+SAMPLING = ("random", "sandwich")  # the strategies that draw members, and so take a space
+
+
+class LayerwiseSpace:
+    """Members drawn from a family's whole space: per stage or block, the width (and rank) from
+    the trained widths (ranks) and the depth from 1 to full, independently."""
+
+    def __init__(self, model: zoo.ElasticModel):
+        self.model = model
+        self.smallest = model.smallest_member(layerwise=True)
+
+    def sample(self, generator: torch.Generator) -> Subnet:
+        return self.model.resolve_subnet(self.model.sample_member(generator, layerwise=True))
 
 
 @dataclass(frozen=True)
@@ -89,19 +109,22 @@ class Alternating(Strategy):
 class Sandwich(Strategy):
     name = "sandwich"
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, num_random: int = 2):
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, num_random: int = 2, space: LayerwiseSpace | None = None):
         super().__init__(members, largest, seed)
         if num_random < 0:
             raise ValueError(f"--num-random must be >= 0, got {num_random}")
-        if len(self.members) < 2:
+        if len(self.members) < 2 and space is None:
             raise ValueError("the sandwich strategy needs at least two members (a --width or --rank below the largest)")
-        self.num_random = num_random
-        self.smallest = self.members[0]
+        self.num_random, self.space = num_random, space
+        self.smallest = self.members[0] if space is None else space.smallest
         self.middle = [s for s in self.members if s not in (largest, self.smallest)]
 
     def plan(self, step: int) -> list[Pass]:
-        order = torch.randperm(len(self.middle), generator=self.generator)[: self.num_random].tolist()
-        chosen = [self.middle[i] for i in sorted(order)]
+        if self.space is not None:
+            chosen = [self.space.sample(self.generator) for _ in range(self.num_random)]
+        else:
+            order = torch.randperm(len(self.middle), generator=self.generator)[: self.num_random].tolist()
+            chosen = [self.middle[i] for i in sorted(order)]
         return [Pass(self.largest), Pass(self.smallest, distill=True), *[Pass(s, distill=True) for s in chosen]]
 
 
@@ -115,8 +138,12 @@ class All(Strategy):
 class Random(Strategy):
     name = "random"
 
+    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, space: LayerwiseSpace | None = None):
+        super().__init__(members, largest, seed)
+        self.space = space
+
     def plan(self, step: int) -> list[Pass]:
-        return [Pass(self._pick(self.members))]
+        return [Pass(self._pick(self.members) if self.space is None else self.space.sample(self.generator))]
 
 
 class Separate(Strategy):
@@ -137,15 +164,22 @@ class Separate(Strategy):
 _CLASSES = {cls.name: cls for cls in (Alternating, Sandwich, All, Random, Separate)}
 
 
-def members_for(strategy: str, widths: Sequence[float], ranks: Sequence[float] | None, largest: Subnet) -> list[Subnet]:
-    """The trained members: the product of the width and rank lists, smallest first; joint
-    strategies also train the largest member (the full model)."""
+def members_for(
+    strategy: str,
+    widths: Sequence[float],
+    ranks: Sequence[float] | None,
+    model: zoo.ElasticModel,
+    extra: Sequence[dict] = (),
+) -> list[Subnet]:
+    """The trained members: the product of the width and rank lists plus the ``extra`` members
+    (any structure), validated against ``model`` and sorted smallest first; joint strategies
+    also train the largest member (the full model)."""
     if strategy not in _CLASSES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    members = grid(widths, ranks)
-    if strategy != "separate" and largest not in members:
-        members.append(largest)
-    return sorted(members, key=lambda s: (s.width, s.rank or 0.0))
+    members = {model.resolve_subnet(s) for s in [*grid(widths, ranks), *extra]}
+    if strategy != "separate":
+        members.add(model.largest)
+    return model._sorted(members)
 
 
 def create_strategy(
@@ -156,9 +190,13 @@ def create_strategy(
     *,
     core_prob: float = 0.5,
     num_random: int = 2,
+    space: LayerwiseSpace | None = None,
 ) -> Strategy:
-    """Build a strategy by name; its generator is seeded from ``seed`` alone."""
+    """Build a strategy by name; its generator is seeded from ``seed`` alone. ``space``: draw
+    from the layerwise space (``random`` and ``sandwich`` only)."""
     if name not in _CLASSES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
-    options = {"alternating": {"core_prob": core_prob}, "sandwich": {"num_random": num_random}}.get(name, {})
+    if space is not None and name not in SAMPLING:
+        raise ValueError(f"--space layerwise applies to the strategies that draw members ({', '.join(SAMPLING)}), not {name}")
+    options = {"alternating": {"core_prob": core_prob}, "sandwich": {"num_random": num_random, "space": space}, "random": {"space": space}}.get(name, {})
     return _CLASSES[name](members, largest, seed, **options)

@@ -45,11 +45,12 @@ from .data import DataBundle, batches, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
 from .masking import MaskCache, masked_step
 from .signals import Interrupted, StopSignals, ignore_stop_signals, signal_name
-from .strategies import STRATEGIES, Strategy, create_strategy, members_for
+from .strategies import SPACES, STRATEGIES, LayerwiseSpace, Strategy, create_strategy, members_for
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 CALIBRATION_BATCHES = 20  # training batches (unaugmented) per member for final BN statistics
+PERIODIC_CALIBRATION_BATCHES = 5  # the same before each periodic evaluation of a layerwise run
 
 # Defaults that depend on what the model reads: (images, byte tokens).
 KIND_DEFAULTS = {
@@ -71,6 +72,8 @@ class TrainConfig:
     strategy: str = "alternating"
     widths: list[float] | None = None  # default: 0.25, 0.5, 0.75, 1 (dense); 1 (low-rank)
     ranks: list[float] | None = None  # default with --low-rank: 0.25, 0.5, 0.75, 1
+    extra_members: list[dict] | None = None  # --member: members of any structure, trained too
+    space: str = "uniform"  # random/sandwich draw from the trained members, or "layerwise"
     low_rank: bool = False
     steps: int | None = None
     epochs: int | None = None
@@ -122,11 +125,16 @@ class TrainConfig:
         for r in self.ranks or []:
             check_fraction("--rank", r)
         distributed.resolve_device(self.device)
-        create_strategy(self.strategy, self.members(), self.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random)
+        if self.space not in SPACES:
+            raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        model = self.meta_model()
+        space = LayerwiseSpace(model) if self.space == "layerwise" else None
+        create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
 
-    @property
-    def largest(self) -> Subnet:
-        return Subnet(1.0, 1.0 if self.low_rank else None)
+    def meta_model(self) -> zoo.ElasticModel:
+        """The family's structure only (no memory, no initialisation): validates members."""
+        with torch.device("meta"):
+            return zoo.create_model(self.model, low_rank=self.low_rank)
 
     def member_lists(self) -> tuple[list[float], list[float] | None]:
         """The width and rank lists whose product (plus the largest member) is trained.
@@ -134,13 +142,15 @@ class TrainConfig:
         Defaults: every width of the grid (dense) or every rank at width 1 (low-rank); for the
         separate baseline, the full value of each axis not given.
         """
+        if self.extra_members and not self.widths and not self.ranks:
+            return [], ([] if self.low_rank else None)  # only the given members (and the largest)
         if self.strategy == "separate":
             return self.widths or [1.0], ((self.ranks or [1.0]) if self.low_rank else None)
         widths = self.widths or ([1.0] if self.low_rank else list(DEFAULT_GRID))
         return widths, ((self.ranks or list(DEFAULT_GRID)) if self.low_rank else None)
 
-    def members(self) -> list[Subnet]:
-        return members_for(self.strategy, *self.member_lists(), self.largest)
+    def members(self, model: zoo.ElasticModel) -> list[Subnet]:
+        return members_for(self.strategy, *self.member_lists(), model, self.extra_members or ())
 
     def resolved(self, input_kind: str) -> "TrainConfig":
         """A copy with every default filled in (what the run records)."""
@@ -286,10 +296,11 @@ class Trainer:
         if checkpoint is not None:
             _check_same_run(checkpoint["config"], cfg, self.out)
 
-        self.members = cfg.members()
+        self.members = cfg.members(cfg.meta_model())
         self.model = self._create_model().to(ctx.device)
         self.masks = MaskCache(self.model)
-        self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random)
+        space = LayerwiseSpace(self.model) if cfg.space == "layerwise" else None
+        self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random, space=space)
         self.optimizer = self._create_optimizer()
         self.scheduler = self._create_scheduler()
         self.step, self.history, self.previous_wall_s, self.checkpoint_step = 0, [], 0.0, None
@@ -345,7 +356,7 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         # A member that leaves a parameter entirely unused needs DDP's unused-parameter search.
-        unused = any(not bool(m.any()) for s in self.members for m in (self.masks.member(s) or {}).values())
+        unused = self.cfg.space == "layerwise" or any(not bool(m.any()) for s in self.members for m in (self.masks.member(s) or {}).values())
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=unused)
 
@@ -471,7 +482,7 @@ class Trainer:
         teacher, losses = None, []
         for i, part in enumerate(plan):
             if self.model.active_subnet != part.subnet:
-                self.model.set_subnet(part.subnet)
+                self.model.set_subnet(part.subnet, for_training=True)  # a drawn member trains on batch statistics
             last = i == len(plan) - 1
             with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
                 with autocast(self.ctx.device):
@@ -500,6 +511,8 @@ class Trainer:
     def _periodic_evaluation(self, throughput: float) -> None:
         if not self.ctx.is_main:
             return
+        if self.cfg.space == "layerwise" and self.model.uses_batchnorm:
+            self._recalibrate(PERIODIC_CALIBRATION_BATCHES)  # drawn members rarely are the evaluated ones
         records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit)
         self._log(records, throughput)
 
@@ -518,14 +531,18 @@ class Trainer:
         if not self.ctx.is_main:
             return self._result(None, [])
         if self.model.uses_batchnorm:
-            calibration = self._calibration_data()
-            for subnet in self.members:
-                inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size))
-                zoo.recalibrate_bn(self.model, inputs, subnet.width, subnet.rank)
+            self._recalibrate(CALIBRATION_BATCHES)
         metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size)
         self._log(metrics, throughput, final=True)
         path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
         return self._result(path, metrics)
+
+    def _recalibrate(self, num_batches: int) -> None:
+        """Batch-norm statistics of every trained member from ``num_batches`` training batches."""
+        calibration = self._calibration_data()
+        for subnet in self.members:
+            inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size, limit=num_batches))
+            zoo.recalibrate_bn(self.model, inputs, subnet)
 
     def _calibration_data(self):
         """A fixed random subset of the training split, without augmentation."""
@@ -562,10 +579,7 @@ class Trainer:
         return info
 
     def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:
-        params = {}
-        for subnet in self.members:
-            masks = self.masks.member(subnet) or {}
-            params[subnet.key] = sum(int(masks[p].sum()) if p in masks else p.numel() for p in self.model.parameters())
+        params = {subnet.key: zoo.count_params(self.model, subnet) for subnet in self.members}
         return TrainResult(self.out, path, metrics, self.step, self.total_steps, self.wall_time_s, metric_name(self.model), params, stopped_by=stopped_by)
 
 

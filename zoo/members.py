@@ -56,6 +56,54 @@ def member_metrics(metadata: dict, subnet: Subnet) -> list[dict]:
     return found
 
 
+def trained_members(model: ElasticModel) -> list[Subnet]:
+    """The members a weights file was trained for: those with recorded metrics, else its grid."""
+    recorded_metrics = getattr(model, "zoo_metadata", {}).get("metrics") or []
+    members = [Subnet.from_dict(r["subnet"]) for r in recorded_metrics if isinstance(r, dict) and "subnet" in r]
+    return members or list(model.subnets)
+
+
+def select_members(
+    model: ElasticModel,
+    widths: Iterable[float] | None = None,
+    ranks: Iterable[float] | None = None,
+    members: Iterable = (),
+) -> list[Subnet]:
+    """The members a command works on, validated and sorted smallest first: the product of
+    ``widths`` and ``ranks`` (each defaulting to the trained members' values) plus ``members``
+    (any structure); nothing given, the trained members."""
+    widths, ranks, members = list(widths or []), list(ranks or []), list(members)
+    trained = trained_members(model)
+    if not widths and not ranks and not members:
+        return trained
+    chosen = [model.resolve_subnet(m) for m in members]
+    if widths or ranks:
+        widths = widths or sorted({s.width for s in trained if s.width is not None})
+        rank_values = ranks or sorted({s.rank for s in trained if s.rank is not None}) or [None]
+        chosen += [model.resolve_subnet(w, r) for w in widths for r in rank_values]
+    return model._sorted(set(chosen))
+
+
+def untrained_error(model: ElasticModel, subnet: Subnet, where: str = "") -> ValueError:
+    """A batch-norm member without statistics and no data to recalibrate it on."""
+    return ValueError(
+        f"{model.arch}{where} has batch-norm statistics only for its trained members "
+        f"({model.trained_members()}); {subnet} is not one of them: pick one of those, "
+        "or recalibrate it on data (--calibrate DATA)"
+    )
+
+
+def calibrate_members(model: ElasticModel, members: Iterable[Subnet], calibration: Calibration | None) -> list[Subnet]:
+    """Recalibrate the batch-norm statistics of every member that has none (batches from
+    ``calibration``, loaded only if some member needs them); returns those recalibrated."""
+    missing = [s for s in members if model.needs_calibration(s)]
+    if missing and calibration is None:
+        raise untrained_error(model, missing[0])
+    for subnet in missing:
+        recalibrate_bn(model, calibration(model) if callable(calibration) else calibration, subnet)
+    return missing
+
+
 @dataclass
 class Member:
     """A standalone member and the metadata to store with it."""
@@ -102,11 +150,7 @@ class WeightsSource:
         recalibration = None
         if self.model.needs_calibration(subnet):
             if calibration is None:
-                raise ValueError(
-                    f"{self.model.arch} in {self.path} has batch-norm statistics only for its trained members "
-                    f"({self.model.trained_members()}); {subnet} is not one of them: pick one of those, "
-                    "or recalibrate it on data (--calibrate DATA)"
-                )
+                raise untrained_error(self.model, subnet, f" in {self.path}")
             counted = _Counted(calibration(self.model) if callable(calibration) else calibration)
             recalibrate_bn(self.model, counted, subnet)
             recalibration = {"batches": counted.seen, "data": calibration_source}

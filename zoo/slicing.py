@@ -33,13 +33,14 @@ def _build_member(model: ElasticModel, subnet: Subnet, device: torch.device | st
     return create_uninitialized(model.arch, device, **args)
 
 
-def _pairs(model: ElasticModel, member: ElasticModel):
+def _pairs(model: ElasticModel, member: ElasticModel, buffers: bool = True):
     """(name, member tensor, family tensor, row chunks) for every tensor of the member."""
     for name, module in member.named_modules():
         source = model.get_submodule(name)
         chunks = getattr(source, "chunks", 1)
         chunked = getattr(source, "chunked", ())
-        for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        tensors = [*module.named_parameters(recurse=False), *(module.named_buffers(recurse=False) if buffers else ())]
+        for pname, tensor in tensors:
             full_name = f"{name}.{pname}" if name else pname
             yield full_name, tensor, getattr(source, pname), chunks if pname in chunked else 1
 
@@ -68,14 +69,12 @@ def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tens
     sliced member's parameters and nothing else.
     """
     member = _build_member(model, model.resolve_subnet(subnet), "meta")
-    params = dict(model.named_parameters())
     masks = {}
-    for name, tensor, source, chunks in _pairs(model, member):
-        if name in params:
-            mask = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
-            blocks = mask.view(chunks, -1, *mask.shape[1:])  # one row block per fused chunk
-            blocks[(slice(None), slice(0, tensor.shape[0] // chunks), *(slice(0, n) for n in tensor.shape[1:]))] = True
-            masks[name] = mask
+    for name, tensor, source, chunks in _pairs(model, member, buffers=False):
+        mask = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
+        blocks = mask.view(chunks, -1, *mask.shape[1:])  # one row block per fused chunk
+        blocks[(slice(None), slice(0, tensor.shape[0] // chunks), *(slice(0, n) for n in tensor.shape[1:]))] = True
+        masks[name] = mask
     return masks
 
 
