@@ -10,6 +10,7 @@ from typing import List, Optional
 import typer
 
 from .app import PRETRAINED, command, weights_file
+from .members import MEMBER, parse_members
 
 
 class Device(str, Enum):
@@ -81,6 +82,8 @@ def bench_command(
     pretrained: bool = PRETRAINED,
     width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to measure (repeatable); default: the file's grid."),
     rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to measure (repeatable, low-rank families)."),
+    member: Optional[List[str]] = MEMBER,
+    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA", help="Data for the batch-norm statistics of untrained members; default: the data the file records."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="The larger batch, measured next to batch 1."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per runtime and batch (median reported)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for both runtimes; default: torch's."),
@@ -90,12 +93,17 @@ def bench_command(
     """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime."""
     import torch
 
-    from export.benchmark import bench_family, check_plot_path, choose_subnets, plot_results
+    from export.benchmark import bench_family, check_plot_path, plot_results
     from zoo import WeightsSource
+    from zoo.members import calibrate_members, select_members
+
+    from .export_commands import CalibrationData
 
     source = WeightsSource.open(weights_file(weights, pretrained))
     model = source.model
-    subnets = choose_subnets(model, width, rank)
+    subnets = select_members(model, width, rank, parse_members(member))
+    data = CalibrationData(calibrate, model)
+    calibrate_members(model, subnets, data.bn_batches() if data.spec else None)
     threads = threads or torch.get_num_threads()
     if plot is not None:
         check_plot_path(plot)  # before minutes of measuring, not after

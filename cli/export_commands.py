@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
 from .app import PRETRAINED, command, weights_file, zoo_module
+from .members import MEMBER, one_member
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
     import numpy as np
@@ -122,6 +123,7 @@ def slice_command(
     pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
+    member_json: Optional[List[str]] = MEMBER,
     calibrate: Optional[str] = CALIBRATE,
     out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
 ) -> None:
@@ -130,8 +132,10 @@ def slice_command(
     from zoo.weights import file_sha256
 
     weights = weights_file(weights, pretrained)
-    calibration = (lambda model: CalibrationData(calibrate, model).bn_batches()) if calibrate else None
-    member = zoo.slice_file(weights, out, width, rank, calibration, _bn_note(calibrate))
+    chosen = one_member(member_json, width, rank)
+    spec = calibrate or _recorded_data(weights)
+    calibration = (lambda model: CalibrationData(spec, model).bn_batches()) if spec else None  # loaded only if needed
+    member = zoo.slice_file(weights, out, chosen, rank, calibration, _bn_note(spec))
     params = sum(p.numel() for p in member.model.parameters())
     typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)")
     typer.echo(f"member {member.model.arch} {member.subnet}: {params:,} parameters")
@@ -149,6 +153,7 @@ def export_command(
     pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
+    member_json: Optional[List[str]] = MEMBER,
     all_members: bool = typer.Option(False, "--all", help="Export every trained member into the --out folder, with manifest.json."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write (a folder with --all)."),
     opset: Optional[int] = typer.Option(None, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or later); default: the exporter's."),
@@ -163,8 +168,9 @@ def export_command(
     from export.onnx_export import export_all, export_member
     from export.verify import require_device
 
-    if all_members and (width is not None or rank is not None):
-        raise typer.BadParameter("--all exports every trained member; leave out --width and --rank")
+    if all_members and (width is not None or rank is not None or member_json):
+        raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
+    chosen = one_member(member_json, width, rank)
     require_device(device.value)
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
@@ -176,16 +182,24 @@ def export_command(
             typer.echo(result.summary())
         typer.echo(f"wrote {manifest} ({len(results)} members)")
         return
-    member = source.member(width, rank, data.bn_batches() if calibrate else None, _bn_note(calibrate))
+    member = source.member(chosen, rank, data.bn_batches() if data.spec else None, _bn_note(data.spec))
     if member.recalibrated:
         typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
     options.update(_quantization_data(data, source.model, quantize))
     typer.echo(export_member(member, out, **options).summary())
 
 
-def _bn_note(calibrate: Optional[str]) -> Optional[str]:
+def _bn_note(spec: Optional[str]) -> Optional[str]:
     """How recalibration data is described in the member's metadata."""
-    return f"{calibrate} (training split, no augmentation, up to {BN_BATCHES} batches of {BN_BATCH_SIZE})" if calibrate else None
+    return f"{spec} (training split, no augmentation, up to {BN_BATCHES} batches of {BN_BATCH_SIZE})" if spec else None
+
+
+def _recorded_data(weights: Path) -> Optional[str]:
+    """The data spec a weights file records (what recalibrates an untrained member by default)."""
+    from zoo.members import recorded
+    from zoo.weights import read_header
+
+    return recorded(read_header(weights).get("metadata") or {}, "data")
 
 
 def _quantization_data(data: CalibrationData, model: "ElasticModel", quantize: Optional[Quantization]) -> dict:

@@ -115,22 +115,6 @@ def prepare_member(member: Member, batch_sizes: Iterable[int], threads: int, wor
     return result, runs
 
 
-def choose_subnets(model: ElasticModel, widths: list[float] | None, ranks: list[float] | None) -> list[Subnet]:
-    """The members to measure: the file's trained grid, or the grid of the given values."""
-    if not widths and not ranks:
-        return list(model.subnets)
-    widths = widths or sorted({s.width for s in model.subnets})
-    rank_values: list[float | None] = list(ranks) if ranks else sorted({s.rank for s in model.subnets}, key=lambda r: r or 0.0)
-    subnets = sorted({model.resolve_subnet(w, r) for w in widths for r in rank_values}, key=lambda s: (s.width, s.rank or 0.0))
-    untrained = [s for s in subnets if model.uses_batchnorm and s not in model.subnets]
-    if untrained:
-        raise ValueError(
-            f"{model.arch} has batch-norm statistics only for its trained members ({'; '.join(map(str, model.subnets))}), "
-            f"not for {untrained[0]}; bench one of those, or write a recalibrated member with `zoo slice --calibrate DATA` and bench that file"
-        )
-    return subnets
-
-
 def bench_family(
     source: WeightsSource,
     subnets: list[Subnet],

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
-from export.benchmark import choose_subnets
+from zoo.members import calibrate_members, select_members
 
 ACCURACY = {0.5: 0.81, 1.0: 0.9}
 
@@ -55,15 +55,19 @@ def test_bench_json_has_sizes_flops_latencies_and_metrics(weights):
         assert all(ms > 0 for ms in member["latency_ms"][runtime].values())
 
 
-def test_choose_subnets_defaults_to_the_trained_grid_and_validates():
+def test_members_default_to_the_trained_grid_are_validated_and_untrained_ones_recalibrated():
     family = zoo.create_model("slim_resnet20", low_rank=True, widths=[0.5, 1.0], ranks=[0.25, 1.0])
-    assert choose_subnets(family, None, None) == family.subnets
-    assert choose_subnets(family, [1.0], None) == [zoo.Subnet(1.0, 0.25), zoo.Subnet(1.0, 1.0)]
-    assert choose_subnets(family, None, [0.25]) == [zoo.Subnet(0.5, 0.25), zoo.Subnet(1.0, 0.25)]
+    assert select_members(family) == family.subnets
+    assert select_members(family, [1.0]) == [zoo.Subnet(1.0, 0.25), zoo.Subnet(1.0, 1.0)]
+    assert select_members(family, None, [0.25]) == [zoo.Subnet(0.5, 0.25), zoo.Subnet(1.0, 0.25)]
+    structured = {"width": [0.5, 1.0, 1.0], "rank": 0.25, "depth": [1, 3, 3]}
+    assert select_members(family, members=[structured]) == [family.resolve_subnet(structured)]
     with pytest.raises(ValueError, match="width must be in"):
-        choose_subnets(family, [1.5], None)
-    with pytest.raises(ValueError, match=r"not for width=0.75, rank=1; bench one of those"):
-        choose_subnets(family, [0.75], [1.0])
+        select_members(family, [1.5])
+    untrained = select_members(family, [0.75], [1.0])
+    assert untrained == [zoo.Subnet(0.75, 1.0)] and family.needs_calibration(untrained[0])
+    assert calibrate_members(family, untrained, [torch.randn(4, 3, 32, 32)]) == untrained
+    assert not family.needs_calibration(untrained[0])
 
 
 def test_bench_errors_are_one_line(weights, tmp_path):

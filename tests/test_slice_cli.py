@@ -64,12 +64,19 @@ def test_slice_writes_a_smaller_standalone_file_with_provenance(family, tmp_path
     assert "68,642 parameters" in result.output and "accuracy 0.6250" in result.output
 
 
-def test_an_untrained_member_is_refused_with_the_trained_ones_listed(family, tmp_path):
+def test_an_untrained_member_is_recalibrated_on_the_recorded_data_or_refused_without_it(family, tmp_path):
     out = tmp_path / "small.safetensors"
     result = invoke("slice", family, "--width", "0.75", "--out", out)
-    assert result.exit_code == 1 and result.stderr.count("\n") == 1
-    assert "width=0.5; width=1" in result.stderr and "--calibrate" in result.stderr
-    assert list(tmp_path.iterdir()) == [family]
+    assert result.exit_code == 0, result.output
+    assert "recalibrated on digits (training split" in result.output
+    assert zoo.load(out).zoo_metadata["bn_recalibration"]["data"].startswith("digits")
+
+    header = zoo.read_header(family)
+    bare = zoo.save(zoo.load(family), tmp_path / "bare.safetensors", metadata={"metrics": header["metadata"]["metrics"]})  # no data recorded
+    refused = invoke("slice", bare, "--width", "0.75", "--out", tmp_path / "refused.safetensors")
+    assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
+    assert "width=0.5; width=1" in refused.stderr and "--calibrate" in refused.stderr
+    assert not (tmp_path / "refused.safetensors").exists()
 
 
 def test_calibrate_recalibrates_an_untrained_member_on_data(family, tmp_path):
