@@ -40,6 +40,7 @@ from zoo.members import recorded
 from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
 from .merge import describe_merges, merge_low_rank
+from .onnx_header import read_onnx_header, zoo_record as zoo_record_of
 from .quantize import int8_record, method_for, quantization_report, quantize_int8
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
 
@@ -300,8 +301,8 @@ def export_file(
     return export_member(member, out, **options)
 
 
-def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.PathLike, **options) -> tuple[list[ExportResult], Path]:
-    """Export every trained member into ``out_dir`` plus ``manifest.json`` describing them.
+def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.PathLike, members: Iterable[Subnet] | None = None, **options) -> tuple[list[ExportResult], Path]:
+    """Export every trained member (or ``members``) into ``out_dir`` plus ``manifest.json``.
 
     The folder is locked meanwhile (``zoo.fileio.locked_folder``): a run or another export
     writing into it at the same time is refused, not mixed in.
@@ -312,12 +313,13 @@ def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.Pat
         raise ValueError(f"--all writes a folder, but {out_dir} is a file")
     source = weights if isinstance(weights, WeightsSource) else WeightsSource.open(weights)
     with locked_folder(out_dir, "zoo export --all"):
-        return _export_members(source, out_dir, options)
+        return export_members(source, out_dir, list(source.model.subnets if members is None else members), **options)
 
 
-def _export_members(source: WeightsSource, out_dir: Path, options: dict) -> tuple[list[ExportResult], Path]:
+def export_members(source: WeightsSource, out_dir: Path, members: list[Subnet], **options) -> tuple[list[ExportResult], Path]:
+    """``export_all`` for a caller that already holds ``out_dir``'s lock (``zoo search``)."""
     results = []
-    for subnet in source.model.subnets:
+    for subnet in members:
         member = source.member(subnet)
         results.append(export_member(member, out_dir / f"{source.model.arch}_{subnet.key}.onnx", **options))
     manifest = {
@@ -346,18 +348,6 @@ def _export_members(source: WeightsSource, out_dir: Path, options: dict) -> tupl
 
 
 def read_record(path: str | os.PathLike) -> dict:
-    """The zoo record of an exported file (ValueError for a foreign or corrupt file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf's DecodeError and friends
-        raise ValueError(f"{path} is not a readable ONNX file ({type(err).__name__})") from None
-    props = {p.key: p.value for p in proto.metadata_props}
-    if METADATA_KEY not in props:
-        raise ValueError(f"{path} is an ONNX file but not a zoo export (no 'zoo' metadata)")
-    try:
-        return json.loads(props[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise ValueError(f"{path} has corrupt zoo metadata") from None
+    """The zoo record of an exported file (ValueError for a foreign or corrupt file), read
+    without parsing the graph (:mod:`export.onnx_header`)."""
+    return zoo_record_of(read_onnx_header(path), path)

@@ -1,0 +1,50 @@
+"""Latency of a member in onnxruntime at batch 1, fast enough to measure hundreds of members.
+
+``zoo search`` measures every candidate it considers under a latency budget. The dynamo
+exporter that ``zoo export`` uses takes seconds to tens of seconds per member here, so the
+search exports its candidates with PyTorch's TorchScript exporter (under a second), which
+writes the same operators for these plain sliced networks; onnxruntime then applies the same
+graph optimisations to both. The member the search picks is exported for real and measured
+again on its own, and the search reports how far the two measurements are apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+import zoo
+from zoo import ElasticModel, Subnet
+
+from .benchmark import onnx_session, time_interleaved
+from .merge import merge_low_rank
+
+
+def session_latency(path: str | Path, example, threads: int = 1, repeats: int = 20) -> float:
+    """Median milliseconds of one batch through the ONNX file at ``path`` (after a warm-up)."""
+    session = onnx_session(path, threads)
+    name = session.get_inputs()[0].name
+    return time_interleaved({"ort": lambda: session.run(None, {name: example})}, repeats, warmup=3)["ort"]
+
+
+@torch.no_grad()
+def member_latency(model: ElasticModel, member: Subnet, threads: int = 1, repeats: int = 20) -> float:
+    """Median milliseconds of ``member`` of ``model`` at batch 1 in onnxruntime with ``threads``.
+
+    Batch-norm families need the member's statistics first (``zoo.recalibrate_bn``): it is
+    sliced like any export.
+    """
+    small = zoo.slice(model, member).eval()
+    merge_low_rank(small)
+    example = small.example_input(1)
+    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as work:
+        path = Path(work) / "member.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(small, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"], opset_version=17)
+        return session_latency(path, example.numpy(), threads, repeats)

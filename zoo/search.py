@@ -1,0 +1,280 @@
+"""Evolutionary search for the best member of a family under a budget (Once-for-All's recipe).
+
+A population of members drawn from the family's layerwise space is scored, the best quarter
+kept as parents, and the next generation bred from them: half by mutation (each stage's or
+block's width, rank and depth redrawn with a small probability), the rest by crossover (each
+group's choices taken from one of two parents). Members over the budget are never scored.
+Scores and costs come from callables, so the search knows nothing of data or runtimes: the
+caller measures accuracy (``training``) and latency (``export``).
+
+Every choice comes from one seeded generator, so with counted costs (parameters, FLOPs) the
+same seed gives the same members, scores and front. Measured latency is noisy, and a member
+near the budget may fall on either side of it from one run to the next.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .base import ElasticModel
+from .subnet import Subnet, Values
+
+COSTS = ("params", "flops", "latency")
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """An upper bound on one cost: parameters, FLOPs (per example) or latency in ms."""
+
+    kind: str
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Budget":
+        """``params=250k``, ``flops=2.5M``, ``latency=1.2`` (milliseconds)."""
+        match = re.fullmatch(r"\s*(\w+)\s*=\s*([0-9.eE+-]+)\s*([kKmMgG]?)\s*", text or "")
+        if not match or match.group(1) not in COSTS:
+            raise ValueError(f"--budget must be params=N, flops=N or latency=MS (N may end in k, M or G), got {text!r}")
+        try:
+            limit = float(match.group(2)) * _SUFFIX[match.group(3).lower()]
+        except ValueError:
+            raise ValueError(f"--budget {text!r}: {match.group(2)!r} is not a number") from None
+        if not limit > 0 or math.isinf(limit):
+            raise ValueError(f"--budget {text!r} must be a positive number")
+        return cls(match.group(1), limit)
+
+    def __str__(self) -> str:
+        return f"{self.kind} <= {self.limit:g}" + (" ms" if self.kind == "latency" else "")
+
+
+@dataclass
+class Candidate:
+    """A scored member: its metric and every cost measured for it."""
+
+    member: Subnet
+    metric: float
+    costs: dict[str, float]
+    generation: int
+
+    def to_dict(self) -> dict:
+        return {"member": self.member.to_dict(), "metric": self.metric, **self.costs, "generation": self.generation}
+
+
+@dataclass
+class SearchResult:
+    budget: Budget
+    metric: str
+    higher_is_better: bool
+    candidates: list[Candidate]  # every member scored, in the order scored
+    rejected: int  # members drawn over the budget (never scored)
+    history: list[float] = field(default_factory=list)  # best metric after each generation
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+    def ranked(self) -> list[Candidate]:
+        """Scored members, best metric first (ties: the cheaper first)."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return sorted(self.candidates, key=lambda c: (sign * c.metric, c.costs[self.budget.kind], c.member.key))
+
+    def front(self) -> list[Candidate]:
+        """The Pareto front over (budget cost, metric): no other member is as cheap and better."""
+        front: list[Candidate] = []
+        for c in sorted(self.candidates, key=lambda c: (c.costs[self.budget.kind], -c.metric if self.higher_is_better else c.metric)):
+            if not front or self.better(c.metric, front[-1].metric):
+                front.append(c)
+        return front
+
+
+class Evolution:
+    """The search over one model's space. ``cost(member)`` returns the costs (it must include
+    the budget's kind); ``score(member)`` the metric. Both are called at most once per member."""
+
+    def __init__(
+        self,
+        model: ElasticModel,
+        score: Callable[[Subnet], float],
+        cost: Callable[[Subnet], dict[str, float]],
+        budget: Budget,
+        *,
+        metric: str = "accuracy",
+        higher_is_better: bool = True,
+        seed: int = 0,
+        mutation_prob: float = 0.1,
+        parent_ratio: float = 0.25,
+        mutation_ratio: float = 0.5,
+        progress: Callable[[str], None] | None = None,
+    ):
+        self.model, self.score, self.cost, self.budget = model, score, cost, budget
+        self.generator = torch.Generator().manual_seed(seed)
+        self.mutation_prob, self.parent_ratio, self.mutation_ratio = mutation_prob, parent_ratio, mutation_ratio
+        self.result = SearchResult(budget, metric, higher_is_better, [], 0)
+        self.progress = progress or (lambda text: None)
+        self._scored: dict[Subnet, Candidate] = {}
+        self._costs: dict[Subnet, dict[str, float]] = {}
+        self._space = model._space
+
+    # ----- members within budget -------------------------------------------------------------
+    def _fits(self, member: Subnet) -> bool:
+        if member not in self._costs:
+            self._costs[member] = self.cost(member)
+        fits = self._costs[member][self.budget.kind] <= self.budget.limit
+        self.result.rejected += not fits
+        return fits
+
+    def _draw(self, make: Callable[[], Values], tries: int = 100) -> Subnet | None:
+        """A member from ``make`` that fits the budget (None after ``tries`` attempts)."""
+        for _ in range(tries):
+            member = self._space.compact(make())
+            if self._fits(member):
+                return member
+        return None
+
+    def _random(self) -> Values:
+        return self._space.sample(self.generator, self.model.width_choices, self.model.rank_choices, self.model.max_values, layerwise=True)
+
+    # ----- breeding ----------------------------------------------------------------------------
+    def _mutate(self, parent: Subnet) -> Values:
+        """Each group's choice of each axis redrawn with probability ``mutation_prob``."""
+        values = dict(self.model.expand(parent))
+        fresh = self._random()
+        for axis, genes in values.items():
+            if axis == "blocks":
+                kept = set(genes)
+                middle = list(self.model.max_values["blocks"])[1:-1]
+                for block in middle:
+                    if self._chance():
+                        kept ^= {block}
+                values[axis] = tuple(sorted(kept))
+            else:
+                values[axis] = tuple(new if self._chance() else old for old, new in zip(genes, fresh[axis]))
+        return values
+
+    def _crossover(self, a: Subnet, b: Subnet) -> Values:
+        """Each group's choices from one of the two parents, drawn per group."""
+        va, vb = self.model.expand(a), self.model.expand(b)
+        values = {}
+        for axis in va:
+            if axis == "blocks":  # blocks both parents keep stay; the others follow a coin
+                both, either = set(va[axis]) & set(vb[axis]), set(va[axis]) | set(vb[axis])
+                values[axis] = tuple(sorted(i for i in either if i in both or i in (va if self._coin() else vb)[axis]))
+            else:
+                values[axis] = tuple(x if self._coin() else y for x, y in zip(va[axis], vb[axis]))
+        return values
+
+    def _chance(self) -> bool:
+        return float(torch.rand((), generator=self.generator)) < self.mutation_prob
+
+    def _coin(self) -> bool:
+        return bool(torch.randint(2, (), generator=self.generator))
+
+    def _pick(self, parents: list[Subnet]) -> Subnet:
+        return parents[int(torch.randint(len(parents), (), generator=self.generator))]
+
+    def _fill(self, members: list[Subnet], size: int, make: Callable[[], Values]) -> None:
+        """Add new members (within budget, not yet in ``members``) from ``make`` up to ``size``;
+        gives up after 20 tries per missing member (a small space may not have enough)."""
+        for _ in range(20 * max(0, size - len(members))):
+            if len(members) >= size:
+                return
+            member = self._draw(make, tries=1)
+            if member is not None and member not in members:
+                members.append(member)
+
+    # ----- the loop ----------------------------------------------------------------------------
+    def _evaluate(self, member: Subnet, generation: int) -> Candidate:
+        if member not in self._scored:
+            candidate = Candidate(member, float(self.score(member)), dict(self._costs[member]), generation)
+            self._scored[member] = candidate
+            self.result.candidates.append(candidate)
+        return self._scored[member]
+
+    def run(self, population: int = 16, generations: int = 4, seeds: list[Subnet] = ()) -> SearchResult:
+        """Search; ``seeds`` (e.g. the trained uniform members) join the first population if
+        they fit the budget."""
+        if population < 2 or generations < 1:
+            raise ValueError(f"--population must be at least 2 and --generations at least 1, got {population} and {generations}")
+        members = [s for s in dict.fromkeys(self.model.resolve_subnet(s) for s in seeds) if self._fits(s)][:population]
+        self._fill(members, population, self._random)
+        if not members:
+            raise ValueError(f"no member of {self.model.arch} fits the budget {self.budget} (tried {self.result.rejected} members)")
+        n_parents = max(1, int(population * self.parent_ratio))
+        n_mutants = int(population * self.mutation_ratio)
+        for generation in range(generations):
+            scored = [self._evaluate(m, generation) for m in members]
+            sign = -1.0 if self.result.higher_is_better else 1.0
+            scored.sort(key=lambda c: (sign * c.metric, c.member.key))
+            parents = [c.member for c in scored[:n_parents]]
+            best = self.result.ranked()[0]
+            self.result.history.append(best.metric)
+            self.progress(f"generation {generation + 1}/{generations}: best {self.result.metric} {best.metric:.4f} at {self.budget.kind} {best.costs[self.budget.kind]:g} ({len(self.result.candidates)} members scored)")
+            if generation == generations - 1:
+                break
+            children = list(parents)
+            self._fill(children, len(parents) + n_mutants, lambda: self._mutate(self._pick(parents)))
+            self._fill(children, population, lambda: self._crossover(self._pick(parents), self._pick(parents)))
+            members = children
+        return self.result
+
+
+def write_front(path, result: SearchResult, grid: list[Candidate], best: Candidate, record: dict) -> None:
+    """``pareto.json``: the front (every member on it with its metric and costs), the uniform
+    grid members measured the same way, the chosen member, and ``record`` (how it was run)."""
+    import json
+
+    from .fileio import atomic_path
+
+    report = {
+        **record,
+        "budget": {"kind": result.budget.kind, "limit": result.budget.limit},
+        "metric": result.metric,
+        "higher_is_better": result.higher_is_better,
+        "scored": len(result.candidates),
+        "rejected_over_budget": result.rejected,
+        "best_per_generation": result.history,
+        "best": best.to_dict(),
+        "front": [c.to_dict() for c in result.front()],
+        "grid": [c.to_dict() for c in grid],
+    }
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidate, title: str) -> None:
+    """Metric against the budget's cost: every scored member, the front, the uniform grid
+    members (marked) and the budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    kind = result.budget.kind
+    unit = {"params": "parameters", "flops": "FLOPs per example", "latency": "latency at batch 1 (ms)"}[kind]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([c.costs[kind] for c in result.candidates], [c.metric for c in result.candidates], s=12, color="0.75", label="scored members")
+    front = result.front()
+    ax.plot([c.costs[kind] for c in front], [c.metric for c in front], "o-", color="tab:blue", label="front found by search")
+    measured = [c for c in grid if kind in c.costs]
+    ax.scatter([c.costs[kind] for c in measured], [c.metric for c in measured], marker="X", s=70, color="tab:red", label="uniform members", zorder=3)
+    for c in measured:
+        ax.annotate(f"w={c.member.width:g}" if c.member.width is not None else str(c.member), (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
+    ax.scatter([best.costs[kind]], [best.metric], marker="*", s=180, color="tab:green", label="chosen", zorder=4)
+    ax.axvline(result.budget.limit, color="0.3", linestyle="--", linewidth=1, label=f"budget {result.budget}")
+    ax.set_xlabel(unit)
+    ax.set_ylabel(result.metric.replace("_", " ") + (" (higher is better)" if result.higher_is_better else " (lower is better)"))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost members
+    ax.legend(fontsize=8, loc="lower right" if result.higher_is_better else "upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
