@@ -41,7 +41,6 @@ from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
 from .merge import describe_merges, merge_low_rank
 from .onnx_header import read_onnx_header, zoo_record as zoo_record_of
-from .onnx_header import read_onnx_header, zoo_record as zoo_record_of
 from .quantize import int8_record, method_for, quantization_report, quantize_int8
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
 
