@@ -110,7 +110,7 @@ def train_command(
     if not main:
         return
     if result.already_finished:
-        typer.echo(f"{out} holds a finished run: already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten")
+        typer.echo(f"{out}: the run is already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten")
         _print_members(f"{model}: recorded metrics", result.metrics, result.metric, result.member_params)
         return
     if not result.finished:

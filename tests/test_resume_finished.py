@@ -26,7 +26,7 @@ def test_resume_of_a_finished_run_trains_and_writes_nothing(tmp_path):
 
     again = CliRunner().invoke(app, [*ARGS, "--out", str(out), "--resume"])
     assert again.exit_code == 0, again.output
-    assert "already finished (4 steps in" in again.output and f"in {wall:.0f} s" in again.output
+    assert "the run is already finished (4 steps in" in again.output and f"in {wall:.0f} s" in again.output
     assert "nothing was trained or rewritten" in again.output and "width=0.5" in again.output
     assert _snapshot(out) == before
 
