@@ -270,6 +270,11 @@ class ElasticBlocks(nn.ModuleDict, Elastic):
         self.axis, self.group = axis, group
         self.active = list(self.keys())
 
+    def __getitem__(self, index: int | str) -> nn.Module:
+        """``blocks[i]`` is the i-th block held (as in ``nn.Sequential``); ``blocks["5"]`` the
+        block with index 5 in the full family."""
+        return list(self.values())[index] if isinstance(index, int) else super().__getitem__(index)
+
     def set_subnet(self, values: Values, key: str) -> None:
         if self.axis == "depth":
             self.active = list(self.keys())[: values["depth"][self.group]]
