@@ -8,7 +8,9 @@ layerwise``), this runs ``zoo search`` under each budget on both and writes one 
 * the best uniform (trained) member within the same budget, on each family;
 * what layerwise training costs the uniform members (their final metrics in both runs);
 * for latency budgets, how far the search's latency of the chosen member is from the
-  latency of its exported file measured on its own.
+  latency of its exported file measured on its own;
+* the same random members of the layerwise space (``--random-members N``, seeded) evaluated on
+  both families, paired: what training the whole space buys members off the diagonal.
 
     python benchmarks/space_search.py --pair resnet20 runs/space/resnet20-uniform runs/space/resnet20-layerwise \\
         --budget flops=0.3M --budget flops=1M --budget latency=0.3 --out benchmarks/results/space
@@ -45,12 +47,33 @@ def run_search(weights: Path, budget: str, out: Path, args) -> dict:
     return json.loads((out / "pareto.json").read_text())
 
 
+def metric_of(weights: Path) -> str:
+    from zoo.weights import read_header
+
+    metrics = read_header(weights)["metadata"]["metrics"]
+    return "accuracy" if any("accuracy" in m for m in metrics) else "bits_per_byte"
+
+
 def uniform_metrics(weights: Path) -> dict[str, float]:
     from zoo.weights import read_header
 
-    metadata = read_header(weights)["metadata"]
-    name = "accuracy" if any("accuracy" in m for m in metadata["metrics"]) else "bits_per_byte"
-    return {json.dumps(m["subnet"], sort_keys=True): m[name] for m in metadata["metrics"]}
+    name = metric_of(weights)
+    return {json.dumps(m["subnet"], sort_keys=True): m[name] for m in read_header(weights)["metadata"]["metrics"]}
+
+
+def random_members(weights: Path, count: int, seed: int, limit: int | None) -> list[dict]:
+    """``count`` members drawn from the layerwise space with ``seed`` (the same members for
+    every family of the same architecture and grid), each scored as ``zoo search`` scores."""
+    import torch
+
+    import zoo
+    from training.evaluate import MemberScorer, data_for
+
+    model = zoo.load(weights).eval()
+    scorer = MemberScorer(model, data_for(model, None), limit)
+    generator = torch.Generator().manual_seed(seed)
+    members = [model.resolve_subnet(model.sample_member(generator)) for _ in range(count)]
+    return [{"member": m.to_dict(), "metric": scorer(m), "params": zoo.count_params(model, m)} for m in members]
 
 
 def fmt_member(member: dict) -> str:
@@ -58,7 +81,7 @@ def fmt_member(member: dict) -> str:
 
 
 def fmt_cost(kind: str, value: float) -> str:
-    return f"{value:.3f} ms" if kind == "latency" else f"{value / 1e6:.3g} M" if value >= 1e5 else f"{value:,.0f}"
+    return {"latency": f"{value:.3f} ms", "flops": f"{value / 1e6:.3g} MFLOPs"}.get(kind, f"{value:,.0f}")
 
 
 def main(argv=None) -> None:
@@ -69,6 +92,7 @@ def main(argv=None) -> None:
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-members", type=int, default=0, help="Also score this many random members on both families.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "space")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +102,10 @@ def main(argv=None) -> None:
     for name, uniform_run, layerwise_run in args.pair:
         entry = results.setdefault(name, {"budgets": {}})
         runs = {"uniform": Path(uniform_run) / "model.safetensors", "layerwise": Path(layerwise_run) / "model.safetensors"}
+        entry["metric"] = metric_of(runs["uniform"])
         entry["uniform_members"] = {space: uniform_metrics(path) for space, path in runs.items()}
+        if args.random_members and len(entry.get("random", {}).get("uniform", [])) != args.random_members:
+            entry["random"] = {space: random_members(path, args.random_members, args.seed, args.limit) for space, path in runs.items()}
         for budget in args.budget:
             row = entry["budgets"].setdefault(budget, {})
             for space, weights in runs.items():
@@ -98,11 +125,24 @@ def write_table(results: dict, path: Path) -> None:
     lines = ["# Search fronts: families trained with uniform and with layerwise sampling", "",
              "Written by `benchmarks/space_search.py`; each cell's `zoo search` command and output are in the folder next to this file.", ""]
     for name, entry in results.items():
-        lines += [f"## {name}", "", "What layerwise training costs the uniform members (final metric of each run):", "",
+        lines += [f"## {name}", "", f"What layerwise training costs the uniform members (final {entry['metric'].replace('_', ' ')} of each run):", "",
                   "| member | uniform run | layerwise run |", "|---|---:|---:|"]
         members = entry["uniform_members"]
         for key in members["uniform"]:
             lines.append(f"| {fmt_member(json.loads(key))} | {members['uniform'][key]:.4f} | {members['layerwise'].get(key, float('nan')):.4f} |")
+        if entry.get("random"):
+            pairs = list(zip(entry["random"]["uniform"], entry["random"]["layerwise"]))
+            higher = entry["metric"] == "accuracy"
+            wins = sum((b["metric"] > a["metric"]) if higher else (b["metric"] < a["metric"]) for a, b in pairs)
+            ties = sum(b["metric"] == a["metric"] for a, b in pairs)
+            mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+            lines += ["", f"{len(pairs)} random members of the layerwise space (seeded, the same on both families; "
+                      f"{mean([a['params'] for a, _ in pairs]):,.0f} parameters on average):", "",
+                      "| family trained | mean metric | worst | best |", "|---|---:|---:|---:|"]
+            for space in ("uniform", "layerwise"):
+                values = [e["metric"] for e in entry["random"][space]]
+                lines.append(f"| {space} | {mean(values):.4f} | {min(values) if higher else max(values):.4f} | {max(values) if higher else min(values):.4f} |")
+            lines += ["", f"The layerwise-trained family is better on {wins} of {len(pairs)} members, equal on {ties}."]
         lines += ["", "Search under each budget (population, generations and seed in the commands):", "",
                   "| budget | family trained | best member found | metric | cost | best uniform member within budget | metric | cost | latency: search / exported |",
                   "|---|---|---|---:|---:|---|---:|---:|---|"]

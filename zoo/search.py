@@ -265,7 +265,8 @@ def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidat
     measured = [c for c in grid if kind in c.costs]
     ax.scatter([c.costs[kind] for c in measured], [c.metric for c in measured], marker="X", s=70, color="tab:red", label="uniform members", zorder=3)
     for c in measured:
-        ax.annotate(f"w={c.member.width:g}" if c.member.width is not None else str(c.member), (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
+        label = f"w={c.member.width:g}" + ("" if c.member.rank is None else f" r={c.member.rank:g}")
+        ax.annotate(label, (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
     ax.scatter([best.costs[kind]], [best.metric], marker="*", s=180, color="tab:green", label="chosen", zorder=4)
     ax.axvline(result.budget.limit, color="0.3", linestyle="--", linewidth=1, label=f"budget {result.budget}")
     ax.set_xlabel(unit)
