@@ -224,3 +224,17 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert not (tmp_path / "c").exists()  # nothing half-written
     worse = _zoo("search", str(trained), "--budget", "memory=3", "--out", str(tmp_path / "d"))
     assert worse.returncode == 1 and "--budget must be params=N" in worse.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL))
+@torch.no_grad()
+def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
+    from export.onnx_export import export_member
+
+    model = _tiny(name, low_rank=True)
+    member = model.resolve_subnet(model.sample_member(torch.Generator().manual_seed(2)))
+    if model.needs_calibration(member):  # statistics from enough data that no channel's variance is tiny
+        zoo.recalibrate_bn(model, [model.example_input(16) for _ in range(4)], member)
+    result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
+    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4 and result.metadata["subnet"] == member.to_dict()
