@@ -80,7 +80,7 @@ def test_zoo_eval_pretrained_prints_the_recorded_metrics(name, one_thread):
     result = CliRunner().invoke(app, ["eval", name, "--pretrained", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     recorded = zoo.read_header(zoo.weights.pretrained_path(name))["metadata"]["metrics"]
-    assert_same_metrics(json.loads(result.output), recorded, "accuracy")
+    assert_same_metrics(json.loads(result.stdout), recorded, "accuracy")
 
 
 @pytest.mark.slow
@@ -89,7 +89,7 @@ def test_zoo_eval_pretrained_gpt_prints_the_recorded_metrics(one_thread):
     result = CliRunner().invoke(app, ["eval", "slim_gpt_nano", "--pretrained", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     recorded = zoo.read_header(zoo.weights.pretrained_path("slim_gpt_nano"))["metadata"]["metrics"]
-    assert_same_metrics(json.loads(result.output), recorded, "bits_per_byte")
+    assert_same_metrics(json.loads(result.stdout), recorded, "bits_per_byte")
 
 
 def test_shipped_weights_stay_small():
