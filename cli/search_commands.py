@@ -68,7 +68,7 @@ def search_command(
         record = {
             "arch": model.arch,
             "weights": str(source.path),
-            "data": scorer_spec(model, data),
+            "data": _data_spec(model, data),
             "validation_items": min(len(scorer.val), limit or len(scorer.val)),
             "seed": seed,
             "population": population,
@@ -87,7 +87,7 @@ def search_command(
     typer.echo(f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} ({len(result.candidates)} members scored, {len(result.front())} on the front)")
 
 
-def scorer_spec(model, data: Optional[str]) -> Optional[str]:
+def _data_spec(model, data: Optional[str]) -> Optional[str]:
     from zoo.members import recorded
 
     return data or recorded(getattr(model, "zoo_metadata", {}), "data")

@@ -179,7 +179,7 @@ def members_for(
     members = {model.resolve_subnet(s) for s in [*grid(widths, ranks), *extra]}
     if strategy != "separate":
         members.add(model.largest)
-    return model._sorted(members)
+    return model.sort_members(members)
 
 
 def create_strategy(

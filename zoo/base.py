@@ -77,7 +77,7 @@ class ElasticModel(nn.Module):
         members += [as_subnet(d) for d in extra_subnets]
         if not members:
             raise ValueError("the trained members need at least one width (and one rank for low-rank families), or an extra member")
-        self.subnets: list[Subnet] = self._sorted({self.resolve_subnet(s) for s in members})
+        self.subnets: list[Subnet] = self.sort_members({self.resolve_subnet(s) for s in members})
         self.model_args = {}
 
     def _layer_factory(self, divisor: int) -> LayerFactory:
@@ -89,7 +89,8 @@ class ElasticModel(nn.Module):
     def _finish_init(self) -> None:
         self.set_subnet(self.subnets[-1])  # the largest trained member (sorted smallest first)
 
-    def _sorted(self, subnets: Iterable[Subnet]) -> list[Subnet]:
+    def sort_members(self, subnets: Iterable[Subnet]) -> list[Subnet]:
+        """Smallest first: mean width, then mean rank, then depth (ties by key)."""
         return sorted(subnets, key=lambda s: (self._space.size_key(self.expand(s)), s.key))
 
     # ----- the space ------------------------------------------------------------------
@@ -201,7 +202,7 @@ class ElasticModel(nn.Module):
         for module in self.modules():
             if isinstance(module, ElasticBatchNorm2d):
                 module.add_stats(subnet.key, values)
-        self.subnets = self._sorted([*self.subnets, subnet])
+        self.subnets = self.sort_members([*self.subnets, subnet])
         self.model_args["extra_subnets"] = [*self.model_args.get("extra_subnets", []), subnet.to_dict()]
 
     # ----- timm's model face ----------------------------------------------------------

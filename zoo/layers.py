@@ -93,11 +93,11 @@ class ElasticLayer(nn.Module, Elastic):
         """Output features per chunk in the active member."""
         return _size(self.out_dim, self.values or None)
 
-    def max_rank_fraction(self) -> float:
+    def rank_fraction(self) -> float:
         return self.values["rank"][self.group] if self.values else 1.0
 
     def active_rank(self, m: int, n: int) -> int:
-        return rank_count(self.max_rank_fraction(), m, n)
+        return rank_count(self.rank_fraction(), m, n)
 
 
 class ElasticLinear(ElasticLayer):

@@ -81,7 +81,7 @@ def select_members(
         widths = widths or sorted({s.width for s in trained if s.width is not None})
         rank_values = ranks or sorted({s.rank for s in trained if s.rank is not None}) or [None]
         chosen += [model.resolve_subnet(w, r) for w in widths for r in rank_values]
-    return model._sorted(set(chosen))
+    return model.sort_members(set(chosen))
 
 
 def untrained_error(model: ElasticModel, subnet: Subnet, where: str = "") -> ValueError:
