@@ -208,11 +208,14 @@ def test_eval_errors_are_one_line(tmp_path):
     zoo.save(zoo.create_model("slim_resnet20", num_classes=10, in_chans=1, img_size=8, widths=[0.5, 1.0]), weights)
     for args, message in [
         (["--data", "stdlib"], "reads image, but data 'stdlib' holds tokens"),
-        (["--width", "0.25"], "no batch-norm statistics for width=0.25"),
+        (["--member", '{"depth": [4, 3, 3]}'], "depth of stage 0 must be an integer in [1, 3], got 4"),
         (["--rank", "0.5"], "no rank axis"),
     ]:
         result = _invoke("eval", str(weights), *args)
         assert result.exit_code == 1 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.output
         assert message in result.stderr
+    result = _invoke("eval", str(weights), "--width", "0.25", "--json", "--limit", "20")  # untrained: recalibrated first
+    assert result.exit_code == 0 and "recalibrated for 1 untrained member" in result.stderr
+    assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.25}]
     result = _invoke("eval", str(weights), "--json", "--limit", "20")  # no metadata: the grid, on digits
     assert result.exit_code == 0 and [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
