@@ -120,6 +120,8 @@ def test_invalid_transformer_members():
     vit = _tiny("slim_vit_tiny")
     with pytest.raises(ValueError, match=r"blocks must be a non-empty increasing list of block indices from \[0, 1"):
         vit.set_subnet({"blocks": [3, 1]})
+    with pytest.raises(ValueError, match=r"list of block indices .*, got 3$"):
+        vit.set_subnet({"blocks": 3})
     with pytest.raises(ValueError, match="give width .* or heads, not both"):
         vit.set_subnet({"width": 0.5, "heads": 0.5})
     small = zoo.slice(vit, {"blocks": [0, 5, 11]})

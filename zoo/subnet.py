@@ -263,9 +263,10 @@ class Space:
         return value
 
     def _blocks(self, value, limit: tuple, name: str) -> tuple:
-        kept = value if isinstance(value, tuple) else (value,)
+        kept = value if isinstance(value, tuple) else ()  # a list even for one block: [5], not 5
         if not kept or any(not isinstance(i, int) for i in kept) or list(kept) != sorted(set(kept)) or not set(kept) <= set(limit):
-            raise ValueError(f"{name}: blocks must be a non-empty increasing list of block indices from {list(limit)}, got {list(kept)}")
+            given = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{name}: blocks must be a non-empty increasing list of block indices from {list(limit)}, got {given}")
         return tuple(kept)
 
     def compact(self, values: Values) -> Subnet:
