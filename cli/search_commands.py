@@ -64,7 +64,7 @@ def search_command(
         grid = []
         for member in uniform:  # the trained uniform members, measured the same way
             grid.append(Candidate(member, scorer(member), {**cost(member), "latency": latency(member)}, -1))
-        best, exported = _export_best(result, source, out, threads, not no_verify, export_members, session_latency)
+        best, exported = _export_best(result, source, out, threads, not no_verify, latency, export_members, session_latency)
         record = {
             "arch": model.arch,
             "weights": str(source.path),
@@ -93,11 +93,12 @@ def _data_spec(model, data: Optional[str]) -> Optional[str]:
     return data or recorded(getattr(model, "zoo_metadata", {}), "data")
 
 
-def _export_best(result, source, out: Path, threads: int, verify: bool, export_members, session_latency):
+def _export_best(result, source, out: Path, threads: int, verify: bool, latency, export_members, session_latency):
     """Export the best member; under a latency budget, re-measure the exported file on its own
     and fall back to the next best (up to three) if it does not meet the budget."""
     ranked = result.ranked()
     for best in ranked[:3]:
+        best.costs.setdefault("latency", latency(best.member))
         results, _ = export_members(source, out, [best.member], verify_output=verify)
         path = results[0].path
         example = source.model.example_input(1).numpy()

@@ -240,3 +240,11 @@ def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
         zoo.recalibrate_bn(model, [model.example_input(16) for _ in range(4)], member)
     result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4 and result.metadata["subnet"] == member.to_dict()
+
+
+def test_the_front_holds_the_best_member_even_among_ties():
+    from zoo.search import Budget, Candidate, SearchResult
+
+    twins = [Candidate(Subnet(width=w), 0.9, {"flops": 10.0}, 0) for w in (0.75, 0.5)]  # same cost, same metric
+    result = SearchResult(Budget("flops", 20.0), "accuracy", True, [Candidate(Subnet(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0)
+    assert result.ranked()[0] in result.front() and [c.metric for c in result.front()] == [0.5, 0.9]

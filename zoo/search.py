@@ -86,7 +86,8 @@ class SearchResult:
     def front(self) -> list[Candidate]:
         """The Pareto front over (budget cost, metric): no other member is as cheap and better."""
         front: list[Candidate] = []
-        for c in sorted(self.candidates, key=lambda c: (c.costs[self.budget.kind], -c.metric if self.higher_is_better else c.metric)):
+        sign = -1.0 if self.higher_is_better else 1.0  # ties broken as ranked() breaks them
+        for c in sorted(self.candidates, key=lambda c: (c.costs[self.budget.kind], sign * c.metric, c.member.key)):
             if not front or self.better(c.metric, front[-1].metric):
                 front.append(c)
         return front
