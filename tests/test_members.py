@@ -129,6 +129,7 @@ def test_invalid_transformer_members():
         small.set_subnet({"blocks": [0, 1]})  # a sliced member holds only its own blocks
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_a_structured_member_exports_to_a_verified_onnx_file(tmp_path):
     from export.onnx_export import export_member
@@ -210,7 +211,7 @@ def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
 
 def test_search_command_end_to_end(trained, tmp_path):
     out = tmp_path / "search"
-    done = _zoo("search", str(trained), "--budget", "params=60k", "--population", "4", "--generations", "2", "--seed", "3", "--limit", "64", "--out", str(out), "--no-verify")
+    done = _zoo("search", str(trained), "--budget", "params=60k", "--population", "4", "--generations", "2", "--seed", "3", "--limit", "64", "--out", str(out))
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "pareto.json").read_text())
     assert report["best"]["params"] <= 60_000 and all(c["params"] <= 60_000 and c["latency"] > 0 for c in report["front"])
@@ -221,6 +222,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert (out / manifest["members"][0]["file"]).stat().st_size > 0 and (out / "pareto.png").stat().st_size > 0
     assert [g["member"] for g in report["grid"]] == [{"width": w} for w in (0.25, 0.5, 0.75, 1.0)]
     assert report["latency_check"]["exported_ms"] > 0
+    assert manifest["members"][0]["max_abs_diff"] <= 1e-4  # verified against PyTorch
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
     assert bad.returncode == 1 and "no member of slim_resnet20 fits the budget params <= 10" in bad.stderr
     assert not (tmp_path / "c").exists()  # nothing half-written
