@@ -224,7 +224,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert report["latency_check"]["exported_ms"] > 0
     assert manifest["members"][0]["max_abs_diff"] <= 1e-4  # verified against PyTorch
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
-    assert bad.returncode == 1 and "no member of slim_resnet20 fits the budget params <= 10" in bad.stderr
+    assert bad.returncode == 1 and "no member of slim_resnet20 fits the budget params <= 10: the smallest (depth=[1,1,1], width=0.25) has params 5142" in bad.stderr
     assert not (tmp_path / "c").exists()  # nothing half-written
     worse = _zoo("search", str(trained), "--budget", "memory=3", "--out", str(tmp_path / "d"))
     assert worse.returncode == 1 and "--budget must be params=N" in worse.stderr

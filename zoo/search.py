@@ -197,14 +197,17 @@ class Evolution:
         return self._scored[member]
 
     def run(self, population: int = 16, generations: int = 4, seeds: list[Subnet] = ()) -> SearchResult:
-        """Search; ``seeds`` (e.g. the trained uniform members) join the first population if
-        they fit the budget."""
+        """Search; ``seeds`` (e.g. the trained uniform members) and the space's smallest member
+        join the first population if they fit the budget."""
         if population < 2 or generations < 1:
             raise ValueError(f"--population must be at least 2 and --generations at least 1, got {population} and {generations}")
-        members = [s for s in dict.fromkeys(self.model.resolve_subnet(s) for s in seeds) if self._fits(s)][:population]
+        smallest = self.model.smallest_member()  # under a tight budget random draws rarely fit
+        candidates = dict.fromkeys([*(self.model.resolve_subnet(s) for s in seeds), smallest])
+        members = [s for s in candidates if self._fits(s)][:population]
+        if smallest not in members:
+            cost = self._costs[smallest][self.budget.kind]
+            raise ValueError(f"no member of {self.model.arch} fits the budget {self.budget}: the smallest ({smallest}) has {self.budget.kind} {cost:g}")
         self._fill(members, population, self._random)
-        if not members:
-            raise ValueError(f"no member of {self.model.arch} fits the budget {self.budget} (tried {self.result.rejected} members)")
         n_parents = max(1, int(population * self.parent_ratio))
         n_mutants = int(population * self.mutation_ratio)
         for generation in range(generations):
