@@ -24,6 +24,15 @@ class Strategy(str, Enum):
     separate = "separate"
 
 
+class Update(str, Enum):
+    full = "full"
+    sam = "sam"
+    extragradient = "extragradient"
+    meprop = "meprop"
+    unit_dropout = "unit-dropout"
+    rank_dropout = "rank-dropout"
+
+
 class Space(str, Enum):
     uniform = "uniform"
     layerwise = "layerwise"
@@ -64,6 +73,13 @@ def train_command(
     label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing of the cross-entropy on labels."),
     core_prob: float = typer.Option(0.5, "--core-prob", help="alternating: fraction of steps that train a core (0.5: full, core, full, ...)."),
     num_random: int = typer.Option(2, "--num-random", help="sandwich: random members per step besides the largest and smallest."),
+    update: Update = typer.Option(Update.full, "--update", help="The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient (δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a random rank prefix, --low-rank)."),
+    rho: Optional[float] = typer.Option(None, "--rho", help="sam: perturbation radius; default 0.05."),
+    eg_lr: Optional[float] = typer.Option(None, "--eg-lr", help="extragradient: look-ahead step η; default 0.01."),
+    keep: Optional[float] = typer.Option(None, "--keep", help="meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: smallest rank fraction drawn (0.25)."),
+    meprop_units: bool = typer.Option(False, "--meprop-units", help="meprop: keep the top-k output units (rows by gradient norm) rather than coordinates."),
+    nested: bool = typer.Option(False, "--nested", help="unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset."),
+    log_alignment: Optional[int] = typer.Option(None, "--log-alignment", help="Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Byte models: context length trained on."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Images: resize to this size; default: the dataset's own."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture)."),
@@ -87,7 +103,8 @@ def train_command(
         extra_members=parse_members(member) or None, space=space.value, low_rank=low_rank, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
         optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, momentum=momentum,
         nesterov=nesterov, warmup_steps=warmup_steps, clip_grad=clip_grad, label_smoothing=label_smoothing,
-        core_prob=core_prob, num_random=num_random, seq_len=seq_len, img_size=img_size,
+        core_prob=core_prob, num_random=num_random, update=update.value, rho=rho, eg_lr=eg_lr, keep=keep,
+        meprop_units=meprop_units, nested=nested, log_alignment=log_alignment, seq_len=seq_len, img_size=img_size,
         init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
         eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
     )  # fmt: skip

@@ -5,7 +5,9 @@ Each step a strategy (:mod:`training.strategies`) names the members to train; ea
 forward and backward runs on the same batch, gradients are summed (all-reduced once per step
 under DDP), and one optimizer step is taken, masked to the trained members' parameters
 (:mod:`training.masking`), so a step that trains only a core leaves every other coordinate,
-and its optimizer state, exactly as it was.
+and its optimizer state, exactly as it was. That is one case of the paper's general rule
+``x ← x - lr · m ⊙ g(x + δ)``; an update policy (:mod:`training.updates`, ``--update``) adds its
+own perturbation and narrows the mask (SAM, extragradient, meProp, structured dropout).
 
 Optimizers and schedule come from timm (``create_optimizer_v2``: SGD with momentum, optionally
 Nesterov, or AdamW, no weight decay on biases and norms; ``CosineLRScheduler`` with linear
@@ -45,7 +47,8 @@ from .data import DataBundle, batches, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
 from .masking import MaskCache, masked_step
 from .signals import Interrupted, StopSignals, ignore_stop_signals, signal_name
-from .strategies import SPACES, STRATEGIES, LayerwiseSpace, Strategy, create_strategy, members_for
+from .strategies import SPACES, STRATEGIES, LayerwiseSpace, Pass, Strategy, create_strategy, members_for
+from .updates import UpdatePolicy, create_policy, partial_gradient
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -88,6 +91,13 @@ class TrainConfig:
     label_smoothing: float = 0.0
     core_prob: float = 0.5
     num_random: int = 2
+    update: str = "full"  # the update policy: full | sam | extragradient | meprop | unit-dropout | rank-dropout
+    rho: float | None = None  # sam
+    eg_lr: float | None = None  # extragradient
+    keep: float | None = None  # meprop, unit-dropout, rank-dropout
+    meprop_units: bool = False
+    nested: bool = False  # unit-dropout: a random width prefix
+    log_alignment: int | None = None  # every N steps: cos(m ⊙ g(x + δ), g(x)) on a fixed batch
     seq_len: int = 256
     img_size: int | None = None
     init: str | None = None
@@ -110,7 +120,7 @@ class TrainConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        for name in ("steps", "epochs", "batch_size", "ckpt_every", "eval_every", "eval_limit", "stop_after", "seq_len", "img_size"):
+        for name in ("steps", "epochs", "batch_size", "ckpt_every", "eval_every", "eval_limit", "stop_after", "seq_len", "img_size", "log_alignment"):
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
         for name in ("lr", "clip_grad"):
             _check(name, getattr(self, name), lambda v: v > 0, "positive")
@@ -130,6 +140,10 @@ class TrainConfig:
         model = self.meta_model()
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
         create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
+        self.policy(model, self.seed)
+
+    def policy(self, model: zoo.ElasticModel, seed: int) -> UpdatePolicy:
+        return create_policy(self.update, model, seed, strategy=self.strategy, rho=self.rho, eg_lr=self.eg_lr, keep=self.keep, units=self.meprop_units, nested=self.nested)
 
     def meta_model(self) -> zoo.ElasticModel:
         """The family's structure only (no memory, no initialisation): validates members."""
@@ -234,6 +248,8 @@ def _with_schedule(cfg: TrainConfig, steps_per_epoch: int, default_steps: int) -
 def _check_same_run(saved: dict, cfg: TrainConfig, out: Path) -> None:
     """A resumed run must agree with its checkpoint on everything that shapes the trajectory."""
     current = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the checkpoint
+    saved = {**defaults, **saved}
     diffs = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if k not in _NOT_TRAJECTORY and saved.get(k) != v]
     if diffs:
         raise ValueError(f"--resume: the checkpoint in {out} was written with other settings: {', '.join(diffs)}; resume with the original flags")
@@ -301,8 +317,10 @@ class Trainer:
         self.masks = MaskCache(self.model)
         space = LayerwiseSpace(self.model) if cfg.space == "layerwise" else None
         self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random, space=space)
+        self.policy = cfg.policy(self.model, _seed_of("update", cfg.seed))
         self.optimizer = self._create_optimizer()
         self.scheduler = self._create_scheduler()
+        self.alignment_batch = self._alignment_batch() if cfg.log_alignment else None
         self.step, self.history, self.previous_wall_s, self.checkpoint_step = 0, [], 0.0, None
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -366,6 +384,8 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.strategy.load_state_dict(checkpoint["strategy"])
+        if "update" in checkpoint:
+            self.policy.load_state_dict(checkpoint["update"])
         set_rng_states(checkpoint["rng"])
         self.step = self.checkpoint_step = int(checkpoint["step"])
         self.history = list(checkpoint["history"])
@@ -384,6 +404,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "strategy": self.strategy.state_dict(),
+                "update": self.policy.state_dict(),
                 "rng": rng_states(),
                 "history": self.history,
                 "wall_time_s": self.wall_time_s,
@@ -477,14 +498,35 @@ class Trainer:
         yield from loader
 
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
+        """One step of ``x ← x - lr · m ⊙ g(x + δ)``. The strategy's members are one choice of
+        ``m`` and ``δ``: each pass evaluates its member alone (``set_subnet`` slices the weights:
+        ``δ = -(1 - m) ⊙ x`` as a slice) and the mask is the union of their regions; the update
+        policy adds its ``δ`` and narrows ``m`` (:func:`training.updates.partial_gradient`)."""
         plan = self.strategy.plan(self.step)
         self.scheduler.step_update(self.step)
+        members = self.masks.union(part.subnet for part in plan)
+        if self.alignment_batch is not None and self.step % self.cfg.log_alignment == 0:
+            self._log_alignment(plan, members)
+        losses, mask = partial_gradient(self.policy, lambda: self._gradient(plan, inputs, targets), members)
+        values = self.ctx.mean(torch.stack(losses)).tolist()
+        for part, value in zip(plan, values):
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}")
+        if self.cfg.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+        masked_step(self.optimizer, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        return values
+
+    def _gradient(self, plan: list[Pass], inputs: torch.Tensor, targets: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
+        """Forward and backward of the step's passes at the current weights, gradients summed
+        in ``.grad`` (all-reduced once, on the last pass, when ``sync``); the detached losses."""
         teacher, losses = None, []
         for i, part in enumerate(plan):
             if self.model.active_subnet != part.subnet:
                 self.model.set_subnet(part.subnet, for_training=True)  # a drawn member trains on batch statistics
             last = i == len(plan) - 1
-            with contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync():
+            with contextlib.nullcontext() if (last and sync) or self.net is self.model else self.net.no_sync():
                 with autocast(self.ctx.device):
                     logits = self.net(inputs)
                 loss = _distill_loss(logits, teacher) if part.distill else _hard_loss(logits, targets, self.cfg.label_smoothing)
@@ -492,15 +534,47 @@ class Trainer:
             if i == 0 and not last:
                 teacher = logits.detach()
             losses.append(loss.detach())
-        values = self.ctx.mean(torch.stack(losses)).tolist()
-        for part, value in zip(plan, values):
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}")
-        if self.cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        masked_step(self.optimizer, self.masks.union(part.subnet for part in plan))
+        return losses
+
+    def _alignment_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed batch of unaugmented training items: where the alignment is measured."""
+        inputs, targets = next(iter(DataLoader(self._calibration_data(), batch_size=self.cfg.batch_size)))
+        return inputs.to(self.ctx.device), targets.to(self.ctx.device)
+
+    def _log_alignment(self, plan: list[Pass], members) -> None:
+        """The theory's condition on the fixed batch, for this step's plan and policy:
+        ``cos(m ⊙ g(x + δ), g(x))`` and ``‖m ⊙ g(x + δ)‖ / ‖g(x)‖``, with ``g(x)`` the largest
+        member's gradient. Leaves no trace on the run: the policy's generator, batch-norm
+        statistics and the global RNG are put back, so the trajectory does not change."""
+        started = time.perf_counter()
+        inputs, targets = self.alignment_batch
+        params = self.policy.params
+        policy_state, rng = copy.deepcopy(self.policy.state_dict()), torch.get_rng_state()
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        _, mask = partial_gradient(self.policy, lambda: self._gradient(plan, inputs, targets, sync=False), members)
+        masks = mask or {}
+        update = [torch.zeros_like(p) if p.grad is None else p.grad * masks[p] if p in masks else p.grad for p in params]
         self.optimizer.zero_grad(set_to_none=True)
-        return values
+        self._gradient([Pass(self.model.largest)], inputs, targets, sync=False)
+        full = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.load_state_dict(policy_state)
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+        dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(update, full))
+        norm_update = math.sqrt(sum(float(a.double().pow(2).sum()) for a in update))
+        norm_full = math.sqrt(sum(float(b.double().pow(2).sum()) for b in full))
+        record = {
+            "step": self.step,
+            "alignment_cosine": dot / max(norm_update * norm_full, 1e-30),
+            "alignment_norm_ratio": norm_update / max(norm_full, 1e-30),
+            "alignment_s": round(time.perf_counter() - started, 4),
+        }
+        self.history.append(record)
+        if self.ctx.is_main:
+            self._write_metrics()
 
     def _last_checkpoint(self) -> str:
         if self.checkpoint_step is None:
@@ -511,8 +585,8 @@ class Trainer:
     def _periodic_evaluation(self, throughput: float) -> None:
         if not self.ctx.is_main:
             return
-        if self.cfg.space == "layerwise" and self.model.uses_batchnorm:
-            self._recalibrate(PERIODIC_CALIBRATION_BATCHES)  # drawn members rarely are the evaluated ones
+        if (self.cfg.space == "layerwise" or self.policy.distorts_statistics) and self.model.uses_batchnorm:
+            self._recalibrate(PERIODIC_CALIBRATION_BATCHES)  # drawn members (or dropped units) skew the running statistics
         records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit)
         self._log(records, throughput)
 

@@ -72,7 +72,8 @@ def _size(dim: Dim, max_values: Values | None) -> int:
 
 class ElasticLayer(nn.Module, Elastic):
     """Common state of elastic layers: the output dimension, the rank group, and the active
-    member's values (one per group of every axis)."""
+    member's values (one per group of every axis). Linear and conv layers also keep their
+    ``in_dim`` (which units their columns read: structured dropout masks them)."""
 
     chunked = ("weight", "u", "bias")  # parameters whose rows are split into ``chunks`` blocks
 
@@ -120,6 +121,7 @@ class ElasticLinear(ElasticLayer):
         init: DenseInit = kaiming_uniform,
     ):
         super().__init__(out_dim, chunks, low_rank, max_values, group)
+        self.in_dim = in_dim
         self.in_features = _size(in_dim, max_values)
         self.out_features = chunks * _size(out_dim, max_values)
         dense = torch.empty(self.out_features, self.in_features)
@@ -173,6 +175,7 @@ class ElasticConv2d(ElasticLayer):
         if depthwise and low_rank:
             raise ValueError("a depthwise conv cannot be low-rank")
         super().__init__(out_dim, 1, low_rank, max_values, group)
+        self.in_dim = in_dim
         self.kernel_size, self.stride = kernel_size, stride
         self.padding = kernel_size // 2 if padding is None else padding
         self.depthwise = depthwise
