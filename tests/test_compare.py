@@ -37,6 +37,7 @@ def finite_cells(row: list[str]) -> list[float]:
     return numbers
 
 
+@pytest.mark.slow  # 45 s; the seed-merge and CIFAR-file tests run compare.py end to end in CI
 def test_tiny_comparison_writes_every_table_and_the_plot(tmp_path):
     compare = load_compare()
     compare.main(["--tiny", "--out", str(tmp_path)])
