@@ -63,7 +63,9 @@ def search_command(
             candidate.costs.setdefault("latency", latency(candidate.member))
         grid = []
         for member in uniform:  # the trained uniform members, measured the same way
-            grid.append(Candidate(member, scorer(member), {**cost(member), "latency": latency(member)}, -1))
+            costs = cost(member)
+            costs.setdefault("latency", latency(member))
+            grid.append(Candidate(member, scorer(member), costs, -1))
         best, exported = _export_best(result, source, out, threads, not no_verify, latency, export_members, session_latency)
         record = {
             "arch": model.arch,
