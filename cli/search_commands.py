@@ -31,8 +31,7 @@ def search_command(
 ) -> None:
     """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
     import zoo
-    from export.latency import member_latency, session_latency
-    from export.onnx_export import export_members
+    from export.latency import member_latency
     from training.evaluate import MemberScorer, data_for
     from zoo.fileio import locked_folder
     from zoo.search import Budget, Candidate, Evolution, plot_front, write_front
@@ -66,7 +65,7 @@ def search_command(
             costs = cost(member)
             costs.setdefault("latency", latency(member))
             grid.append(Candidate(member, scorer(member), costs, -1))
-        best, exported = _export_best(result, source, out, threads, not no_verify, latency, export_members, session_latency)
+        best, exported = _export_best(result, source, out, threads, not no_verify, latency)
         record = {
             "arch": model.arch,
             "weights": str(source.path),
@@ -95,9 +94,12 @@ def _data_spec(model, data: Optional[str]) -> Optional[str]:
     return data or recorded(getattr(model, "zoo_metadata", {}), "data")
 
 
-def _export_best(result, source, out: Path, threads: int, verify: bool, latency, export_members, session_latency):
+def _export_best(result, source, out: Path, threads: int, verify: bool, latency):
     """Export the best member; under a latency budget, re-measure the exported file on its own
     and fall back to the next best (up to three) if it does not meet the budget."""
+    from export.latency import session_latency
+    from export.onnx_export import export_members
+
     ranked = result.ranked()
     for best in ranked[:3]:
         best.costs.setdefault("latency", latency(best.member))

@@ -174,14 +174,14 @@ class ElasticModel(nn.Module):
         others need :func:`zoo.recalibrate_bn` first. ``for_training=True`` lets any member run
         in training mode, normalised with each batch's own statistics (layerwise training).
         """
-        subnet = self.resolve_subnet(member, rank, width=width, **axes)
+        values = self.expand(as_subnet(member, rank, width, **axes))
+        subnet = self._space.compact(values)
         if self.needs_calibration(subnet) and not for_training:
             raise ValueError(
                 f"{self._name} has no batch-norm statistics for {subnet} "
                 f"(it has: {self.trained_members()}); recalibrate it on data first "
                 "(zoo.recalibrate_bn, or `zoo slice --calibrate DATA`)"
             )
-        values = self.expand(subnet)
         for module in self.modules():
             if isinstance(module, Elastic):
                 module.set_subnet(values, subnet.key)
