@@ -5,11 +5,19 @@ Every run is ``training.trainer.train(TrainConfig(...))`` (what ``zoo train`` ru
 ``--strategy separate`` (one network, width 1: the policies alone, no member schedule),
 ``--log-alignment``, and a periodic evaluation on a fixed validation subset.
 
-    python benchmarks/updates.py --only resnet --steps 300 --seeds 1     # the short run recorded in the README
-    python benchmarks/updates.py                                         # both models, 3 seeds (hours on 2 CPU cores)
+    python benchmarks/updates.py --only resnet --seeds 1     # one model, one seed
+    python benchmarks/updates.py                             # both models, 3 seeds (hours on 2 CPU cores)
 
-Writes ``updates.md`` (table), ``updates.json`` (every run's curves) and ``updates.png``
-(metric against steps and against wall time, one row per model) into ``--out``.
+Each finished run is kept in ``--out/runs/<run>.json`` and is not run again, so an interrupted
+benchmark resumes where it stopped and seeds can run in separate processes (``--seed-list``);
+``--report`` only merges the kept runs. Writes ``updates.md`` (table), ``updates.json`` (every
+run's curves) and ``updates.png`` (metric against steps and against wall time, one row per
+model) into ``--out``.
+
+``rank-dropout`` trains the low-rank family (``--low-rank``) at rank 1; its row is compared with
+``full (low-rank)``, plain training of that same family, and both are also evaluated at ranks
+0.25 and 0.5 of the trained weights (batch norm recalibrated): nested rank dropout is meant to
+leave every rank prefix usable.
 """
 
 from __future__ import annotations
@@ -33,20 +41,29 @@ POLICIES = {
     "meprop": {"keep": 0.1},
     "unit-dropout": {"keep": 0.75},
     "unit-dropout --nested": {"keep": 0.5, "nested": True},
+    "full (low-rank)": {},
+    "rank-dropout": {"keep": 0.25},
 }
+LOW_RANK = ("full (low-rank)", "rank-dropout")
+PREFIX_RANKS = (0.25, 0.5)
 MODELS = {
     "resnet": dict(model="slim_resnet20", data="digits", batch_size=64, eval_limit=512),
     "gpt": dict(model="slim_gpt_nano", data="stdlib", batch_size=16, seq_len=128, eval_limit=64),
 }
 
 
+def run_name(section: str, policy: str, seed: int) -> str:
+    return f"{section}-{policy.replace(' --', '-').replace(' (', '-').rstrip(')')}-s{seed}"
+
+
 def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
     options = POLICIES[policy]
     name = policy.split()[0]
     evals = 10
-    config = TrainConfig(out=str(out / f"{section}-{policy.replace(' --', '-')}-s{seed}"), strategy="separate", widths=[1.0], steps=steps,
+    low_rank = policy in LOW_RANK
+    config = TrainConfig(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0], steps=steps,
                          eval_every=max(1, steps // evals), log_alignment=max(1, steps // evals), seed=seed, update=name,
-                         **options, **MODELS[section])  # fmt: skip
+                         low_rank=low_rank, ranks=[1.0] if low_rank else None, **options, **MODELS[section])  # fmt: skip
     result = train(config)
     records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     metric = result.metric
@@ -58,7 +75,18 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
         "alignment_cosine": statistics.mean(r["alignment_cosine"] for r in alignment),
         "alignment_norm_ratio": statistics.mean(r["alignment_norm_ratio"] for r in alignment),
         "alignment_s": sum(r["alignment_s"] for r in alignment),
+        "prefix_ranks": prefix_ranks(result.model_path, MODELS[section]["eval_limit"]) if low_rank else {},
     }  # fmt: skip
+
+
+def prefix_ranks(path: Path, limit: int) -> dict[str, float]:
+    """The trained low-rank model's metric at smaller rank prefixes (never trained as members)."""
+    import zoo
+    from training.evaluate import MemberScorer, data_for
+
+    model = zoo.load(path)
+    scorer = MemberScorer(model, data_for(model, None), limit=limit)
+    return {str(r): scorer(model.resolve_subnet(rank=r)) for r in PREFIX_RANKS}
 
 
 def steps_to(curve: list, target: float, higher_better: bool) -> int | None:
@@ -67,19 +95,21 @@ def steps_to(curve: list, target: float, higher_better: bool) -> int | None:
 
 
 def report(runs: list[dict], out: Path) -> None:
-    lines = ["| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) | mean norm ratio | wall s (alignment s) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) | mean norm ratio | wall s (alignment s) | at rank 0.25 / 0.5 |", "|---|---|---|---|---|---|---|---|"]
     for section in dict.fromkeys(r["section"] for r in runs):
         rows = [r for r in runs if r["section"] == section]
         higher = rows[0]["metric"] == "accuracy"
-        plain = statistics.mean(r["final"] for r in rows if r["policy"] == "full")
-        target = 0.95 * plain if higher else plain / 0.95
         for policy in dict.fromkeys(r["policy"] for r in rows):
             mine = [r for r in rows if r["policy"] == policy]
-            reach = [steps_to(r["curve"], target, higher) for r in mine]
+            baseline = "full (low-rank)" if policy in LOW_RANK else "full"
+            plain = [r["final"] for r in rows if r["policy"] == baseline]
+            target = (0.95 * statistics.mean(plain) if higher else statistics.mean(plain) / 0.95) if plain else None
+            reach = [steps_to(r["curve"], target, higher) if target is not None else "-" for r in mine]
+            prefixes = " / ".join(f"{statistics.mean(r['prefix_ranks'][str(k)] for r in mine):.4f}" for k in PREFIX_RANKS) if policy in LOW_RANK else ""
             lines.append(
                 f"| {section} | {policy} | {statistics.mean(r['final'] for r in mine):.4f} ({mine[0]['metric']}, {len(mine)} seed(s)) "
                 f"| {', '.join('never' if s is None else str(s) for s in reach)} | {statistics.mean(r['alignment_cosine'] for r in mine):.3f} "
-                f"| {statistics.mean(r['alignment_norm_ratio'] for r in mine):.3f} | {statistics.mean(r['wall_time_s'] for r in mine):.0f} ({statistics.mean(r['alignment_s'] for r in mine):.0f}) |"
+                f"| {statistics.mean(r['alignment_norm_ratio'] for r in mine):.3f} | {statistics.mean(r['wall_time_s'] for r in mine):.0f} ({statistics.mean(r['alignment_s'] for r in mine):.0f}) | {prefixes} |"
             )
     with atomic_path(out / "updates.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -117,18 +147,30 @@ def main() -> None:
     parser.add_argument("--only", choices=list(MODELS), action="append")
     parser.add_argument("--steps", type=int, default=None, help="default: 600 (resnet), 1000 (gpt)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", type=int, nargs="*", help="run only these seeds (default: 0 .. --seeds - 1)")
     parser.add_argument("--policies", nargs="*", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--report", action="store_true", help="only merge the kept runs into the table and plot")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "updates")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    runs = []
-    with tempfile.TemporaryDirectory() as work:
-        for section in args.only or list(MODELS):
-            steps = args.steps or {"resnet": 600, "gpt": 1000}[section]
-            for seed in range(args.seeds):
-                for policy in args.policies:
-                    runs.append(run(section, policy, steps, seed, Path(work)))
-                    print(f"{section} {policy} seed {seed}: {runs[-1]['final']:.4f} in {runs[-1]['wall_time_s']:.0f} s", flush=True)
+    kept = args.out / "runs"
+    kept.mkdir(parents=True, exist_ok=True)
+    sections = args.only or list(MODELS)
+    if not args.report:
+        with tempfile.TemporaryDirectory() as work:
+            for section in sections:
+                steps = args.steps or {"resnet": 600, "gpt": 1000}[section]
+                for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
+                    for policy in args.policies:
+                        path = kept / f"{run_name(section, policy, seed)}.json"
+                        if path.exists() and json.loads(path.read_text())["steps"] == steps:
+                            continue
+                        result = run(section, policy, steps, seed, Path(work))
+                        with atomic_path(path) as tmp:
+                            tmp.write_text(json.dumps(result))
+                        print(f"{section} {policy} seed {seed}: {result['final']:.4f} in {result['wall_time_s']:.0f} s", flush=True)
+    runs = [json.loads(p.read_text()) for p in sorted(kept.glob("*.json"))]
+    order = {(s, p): i for i, (s, p) in enumerate((s, p) for s in MODELS for p in POLICIES)}
+    runs = sorted((r for r in runs if r["section"] in sections and r["policy"] in args.policies), key=lambda r: (order[r["section"], r["policy"]], r["seed"]))
     report(runs, args.out)
 
 
