@@ -120,23 +120,30 @@ def report(runs: list[dict], out: Path) -> None:
 
 
 def plot(runs: list[dict], out: Path) -> None:
+    """One line per policy: the mean over seeds (the runs share their evaluation steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sections = list(dict.fromkeys(r["section"] for r in runs))
-    fig, axes = plt.subplots(len(sections), 2, figsize=(11, 4 * len(sections)), squeeze=False)
+    fig, axes = plt.subplots(len(sections), 2, figsize=(12, 4.5 * len(sections)), squeeze=False)
     for row, section in zip(axes, sections):
-        for r in (r for r in runs if r["section"] == section):
-            steps, values = zip(*r["curve"])
-            label = f"{r['policy']} (s{r['seed']}, cos {r['alignment_cosine']:.2f})"
+        rows = [r for r in runs if r["section"] == section]
+        for policy in dict.fromkeys(r["policy"] for r in rows):
+            mine = [r for r in rows if r["policy"] == policy]
+            steps = [s for s, _ in mine[0]["curve"]]
+            values = [statistics.mean(r["curve"][i][1] for r in mine) for i in range(len(steps))]
+            seconds_per_step = statistics.mean(r["wall_time_s"] / r["steps"] for r in mine)
+            label = f"{policy} (cos {statistics.mean(r['alignment_cosine'] for r in mine):.2f}, {len(mine)} seeds)"
             row[0].plot(steps, values, marker=".", label=label)
-            row[1].plot([s * r["wall_time_s"] / r["steps"] for s in steps], values, marker=".", label=label)
+            row[1].plot([s * seconds_per_step for s in steps], values, marker=".", label=label)
         for ax, x in zip(row, ("step", "wall time (s, incl. evaluation)")):
             ax.set_xlabel(x)
-            ax.set_ylabel(f"{section}: {r['metric']}")
-        row[0].legend(fontsize=7)
+            ax.set_ylabel(f"{section}: {rows[0]['metric']}")
+            if rows[0]["metric"] == "bits_per_byte":
+                ax.set_ylim(top=5.0)
+        row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     with atomic_path(out / "updates.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
