@@ -1,8 +1,11 @@
 """Elastic layers: each runs a prefix of itself, chosen by ``set_subnet``.
 
 A layer knows its own active slice. The model calls ``set_subnet(subnet)`` on every layer;
-the layer turns the width into its active output size with its :class:`~zoo.subnet.Dim` and
-reads its active input size from the input it is given. Nothing reads global state.
+the layer turns the member's values into its active input and output sizes (and rank) with
+its :class:`~zoo.subnet.Dim` s, there and then. ``forward`` only reads those numbers and never
+branches on a tensor's shape, so a model at a fixed member traces with ``torch.fx`` (timm's
+and torchvision's feature extraction) into a graph specialised to that member. Nothing reads
+global state.
 
 Slicing, not masking: a sub-network's forward and backward touch only the prefix of each
 weight, so they cost the sub-network's FLOPs and the gradient outside the prefix is exactly
@@ -53,9 +56,12 @@ def take_rows(t: torch.Tensor, n: int, chunks: int = 1) -> torch.Tensor:
     """The first ``n`` rows of each of ``chunks`` equal row blocks of ``t``."""
     if n * chunks == t.shape[0]:
         return t
-    if chunks == 1:
-        return t[:n]
-    return t.view(chunks, t.shape[0] // chunks, *t.shape[1:])[:, : n].reshape(chunks * n, *t.shape[1:])
+    return _first_rows(t, n, chunks)
+
+
+def _first_rows(t: torch.Tensor, n: int, chunks: int = 1) -> torch.Tensor:
+    """``take_rows`` without reading ``t``'s shape (``torch.fx`` traces it as plain ops)."""
+    return t[:n] if chunks == 1 else t.unflatten(0, (chunks, -1))[:, :n].flatten(0, 1)
 
 
 class Elastic:
@@ -73,7 +79,11 @@ def _size(dim: Dim, max_values: Values | None) -> int:
 class ElasticLayer(nn.Module, Elastic):
     """Common state of elastic layers: the output dimension, the rank group, and the active
     member's values (one per group of every axis). Linear and conv layers also keep their
-    ``in_dim`` (which units their columns read: structured dropout masks them)."""
+    ``in_dim`` (which units their columns read: structured dropout masks them).
+
+    ``set_subnet`` resolves the active sizes once (``_resolve``); subclasses call
+    ``self._resolve()`` at the end of ``__init__`` so that a layer used alone runs as built.
+    """
 
     chunked = ("weight", "u", "bias")  # parameters whose rows are split into ``chunks`` blocks
 
@@ -88,11 +98,11 @@ class ElasticLayer(nn.Module, Elastic):
 
     def set_subnet(self, values: Values, key: str) -> None:
         self.values, self.key = values, key
+        self._resolve()
 
-    @property
-    def active_out(self) -> int:
-        """Output features per chunk in the active member."""
-        return _size(self.out_dim, self.values or None)
+    def _resolve(self) -> None:
+        """Compute the active sizes from ``self.values`` (what ``forward`` reads)."""
+        self.active_out = _size(self.out_dim, self.values or None)  # output features per chunk
 
     def rank_fraction(self) -> float:
         return self.values["rank"][self.group] if self.values else 1.0
@@ -107,6 +117,8 @@ class ElasticLinear(ElasticLayer):
     ``chunks`` > 1 declares a fused projection (QKV, gated MLP): each of the ``chunks`` row
     blocks is sliced on its own, so a narrower QKV keeps the first heads of q, k *and* v.
     """
+
+    __constants__ = ["low_rank"]  # torch.jit.script compiles only the branch of the layer's kind
 
     def __init__(
         self,
@@ -132,17 +144,24 @@ class ElasticLinear(ElasticLayer):
         else:
             self.weight = nn.Parameter(dense)
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        self._resolve()
+
+    def _resolve(self) -> None:
+        super()._resolve()
+        self.active_in = _size(self.in_dim, self.values or None)
+        self.rank = self.active_rank(self.chunks * self.active_out, self.active_in) if self.low_rank else 0
+        self.cut_rank = self.low_rank and self.rank != self.v.shape[0]  # fewer components than it holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n_in, n_out = x.shape[-1], self.active_out
-        bias = None if self.bias is None else take_rows(self.bias, n_out, self.chunks)
+        n_in, n_out, chunks = self.active_in, self.active_out, self.chunks
+        cut_rows, cut_cols = chunks * n_out != self.out_features, n_in != self.in_features
+        bias = self.bias if self.bias is None or not cut_rows else _first_rows(self.bias, n_out, chunks)
         if not self.low_rank:
-            weight = take_rows(self.weight, n_out, self.chunks)
-            return F.linear(x, weight if n_in == weight.shape[1] else weight[:, :n_in], bias)
-        r = self.active_rank(self.chunks * n_out, n_in)
-        v = self.v if (r, n_in) == tuple(self.v.shape) else self.v[:r, :n_in]
-        u = take_rows(self.u, n_out, self.chunks)
-        return F.linear(F.linear(x, v), u if r == u.shape[1] else u[:, :r], bias)
+            weight = _first_rows(self.weight, n_out, chunks) if cut_rows else self.weight
+            return F.linear(x, weight[:, :n_in] if cut_cols else weight, bias)
+        v = self.v[: self.rank, :n_in] if self.cut_rank or cut_cols else self.v
+        u = _first_rows(self.u, n_out, chunks) if cut_rows else self.u
+        return F.linear(F.linear(x, v), u[:, : self.rank] if self.cut_rank else u, bias)
 
     def extra_repr(self) -> str:
         kind = f"low_rank={self.v.shape[0]}" if self.low_rank else "dense"
@@ -156,6 +175,8 @@ class ElasticConv2d(ElasticLayer):
     ``u``), the factorisation of the dense kernel reshaped to ``out x (in * k * k)``.
     Depthwise convs have one filter per channel and are never factorized.
     """
+
+    __constants__ = ["low_rank", "depthwise"]  # torch.jit.script compiles only the branch of the layer's kind
 
     def __init__(
         self,
@@ -192,22 +213,26 @@ class ElasticConv2d(ElasticLayer):
         else:
             self.weight = nn.Parameter(dense)
         self.bias = nn.Parameter(torch.zeros(self.out_channels)) if bias else None
+        self._resolve()
+
+    def _resolve(self) -> None:
+        super()._resolve()
+        self.active_in = _size(self.in_dim, self.values or None)
+        self.rank = self.active_rank(self.active_out, self.active_in * self.kernel_size**2) if self.low_rank else 0
+        self.cut_rank = self.low_rank and self.rank != self.v.shape[0]  # fewer components than it holds
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n_in, n_out = x.shape[1], self.active_out
-        bias = None if self.bias is None else take_rows(self.bias, n_out)
-        if self.depthwise:
-            weight = take_rows(self.weight, n_in)
-            return F.conv2d(x, weight, bias, self.stride, self.padding, groups=n_in)
+        n_in, n_out = self.active_in, self.active_out
+        cut_out, cut_in = n_out != self.out_channels, n_in != self.in_channels
+        bias = self.bias[:n_out] if self.bias is not None and cut_out else self.bias
+        if self.depthwise:  # one filter per channel: the active channels are its input's
+            return F.conv2d(x, self.weight[:n_in] if cut_in else self.weight, bias, self.stride, self.padding, groups=n_in)
         if not self.low_rank:
-            weight = take_rows(self.weight, n_out)
-            weight = weight if n_in == weight.shape[1] else weight[:, :n_in]
-            return F.conv2d(x, weight, bias, self.stride, self.padding)
-        r = self.active_rank(n_out, n_in * self.kernel_size**2)
-        v = self.v if (r, n_in) == tuple(self.v.shape[:2]) else self.v[:r, :n_in]
-        u = take_rows(self.u, n_out)
-        u = u if r == u.shape[1] else u[:, :r]
-        return F.conv2d(F.conv2d(x, v, None, self.stride, self.padding), u, bias)
+            weight = self.weight[:n_out] if cut_out else self.weight
+            return F.conv2d(x, weight[:, :n_in] if cut_in else weight, bias, self.stride, self.padding)
+        v = self.v[: self.rank, :n_in] if self.cut_rank or cut_in else self.v
+        u = self.u[:n_out] if cut_out else self.u
+        return F.conv2d(F.conv2d(x, v, None, self.stride, self.padding), u[:, : self.rank] if self.cut_rank else u, bias)
 
     def extra_repr(self) -> str:
         kind = "depthwise" if self.depthwise else (f"low_rank={self.v.shape[0]}" if self.low_rank else "dense")
@@ -234,26 +259,42 @@ class ElasticBatchNorm2d(ElasticLayer):
         self.bias = nn.Parameter(torch.zeros(self.num_features))
         for key, values in members:
             self.add_stats(key, values)
+        self._resolve()
 
     def add_stats(self, key: str, values: Values) -> None:
         """Create fresh statistics (mean 0, variance 1) for the member ``key``."""
         n = self.out_dim.count_in(values)
         self.register_buffer(f"running_mean_{key}", torch.zeros(n))
         self.register_buffer(f"running_var_{key}", torch.ones(n))
+        self._resolve()
 
     def has_stats(self, key: str) -> bool:
         return hasattr(self, f"running_mean_{key}")
 
+    def _resolve(self) -> None:
+        """Also name the active member's statistics ``running_mean`` / ``running_var``: the same
+        tensors (None without statistics), as buffers that are not saved, so ``forward`` reads
+        fixed names (``torch.jit.script`` cannot look a buffer up by a computed name). Registered
+        last, so ``named_buffers`` lists each tensor under its member's name."""
+        super()._resolve()
+        for stat in ("mean", "var"):
+            self._buffers.pop(f"running_{stat}", None)
+            self.register_buffer(f"running_{stat}", getattr(self, f"running_{stat}_{self.key}", None), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._resolve()  # ``.to()`` converted the two names separately: point them at one tensor again
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
+        n = self.active_out
         weight = self.weight if n == self.num_features else self.weight[:n]
         bias = self.bias if n == self.num_features else self.bias[:n]
-        if not self.has_stats(self.key):
+        if self.running_mean is None:
             if not self.training:
                 raise ValueError(f"no batch-norm statistics for member {self.key}: recalibrate it first (zoo.recalibrate_bn)")
             return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        mean, var = getattr(self, f"running_mean_{self.key}"), getattr(self, f"running_var_{self.key}")
-        return F.batch_norm(x, mean, var, weight, bias, self.training, self.momentum, self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -281,12 +322,13 @@ class ElasticBlocks(nn.ModuleDict, Elastic):
     def set_subnet(self, values: Values, key: str) -> None:
         if self.axis == "depth":
             self.active = list(self.keys())[: values["depth"][self.group]]
-        else:
-            self.active = [str(i) for i in values["blocks"]]
+        else:  # the chosen blocks this model holds (``prune_intermediate_layers`` may drop the last ones)
+            self.active = [str(i) for i in values["blocks"] if str(i) in self._modules]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.active:
-            x = self[name](x)
+        for name, block in self.items():  # in order; ``torch.jit.script`` unrolls this loop
+            if name in self.active:
+                x = block(x)
         return x
 
 
