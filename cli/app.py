@@ -101,7 +101,7 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     from rich.table import Table
 
     catalogue = zoo_module("catalogue")
-    caption = "rank: families built with low_rank=True. pretrained: the shipped weights' timm tag (--pretrained NAME)."
+    caption = "rank: families built with low_rank=True. pretrained: the shipped weights (--pretrained NAME) as NAME.TAG, timm's tag for the image families."
     table = Table("name", "family", "member axes", "params", "params (low-rank)", "pretrained", box=None, caption=caption, caption_justify="left")
     for name in catalogue.names(pattern):
         facts = catalogue.MODELS[name]

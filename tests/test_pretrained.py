@@ -52,10 +52,11 @@ def test_shipped_file_loads_through_zoo_and_timm(name):
     metadata = header["metadata"]
     assert metadata["command"].startswith(f"zoo train {name} ")
     model = zoo.create_model(name, pretrained=True)
-    via_timm = timm.create_model(name, pretrained=True)
-    assert type(model) is type(via_timm)
-    theirs = via_timm.state_dict()
-    assert all(torch.equal(tensor, theirs[key]) for key, tensor in model.state_dict().items())
+    if model.input_kind == "image":  # timm's registry holds the image families
+        via_timm = timm.create_model(name, pretrained=True)
+        assert type(model) is type(via_timm)
+        theirs = via_timm.state_dict()
+        assert all(torch.equal(tensor, theirs[key]) for key, tensor in model.state_dict().items())
     members = trained_members(model)
     assert [s.to_dict() for s in members] == [m["subnet"] for m in metadata["metrics"]]
     assert len(members) >= 2  # a family, not one model

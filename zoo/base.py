@@ -11,14 +11,16 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 import torch
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from .layers import Elastic, ElasticBatchNorm2d, LayerFactory
-from .subnet import DEFAULT_GRID, Space, Subnet, Values, check_fraction, grid
+from .subnet import DEFAULT_GRID, Dim, Space, Subnet, Values, check_fraction, fixed, grid
 
 
-def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, classifier: str) -> dict:
-    """timm's ``pretrained_cfg`` for an image family (inputs normalised with mean/std 0.5)."""
+def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, classifier: str, **extra) -> dict:
+    """timm's ``pretrained_cfg`` for an image family (inputs normalised with mean/std 0.5);
+    ``extra``: ``pool_size`` (the feature map at ``img_size``) or ``fixed_input_size``."""
     return {
         "input_size": (in_chans, img_size, img_size),
         "num_classes": num_classes,
@@ -26,7 +28,19 @@ def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, c
         "std": (0.5,) * in_chans,
         "first_conv": first_conv,
         "classifier": classifier,
+        **extra,
     }
+
+
+# timm's global pools that keep one feature per channel (``catavgmax`` doubles them, and an
+# elastic classifier reads a prefix of one feature vector); "" is none: forward_head returns maps.
+CNN_POOLS = ("avg", "max", "avgmax", "")
+
+
+def check_nchw(output_fmt: str) -> None:
+    """A CNN's ``forward_intermediates`` gives feature maps only."""
+    if output_fmt != "NCHW":
+        raise ValueError(f"a CNN's intermediate features are NCHW, got output_fmt={output_fmt!r}")
 
 
 def as_subnet(member=None, rank: float | None = None, width: float | None = None, **axes) -> Subnet:
@@ -79,6 +93,12 @@ class ElasticModel(nn.Module):
             raise ValueError("the trained members need at least one width (and one rank for low-rank families), or an extra member")
         self.subnets: list[Subnet] = self.sort_members({self.resolve_subnet(s) for s in members})
         self.model_args = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # torch.jit.script compiles a module's properties too; a family's describe it, none is
+        # part of its forward
+        cls.__jit_unused_properties__ = [n for n in dir(cls) if isinstance(getattr(cls, n, None), property)]
 
     def _layer_factory(self, divisor: int) -> LayerFactory:
         """A factory for layers of this model's sizes and members (kept for reset_classifier)."""
@@ -211,9 +231,11 @@ class ElasticModel(nn.Module):
         return self.pretrained_cfg
 
     def _replace_classifier(self, name: str, classifier: nn.Module, num_classes: int) -> None:
-        """Install a new classifier (for ``reset_classifier``) and record the class count in
-        ``model_args`` too, so that a saved model rebuilds with the new classifier."""
-        setattr(self, name, classifier)
+        """Install a new classifier (for ``reset_classifier``) on the model's device and dtype,
+        in its mode, and record the class count in ``model_args`` too, so that a saved model
+        rebuilds with the new classifier."""
+        like = next(self.parameters())
+        setattr(self, name, classifier.to(device=like.device, dtype=like.dtype).train(self.training))
         self.num_classes = num_classes
         self.model_args["num_classes"] = num_classes
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
@@ -227,3 +249,47 @@ class ElasticModel(nn.Module):
         if self.input_kind == "tokens":
             return torch.randint(0, self.num_classes, (batch_size, seq_len or self.context_length))
         return torch.randn(batch_size, *self.pretrained_cfg["input_size"])
+
+
+class ImageModel(ElasticModel):
+    """An image family as timm shows one: a classifier that can also be a backbone.
+
+    Subclasses list their intermediate features in ``_taps`` (a :class:`Dim`, the reduction
+    and the module of each), implement ``forward_intermediates`` and
+    ``prune_intermediate_layers`` as timm's models do, and build classifiers with
+    ``_classifier``. ``feature_info`` is computed from the active member, so its channels
+    follow ``set_subnet``.
+    """
+
+    features_out_indices: int | tuple[int, ...] | None = None  # features_only's default: all taps
+
+    @property
+    def feature_info(self) -> list[dict]:
+        """timm's feature_info, one dict per intermediate feature, at the active member."""
+        return [{"num_chs": dim.count_in(self._active_values), "reduction": reduction, "module": module} for dim, reduction, module in self._taps]
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Features ``forward_head(..., pre_logits=True)`` returns (timm's name)."""
+        return self.num_features
+
+    def _classifier(self, in_dim: Dim, num_classes: int, **kwargs) -> nn.Module:
+        """A dense linear classifier over ``in_dim``, or none for ``num_classes=0`` (timm's
+        headless model, whose forward returns the pooled features)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
+        return self._factory.linear(in_dim, fixed(num_classes), factorize=False, **kwargs) if num_classes else nn.Identity()
+
+    def _pool(self, global_pool: str) -> SelectAdaptivePool2d:
+        """A CNN's global pooling (timm's layer), flattened: ``global_pool`` from ``CNN_POOLS``."""
+        global_pool = self._check_global_pool(global_pool, CNN_POOLS)
+        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # no pooling keeps the maps
+
+    def _check_global_pool(self, global_pool: str, choices: tuple[str, ...]) -> str:
+        """``global_pool`` if it is one of ``choices`` (the first is the default), recorded in
+        ``model_args`` when it is not the default, so that a saved model rebuilds with it."""
+        if global_pool not in choices:
+            raise ValueError(f"{self._name}: global_pool must be one of {', '.join(map(repr, choices))}, got {global_pool!r}")
+        if global_pool != self.model_args.get("global_pool", choices[0]):
+            self.model_args["global_pool"] = global_pool
+        return global_pool

@@ -1,36 +1,50 @@
-"""The catalogue: family entrypoints, registered with zoo and with timm's registry.
+"""The catalogue: family entrypoints, registered with zoo and, for image families, with timm.
 
 Each family file ends with small ``@register_family`` functions, one per variant, that call
 :func:`build` with the variant's fixed arguments. The user's own arguments are recorded as
 ``model.model_args`` so that the model can be rebuilt from a weights file alone.
+
+timm's registry is a registry of image models: its tools and tests feed every model images.
+The byte-level GPTs read token ids, so they are registered with zoo only
+(``register_family(..., timm=False)``); ``zoo.create_model`` and the CLI build them the same way.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from typing import Callable
 
 import torch
 
 from .base import ElasticModel
-from .catalogue import PRETRAINED, pretrained_file, shipped_path, unknown_model
+from .catalogue import MODELS, PRETRAINED, pretrained_file, shipped_path, unknown_model
 
 _ENTRYPOINTS: dict[str, Callable[..., ElasticModel]] = {}
 _FAMILY: dict[str, str] = {}
 
 # Arguments timm's create_model passes to every entrypoint that zoo's families do not take.
 _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype")
+# timm's features_only arguments (popped when features_only is given, as timm's builder does).
+_FEATURES = ("features_only", "out_indices", "feature_cls")
 
 
-def register_family(family: str) -> Callable[[Callable[..., ElasticModel]], Callable[..., ElasticModel]]:
-    """Register an entrypoint under its function name, in zoo and in timm."""
+class UnknownArgument(TypeError, ValueError):
+    """An argument the family does not take: a ``TypeError``, as for any timm model (and any
+    Python call), and a ``ValueError``, zoo's user error that the CLI prints as one line."""
+
+
+def register_family(family: str, timm: bool = True) -> Callable[[Callable[..., ElasticModel]], Callable[..., ElasticModel]]:
+    """Register an entrypoint under its function name, in zoo and (``timm=True``: image
+    families) in timm."""
 
     def decorator(fn: Callable[..., ElasticModel]) -> Callable[..., ElasticModel]:
         name = fn.__name__
         _ENTRYPOINTS[name] = fn
         _FAMILY[name] = family
-        _register_with_timm(fn)
+        if timm:
+            _register_with_timm(fn)
         return fn
 
     return decorator
@@ -52,9 +66,9 @@ def _register_with_timm(fn: Callable[..., ElasticModel]) -> None:
     @functools.wraps(fn)
     def timm_entrypoint(pretrained: bool = False, **kwargs) -> ElasticModel:
         device, dtype = kwargs.get("device"), kwargs.get("dtype")
+        given, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
         args = {k: v for k, v in kwargs.items() if k not in _TIMM_ONLY}
         if pretrained:  # the file comes from the resolved cfg, so pretrained_cfg_overlay=dict(file=...) works
-            given, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
             if name not in PRETRAINED and not given and not overlay:
                 pretrained_file(name)  # raises: no weights are shipped for this model
             cfg = resolve_pretrained_cfg(name, given, overlay)
@@ -62,9 +76,14 @@ def _register_with_timm(fn: Callable[..., ElasticModel]) -> None:
                 raise ValueError(f"the pretrained cfg of {name} names no local file; zoo loads weights from files only")
             from .weights import load_pretrained
 
+            features = _features_args(args)
             model = load_pretrained(name, cfg.file, **args)
+            _reject_unknown(type(model), name, {}, args)
             model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name, "tag": cfg.tag, "file": str(cfg.file)}
+            model = _as_features(model, features)
         else:
+            if name in PRETRAINED:  # as timm's builder: classes and input from the pretrained cfg
+                _cfg_defaults(resolve_pretrained_cfg(name, given, overlay), args)
             model = fn(pretrained=False, **args)
         return model.to(device=device, dtype=dtype) if device or dtype else model
 
@@ -78,31 +97,66 @@ def _timm_default_cfgs() -> dict:
 
     cfgs = {}
     for name, facts in PRETRAINED.items():
+        if MODELS[name]["input"] != "image":
+            continue  # timm's registry holds image models (see the module docstring)
         cfgs[f"{name}.{facts['tag']}"] = dict(
             file=str(shipped_path(name)),
             license="apache-2.0",
-            fixed_input_size=True,
+            fixed_input_size=MODELS[name]["family"] == "vit",  # a ViT takes its img_size only; a CNN any size
             description=f"zoo's shipped {name} family, trained on {facts['tag']} (weights/README.md)",
             **{k: v for k, v in facts.items() if k != "tag" and v is not None},  # input size, classes, mean, std
         )
     return generate_default_cfgs(cfgs)
 
 
+def _cfg_defaults(cfg, args: dict) -> None:
+    """What timm's builder does for its own models: a model built by name takes its classes,
+    input channels (and, for a fixed input size, the image size) from its pretrained cfg
+    unless given."""
+    args.setdefault("num_classes", cfg.num_classes)
+    args.setdefault("in_chans", cfg.input_size[0])
+    if cfg.fixed_input_size:
+        args.setdefault("img_size", cfg.input_size[-1])
+
+
 def build(cls: type[ElasticModel], arch: str, pretrained: bool, fixed_args: dict, user_args: dict) -> ElasticModel:
-    """Construct ``cls``; record how to rebuild it; load shipped weights if asked."""
+    """Construct ``cls``; record how to rebuild it; load shipped weights if asked; wrap it
+    as a ``features_only`` backbone if asked."""
     user_args = {k: v for k, v in user_args.items() if k not in _TIMM_ONLY}
+    features = _features_args(user_args)
+    _reject_unknown(cls, arch, fixed_args, user_args)
     if pretrained:
         from .weights import load_pretrained
 
-        return load_pretrained(arch, **user_args)
-    try:
-        model = cls(**fixed_args, **user_args)
-    except TypeError as err:  # an argument the family does not take
-        raise ValueError(f"{arch}: {str(err).split('()', 1)[-1].strip()}") from None
+        return _as_features(load_pretrained(arch, **user_args), features)
+    model = cls(**fixed_args, **user_args)
     model.arch = arch
     model.model_args = {**_jsonable(user_args), **model.model_args}
     model.pretrained_cfg = {**model.pretrained_cfg, "architecture": arch}
-    return model
+    return _as_features(model, features)
+
+
+def _reject_unknown(cls: type[ElasticModel], arch: str, fixed_args: dict, args: dict) -> None:
+    """``UnknownArgument`` for an argument ``cls`` does not take or the variant fixes."""
+    takes = inspect.signature(cls).parameters
+    for name in args:
+        if name not in takes or name in fixed_args:
+            raise UnknownArgument(f"{arch}: got an unexpected keyword argument {name!r}")
+
+
+def _features_args(args: dict) -> dict | None:
+    """Pop timm's features_only arguments from ``args``: None unless ``features_only``."""
+    if not args.pop("features_only", False):
+        return None
+    return {k: args.pop(k) for k in _FEATURES[1:] if k in args}
+
+
+def _as_features(model: ElasticModel, features: dict | None):
+    if features is None:
+        return model
+    from .features import features_only
+
+    return features_only(model, **features)
 
 
 def _jsonable(args: dict) -> dict:

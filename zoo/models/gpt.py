@@ -107,13 +107,13 @@ def _create(arch: str, embed_dim: int, depth: int, num_heads: int, pretrained: b
     return build(SlimGPT, arch, pretrained, fixed_args, kwargs)
 
 
-@register_family("gpt")
+@register_family("gpt", timm=False)  # byte ids, not images: zoo only (see zoo.registry)
 def slim_gpt_nano(pretrained: bool = False, **kwargs) -> SlimGPT:
     """Byte GPT-nano: dim 128, 4 blocks, 4 heads (0.89 M parameters at context 256)."""
     return _create("slim_gpt_nano", 128, 4, 4, pretrained, kwargs)
 
 
-@register_family("gpt")
+@register_family("gpt", timm=False)  # byte ids, not images: zoo only (see zoo.registry)
 def slim_gpt_small(pretrained: bool = False, **kwargs) -> SlimGPT:
     """Byte GPT-small: dim 384, 6 blocks, 6 heads (10.9 M parameters at context 256)."""
     return _create("slim_gpt_small", 384, 6, 6, pretrained, kwargs)

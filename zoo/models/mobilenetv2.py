@@ -10,6 +10,9 @@ with width. The final conv's 1280 outputs stay fixed at every width, as the pape
 width multipliers below one, so the classifier always sees 1280 features.
 With ``low_rank=True`` every non-depthwise conv except the stem is factorized (depthwise convs
 have nothing to factorize) and the classifier stays dense.
+As a backbone its features are timm's for ``mobilenetv2_100``: the ends of stages 0, 1, 2, 4
+and 6 (reductions 2 to 32), at the active member's widths; the final 1x1 conv is the "norm"
+that ``prune_intermediate_layers`` drops.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from ..base import ElasticModel, image_cfg
+from ..base import ImageModel, check_nchw, image_cfg
 from ..layers import ElasticBlocks, LayerFactory
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Dim, Space, fixed
@@ -71,7 +75,7 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_residual else out
 
 
-class SlimMobileNetV2(ElasticModel):
+class SlimMobileNetV2(ImageModel):
     """A MobileNetV2 whose every channel count (and, if low-rank, every 1x1 conv's rank) is
     elastic, except the 1280 features before the classifier."""
 
@@ -80,6 +84,7 @@ class SlimMobileNetV2(ElasticModel):
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int = 224,
+        global_pool: str = "avg",
         drop_rate: float = 0.2,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
@@ -98,7 +103,9 @@ class SlimMobileNetV2(ElasticModel):
         first = f.at(0)  # the stem's channels are the first stage's (its depthwise conv reads them)
         stem_dim = first.dim(STEM_CHANNELS)
         self.stem = _conv_bn_act(first, fixed(in_chans), stem_dim, 3, stride=2, factorize=False)
-        in_dim, stages = stem_dim, []
+        in_dim, stages, reduction = stem_dim, [], 2
+        self._taps, self._stage_ends = [], []  # a feature ends each stage before a stride 2, and the last
+        strides = [stride for *_, stride in INVERTED_RESIDUAL_SETTINGS] + [2]
         for i, (expansion, channels, _, stride) in enumerate(INVERTED_RESIDUAL_SETTINGS):
             g, blocks = f.at(i), {}
             for j in range(self.max_values["depth"][i]):  # a sliced member holds only its blocks
@@ -106,28 +113,80 @@ class SlimMobileNetV2(ElasticModel):
                 blocks[j] = InvertedResidual(g, in_dim, out_dim, stride if j == 0 else 1, expansion)
                 in_dim = out_dim
             stages.append(ElasticBlocks(blocks, "depth", i))
+            reduction *= stride
+            if strides[i + 1] == 2:
+                self._taps.append((in_dim, reduction, f"blocks.{i}"))
+                self._stage_ends.append(i)
         self.blocks = nn.Sequential(*stages)
         self._feature_dim = fixed(HEAD_FEATURES)
         self.final_conv = _conv_bn_act(f, in_dim, self._feature_dim, 1)
-        self.num_features = HEAD_FEATURES
+        self.global_pool = self._pool(global_pool)
         self.classifier = self._new_classifier(num_classes)
-        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "classifier")
+        pool_size = (-(-img_size // reduction),) * 2
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "classifier", pool_size=pool_size)
         self._finish_init()
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
-        return self._factory.linear(self._feature_dim, fixed(num_classes), factorize=False, init=classifier_normal)
+        return self._classifier(self._feature_dim, num_classes, init=classifier_normal)
+
+    @property
+    def num_features(self) -> int:
+        """Channels ``forward_features`` returns (1280, or a feature's after pruning)."""
+        return self._feature_dim.count_in(self._active_values)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(self.blocks(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.dropout(x.mean((2, 3)), self.drop_rate, self.training)
+        x = F.dropout(self.global_pool(x), self.drop_rate, self.training)
         return x if pre_logits else self.classifier(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's: the features ``indices`` picks (the last n if an int, all if None) and the
+        final features (after the final conv once every stage ran). ``norm`` is unused, as in
+        timm's MobileNets."""
+        check_nchw(output_fmt)
+        take, last = feature_take_indices(len(self._taps), indices)
+        take_stages = {self._stage_ends[i] for i in take}
+        stages = self.blocks[: self._stage_ends[last] + 1] if stop_early else self.blocks
+        x = self.stem(x)
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_stages:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return (self.final_conv(x) if len(stages) == len(self.blocks) else x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's: drop the stages after the last feature ``indices`` needs; the final conv
+        goes with them, with the head or with the norm. Returns the absolute indices."""
+        take, last = feature_take_indices(len(self._taps), indices)
+        last_stage = self._stage_ends[last]
+        for i in range(last_stage + 1, len(self.blocks)):
+            self.blocks[i] = nn.Sequential()  # runs as the identity
+        prune_end = prune_norm or prune_head or last_stage < len(self.blocks) - 1
+        if prune_end:  # the features now end at the last tap, and the head was sized for the final ones
+            self.final_conv = nn.Identity()
+            self._feature_dim = self._taps[last][0]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.global_pool = self._pool(self.global_pool.pool_type if global_pool is None else global_pool)
         self._replace_classifier("classifier", self._new_classifier(num_classes), num_classes)
 
 

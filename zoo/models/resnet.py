@@ -6,6 +6,8 @@ depth 6n+2. ImageNet-style: a 7x7 stride-2 stem with max-pool and four stages of
 Every channel count is elastic (Slimmable Networks); downsampling shortcuts are 1x1 convs.
 With ``low_rank=True`` every conv except the stem is factorized and the classifier stays dense,
 the usual choice for low-rank CNNs (the first and last layers are small and sensitive).
+As a backbone (timm's ``forward_intermediates``, ``features_only``) its features are the stem's
+activation and each stage's output, at the active member's widths.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from ..base import ElasticModel, image_cfg
+from ..base import ImageModel, check_nchw, image_cfg
 from ..layers import ElasticBlocks, LayerFactory
 from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Dim, Space, fixed
@@ -64,7 +67,7 @@ def _shortcut(f: LayerFactory, in_dim: Dim, out_dim: Dim, stride: int) -> nn.Mod
     return nn.Sequential(f.conv(in_dim, out_dim, 1, stride=stride), f.bn(out_dim))
 
 
-class SlimResNet(ElasticModel):
+class SlimResNet(ImageModel):
     """A ResNet whose every channel count (and, if low-rank, every conv's rank) is elastic."""
 
     def __init__(
@@ -76,6 +79,7 @@ class SlimResNet(ElasticModel):
         num_classes: int = 1000,
         in_chans: int = 3,
         img_size: int = 224,
+        global_pool: str = "avg",
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
@@ -91,6 +95,8 @@ class SlimResNet(ElasticModel):
 
         first = f.at(0)  # the stem's channels are the first stage's (its blocks add to them)
         stem_dim = first.dim(channels[0])
+        reduction = 1 if stem_kind == "cifar" else 2
+        self._taps = [(stem_dim, reduction, "stem.2")]  # (channels, reduction, module) of each feature
         if stem_kind == "cifar":
             conv = first.conv(fixed(in_chans), stem_dim, 3, factorize=False)
             self.stem = nn.Sequential(conv, first.bn(stem_dim), nn.ReLU(inplace=True))
@@ -98,6 +104,7 @@ class SlimResNet(ElasticModel):
             conv = first.conv(fixed(in_chans), stem_dim, 7, stride=2, factorize=False)
             self.stem = nn.Sequential(conv, first.bn(stem_dim), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
 
+        reduction *= 1 if stem_kind == "cifar" else 2  # the max-pool
         in_dim, stages = stem_dim, []
         for i, planes in enumerate(channels):
             g = f.at(i)
@@ -106,10 +113,14 @@ class SlimResNet(ElasticModel):
                 blocks[j] = block_cls(g, in_dim, planes, 2 if (j == 0 and i > 0) else 1)
                 in_dim = g.dim(planes * block_cls.expansion)
             stages.append(ElasticBlocks(blocks, "depth", i))
+            reduction *= 2 if i > 0 else 1
+            self._taps.append((in_dim, reduction, f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self._feature_dim = in_dim
-        self.fc = f.linear(in_dim, fixed(num_classes), factorize=False)
-        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "fc")
+        self.global_pool = self._pool(global_pool)
+        self.fc = self._classifier(in_dim, num_classes)
+        pool_size = (-(-img_size // reduction),) * 2
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "stem.0", "fc", pool_size=pool_size)
         self._finish_init()
 
     @property
@@ -121,14 +132,54 @@ class SlimResNet(ElasticModel):
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean((2, 3))
+        x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's: the features ``indices`` picks (the last n if an int, all if None) and the
+        final features. ``norm`` has nothing to apply (a ResNet ends in a stage)."""
+        check_nchw(output_fmt)
+        take, last = feature_take_indices(len(self._taps), indices)
+        intermediates = []
+        for i, layer in enumerate(self.stem):
+            x = layer(x)
+            if i == 2 and 0 in take:  # after the activation, before any max-pool
+                intermediates.append(x)
+        for i, stage in enumerate(self.stages[:last] if stop_early else self.stages, start=1):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's: drop the stages after the last feature ``indices`` needs (and the head).
+        Returns the absolute indices to pass to ``forward_intermediates``."""
+        take, last = feature_take_indices(len(self._taps), indices)
+        for i in range(last, len(self.stages)):
+            self.stages[i] = nn.Sequential()  # runs as the identity
+        if last == 0 and len(self.stem) > 3:
+            self.stem[3] = nn.Identity()  # the max-pool follows the stem feature
+        prune_end = last < len(self._taps) - 1
+        if prune_end:  # the features now end at the last tap, and the head was sized for the final ones
+            self._feature_dim = self._taps[last][0]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self._replace_classifier("fc", self._factory.linear(self._feature_dim, fixed(num_classes), factorize=False), num_classes)
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.global_pool = self._pool(self.global_pool.pool_type if global_pool is None else global_pool)
+        self._replace_classifier("fc", self._classifier(self._feature_dim, num_classes), num_classes)
 
 
 def _cifar(arch: str, depth: int, pretrained: bool, kwargs: dict) -> SlimResNet:

@@ -10,6 +10,11 @@ and ``vit_small_patch16_224``.
 ``patch_size`` defaults to 16 for images of 128 pixels or more and to ``img_size // 4``
 below that, so small images still give a 4 x 4 grid of tokens: 8 x 8 digits use 2 x 2
 patches and 32 x 32 CIFAR images 8 x 8 patches.
+
+The model takes ``img_size`` images only, unless it is built with ``dynamic_img_size=True``:
+then any size that is a multiple of the patch size, the position embedding resampled to the
+grid at every forward (timm's ``resample_abs_pos_embed``, as timm's ViT does). Its features as
+a backbone (``forward_intermediates``, ``features_only``) are every block's tokens.
 """
 
 from __future__ import annotations
@@ -17,17 +22,37 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models._features import feature_take_indices
 from torch import nn
 
-from ..base import ElasticModel, image_cfg
+from ..base import ImageModel, image_cfg
 from ..registry import build, register_family
 from ..layers import ElasticBlocks
 from ..subnet import DEFAULT_GRID, Space, fixed
 from .transformer import Block, trunc_normal
 
+POOLS = ("token", "avg", "")  # the class token, the mean of the patch tokens, or all tokens
 
-class SlimVisionTransformer(ElasticModel):
+
+@torch.fx.wrap  # torch.fx records the call, so a traced model checks its input too
+def _check_images(x: torch.Tensor, name: str, in_chans: int, img_size: int, patch_size: int) -> torch.Tensor:
+    """``x`` if it is a batch of images this ViT takes: ``img_size`` square, or (``img_size=0``)
+    any multiple of the patch size."""
+    shape = list(x.shape)
+    if len(shape) != 4 or shape[1] != in_chans:
+        raise ValueError(f"{name} takes images of shape (B, {in_chans}, H, W), got {shape}")
+    if img_size and (shape[2] != img_size or shape[3] != img_size):
+        raise ValueError(f"{name} takes images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape} (build it with dynamic_img_size=True for other sizes)")
+    if shape[2] % patch_size or shape[3] % patch_size:
+        raise ValueError(f"{name} takes images whose sides are multiples of its patch size {patch_size}, got {shape}")
+    return x
+
+
+class SlimVisionTransformer(ImageModel):
     """A ViT whose heads and MLP units (and, if low-rank, block matrices' ranks) are elastic."""
+
+    features_out_indices = 3  # features_only's default, as timm's ViTs: the last three blocks
 
     def __init__(
         self,
@@ -39,6 +64,8 @@ class SlimVisionTransformer(ElasticModel):
         in_chans: int = 3,
         img_size: int = 224,
         patch_size: int | None = None,
+        global_pool: str = "token",
+        dynamic_img_size: bool = False,
         drop_rate: float = 0.0,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
@@ -55,6 +82,8 @@ class SlimVisionTransformer(ElasticModel):
         f = self._layer_factory(8)
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size, self.patch_size = img_size, patch_size
+        self.dynamic_img_size = bool(dynamic_img_size)
+        self.global_pool = self._check_global_pool(global_pool, POOLS)
         self.num_features = self.embed_dim = embed_dim
 
         self.patch_embed = f.conv(fixed(in_chans), fixed(embed_dim), patch_size, stride=patch_size, padding=0, bias=True, factorize=False)
@@ -64,31 +93,93 @@ class SlimVisionTransformer(ElasticModel):
         nn.init.normal_(self.cls_token, std=1e-6)
         trunc_normal(self.pos_embed)
         self.blocks = ElasticBlocks({i: Block(f.at(i), embed_dim, num_heads, mlp_ratio) for i in self.max_values["blocks"]}, "blocks")
+        self._taps = [(fixed(embed_dim), patch_size, f"blocks.{i}") for i in self.max_values["blocks"]]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
-        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "patch_embed", "head")
+        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "patch_embed", "head", fixed_input_size=not self.dynamic_img_size)
         self._finish_init()
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        return self._factory.linear(fixed(self.embed_dim), fixed(num_classes), factorize=False, init=trunc_normal)
+        return self._classifier(fixed(self.embed_dim), num_classes, init=trunc_normal)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> the class token and the patch tokens, position embedded."""
+        x = _check_images(x, self.arch, self.in_chans, 0 if self.dynamic_img_size else self.img_size, self.patch_size)
+        x = self.patch_embed(x)
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            grid = self.img_size // self.patch_size
+            pos_embed = resample_abs_pos_embed(pos_embed, new_size=x.shape[-2:], old_size=(grid, grid), num_prefix_tokens=1)
+        x = x.flatten(2).transpose(1, 2)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> normalised tokens (B, 1 + patches, embed_dim), class token first."""
-        if x.dim() != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
-            raise ValueError(f"{self.arch or type(self).__name__} takes images of shape (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.norm(self.blocks(x))
+        return self.norm(self.blocks(self._tokens(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x[:, 0])
+        if self.global_pool == "token":
+            x = x[:, 0]
+        elif self.global_pool == "avg":
+            x = x[:, 1:].mean(1)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """timm's: the tokens after each block ``indices`` picks (the last n if an int, all if
+        None), as maps (NCHW) or sequences (NLC) of the patch tokens, and the final features.
+        A block the member skips passes its input on, so its feature is the previous one's."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"a ViT's intermediate features are NCHW or NLC, got output_fmt={output_fmt!r}")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        height, width = x.shape[-2:]
+        x = self._tokens(x)
+        intermediates = []
+        for i, (name, block) in enumerate(self.blocks.items()):
+            if stop_early and i > last:
+                break
+            if name in self.blocks.active:
+                x = block(x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :1] for y in intermediates]
+        intermediates = [y[:, 1:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid = (height // self.patch_size, width // self.patch_size)
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """timm's: drop the blocks after the last one ``indices`` needs, the final norm if
+        ``prune_norm`` and the head if ``prune_head``. Returns the absolute indices."""
+        take, last = feature_take_indices(len(self.blocks), indices)
+        for name in list(self.blocks.keys())[last + 1 :]:
+            del self.blocks[name]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        self.set_subnet(self.active_subnet, for_training=True)  # the blocks it still holds
+        return take
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.global_pool = self._check_global_pool(global_pool, POOLS)
         self._replace_classifier("head", self._new_head(num_classes), num_classes)
 
 
