@@ -6,7 +6,8 @@ to) and ``widths``/``ranks`` (plus ``extra_subnets``) give the members it was tr
 which are also the members that have batch-norm statistics.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` in this module: torch.fx copies ``forward``'s
+# annotations into the code of the graph it traces, which torch.jit then cannot read as strings.
 
 from typing import Iterable, Mapping
 
@@ -283,7 +284,8 @@ class ImageModel(ElasticModel):
     def _pool(self, global_pool: str) -> SelectAdaptivePool2d:
         """A CNN's global pooling (timm's layer), flattened: ``global_pool`` from ``CNN_POOLS``."""
         global_pool = self._check_global_pool(global_pool, CNN_POOLS)
-        return SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # no pooling keeps the maps
+        pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))  # no pooling keeps the maps
+        return pool.train(self.training)
 
     def _check_global_pool(self, global_pool: str, choices: tuple[str, ...]) -> str:
         """``global_pool`` if it is one of ``choices`` (the first is the default), recorded in

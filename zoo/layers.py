@@ -286,6 +286,10 @@ class ElasticBatchNorm2d(ElasticLayer):
         self._resolve()  # ``.to()`` converted the two names separately: point them at one tensor again
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._resolve()  # ``load_state_dict(assign=True)`` puts new tensors under the members' names
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.active_out
         weight = self.weight if n == self.num_features else self.weight[:n]
