@@ -40,3 +40,13 @@ def test_loaded_models_start_in_training_mode_as_the_readme_says(tmp_path):
 
     path = zoo.save(zoo.create_model("slim_resnet20", widths=[1.0]), tmp_path / "m.safetensors")
     assert zoo.create_model("slim_resnet20").training and zoo.load(path).training
+
+
+def test_the_backbone_snippet_builds_a_pyramid_at_two_members_and_the_channels_shrink():
+    namespace: dict = {}
+    exec(compile(snippet("### A slimmable backbone"), "README.md", "exec"), namespace)
+    shapes = [(1, 64, 28, 28), (1, 64, 14, 14), (1, 64, 7, 7)]
+    assert [[tuple(p.shape) for p in namespace["pyramids"][w].values()] for w in (1.0, 0.5)] == [shapes, shapes]
+    assert namespace["channels"] == [64, 128, 256]  # the last member's, half of [128, 256, 512]
+    full, half = namespace["flops"]
+    assert round(full / 1e9, 2) == 3.63 and round(half / 1e9, 2) == 0.97  # the numbers the README gives
