@@ -178,7 +178,8 @@ def family_of(name: str) -> str:
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> ElasticModel:
-    """Build a catalogue model. ``pretrained=True`` loads the weights shipped in ``weights/``."""
+    """Build a catalogue model. ``pretrained=True`` loads the weights shipped in ``weights/``;
+    ``features_only=True`` (``out_indices``) returns it as a backbone (``zoo.features.FeatureNet``)."""
     _import_families()
     if name not in _ENTRYPOINTS:
         raise ValueError(unknown_model(name, sorted(_ENTRYPOINTS)))
