@@ -7,8 +7,8 @@
     zoo.save(small, "small.safetensors")
     same = zoo.load("small.safetensors")
 
-Importing zoo registers every family with timm, so ``timm.create_model("slim_resnet20")``
-works too.
+Importing zoo registers every image family with timm, so ``timm.create_model("slim_resnet20")``
+works too (the byte-level GPTs are zoo's only: timm's registry is for images).
 """
 
 from .base import ElasticModel
@@ -18,7 +18,7 @@ from .registry import create_model, family_of, list_models
 from .slicing import count_params, parameter_masks, recalibrate_bn, slice_model as slice, subnet
 from .subnet import Subnet
 from .weights import WeightsFileError, load, read_header, save
-from . import models  # noqa: F401,E402  (registers the families with zoo and timm)
+from . import models  # noqa: F401,E402  (registers the families with zoo, the image ones with timm)
 
 __version__ = "0.1.0"
 
