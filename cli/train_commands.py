@@ -81,7 +81,12 @@ def train_command(
     nested: bool = typer.Option(False, "--nested", help="unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset."),
     log_alignment: Optional[int] = typer.Option(None, "--log-alignment", help="Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time)."),
     seq_len: int = typer.Option(256, "--seq-len", help="Byte models: context length trained on."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Images: resize to this size; default: the dataset's own."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size)."),
+    aa: Optional[str] = typer.Option(None, "--aa", help="folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2."),
+    reprob: float = typer.Option(0.0, "--reprob", help="folder: random-erasing probability (timm's, per-pixel noise)."),
+    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."),
+    mixup: float = typer.Option(0.0, "--mixup", help="Images: timm Mixup's mixup alpha (0: off); trains on soft targets."),
+    cutmix: float = typer.Option(0.0, "--cutmix", help="Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."),
@@ -91,7 +96,7 @@ def train_command(
     seed: int = typer.Option(0, "--seed", help="Seeds the model, the data order and split, and the member choice."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)."),
-    workers: int = typer.Option(0, "--workers", help="Data-loading worker processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders."),
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
     from training.distributed import launch, world_size_from_env
@@ -105,6 +110,7 @@ def train_command(
         nesterov=nesterov, warmup_steps=warmup_steps, clip_grad=clip_grad, label_smoothing=label_smoothing,
         core_prob=core_prob, num_random=num_random, update=update.value, rho=rho, eg_lr=eg_lr, keep=keep,
         meprop_units=meprop_units, nested=nested, log_alignment=log_alignment, seq_len=seq_len, img_size=img_size,
+        aa=aa, reprob=reprob, crop_pct=crop_pct, mixup=mixup, cutmix=cutmix,
         init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
         eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
     )  # fmt: skip

@@ -1,4 +1,7 @@
-"""The data layer on real files in their real formats: digits, stdlib, CIFAR pickles, PNG trees, text."""
+"""The data layer on real files in their real formats: digits, stdlib, CIFAR pickles, PNG trees, text.
+
+The streamed folder pipeline, the loader and the text cache have their own file: test_streaming.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import STDLIB_MAX_BYTES, _stdlib_source, batches, default_data, load_data, make_loader
+from training.data import STDLIB_MAX_BYTES, _stdlib_source, batches, default_data, load_data
+from training.loader import TrainLoader
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
@@ -210,17 +214,17 @@ def test_folder_of_pngs_split_per_class(tmp_path):
     write_class_tree(tmp_path, per_class=5)
     write_png(tmp_path / ".hidden" / "x.png", (0, 0, 0))
     bundle = load_data(f"folder:{tmp_path}", val_fraction=0.2, img_size=8)
-    assert bundle.labels == ["apple", "kiwi", "plum"] and bundle.input_size == (3, 8, 8)
+    assert bundle.labels == ["apple", "kiwi", "plum"] and bundle.input_size == (3, 8, 8) and bundle.crop_pct == 0.875
     assert (len(bundle.train), len(bundle.val)) == (12, 3) and sorted(bundle.val.targets.tolist()) == [0, 1, 2]
-    for images, targets in ((bundle.train.images, bundle.train.targets), (bundle.val.images, bundle.val.targets)):
-        for image, target in zip(images, targets):
-            color = torch.tensor(CLASS_COLORS[bundle.labels[target]], dtype=torch.uint8).view(3, 1, 1)
-            assert torch.equal(image, color.expand(3, 8, 8))
-    pixels = bundle.train.images.double() / 255
-    assert bundle.mean == tuple(round(m, 4) for m in pixels.mean(dim=(0, 2, 3)).tolist())
-    assert bundle.std == tuple(round(s, 4) for s in pixels.std(dim=(0, 2, 3), unbiased=False).tolist())
+    colors = torch.tensor([CLASS_COLORS[bundle.labels[t]] for t in bundle.train.targets], dtype=torch.float64) / 255
+    assert bundle.mean == tuple(round(m, 4) for m in colors.mean(0).tolist())
+    assert bundle.std == tuple(round(s, 4) for s in colors.std(0, unbiased=False).tolist())
     mean, std = torch.tensor(bundle.mean).view(3, 1, 1), torch.tensor(bundle.std).view(3, 1, 1)
-    assert torch.allclose(bundle.val[0][0], (bundle.val.images[0].float() / 255 - mean) / std)
+    for i in range(len(bundle.val)):  # resize and centre crop of a solid colour: the colour, normalised
+        image, target = bundle.val[i]
+        color = torch.tensor(CLASS_COLORS[bundle.labels[target]]).view(3, 1, 1) / 255
+        assert image.shape == (3, 8, 8) and torch.allclose(image, ((color - mean) / std).expand(3, 8, 8), atol=1e-5)
+    assert all(bundle.train[i][0].shape == (3, 8, 8) for i in range(len(bundle.train)))
 
 
 def test_folder_with_train_and_val_and_grayscale(tmp_path):
@@ -229,10 +233,10 @@ def test_folder_with_train_and_val_and_grayscale(tmp_path):
             for k in range(count):
                 write_png(tmp_path / split / name / f"{k}.png", shade, size=(20, 40), mode="L")
     bundle = load_data(f"folder:{tmp_path}")
-    assert bundle.labels == ["dark", "light"] and bundle.input_size == (1, 32, 32)
+    assert bundle.labels == ["dark", "light"] and bundle.input_size == (1, 224, 224)  # files of any size: 224 unless told
     assert (len(bundle.train), len(bundle.val)) == (6, 4) and bundle.val.targets.tolist() == [0, 0, 1, 1]
     assert bundle.mean == (round(125 / 255, 4),) and bundle.std == (round(95 / 255, 4),)
-    assert torch.equal(bundle.val.images[3], torch.full((1, 32, 32), 220, dtype=torch.uint8))
+    assert torch.allclose(bundle.val[3][0], torch.full((1, 224, 224), (220 / 255 - bundle.mean[0]) / bundle.std[0]), atol=1e-5)
 
 
 def test_text_file_and_text_folder(tmp_path):
@@ -240,8 +244,8 @@ def test_text_file_and_text_folder(tmp_path):
     (tmp_path / "one.txt").write_bytes(corpus)
     bundle = load_data(f"text:{tmp_path / 'one.txt'}", seq_len=16, val_fraction=0.25)
     train, val = bundle.train, bundle.val
-    assert (len(train.data), len(val.data), len(train), len(val)) == (768, 256, 47, 15)
-    assert bytes(train.data.tolist()) + bytes(val.data.tolist()) == corpus
+    assert (train.size, val.size, len(train), len(val)) == (768, 256, 47, 15)
+    assert bytes(train.read(0, 768).tolist()) + bytes(val.read(0, 256).tolist()) == corpus
     x, y = train[10]
     assert x.tolist() == list(corpus[160:176]) and y.tolist() == list(corpus[161:177])
 
@@ -255,7 +259,7 @@ def test_text_file_and_text_folder(tmp_path):
     (folder / ".git" / "config").write_bytes(b"hidden " * 50)
     bundle = load_data(f"text:{folder}", seq_len=32, val_fraction=0.2)
     expected = files["a.txt"] + files["b.md"] + files["sub/c.py"]
-    assert bytes(bundle.train.data.tolist()) + bytes(bundle.val.data.tolist()) == expected
+    assert bytes(bundle.train.read(0, bundle.train.size).tolist()) + bytes(bundle.val.read(0, bundle.val.size).tolist()) == expected
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(cifar10_dir):
@@ -281,17 +285,17 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(cifar10_dir):
     assert torch.equal(bundle.val[0][0], bundle.val[0][0]) and torch.equal(bundle.val[0][0], twin.val[0][0])
 
 
-def test_make_loader_and_batches_are_deterministic(cifar10_dir):
-    train = load_data(f"cifar10:{cifar10_dir}", seed=1).train
-
-    def run(epoch):
-        return [(x, y) for x, y in make_loader(train, 4, shuffle=True, seed=1, epoch=epoch, drop_last=True)]
-
-    a, b, c = run(2), run(2), run(3)
+def test_train_loader_and_batches_are_deterministic(cifar10_dir):
+    bundle = load_data(f"cifar10:{cifar10_dir}", seed=1)
+    loader = TrainLoader(bundle, 4, seed=1)
+    a, b, c = list(loader.epoch(2)), list(loader.epoch(2)), list(loader.epoch(3))
     assert len(a) == 7 and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
     assert not all(torch.equal(y1, y2) for (_, y1), (_, y2) in zip(a, c))
-    shares = [torch.cat([y for _, y in make_loader(train, 5, shuffle=False, rank=r, world_size=2)]) for r in (0, 1)]
-    assert torch.equal(torch.stack(shares, 1).flatten(), train.targets)
+    assert all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a[3:], loader.epoch(2, start=3)))  # resumed mid-epoch
+    whole = list(TrainLoader(bundle, 10, seed=1).epoch(0))  # two processes' shares interleave to one process's batch
+    shares = [list(TrainLoader(bundle, 10, seed=1, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
+    for (x, y), (x0, y0), (x1, y1) in zip(whole, *shares):
+        assert torch.equal(torch.stack([x0, x1], 1).flatten(0, 1), x) and torch.equal(torch.stack([y0, y1], 1).flatten(), y)
 
     val = load_data("digits").val
     chunks = list(batches(val, 50, limit=2))
@@ -352,7 +356,10 @@ def _error_cases(tmp_path: Path) -> list[tuple[str, dict, type, str]]:
 
 
 def test_every_error_is_one_line(tmp_path):
+    """At loading, or for a bad image not among the sampled ones, the first time it is read."""
     for spec, kwargs, error, fragment in _error_cases(tmp_path):
         with pytest.raises(error) as excinfo:
-            load_data(spec, **kwargs)
+            bundle = load_data(spec, **kwargs)
+            for dataset in (bundle.train, bundle.val):
+                [dataset[i] for i in range(len(dataset))]
         assert fragment in one_line_error(excinfo), (spec, str(excinfo.value))

@@ -74,7 +74,7 @@ def test_train_writes_a_loadable_family_with_metrics_and_eval_reproduces_them(tm
 
 
 def _image_folder(tmp_path: Path) -> Path:
-    """Three classes of small real PNG files (augmented in training: crop and flip)."""
+    """Three classes of small real PNG files (streamed through timm's transforms in training)."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(0)
@@ -91,9 +91,11 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
         return dict(model="slim_resnet20", strategy="alternating", widths=[0.5], steps=6, batch_size=32, eval_every=2)
     if kind == "layerwise":  # members drawn from the whole space, periodic batch-norm recalibration
         return dict(model="slim_resnet20", strategy="sandwich", space="layerwise", num_random=1, steps=6, batch_size=32, eval_every=2)
-    if kind == "augmented":  # 33 training images, 4 steps per epoch: the resumed part crosses an epoch
+    if kind == "augmented":  # 33 training images, 4 steps per epoch: the resumed part crosses an epoch; every
+        # timm augmentation and mixup on; the whole run reads in-process, the two parts with 2 and 1 workers
         return dict(model="slim_resnet20", data=f"folder:{_image_folder(tmp_path)}", img_size=8, strategy="random",
-                    steps=6, batch_size=8, eval_every=2, optimizer="adamw", lr=1e-3)  # fmt: skip
+                    steps=6, batch_size=8, eval_every=2, optimizer="adamw", lr=1e-3, workers=0,
+                    aa="rand-m9-mstd0.5-inc1", reprob=0.5, mixup=0.8, cutmix=1.0)  # fmt: skip
     return dict(model="slim_gpt_nano", data=f"text:{_text_corpus(tmp_path)}", strategy="sandwich", space="layerwise", widths=[0.25, 0.5, 0.75],
                 num_random=1, seq_len=32, steps=6, batch_size=4, eval_every=2, eval_limit=8, warmup_steps=2)  # fmt: skip
 
@@ -102,10 +104,12 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
 def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path):
     case = _resume_case(kind, tmp_path)
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **case))
-    interrupted = train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **case))
+    workers = {"workers": 2} if kind == "augmented" else {}
+    interrupted = train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **{**case, **workers}))
     assert not interrupted.finished and interrupted.model_path is None
     assert load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["step"] == 3
-    resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **case))
+    workers = {"workers": 1} if kind == "augmented" else {}
+    resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **{**case, **workers}))
     assert resumed.finished and resumed.steps == whole.steps == 6
 
     expected, got = load_file(whole.model_path), load_file(resumed.model_path)
@@ -159,6 +163,19 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
         (["slim_resnet20", "--init", "/no/such.safetensors"], "no such weights file"),
         (["slim_resnet20", "--steps", "0"], "--steps must be at least 1"),
         (["slim_resnet20", "--batch-size", "5000"], "larger than the training split"),
+        (["slim_resnet20", "--workers", "-1"], "--workers must be non-negative"),
+        (["slim_resnet20", "--img-size", "0"], "--img-size must be at least 1"),
+        (["slim_resnet20", "--mixup", "-0.2"], "--mixup must be non-negative"),
+        (["slim_resnet20", "--cutmix", "-1"], "--cutmix must be non-negative"),
+        (["slim_gpt_nano", "--mixup", "0.8"], "mix images; slim_gpt_nano reads tokens"),
+        (["slim_resnet20", "--mixup", "0.8", "--batch-size", "31", "--steps", "2"], "must be even, got 31"),
+        (["slim_resnet20", "--aa", "rand-m9"], "configure timm's transforms of folder:PATH images; 'digits' is not"),
+        (["slim_resnet20", "--data", "folder:/x", "--aa", "fancy"], "--aa 'fancy' is not a timm auto-augment policy"),
+        (["slim_resnet20", "--data", "folder:/x", "--aa", "rand-z9"], "--aa 'rand-z9' is not a timm auto-augment policy"),
+        (["slim_resnet20", "--data", "folder:/x", "--reprob", "1.5"], "--reprob must be in [0, 1], got 1.5"),
+        (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+        (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "1.2"], "--crop-pct must be in (0, 1], got 1.2"),
+        (["slim_resnet20", "--data", "cifar10:/x", "--reprob", "0.2"], "'cifar10:/x' is not an image folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args, message, tmp_path):

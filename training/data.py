@@ -1,15 +1,18 @@
-"""Datasets zoo trains on, held in memory as tensors: images (uint8 where possible) and bytes.
+"""The datasets zoo trains on: small ones held in memory, large ones read from disk per item.
 
 A data spec names the source. ``digits`` (scikit-learn's bundled 8x8 digits) and ``stdlib``
 (the Python standard library's own source) need nothing but the Python install, so training
-works offline; ``cifar10:PATH``, ``cifar100:PATH``, ``folder:PATH`` and ``text:PATH`` read the
-user's files. Everything is decoded once at load time; datasets only index tensors, so an
-epoch does no per-item file or PIL work.
+works offline; ``cifar10:PATH`` and ``cifar100:PATH`` read the user's CIFAR batches, decoded
+once into memory (an epoch does no per-item file or PIL work). ``folder:PATH`` streams an
+image tree from disk through timm's transforms (:mod:`training.image_folder`) and
+``text:PATH`` reads byte windows from a cache file built once (:mod:`training.text_cache`):
+neither holds its source in memory.
 
 Image items are ``(float32 C x H x W, normalised; int64 label)``. Text items are two int64
 windows of ``seq_len`` consecutive bytes, the second shifted by one (inputs, next-byte targets).
-Training splits may augment (CIFAR and folders: padded random crop and horizontal flip);
-validation splits never do.
+Training splits may augment (CIFAR: padded random crop and horizontal flip; folders: timm's
+training transform); validation splits never do. Augmentation depends only on
+``(seed, epoch, index)``.
 """
 
 from __future__ import annotations
@@ -26,15 +29,15 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Subset
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
 STDLIB_MAX_FILE_BYTES = 2**20  # larger files are generated tables, not representative code
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+TEXT_MAX_VAL_BYTES = 2**20  # the held-out tail of a text corpus: val_fraction of it, at most 1 MiB
+DEFAULT_FOLDER_SIZE = 224  # folder images without img_size (the trainer passes the model's size)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
-_BINARY_SNIFF_BYTES = 8000  # git's rule: a NUL byte in the first 8000 bytes means binary
 
 # (mean, std) of the training images per channel, as published with the datasets' baselines
 _CIFAR_STATS = {
@@ -62,6 +65,8 @@ class DataBundle:
     mean: tuple[float, ...] | None  # normalisation applied (images), to record in exports
     std: tuple[float, ...] | None
     seq_len: int | None  # window length for text
+    crop_pct: float | None = None  # evaluation: resize to size / crop_pct, centre crop (folders)
+    streamed: bool = False  # items are decoded from files when read: worth worker processes
 
 
 def default_data(input_kind: str) -> str:
@@ -72,12 +77,18 @@ def default_data(input_kind: str) -> str:
     return specs[input_kind]
 
 
-def load_data(spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None) -> DataBundle:
-    """Load a data spec (one of ``KNOWN_SPECS``) into memory.
+def load_data(
+    spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None,
+    aa: str | None = None, reprob: float = 0.0, crop_pct: float | None = None,
+) -> DataBundle:  # fmt: skip
+    """Load a data spec (one of ``KNOWN_SPECS``): small sources into memory, folders and text
+    files as on-demand readers.
 
-    ``seq_len`` applies to text, ``img_size`` to images (default: the dataset's own size, 32
-    for folders). ``val_fraction`` is the held-out share where a source has no split of its
-    own; ``seed`` fixes that split and the training augmentation.
+    ``seq_len`` applies to text, ``img_size`` to images (default: the dataset's own size,
+    ``DEFAULT_FOLDER_SIZE`` for folders). ``val_fraction`` is the held-out share where a source
+    has no split of its own; ``seed`` fixes that split and the training augmentation. ``aa``
+    (timm's auto-augment policy), ``reprob`` (random erasing) and ``crop_pct`` (evaluation
+    crop) configure a folder's timm transforms.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -86,6 +97,7 @@ def load_data(spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed:
     if img_size is not None and img_size < 1:
         raise ValueError(f"img_size must be at least 1, got {img_size}")
     kind, colon, arg = spec.partition(":")
+    check_data_options(spec, aa=aa, reprob=reprob, crop_pct=crop_pct)
     if kind in ("digits", "stdlib"):
         if colon:
             raise ValueError(f"data spec {kind!r} takes no path, got {spec!r}")
@@ -100,12 +112,28 @@ def load_data(spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed:
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
     if kind == "text":
-        return _text_bundle(spec, _read_text(path), str(path), seq_len, val_fraction)
+        from .text_cache import cached_corpus
+
+        cache = cached_corpus(path)
+        return _text_bundle(spec, cache, str(path), seq_len, val_fraction)
     if not path.is_dir():
         raise ValueError(f"{kind}:PATH wants a folder, but {path} is a file")
     if kind == "folder":
-        return _load_folder(spec, path, val_fraction, seed, img_size)
+        from .image_folder import Augmentation, load_folder
+
+        return load_folder(spec, path, val_fraction, seed, img_size or DEFAULT_FOLDER_SIZE, Augmentation(aa, reprob, crop_pct))
     return _load_cifar(spec, kind, path, seed, img_size)
+
+
+def check_data_options(spec: str, *, aa: str | None = None, reprob: float = 0.0, crop_pct: float | None = None) -> None:
+    """Refuse transform options the spec's data cannot take (one line, before loading)."""
+    from .image_folder import Augmentation, check_augmentation
+
+    options = [name for name, given in (("--aa", aa is not None), ("--reprob", bool(reprob)), ("--crop-pct", crop_pct is not None)) if given]
+    kind = spec.partition(":")[0]
+    if options and kind != "folder":
+        raise ValueError(f"{' and '.join(options)} configure timm's transforms of folder:PATH images; {spec!r} is not an image folder")
+    check_augmentation(Augmentation(aa, reprob, crop_pct))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,15 +191,43 @@ class TokenWindows(Dataset):
     """Byte windows of a corpus: item ``i`` is ``(bytes[s : s+L], bytes[s+1 : s+L+1])``, ``s = i * stride``."""
 
     def __init__(self, data: torch.Tensor, seq_len: int, stride: int):
-        self.data, self.seq_len, self.stride = data, seq_len, stride
+        self.data, self.size, self.seq_len, self.stride = data, len(data), seq_len, stride
 
     def __len__(self) -> int:
-        return max(0, (len(self.data) - self.seq_len - 1) // self.stride + 1)
+        return max(0, (self.size - self.seq_len - 1) // self.stride + 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = _check_index(index, len(self)) * self.stride
-        window = self.data[start : start + self.seq_len + 1].long()
+        window = self.read(start, self.seq_len + 1).long()
         return window[:-1], window[1:]
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """``count`` bytes of the corpus from ``start``, as uint8."""
+        return self.data[start : start + count]
+
+
+class FileTokenWindows(TokenWindows):
+    """The same windows over bytes ``offset .. offset + size`` of a file, read per item with
+    ``os.pread`` (see :mod:`training.text_cache` for why not a memory map).
+
+    The file stays open, so a cache replaced meanwhile does not change a running job's data;
+    forked loader workers share the descriptor (``pread`` has no file position to share).
+    """
+
+    def __init__(self, path: Path, offset: int, size: int, seq_len: int, stride: int):
+        self.path, self.offset, self.size, self.seq_len, self.stride = path, offset, size, seq_len, stride
+        self.file = open(path, "rb", buffering=0)
+
+    def __getstate__(self) -> dict:  # pickled (a spawned worker): reopen by path
+        return {k: v for k, v in self.__dict__.items() if k != "file"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.file = open(self.path, "rb", buffering=0)
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        chunk = os.pread(self.file.fileno(), min(count, self.size - start), self.offset + start)
+        return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
 
 
 def _check_index(index: int, length: int) -> int:
@@ -183,43 +239,31 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
+def seed_of(*parts: object) -> int:
+    """A 63-bit seed from a hash of ``parts`` (``manual_seed`` takes a non-negative 63-bit int)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def _item_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit int
+    return seed_of(seed, epoch, index)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading and batching for the trainer and for calibration
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1
-) -> DataLoader:
-    """A loader for one epoch: order and augmentation depend only on (seed, epoch).
-
-    Build one per epoch, so a resumed run replays the same order and augmentation. It sets the
-    dataset's epoch (``set_epoch``) where the dataset has one. With ``world_size > 1`` each rank
-    reads its own share, padded to equal length (torch's ``DistributedSampler``).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=0)
-
-
-def batches(dataset: Dataset, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
-    """Input tensors only, in index order, ``batch_size`` at a time, at most ``limit`` batches.
+def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers: int = 0) -> Iterator[torch.Tensor]:
+    """Input tensors only, in index order, ``batch_size`` at a time, at most ``limit`` batches,
+    read by ``workers`` worker processes (0: in this one).
 
     For batch-norm recalibration and quantization calibration, which need inputs but no labels.
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for start in range(0, count, batch_size):
-        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, count))])
+    for inputs, _ in DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers):
+        yield inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,100 +330,6 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
         chunk = F.interpolate(images[start : start + 1024].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         out[start : start + 1024] = (chunk.round() if images.dtype == torch.uint8 else chunk).clamp(0, top)
     return out
-
-
-def _load_folder(spec: str, root: Path, val_fraction: float, seed: int, img_size: int | None) -> DataBundle:
-    """PATH/<class>/<image>, or PATH/train/<class>/... with PATH/val/<class>/... .
-
-    Images become RGB, or L if every image is grayscale; each is centre-cropped to a square and
-    resized to ``img_size`` (32 by default). Mean and std come from the training split.
-    """
-    if (root / "train").is_dir() != (root / "val").is_dir():
-        raise ValueError(f"{root} has only one of train/ and val/; give both, or one folder per class")
-    if (root / "train").is_dir():
-        train_files = _class_files(root / "train")
-        labels = list(train_files)
-        val_files = _class_files(root / "val", allow_empty_classes=True)
-        unknown = sorted(set(val_files) - set(labels))
-        if unknown:
-            raise ValueError(f"{root / 'val'} has classes that {root / 'train'} lacks: {', '.join(unknown)}")
-        train_items = [(path, labels.index(c)) for c, paths in train_files.items() for path in paths]
-        val_items = [(path, labels.index(c)) for c, paths in val_files.items() for path in paths]
-    else:
-        files = _class_files(root)
-        labels = list(files)
-        items = [(path, label) for label, paths in enumerate(files.values()) for path in paths]
-        train, val = _stratified_split(torch.tensor([label for _, label in items]), val_fraction, seed)
-        train_items, val_items = [items[i] for i in train.tolist()], [items[i] for i in val.tolist()]
-    mode = "L" if all(_image_mode(path) in _GRAY_MODES for path, _ in train_items + val_items) else "RGB"
-    size = img_size or 32
-    train_images = _decode([path for path, _ in train_items], mode, size)
-    val_images = _decode([path for path, _ in val_items], mode, size)
-    mean, std = _channel_stats(train_images)
-    train_targets = torch.tensor([label for _, label in train_items], dtype=torch.int64)
-    val_targets = torch.tensor([label for _, label in val_items], dtype=torch.int64)
-    return _image_bundle(spec, (train_images, train_targets), (val_images, val_targets), labels, mean, std, augment=True, seed=seed)
-
-
-def _class_files(folder: Path, allow_empty_classes: bool = False) -> dict[str, list[Path]]:
-    """Class name -> its image files (recursively, sorted); hidden files and folders skipped."""
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{folder} has no class folders; folder:PATH wants PATH/<class>/<image>")
-    files = {
-        name: sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not _hidden(p, folder) and p.is_file())
-        for name in classes
-    }
-    empty = [name for name, paths in files.items() if not paths]
-    if len(empty) == len(classes):
-        raise ValueError(f"no images under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    if empty and not allow_empty_classes:
-        raise ValueError(f"class folders without images in {folder}: {', '.join(empty)}")
-    return {name: paths for name, paths in files.items() if paths}
-
-
-def _hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def _image_mode(path: Path) -> str:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.mode
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"cannot read image {path}: {_one_line(err)}") from None
-
-
-def _decode(paths: list[Path], mode: str, size: int) -> torch.Tensor:
-    from PIL import Image, ImageOps
-
-    channels = 1 if mode == "L" else 3
-    out = torch.empty(len(paths), channels, size, size, dtype=torch.uint8)
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                image = ImageOps.fit(image.convert(mode), (size, size), Image.Resampling.BILINEAR)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise ValueError(f"cannot read image {path}: {_one_line(err)}") from None
-        out[i] = torch.from_numpy(np.array(image, dtype=np.uint8).reshape(size, size, channels)).permute(2, 0, 1)
-    return out
-
-
-def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images in [0, 1], rounded to 4 places; std 0.5 for a
-    constant channel, which would otherwise divide by zero."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(images), 1024):
-        chunk = images[start : start + 1024].double() / 255
-        total += chunk.sum(dim=(0, 2, 3))
-        squares += chunk.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    return tuple(round(m, 4) for m in mean.tolist()), tuple(round(s, 4) if s > 1e-3 else 0.5 for s in std.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,22 +488,28 @@ def _unpickle_data(path: Path) -> object:
 # Byte-level text
 
 
-def _text_bundle(spec: str, data: bytes, source: str, seq_len: int, val_fraction: float) -> DataBundle:
-    """Split by region: the last ``val_fraction`` of the bytes (at least one window) is
-    validation, so validation text is never seen in training. Windows do not overlap (stride
-    ``seq_len``): one epoch reads every training byte once."""
+def _text_bundle(spec: str, data: bytes | Path, source: str, seq_len: int, val_fraction: float) -> DataBundle:
+    """Split by region: the last ``val_fraction`` of the bytes (at least one window, at most
+    ``TEXT_MAX_VAL_BYTES``) is validation, so validation text is never seen in training.
+    Windows do not overlap (stride ``seq_len``): one epoch reads every training byte once.
+    ``data`` is the corpus, or a cache file holding it (read per window)."""
     window = seq_len + 1
-    if len(data) < 2 * window:
+    size = data.stat().st_size if isinstance(data, Path) else len(data)
+    if size < 2 * window:
         need = f"at least {2 * window} (seq_len + 1 each for train and val)"
-        raise ValueError(f"text corpus {source} has {len(data)} bytes; seq_len {seq_len} needs {need}")
-    held_out = min(len(data) - window, max(window, round(len(data) * val_fraction)))
-    corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    split = len(data) - held_out
+        raise ValueError(f"text corpus {source} has {size} bytes; seq_len {seq_len} needs {need}")
+    held_out = min(size - window, max(window, min(TEXT_MAX_VAL_BYTES, round(size * val_fraction))))
+    split = size - held_out
+    if isinstance(data, Path):
+        train, val = FileTokenWindows(data, 0, split, seq_len, seq_len), FileTokenWindows(data, split, held_out, seq_len, seq_len)
+    else:
+        corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        train, val = TokenWindows(corpus[:split], seq_len, seq_len), TokenWindows(corpus[split:], seq_len, seq_len)
     return DataBundle(
         spec=spec,
         kind="tokens",
-        train=TokenWindows(corpus[:split], seq_len, stride=seq_len),
-        val=TokenWindows(corpus[split:], seq_len, stride=seq_len),
+        train=train,
+        val=val,
         num_classes=256,
         input_size=None,
         labels=None,
@@ -579,27 +535,6 @@ def _stdlib_source() -> bytes:
         if path.stat().st_size <= STDLIB_MAX_FILE_BYTES:
             corpus += path.read_bytes()
     return bytes(corpus[:STDLIB_MAX_BYTES])
-
-
-def _read_text(path: Path) -> bytes:
-    """A text file, or every text file under a folder (recursively, sorted by path, hidden
-    files and folders skipped) concatenated. Binary files are refused or skipped."""
-    if path.is_file():
-        text = _text_or_none(path)
-        if text is None:
-            raise ValueError(f"{path} is not a text file (it has NUL bytes)")
-        return text
-    files = sorted((p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)), key=lambda p: p.relative_to(path).as_posix())
-    text = b"".join(t for t in map(_text_or_none, files) if t is not None)
-    if not text:
-        raise ValueError(f"no text under {path} (binary and hidden files are skipped)")
-    return text
-
-
-def _text_or_none(path: Path) -> bytes | None:
-    with open(path, "rb") as file:
-        head = file.read(_BINARY_SNIFF_BYTES)
-        return None if b"\0" in head else head + file.read()
 
 
 def _one_line(err: BaseException) -> str:

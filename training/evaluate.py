@@ -48,12 +48,14 @@ def evaluate(
     batch_size: int = 256,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    workers: int = 0,
 ) -> list[dict]:
     """``[{"subnet": {...}, "loss": .., "accuracy" | "bits_per_byte": ..}]``, one per member.
 
     Runs on the model's device in eval mode over the first ``limit`` items of ``dataset`` (all
     by default), each batch through every member; the model's mode and member are restored.
     ``progress(done, total)`` is called after every forward pass, counting items times members.
+    ``workers``: loader processes that read (and decode) the items.
     """
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch size and limit must be at least 1, got {batch_size} and {limit}")
@@ -67,7 +69,7 @@ def evaluate(
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
-        for inputs, targets in DataLoader(data, batch_size=batch_size, shuffle=False):
+        for inputs, targets in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers):
             inputs, targets = inputs.to(device), targets.to(device).flatten()
             count += targets.numel()
             for i, subnet in enumerate(subnets):
@@ -115,7 +117,8 @@ def data_for(model: zoo.ElasticModel, spec: str | None):
     if model.input_kind == "tokens":
         bundle = load_data(spec, seq_len=model.context_length, seed=seed)
     else:
-        bundle = load_data(spec, seed=seed, img_size=model.pretrained_cfg["input_size"][-1])
+        crop_pct = config.get("crop_pct") if spec.startswith("folder:") else None
+        bundle = load_data(spec, seed=seed, img_size=model.pretrained_cfg["input_size"][-1], crop_pct=crop_pct)
     if bundle.kind != model.input_kind:
         raise ValueError(f"{model.arch} reads {model.input_kind}, but data {spec!r} holds {bundle.kind}")
     if bundle.kind == "image" and bundle.input_size[0] != model.in_chans:

@@ -43,10 +43,11 @@ from zoo.subnet import DEFAULT_GRID, check_fraction, grid
 
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
-from .data import DataBundle, batches, default_data, load_data
+from .data import DataBundle, batches, check_data_options, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
+from .loader import TrainLoader, default_workers
 from .masking import MaskCache, masked_step
-from .signals import Interrupted, StopSignals, ignore_stop_signals, signal_name
+from .signals import Interrupted, StopSignals, signal_name
 from .strategies import SPACES, STRATEGIES, LayerwiseSpace, Pass, Strategy, create_strategy, members_for
 from .updates import UpdatePolicy, create_policy, partial_gradient
 
@@ -99,7 +100,13 @@ class TrainConfig:
     nested: bool = False  # unit-dropout: a random width prefix
     log_alignment: int | None = None  # every N steps: cos(m ⊙ g(x + δ), g(x)) on a fixed batch
     seq_len: int = 256
-    img_size: int | None = None
+    img_size: int | None = None  # default: the dataset's own; for folders, the model's input size
+    # Data pipeline (training/loader.py, training/image_folder.py): timm's transforms and Mixup.
+    aa: str | None = None  # folders: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # folders: random-erasing probability
+    crop_pct: float | None = None  # folders: evaluation crop (default 0.875)
+    mixup: float = 0.0  # timm Mixup's mixup_alpha (0: off); soft targets
+    cutmix: float = 0.0  # timm Mixup's cutmix_alpha (0: off)
     init: str | None = None
     resume: bool = False
     ckpt_every: int | None = None  # default: every evaluation
@@ -108,7 +115,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop (with a checkpoint) after this step; continue with --resume
     seed: int = 0
     device: str = "auto"
-    workers: int = 0
+    workers: int | None = None  # data-loading processes; default: none in memory, a share of the cores for folders
 
     def check(self) -> None:
         """Validate everything that needs no data, so bad flags fail in a second."""
@@ -124,7 +131,7 @@ class TrainConfig:
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
         for name in ("lr", "clip_grad"):
             _check(name, getattr(self, name), lambda v: v > 0, "positive")
-        for name in ("weight_decay", "warmup_steps", "workers", "momentum", "num_random"):
+        for name in ("weight_decay", "warmup_steps", "workers", "momentum", "num_random", "mixup", "cutmix"):
             _check(name, getattr(self, name), lambda v: v >= 0, "non-negative")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -135,9 +142,12 @@ class TrainConfig:
         for r in self.ranks or []:
             check_fraction("--rank", r)
         distributed.resolve_device(self.device)
+        model = self.meta_model()
+        check_data_options(self.data or default_data(model.input_kind), aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
+        if (self.mixup or self.cutmix) and model.input_kind != "image":
+            raise ValueError(f"--mixup and --cutmix mix images; {self.model} reads {model.input_kind}")
         if self.space not in SPACES:
             raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
-        model = self.meta_model()
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
         create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
         self.policy(model, self.seed)
@@ -170,7 +180,10 @@ class TrainConfig:
         """A copy with every default filled in (what the run records)."""
         defaults = KIND_DEFAULTS[input_kind]
         fills = {k: v for k, v in defaults.items() if k != "steps" and getattr(self, k) is None}
-        return dataclasses.replace(self, data=self.data or default_data(input_kind), **fills)
+        data = self.data or default_data(input_kind)
+        if data.startswith("folder:") and self.img_size is None:  # files of any size: the model's own input size
+            fills["img_size"] = self.meta_model().pretrained_cfg["input_size"][-1]
+        return dataclasses.replace(self, data=data, **fills)
 
 
 def _check(name: str, value: float | None, ok, requirement: str) -> None:
@@ -272,6 +285,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _hard_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy on labels; on mixup's soft targets (smoothing already in them), timm's
+    ``SoftTargetCrossEntropy``."""
+    if targets.is_floating_point():
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()(logits.float(), targets)
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), label_smoothing=label_smoothing)
 
 
@@ -299,11 +318,12 @@ class Trainer:
         checkpoint = load_checkpoint(self.checkpoint_path) if cfg.resume else None
 
         _seed_everything(cfg.seed)
-        self.data = load_data(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, img_size=cfg.img_size)
+        self.data = load_data(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, img_size=cfg.img_size, aa=cfg.aa, reprob=cfg.reprob, crop_pct=cfg.crop_pct)
         if self.data.kind != kind:
             raise ValueError(f"{cfg.model} reads {kind}, but data {cfg.data!r} holds {self.data.kind}")
-        if cfg.batch_size % ctx.world_size:
-            raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
+        self.workers = default_workers(self.data) if cfg.workers is None else cfg.workers
+        self.loader = TrainLoader(self.data, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, workers=self.workers,
+                                  pin_memory=ctx.device.type == "cuda", mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)  # fmt: skip
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split ({len(self.data.train)} items)")
@@ -455,6 +475,7 @@ class Trainer:
             return self._finish(throughput)
         finally:
             self.signals.deferring = False
+            self.loader.close()
             if self.ctx.is_main:
                 self.reporter.finish()
 
@@ -475,27 +496,9 @@ class Trainer:
         return result
 
     def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's share of the global batches of ``epoch`` from batch ``start`` on.
-
-        The order is a permutation seeded by (seed, epoch) alone; the dataset's augmentation is
-        seeded by (seed, epoch, index) (``set_epoch``). Rank ``r`` of ``w`` takes items
-        ``r, r + w, ...`` of each global batch.
-        """
-        train = self.data.train
-        if hasattr(train, "set_epoch"):
-            train.set_epoch(epoch)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed_of("order", self.cfg.seed, epoch)))
-        size, rank, world = self.cfg.batch_size, self.ctx.rank, self.ctx.world_size
-        index_batches = [order[k * size : (k + 1) * size][rank::world].tolist() for k in range(start, self.steps_per_epoch)]
-        loader = DataLoader(
-            train,
-            batch_sampler=index_batches,
-            num_workers=self.cfg.workers,
-            pin_memory=self.ctx.device.type == "cuda",
-            generator=torch.Generator(),  # the loader's own seed must not draw from the global RNG
-            worker_init_fn=ignore_stop_signals,
-        )
-        yield from loader
+        """This process's share of the global batches of ``epoch`` from batch ``start`` on: a
+        pure function of (seed, epoch, batch, rank) (:mod:`training.loader`)."""
+        yield from self.loader.epoch(epoch, start)
 
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """One step of ``x ← x - lr · m ⊙ g(x + δ)``. The strategy's members are one choice of
@@ -587,7 +590,7 @@ class Trainer:
             return
         if (self.cfg.space == "layerwise" or self.policy.distorts_statistics) and self.model.uses_batchnorm:
             self._recalibrate(PERIODIC_CALIBRATION_BATCHES)  # drawn members (or dropped units) skew the running statistics
-        records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit)
+        records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit, workers=self.workers)
         self._log(records, throughput)
 
     def _log(self, records: list[dict], throughput: float, final: bool = False) -> None:
@@ -606,7 +609,7 @@ class Trainer:
             return self._result(None, [])
         if self.model.uses_batchnorm:
             self._recalibrate(CALIBRATION_BATCHES)
-        metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size)
+        metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, workers=self.workers)
         self._log(metrics, throughput, final=True)
         path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
         return self._result(path, metrics)
@@ -615,7 +618,7 @@ class Trainer:
         """Batch-norm statistics of every trained member from ``num_batches`` training batches."""
         calibration = self._calibration_data()
         for subnet in self.members:
-            inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size, limit=num_batches))
+            inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size, limit=num_batches, workers=self.workers))
             zoo.recalibrate_bn(self.model, inputs, subnet)
 
     def _calibration_data(self):
@@ -650,6 +653,8 @@ class Trainer:
             info.update(vocab="bytes", vocab_size=data.num_classes, seq_len=data.seq_len)
         else:
             info.update(labels=data.labels, input_size=list(data.input_size), mean=list(data.mean), std=list(data.std))
+            if data.crop_pct is not None:  # folders: evaluation resized to size / crop_pct, centre-cropped
+                info.update(crop_pct=data.crop_pct, interpolation="bilinear")
         return info
 
     def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:

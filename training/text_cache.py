@@ -1,0 +1,100 @@
+"""``text:PATH`` as a cache file: the corpus's bytes concatenated once, read back per window.
+
+The first run over a text file or folder copies its text files (sorted by path; binary and
+hidden files skipped) into one uint8 file under ``$ZOO_CACHE_DIR/text`` (default
+``~/.cache/zoo/text``), in chunks of ``CHUNK`` bytes, through :func:`zoo.fileio.atomic_path`:
+an interrupted build leaves no cache, never a partial one. The file's name holds a digest of the
+sources' paths, sizes and modification times, so a later run with the same sources reuses it and
+a changed source builds a new one (the stale cache of the same source is removed).
+
+Windows are read from the file with positional reads (``os.pread``), not through a memory map:
+on Linux 6 a map's resident memory grows by whole page-cache folios (measured: 1 MiB per touched
+byte on this machine), so random windows would bring most of a large corpus into the process's
+memory; a read keeps it at the bytes asked for, and the OS page cache serves repeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from zoo.fileio import atomic_path
+
+CACHE_ENV = "ZOO_CACHE_DIR"
+CHUNK = 2**20  # bytes copied at a time while building: the build's memory, whatever the corpus
+_BINARY_SNIFF_BYTES = 8000  # git's rule: a NUL byte in the first 8000 bytes means binary
+
+
+def cache_folder() -> Path:
+    """Where text caches live: ``$ZOO_CACHE_DIR/text``, else ``$XDG_CACHE_HOME/zoo/text``, else
+    ``~/.cache/zoo/text``."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zoo"
+    return Path(root) / "text"
+
+
+def cached_corpus(path: Path) -> Path:
+    """The cache file of the text at ``path`` (a file, or a folder of text files), built if it
+    does not exist yet for the sources as they are now."""
+    path = path.resolve()
+    sources = _candidates(path)
+    stats = [(str(p), s.st_size, s.st_mtime_ns) for p in sources for s in (p.stat(),)]
+    source_id = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
+    state_id = hashlib.blake2b(json.dumps(stats).encode(), digest_size=10).hexdigest()
+    stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', path.name)[:40]}-{source_id}"
+    cache = cache_folder() / f"{stem}-{state_id}.u8"
+    if not cache.is_file():
+        _build(path, sources, cache)
+        for stale in cache.parent.glob(f"{stem}-*.u8"):
+            if stale != cache:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    return cache
+
+
+def _candidates(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = []
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(folder, name) for name in names if not name.startswith(".")]
+    return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+
+
+def _build(path: Path, sources: list[Path], cache: Path) -> None:
+    """Concatenate the text files among ``sources`` into ``cache``; refuse binary or no text."""
+    problem, written = None, 0
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as out:
+            for source in sources:
+                try:
+                    copied = _copy_text(source, out)
+                except OSError as err:
+                    problem = f"cannot read {source}: {err.strerror or err}"
+                    break
+                if copied is None and path.is_file():
+                    problem = f"{path} is not a text file (it has NUL bytes)"
+                    break
+                written += copied or 0
+        if problem is None and written == 0:
+            problem = f"no text under {path} (binary and hidden files are skipped)"
+        if problem is not None:
+            raise ValueError(problem)  # outside the except block: the cache is not written
+
+
+def _copy_text(source: Path, out) -> int | None:
+    """Append ``source`` to ``out`` in chunks; None (nothing written) if it is binary."""
+    with open(source, "rb") as file:
+        head = file.read(_BINARY_SNIFF_BYTES)
+        if b"\0" in head:
+            return None
+        out.write(head)
+        copied = len(head)
+        while chunk := file.read(CHUNK):
+            out.write(chunk)
+            copied += len(chunk)
+        return copied
