@@ -100,13 +100,16 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
     if model.input_kind == "tokens":
         return {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
     cfg = model.pretrained_cfg
-    mean, std = recorded(metadata, "mean"), recorded(metadata, "std")
-    return {
+    mean, std, crop_pct = recorded(metadata, "mean"), recorded(metadata, "std"), recorded(metadata, "crop_pct")
+    record = {
         "kind": "image",
         "shape": list(cfg["input_size"]),
         "mean": [float(m) for m in (mean if mean is not None else cfg["mean"])],
         "std": [float(s) for s in (std if std is not None else cfg["std"])],
     }
+    if crop_pct is not None:  # trained on an image folder: evaluated resized to size / crop_pct, centre-cropped
+        record["crop_pct"] = float(crop_pct)
+    return record
 
 
 def zoo_record(

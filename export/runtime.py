@@ -86,6 +86,22 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return image
 
 
+def fit(image: np.ndarray, height: int, width: int, crop_pct: float | None = None) -> np.ndarray:
+    """An H x W x C float image as the model's ``height`` x ``width`` input: resized, or, where
+    the export records ``crop_pct`` (a model trained on an image folder), as timm's evaluation
+    transform does it: resized to ``floor(size / crop_pct)`` (the shorter side, for a square
+    input), then centre-cropped."""
+    if crop_pct is None:
+        return resize(image, height, width)
+    scaled_h, scaled_w = math.floor(height / crop_pct), math.floor(width / crop_pct)
+    if height == width:  # torchvision's Resize(int): the shorter side, the longer in proportion
+        h, w = image.shape[:2]
+        scaled_h, scaled_w = (scaled_h, int(scaled_h * w / h)) if h <= w else (int(scaled_w * h / w), scaled_w)
+    image = resize(image, scaled_h, scaled_w)
+    top, left = int(round((scaled_h - height) / 2)), int(round((scaled_w - width) / 2))
+    return image[top : top + height, left : left + width]
+
+
 def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
     """Decode an image file to a uint8 H x W x C array (Pillow is needed only here)."""
     try:
@@ -191,7 +207,8 @@ class Predictor:
 
         ``images``: a file path, an H x W or H x W x C array (uint8 in 0..255 or float in
         [0, 1]), an N x H x W x C array, or a list of those. Each is converted to the
-        model's channel count, resized to its H x W, scaled to [0, 1] and normalised.
+        model's channel count, resized (and centre-cropped, see :func:`fit`) to its H x W,
+        scaled to [0, 1] and normalised.
         """
         self._require("image", "classify images")
         spec = self.metadata["input"]
@@ -199,7 +216,7 @@ class Predictor:
         mean = np.asarray(spec["mean"], dtype=np.float32)
         std = np.asarray(spec["std"], dtype=np.float32)
         batch = [self._to_unit_float(image, channels) for image in _as_list(images)]
-        batch = [(resize(image, height, width) - mean) / std for image in batch]
+        batch = [(fit(image, height, width, spec.get("crop_pct")) - mean) / std for image in batch]
         return np.stack(batch).transpose(0, 3, 1, 2).astype(_NUMPY_TYPES.get(self._input_type, np.float32))
 
     @staticmethod

@@ -145,3 +145,22 @@ def test_timm_auto_augment_posterize_to_zero_bits_runs_on_this_pillow():
         with image_folder.seeded(seed):
             outputs.append(train(image))
     assert all(x.shape == (3, 16, 16) for x in outputs)
+
+
+def test_an_export_of_a_folder_model_preprocesses_as_its_evaluation(noise_folder):
+    """The weights file records crop_pct; the export's record carries it and the runtime's
+    resize and centre crop give what the validation transform gave (up to Pillow's rounding to uint8)."""
+    import zoo
+    from export.onnx_export import input_record
+    from export.runtime import fit
+
+    bundle = load_data(f"folder:{noise_folder}", img_size=12, crop_pct=0.75)
+    metadata = {"train": {"mean": list(bundle.mean), "std": list(bundle.std), "crop_pct": bundle.crop_pct}}
+    record = input_record(zoo.create_model("slim_resnet20", num_classes=2, img_size=12), metadata)
+    assert record == {"kind": "image", "shape": [3, 12, 12], "mean": list(bundle.mean), "std": list(bundle.std), "crop_pct": 0.75}
+    mean, std = np.asarray(record["mean"], dtype=np.float32), np.asarray(record["std"], dtype=np.float32)
+    for i in range(len(bundle.val)):
+        pixels = np.asarray(Image.open(bundle.val.files.path(i)).convert("RGB"), dtype=np.float32) / 255
+        assert pixels.shape[0] != pixels.shape[1]  # not square: the crop matters
+        expected = bundle.val[i][0].permute(1, 2, 0).numpy()
+        assert np.abs((fit(pixels, 12, 12, record["crop_pct"]) - mean) / std - expected).max() < 1.5 / 255 / std.min()
