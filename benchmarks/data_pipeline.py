@@ -6,13 +6,16 @@
    (``RandomResizedCrop`` to ``--img-size``, flip, colour jitter, RandAugment, random erasing),
    batch and worker count. Each side runs once unmeasured (workers start, files enter the page
    cache), then ``--repeats`` epochs alternately; a run times an epoch after its first two
-   batches, which fill the pipeline. Target: zoo / timm >= 0.95.
-2. Memory: peak memory of a whole ``zoo train`` (slim_resnet20, 32 px, same steps) on a
-   3,000-image folder against a 300-image folder (target <= 1.2), and of ``zoo train``
+   batches, which fill the pipeline. Target: zoo / timm >= 0.95. Also the CPU time per image,
+   and, in one process, both datasets' cost per item with the same random draws.
+2. Memory: peak memory of a whole ``zoo train`` (slim_resnet20, 32 px, same steps) on a folder
+   of 3,000 training images against one of 300 (both ``train/`` + the same 300-image ``val/``,
+   so the final evaluation does the same work; target <= 1.2), and of ``zoo train``
    (slim_gpt_nano) on a 200 MB text corpus against a 10 MB one, cache build included (target
-   <= 1.15). Two numbers per run: the peak resident set of the largest process (``ru_maxrss``
-   from ``wait4``) and the peak of the summed proportional set size (PSS, shared pages counted
-   once) of the run's whole process tree (main process plus loader workers), sampled every 20 ms.
+   <= 1.15). Two numbers per run: the training process's peak resident set (``VmHWM``; not
+   ``ru_maxrss``, which a child started by ``vfork`` inherits from this process at ``exec``) and
+   the peak of the summed proportional set size (PSS: shared pages counted once) of the run's
+   process tree (the training process and its loader workers), both sampled every 20 ms.
 
 Images are generated (smooth random colour fields plus noise, saved as JPEG, 200-320 px for the
 throughput part); the corpora are the Python standard library's source, repeated.
@@ -31,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -129,13 +131,38 @@ def loader_throughput(args, root: Path) -> dict:
             rates[name].append(speed)
             cpu[name].append(cost)
     zoo_loader.close()
+    same_draws = _per_item_cpu(bundle, timm_dataset)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     return {
         "images_per_s": medians, "all": rates, "ratio": medians["zoo"] / medians["timm"],
         "cpu_ms_per_image": cpu_medians, "cpu_all": cpu, "cpu_ratio": cpu_medians["timm"] / cpu_medians["zoo"],
-        "images": len(bundle.train), "shape": list(bundle.input_size),
+        "images": len(bundle.train), "shape": list(bundle.input_size), "same_draws": same_draws,
     }  # fmt: skip
+
+
+def _per_item_cpu(bundle, timm_dataset) -> dict:
+    """CPU milliseconds per training item in this process, zoo's dataset against timm's with
+    the same random draws (timm's item run under zoo's per-item seeding), so the two produce
+    identical tensors and only the pipelines' own costs differ."""
+    import torch
+
+    from training.data import _item_seed
+    from training.image_folder import seeded
+
+    where = {str(path): i for i, (path, _) in enumerate(timm_dataset.reader.samples)}
+    spent, identical = {"zoo": 0.0, "timm": 0.0}, 0
+    for i in range(len(bundle.train)):
+        started = time.process_time()
+        ours, _ = bundle.train[i]
+        spent["zoo"] += time.process_time() - started
+        started = time.process_time()
+        with seeded(_item_seed(0, 0, i)):
+            theirs, _ = timm_dataset[where[str(bundle.train.files.path(i))]]
+        spent["timm"] += time.process_time() - started
+        identical += torch.equal(ours, theirs)
+    per_item = {name: 1000 * value / len(bundle.train) for name, value in spent.items()}
+    return {"cpu_ms_per_item": per_item, "identical": identical, "items": len(bundle.train), "ratio": spent["timm"] / spent["zoo"]}
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -174,38 +201,42 @@ def _pss_kib(pid: int) -> int:
         return 0
 
 
+def _hwm_kib(pid: int) -> int:
+    """The process's peak resident set so far (``VmHWM``), KiB."""
+    try:
+        with open(f"/proc/{pid}/status") as file:
+            return next((int(line.split()[1]) for line in file if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
 def peak_memory(command: list[str], env: dict) -> dict:
-    """Run ``command``; its peak RSS (largest process) and peak summed PSS (process tree), MiB."""
+    """Run ``command``; its peak RSS and the peak summed PSS of its process tree, MiB."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak, done = [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], sum(_pss_kib(p) for p in _tree(process.pid)))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    rss, pss = 0, 0
     started = time.perf_counter()
-    sampler.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    done.set()
-    sampler.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
+    while process.poll() is None:
+        rss = max(rss, _hwm_kib(process.pid))
+        pss = max(pss, sum(_pss_kib(p) for p in _tree(process.pid)))
+        time.sleep(0.02)
     errors = process.stderr.read()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {errors.strip().splitlines()[-1] if errors.strip() else process.returncode}")
-    return {"rss_mib": usage.ru_maxrss / 1024, "tree_pss_mib": peak[0] / 1024, "wall_s": time.perf_counter() - started}
+    return {"rss_mib": rss / 1024, "tree_pss_mib": pss / 1024, "wall_s": time.perf_counter() - started}
 
 
 def train_memory(args, workdir: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     runs = {}
+    write_image_folder(workdir / "val300", classes=10, per_class=30, sizes=(48, 96), seed=1)
     for images in (300, 3000):
-        root = write_image_folder(workdir / f"folder{images}", classes=10, per_class=images // 10, sizes=(48, 96), seed=images)
+        root = workdir / f"folder{images}"
+        write_image_folder(root / "train", classes=10, per_class=images // 10, sizes=(48, 96), seed=images)
+        shutil.copytree(workdir / "val300", root / "val")
         command = [sys.executable, "-m", "cli", "train", "slim_resnet20", "--data", f"folder:{root}", "--img-size", "32",
                    "--width", "0.5", "--steps", str(args.train_steps), "--batch-size", "32", "--workers", str(args.workers),
                    "--eval-every", str(args.train_steps), "--aa", AA, "--out", str(workdir / f"run-folder{images}")]  # fmt: skip
-        runs[f"folder {images} images"] = peak_memory(command, env)
+        runs[f"folder of {images} training images"] = peak_memory(command, env)
     for megabytes in (10, 200):
         corpus = write_corpus(workdir / f"corpus{megabytes}.txt", megabytes * 10**6)
         cache = workdir / f"cache{megabytes}"
@@ -216,7 +247,7 @@ def train_memory(args, workdir: Path) -> dict:
         corpus.unlink()
         shutil.rmtree(cache)
     ratios = {
-        "folder": {k: runs["folder 3000 images"][k] / runs["folder 300 images"][k] for k in ("rss_mib", "tree_pss_mib")},
+        "folder": {k: runs["folder of 3000 training images"][k] / runs["folder of 300 training images"][k] for k in ("rss_mib", "tree_pss_mib")},
         "text": {k: runs["text 200 MB"][k] / runs["text 10 MB"][k] for k in ("rss_mib", "tree_pss_mib")},
     }
     return {"runs": runs, "ratios": ratios}
@@ -227,7 +258,7 @@ def train_memory(args, workdir: Path) -> dict:
 
 def report(args, throughput: dict, memory: dict) -> str:
     ok = lambda good: "ok" if good else "MISS"  # noqa: E731
-    speed = throughput["images_per_s"]
+    speed, same = throughput["images_per_s"], throughput["same_draws"]
     lines = [
         "# Data pipeline",
         "",
@@ -248,9 +279,14 @@ def report(args, throughput: dict, memory: dict) -> str:
         f"timm {throughput['cpu_ms_per_image']['timm']:.2f} ms; timm / zoo **{throughput['cpu_ratio']:.3f}** "
         "(the throughput a saturated machine would give, less sensitive to other load than wall time)",
         "",
+        f"Same items with the same random draws, one process: zoo {same['cpu_ms_per_item']['zoo']:.2f} ms, timm "
+        f"{same['cpu_ms_per_item']['timm']:.2f} ms of CPU per item; timm / zoo **{same['ratio']:.3f}** "
+        f"({same['identical']} of {same['items']} tensors identical). The loaders above draw different augmentations per "
+        "image (RandAugment's ops differ in cost), which with the machine's other load is most of their run-to-run spread.",
+        "",
         f"## Peak memory of `zoo train` ({args.train_steps} steps each)",
         "",
-        "| run | peak RSS, largest process (MiB) | peak PSS, process tree (MiB) | wall time (s) |",
+        "| run | peak RSS, training process (MiB) | peak PSS, process tree (MiB) | wall time (s) |",
         "|---|---|---|---|",
     ]
     for name, run in memory["runs"].items():

@@ -469,6 +469,7 @@ class Trainer:
                     if self.step >= end:
                         break
             self.signals.deferring = False  # the last checkpoint is written: a signal now stops at once
+            self.loader.close()  # its workers are not needed to evaluate and save
             throughput = interval_steps * cfg.batch_size / max(time.perf_counter() - interval_start, 1e-9)
             if self.step < self.total_steps:
                 return self._result(None, [])
