@@ -81,8 +81,11 @@ class CalibrationData:
             if model.input_kind == "tokens":
                 bundle = load_data(self.spec, seq_len=model.context_length)
             else:
+                from zoo.members import recorded
+
                 channels, height, _ = model.pretrained_cfg["input_size"]
-                bundle = load_data(self.spec, img_size=height)
+                crop_pct = recorded(getattr(model, "zoo_metadata", {}), "crop_pct") if self.spec.startswith("folder:") else None
+                bundle = load_data(self.spec, img_size=height, crop_pct=crop_pct)  # a folder's evaluation crop as trained
                 if bundle.kind != "image" or bundle.input_size[0] != channels:
                     got = f"{bundle.input_size[0]}-channel images" if bundle.kind == "image" else "text"
                     raise ValueError(f"{model.arch} takes {channels}-channel images, but data {self.spec!r} is {got}")
