@@ -5,9 +5,11 @@
    generated ImageNet-style folder (``train/<class>/*.jpg``), with the same transforms
    (``RandomResizedCrop`` to ``--img-size``, flip, colour jitter, RandAugment, random erasing),
    batch and worker count. Each side runs once unmeasured (workers start, files enter the page
-   cache), then ``--repeats`` epochs alternately; a run times an epoch after its first two
-   batches, which fill the pipeline. Target: zoo / timm >= 0.95. Also the CPU time per image,
-   and, in one process, both datasets' cost per item with the same random draws.
+   cache), then ``--repeats`` epochs in turn; a run times an epoch after its first two
+   batches, which fill the pipeline. Target: zoo / timm >= 0.95. A third loader is timm's with
+   each item seeded as zoo seeds it, so it makes zoo's very images (zoo reads epoch 0 every
+   time): against it only the loaders' own costs differ, not the augmentations drawn. Also the
+   CPU time per image, and, in one process, both datasets' cost per item with the same draws.
 2. Memory: peak memory of a whole ``zoo train`` (slim_resnet20, 32 px, same steps) on a folder
    of 3,000 training images against one of 300 (both ``train/`` + the same 300-image ``val/``,
    so the final evaluation does the same work; target <= 1.2), and of ``zoo train``
@@ -38,10 +40,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from timm.data import ImageDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.data import _item_seed  # noqa: E402
+from training.image_folder import seeded  # noqa: E402
+
 AA = "rand-m9-mstd0.5-inc1"
+SAME = "timm, zoo's draws"
 REPROB = 0.25
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -96,14 +103,20 @@ def loader_throughput(args, root: Path) -> dict:
     bundle = load_data(f"folder:{root}", img_size=args.img_size, aa=AA, reprob=REPROB)
     zoo_loader = TrainLoader(bundle, args.batch_size, seed=0, workers=args.workers)
     timm_dataset = create_dataset("", root=str(root), split="train", is_training=True)
-    timm_loader = create_loader(
-        timm_dataset, input_size=bundle.input_size, batch_size=args.batch_size, is_training=True, use_prefetcher=False,
-        auto_augment=AA, re_prob=REPROB, re_mode="pixel", interpolation="bilinear", mean=bundle.mean, std=bundle.std,
-        crop_pct=bundle.crop_pct, num_workers=args.workers, persistent_workers=True, device=torch.device("cpu"),
-    )  # fmt: skip
-    pillow_safe(timm_dataset.transform)  # the same fix of timm's posterize for this Pillow (see pillow_safe)
+    zoo_index = {str(bundle.train.files.path(i)): i for i in range(len(bundle.train))}
+    same_draws_dataset = SameDraws(str(root / "train"), zoo_index=zoo_index)
+
+    def timm_loader_of(dataset):
+        loader = create_loader(
+            dataset, input_size=bundle.input_size, batch_size=args.batch_size, is_training=True, use_prefetcher=False,
+            auto_augment=AA, re_prob=REPROB, re_mode="pixel", interpolation="bilinear", mean=bundle.mean, std=bundle.std,
+            crop_pct=bundle.crop_pct, num_workers=args.workers, persistent_workers=True, device=torch.device("cpu"),
+        )  # fmt: skip
+        pillow_safe(dataset.transform)  # the same fix of timm's posterize for this Pillow (see pillow_safe)
+        return loader
+
+    timm_loader, same_draws_loader = timm_loader_of(timm_dataset), timm_loader_of(same_draws_dataset)
     assert len(timm_dataset) == len(bundle.train), (len(timm_dataset), len(bundle.train))
-    epochs = iter(range(10**6))
 
     def rate(batches, workers: list[int]) -> tuple[float, float]:
         """(images per second, CPU milliseconds per image of the workers and this process) over
@@ -117,7 +130,8 @@ def loader_throughput(args, root: Path) -> dict:
             images += len(inputs)
         return images / (time.perf_counter() - started), 1000 * (_cpu_seconds([os.getpid(), *workers]) - cpu) / images
 
-    runs = {"zoo": lambda: zoo_loader.epoch(next(epochs)), "timm": lambda: timm_loader}
+    # zoo reads epoch 0 every time: its images are then those of the same-draws loader
+    runs = {"zoo": lambda: zoo_loader.epoch(0), "timm": lambda: timm_loader, "timm, zoo's draws": lambda: same_draws_loader}
     workers: dict[str, list[int]] = {}
     for name, batches in runs.items():  # unmeasured: workers start, the files enter the page cache
         before = set(_tree(os.getpid()))
@@ -136,9 +150,24 @@ def loader_throughput(args, root: Path) -> dict:
     cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     return {
         "images_per_s": medians, "all": rates, "ratio": medians["zoo"] / medians["timm"],
+        "same_draws_ratio": medians["zoo"] / medians["timm, zoo's draws"],
         "cpu_ms_per_image": cpu_medians, "cpu_all": cpu, "cpu_ratio": cpu_medians["timm"] / cpu_medians["zoo"],
+        "same_draws_cpu_ratio": cpu_medians["timm, zoo's draws"] / cpu_medians["zoo"],
         "images": len(bundle.train), "shape": list(bundle.input_size), "same_draws": same_draws,
     }  # fmt: skip
+
+
+class SameDraws(ImageDataset):
+    """timm's dataset, each item's transform run under the seed zoo gives that file in epoch 0,
+    so its images are exactly zoo's: only the two loaders' own costs differ."""
+
+    def __init__(self, root: str, zoo_index: dict[str, int]):
+        super().__init__(root)
+        self.zoo_index = [zoo_index[str(path)] for path, _ in self.reader.samples]
+
+    def __getitem__(self, index: int):
+        with seeded(_item_seed(0, 0, self.zoo_index[index])):
+            return super().__getitem__(index)
 
 
 def _per_item_cpu(bundle, timm_dataset) -> dict:
@@ -146,9 +175,6 @@ def _per_item_cpu(bundle, timm_dataset) -> dict:
     the same random draws (timm's item run under zoo's per-item seeding), so the two produce
     identical tensors and only the pipelines' own costs differ."""
     import torch
-
-    from training.data import _item_seed
-    from training.image_folder import seeded
 
     where = {str(path): i for i, (path, _) in enumerate(timm_dataset.reader.samples)}
     spent, identical = {"zoo": 0.0, "timm": 0.0}, 0
@@ -278,11 +304,14 @@ def report(args, throughput: dict, memory: dict) -> str:
         "|---|---|---|",
         f"| zoo folder: (load_data + TrainLoader) | {speed['zoo']:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all']['zoo'])} |",
         f"| timm create_dataset + create_loader | {speed['timm']:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all']['timm'])} |",
+        f"| timm, each item seeded as zoo seeds it (zoo's images) | {speed[SAME]:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all'][SAME])} |",
         "",
-        f"zoo / timm: **{throughput['ratio']:.3f}** {ok(throughput['ratio'] >= 0.95)} (target >= 0.95)",
+        f"zoo / timm: **{throughput['ratio']:.3f}** {ok(throughput['ratio'] >= 0.95)} (target >= 0.95); "
+        f"zoo / timm with zoo's images: **{throughput['same_draws_ratio']:.3f}**",
         "",
         f"CPU time per image (loader workers plus the consuming process, median): zoo {throughput['cpu_ms_per_image']['zoo']:.2f} ms, "
-        f"timm {throughput['cpu_ms_per_image']['timm']:.2f} ms; timm / zoo **{throughput['cpu_ratio']:.3f}** "
+        f"timm {throughput['cpu_ms_per_image']['timm']:.2f} ms, timm with zoo's images {throughput['cpu_ms_per_image'][SAME]:.2f} ms; "
+        f"timm / zoo **{throughput['cpu_ratio']:.3f}**, with zoo's images **{throughput['same_draws_cpu_ratio']:.3f}** "
         "(the throughput a saturated machine would give, less sensitive to other load than wall time)",
         "",
         f"Same items with the same random draws, one process: zoo {same['cpu_ms_per_item']['zoo']:.2f} ms, timm "

@@ -164,3 +164,25 @@ def test_an_export_of_a_folder_model_preprocesses_as_its_evaluation(noise_folder
         assert pixels.shape[0] != pixels.shape[1]  # not square: the crop matters
         expected = bundle.val[i][0].permute(1, 2, 0).numpy()
         assert np.abs((fit(pixels, 12, 12, record["crop_pct"]) - mean) / std - expected).max() < 1.5 / 255 / std.min()
+
+
+@pytest.mark.slow  # three 2-process runs, about a minute; the loader test above checks the shares in CI
+def test_two_processes_with_workers_resume_bit_identical(noise_folder, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["train", "slim_resnet20", "--data", f"folder:{noise_folder}", "--img-size", "8", "--width", "0.5", "--steps", "6",
+            "--batch-size", "4", "--eval-every", "3", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5", "--mixup", "0.8",
+            "--cutmix", "1.0", "--workers", "1", "--nproc-per-node", "2"]  # fmt: skip
+
+    def run(out: str, *extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "cli", *args, "--out", str(tmp_path / out), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+
+    run("whole")
+    run("parts", "--stop-after", "4")  # epoch 0 has 4 steps: the resumed part is epoch 1
+    run("parts", "--resume", "--workers", "2")
+    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

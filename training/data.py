@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .signals import ignore_stop_signals
+
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
 STDLIB_MAX_FILE_BYTES = 2**20  # larger files are generated tables, not representative code
@@ -262,7 +264,7 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers):
+    for inputs, _ in DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals):
         yield inputs
 
 

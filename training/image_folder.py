@@ -9,8 +9,9 @@ evaluation transform (resize to ``img_size / crop_pct``, centre crop).
 
 Reproducibility contract (as for the in-memory datasets): item ``i`` of epoch ``e`` depends only
 on ``(seed, e, i)``. timm's transforms draw from Python's, numpy's and torch's global
-generators; every item runs them under :func:`seeded` with its own seed, which puts the
-generators back afterwards, so the result is the same in the main process or any worker.
+generators; every item runs them under :func:`seeded` with its own seed (and, in the main
+process, the generators are put back afterwards), so the result is the same in the main process
+or any worker, and the training process's own random streams are not moved.
 
 Normalisation is the tree's own per-channel mean and standard deviation, estimated on an evenly
 spaced sample of at most ``STATS_SAMPLE`` training images (deterministic for a given tree); the

@@ -45,6 +45,7 @@ from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from .data import DataBundle, batches, check_data_options, default_data, load_data
 from .evaluate import autocast, default_batch_size, evaluate, metric_name
+from .image_folder import INTERPOLATION
 from .loader import TrainLoader, default_workers
 from .masking import MaskCache, masked_step
 from .signals import Interrupted, StopSignals, signal_name
@@ -655,7 +656,7 @@ class Trainer:
         else:
             info.update(labels=data.labels, input_size=list(data.input_size), mean=list(data.mean), std=list(data.std))
             if data.crop_pct is not None:  # folders: evaluation resized to size / crop_pct, centre-cropped
-                info.update(crop_pct=data.crop_pct, interpolation="bilinear")
+                info.update(crop_pct=data.crop_pct, interpolation=INTERPOLATION)
         return info
 
     def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:
