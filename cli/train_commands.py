@@ -49,6 +49,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Amp(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    none = "none"
+
+
 @command("train")
 def train_command(
     model: str = typer.Argument(..., help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano."),
@@ -95,11 +101,24 @@ def train_command(
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this step with a checkpoint (for time-limited jobs); continue with --resume."),
     seed: int = typer.Option(0, "--seed", help="Seeds the model, the data order and split, and the member choice."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders."),
+    # The loop: speed, precision, accumulation, EMA; processes and machines (torch's launcher).
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step: one graph per member, compiled the first time it trains."),
+    compile_backend: str = typer.Option("inductor", "--compile-backend", help="torch.compile backend (with --compile)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="Image models: NHWC weights and inputs (faster convolutions on GPUs)."),
+    amp: Optional[Amp] = typer.Option(None, "--amp", help="Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none on CPU."),
+    accum_steps: int = typer.Option(1, "--accum-steps", help="Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory)."),
+    ema: bool = typer.Option(False, "--ema", help="Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="With --ema: the decay, reached after a warmup (default 0.9998)."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Batch-norm statistics over the global batch, across processes."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run; run the same command on each."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1."),
+    rdzv_id: str = typer.Option("zoo", "--rdzv-id", help="The run's name in the rendezvous, the same on every machine."),
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
-    from training.distributed import launch, world_size_from_env
+    from training.launch import Launch, launch
     from training.signals import Interrupted
     from training.trainer import TrainConfig, train
 
@@ -113,12 +132,14 @@ def train_command(
         aa=aa, reprob=reprob, crop_pct=crop_pct, mixup=mixup, cutmix=cutmix,
         init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
         eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
+        compile=compile, compile_backend=compile_backend, channels_last=channels_last, amp=amp.value if amp else None,
+        accum_steps=accum_steps, ema=ema, ema_decay=ema_decay, sync_bn=sync_bn,
     )  # fmt: skip
-    if nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be at least 1, got {nproc_per_node}")
-    if nproc_per_node > 1 and world_size_from_env() == 1:  # not yet inside the launched processes
+    where = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    where.check()
+    if where.needed:  # not yet inside the launched processes
         config.check()
-        raise typer.Exit(launch(sys.argv[1:], nproc_per_node))
+        raise typer.Exit(launch(sys.argv[1:], where))
     main = int(os.environ.get("RANK", "0")) == 0
     try:
         result = train(config, _Progress())
@@ -140,7 +161,10 @@ def train_command(
         typer.echo(f"stopped after step {result.steps} of {result.total_steps}; continue with --resume")
         return
     _print_members(f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s", result.metrics, result.metric, result.member_params)
-    typer.echo(f"wrote {result.model_path} and {result.out / 'metrics.jsonl'}")
+    if result.ema_path is not None:
+        _print_members(f"{model}: EMA weights", result.ema_metrics, result.metric, result.member_params)
+    written = [result.model_path, *([result.ema_path] if result.ema_path else []), result.out / "metrics.jsonl"]
+    typer.echo(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
 
 
 @command("eval")

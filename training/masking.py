@@ -31,7 +31,7 @@ A step that trains the largest member is unmasked and costs nothing extra.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -95,15 +95,17 @@ def _union(parts: list[Masks | None]) -> Masks | None:
     return {p: m for p, m in union.items() if not bool(m.all())} or None
 
 
-def masked_step(optimizer: torch.optim.Optimizer, masks: Masks | None) -> None:
+def masked_step(optimizer: torch.optim.Optimizer, masks: Masks | None, step: Callable[[], object] | None = None) -> None:
     """``optimizer.step()``, except that coordinates outside ``masks`` do not change at all.
 
     ``masks`` maps parameters to bool tensors (True: may move); parameters not in it are
     unmasked. State tensors of a parameter's shape (momentum, moments) are masked with it;
-    other state (Adam's scalar step counter) is left to the optimizer.
+    other state (Adam's scalar step counter) is left to the optimizer. ``step`` replaces
+    ``optimizer.step`` (fp16: the gradient scaler's step, which may skip it).
     """
+    step = step or optimizer.step
     if not masks:
-        optimizer.step()
+        step()
         return
     saved = []
     for p, mask in masks.items():
@@ -112,7 +114,7 @@ def masked_step(optimizer: torch.optim.Optimizer, masks: Masks | None) -> None:
         state = optimizer.state.get(p, {})
         old_state = {k: v.clone() for k, v in state.items() if _same_shape(v, p)}
         saved.append((p, mask, p.detach().clone(), old_state))
-    optimizer.step()
+    step()
     with torch.no_grad():
         for p, mask, old, old_state in saved:
             p.copy_(torch.where(mask, p, old))

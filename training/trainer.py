@@ -43,16 +43,21 @@ from zoo.subnet import DEFAULT_GRID, check_fraction, grid
 
 from . import distributed
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from .compiled import check_backend, compile_model
 from .data import DataBundle, batches, check_data_options, default_data, load_data
-from .evaluate import autocast, default_batch_size, evaluate, metric_name
+from .evaluate import default_batch_size, evaluate, metric_name
 from .image_folder import INTERPOLATION
 from .loader import TrainLoader, default_workers
-from .masking import MaskCache, masked_step
+from .masking import MaskCache
+from .precision import Precision, resolve_amp
 from .signals import Interrupted, StopSignals, signal_name
 from .strategies import SPACES, STRATEGIES, LayerwiseSpace, Pass, Strategy, create_strategy, members_for
+from .sync_bn import SyncBatchNorm
 from .updates import UpdatePolicy, create_policy, partial_gradient
 
 MODEL_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"  # --ema: the averaged weights, evaluated and saved beside the model
+DEFAULT_EMA_DECAY = 0.9998
 METRICS_FILE = "metrics.jsonl"
 CALIBRATION_BATCHES = 20  # training batches (unaugmented) per member for final BN statistics
 PERIODIC_CALIBRATION_BATCHES = 5  # the same before each periodic evaluation of a layerwise run
@@ -64,7 +69,7 @@ KIND_DEFAULTS = {
 }
 
 # Fields that decide a run's trajectory: a resumed run must agree on all of them.
-_NOT_TRAJECTORY = {"out", "resume", "stop_after", "device", "workers", "ckpt_every", "eval_every", "eval_limit"}
+_NOT_TRAJECTORY = {"out", "resume", "stop_after", "device", "workers", "ckpt_every", "eval_every", "eval_limit", "compile", "compile_backend", "channels_last"}
 
 
 @dataclass
@@ -117,6 +122,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None  # data-loading processes; default: none in memory, a share of the cores for folders
+    # The loop: speed and memory (compile, channels_last), precision, accumulation, EMA, batch norm over processes.
+    compile: bool = False  # torch.compile, one graph per member (training.compiled)
+    compile_backend: str = "inductor"
+    channels_last: bool = False  # image models: NHWC weights and inputs
+    amp: str | None = None  # bf16 | fp16 | none; default bf16 on CUDA, none elsewhere (training.precision)
+    accum_steps: int = 1  # each process's share of a step's batch runs in this many micro-batches
+    ema: bool = False  # timm's ModelEmaV3 of the weights, evaluated and saved as model_ema.safetensors
+    ema_decay: float | None = None  # default DEFAULT_EMA_DECAY (reached after timm's decay warmup)
+    sync_bn: bool = False  # batch-norm statistics over the global batch (training.sync_bn)
 
     def check(self) -> None:
         """Validate everything that needs no data, so bad flags fail in a second."""
@@ -142,7 +156,8 @@ class TrainConfig:
             raise ValueError("--rank needs --low-rank (the dense family has no rank axis)")
         for r in self.ranks or []:
             check_fraction("--rank", r)
-        distributed.resolve_device(self.device)
+        resolve_amp(self.amp, distributed.resolve_device(self.device))
+        self._check_loop()
         model = self.meta_model()
         check_data_options(self.data or default_data(model.input_kind), aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
         if (self.mixup or self.cutmix) and model.input_kind != "image":
@@ -152,6 +167,24 @@ class TrainConfig:
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
         create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
         self.policy(model, self.seed)
+
+    def _check_loop(self) -> None:
+        _check("accum_steps", self.accum_steps, lambda v: v >= 1, "at least 1")
+        if self.ema_decay is not None and not self.ema:
+            raise ValueError("--ema-decay needs --ema")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"--ema-decay must be in (0, 1), got {self.ema_decay}")
+        if self.compile_backend != "inductor" and not self.compile:
+            raise ValueError("--compile-backend needs --compile")
+        if self.compile:
+            check_backend(self.compile_backend)
+            if self.space == "layerwise":
+                raise ValueError("--compile compiles a graph per member, and --space layerwise draws a new member almost every step; train it without --compile")
+        model = self.meta_model()
+        if self.channels_last and model.input_kind != "image":
+            raise ValueError(f"--channels-last applies to image models (CNNs); {self.model} reads tokens")
+        if self.sync_bn:
+            SyncBatchNorm(model)
 
     def policy(self, model: zoo.ElasticModel, seed: int) -> UpdatePolicy:
         return create_policy(self.update, model, seed, strategy=self.strategy, rho=self.rho, eg_lr=self.eg_lr, keep=self.keep, units=self.meprop_units, nested=self.nested)
@@ -184,7 +217,9 @@ class TrainConfig:
         data = self.data or default_data(input_kind)
         if data.startswith("folder:") and self.img_size is None:  # files of any size: the model's own input size
             fills["img_size"] = self.meta_model().pretrained_cfg["input_size"][-1]
-        return dataclasses.replace(self, data=data, **fills)
+        amp = resolve_amp(self.amp, distributed.resolve_device(self.device))
+        ema_decay = self.ema_decay if self.ema_decay is not None or not self.ema else DEFAULT_EMA_DECAY
+        return dataclasses.replace(self, data=data, amp=amp, ema_decay=ema_decay, **fills)
 
 
 def _check(name: str, value: float | None, ok, requirement: str) -> None:
@@ -204,6 +239,8 @@ class TrainResult:
     member_params: dict[str, int] = field(default_factory=dict)  # subnet key -> parameters
     stopped_by: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run after a checkpoint
     already_finished: bool = False  # resumed a finished run: nothing was trained or written
+    ema_path: Path | None = None  # --ema: the averaged weights
+    ema_metrics: list[dict] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -322,6 +359,10 @@ class Trainer:
         self.data = load_data(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, img_size=cfg.img_size, aa=cfg.aa, reprob=cfg.reprob, crop_pct=cfg.crop_pct)
         if self.data.kind != kind:
             raise ValueError(f"{cfg.model} reads {kind}, but data {cfg.data!r} holds {self.data.kind}")
+        if cfg.batch_size % ctx.world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
+        if cfg.batch_size // ctx.world_size % cfg.accum_steps:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split into {ctx.world_size} process(es) x {cfg.accum_steps} micro-batches (--accum-steps)")
         self.workers = default_workers(self.data) if cfg.workers is None else cfg.workers
         self.loader = TrainLoader(self.data, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, workers=self.workers,
                                   pin_memory=ctx.device.type == "cuda", mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)  # fmt: skip
@@ -334,7 +375,8 @@ class Trainer:
             _check_same_run(checkpoint["config"], cfg, self.out)
 
         self.members = cfg.members(cfg.meta_model())
-        self.model = self._create_model().to(ctx.device)
+        self.model = self._create_model().to(ctx.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        self.precision = Precision(cfg.amp, ctx.device)
         self.masks = MaskCache(self.model)
         space = LayerwiseSpace(self.model) if cfg.space == "layerwise" else None
         self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random, space=space)
@@ -347,7 +389,11 @@ class Trainer:
             self._restore(checkpoint)
         elif cfg.init:
             _load_init(self.model, cfg.init)
+        self.ema = self._create_ema(checkpoint)
+        self.sync_bn = SyncBatchNorm(self.model) if cfg.sync_bn else None
         self.net = self._wrap_ddp()
+        if cfg.compile:
+            self.net = compile_model(self.net, cfg.compile_backend, len(self.members))
 
     # ----- setup ------------------------------------------------------------------------------
     def _create_model(self) -> zoo.ElasticModel:
@@ -399,6 +445,19 @@ class Trainer:
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=unused)
 
+    def _create_ema(self, checkpoint: dict | None):
+        """timm's ModelEmaV3 of the weights (rank 0 keeps it), with its decay warmup
+        ``1 - (1 + step) ** -2/3`` capped at ``--ema-decay``: short runs average over their
+        recent steps rather than stay near the initialisation."""
+        if not self.cfg.ema or not self.ctx.is_main:
+            return None
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(self.model, decay=self.cfg.ema_decay, use_warmup=True)
+        if checkpoint is not None:
+            ema.load_state_dict(checkpoint["ema"])
+        return ema
+
     # ----- checkpoints ------------------------------------------------------------------------
     def _restore(self, checkpoint: dict) -> None:
         self.model.load_state_dict(checkpoint["model"])
@@ -407,6 +466,7 @@ class Trainer:
         self.strategy.load_state_dict(checkpoint["strategy"])
         if "update" in checkpoint:
             self.policy.load_state_dict(checkpoint["update"])
+        self.precision.load_state_dict(checkpoint.get("precision", {}))
         set_rng_states(checkpoint["rng"])
         self.step = self.checkpoint_step = int(checkpoint["step"])
         self.history = list(checkpoint["history"])
@@ -426,6 +486,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(),
                 "strategy": self.strategy.state_dict(),
                 "update": self.policy.state_dict(),
+                "precision": self.precision.state_dict(),
+                **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                 "rng": rng_states(),
                 "history": self.history,
                 "wall_time_s": self.wall_time_s,
@@ -453,7 +515,7 @@ class Trainer:
             while self.step < end:
                 epoch, position = divmod(self.step, self.steps_per_epoch)
                 for inputs, targets in self._epoch_batches(epoch, position):
-                    losses = self._train_step(inputs.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device, non_blocking=True))
+                    losses = self._train_step(self._on_device(inputs), targets.to(self.ctx.device, non_blocking=True))
                     self.step += 1
                     interval_steps += 1
                     if self.ctx.is_main:
@@ -502,6 +564,10 @@ class Trainer:
         pure function of (seed, epoch, batch, rank) (:mod:`training.loader`)."""
         yield from self.loader.epoch(epoch, start)
 
+    def _on_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        memory_format = torch.channels_last if self.cfg.channels_last else torch.preserve_format
+        return inputs.to(self.ctx.device, non_blocking=True, memory_format=memory_format)
+
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """One step of ``x ← x - lr · m ⊙ g(x + δ)``. The strategy's members are one choice of
         ``m`` and ``δ``: each pass evaluates its member alone (``set_subnet`` slices the weights:
@@ -512,33 +578,41 @@ class Trainer:
         members = self.masks.union(part.subnet for part in plan)
         if self.alignment_batch is not None and self.step % self.cfg.log_alignment == 0:
             self._log_alignment(plan, members)
-        losses, mask = partial_gradient(self.policy, lambda: self._gradient(plan, inputs, targets), members)
+        gradient = lambda: self._gradient(plan, inputs, targets)  # noqa: E731
+        losses, mask = partial_gradient(self.policy, gradient, members, self.precision.unscaled(gradient, self.policy.params))
         values = self.ctx.mean(torch.stack(losses)).tolist()
         for part, value in zip(plan, values):
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}")
-        if self.cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
-        masked_step(self.optimizer, mask)
+        self.precision.step(self.optimizer, mask, self.cfg.clip_grad, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step + 1)
         return values
 
     def _gradient(self, plan: list[Pass], inputs: torch.Tensor, targets: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
         """Forward and backward of the step's passes at the current weights, gradients summed
-        in ``.grad`` (all-reduced once, on the last pass, when ``sync``); the detached losses."""
-        teacher, losses = None, []
-        for i, part in enumerate(plan):
-            if self.model.active_subnet != part.subnet:
-                self.model.set_subnet(part.subnet, for_training=True)  # a drawn member trains on batch statistics
-            last = i == len(plan) - 1
-            with contextlib.nullcontext() if (last and sync) or self.net is self.model else self.net.no_sync():
-                with autocast(self.ctx.device):
-                    logits = self.net(inputs)
-                loss = _distill_loss(logits, teacher) if part.distill else _hard_loss(logits, targets, self.cfg.label_smoothing)
-                loss.backward()
-            if i == 0 and not last:
-                teacher = logits.detach()
-            losses.append(loss.detach())
+        in ``.grad`` (all-reduced once, on the last backward, when ``sync``); the detached
+        losses. This process's share of the batch runs in ``--accum-steps`` equal micro-batches,
+        each loss divided by their number, so ``.grad`` is the gradient of the share's mean
+        loss, as in one pass (up to batch norm, which sees each micro-batch alone)."""
+        chunks = self.cfg.accum_steps
+        losses: list = [0.0] * len(plan)
+        with self.sync_bn.active() if self.sync_bn else contextlib.nullcontext():
+            for j, (micro_inputs, micro_targets) in enumerate(zip(inputs.chunk(chunks), targets.chunk(chunks))):
+                teacher = None
+                for i, part in enumerate(plan):
+                    if self.model.active_subnet != part.subnet:
+                        self.model.set_subnet(part.subnet, for_training=True)  # a drawn member trains on batch statistics
+                    last = sync and j == chunks - 1 and i == len(plan) - 1
+                    with contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync():
+                        with self.precision.autocast():
+                            logits = self.net(micro_inputs)
+                        loss = _distill_loss(logits, teacher) if part.distill else _hard_loss(logits, micro_targets, self.cfg.label_smoothing)
+                        self.precision.backward(loss / chunks)
+                    if i == 0 and len(plan) > 1:
+                        teacher = logits.detach()
+                    losses[i] = losses[i] + loss.detach() / chunks
         return losses
 
     def _alignment_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -613,15 +687,31 @@ class Trainer:
             self._recalibrate(CALIBRATION_BATCHES)
         metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, workers=self.workers)
         self._log(metrics, throughput, final=True)
+        ema_metrics = self._finish_ema() if self.ema is not None else []  # before the model file, which marks the run finished
         path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
-        return self._result(path, metrics)
+        result = self._result(path, metrics)
+        if self.ema is not None:
+            result.ema_path, result.ema_metrics = self.out / EMA_FILE, ema_metrics
+        return result
 
-    def _recalibrate(self, num_batches: int) -> None:
+    def _finish_ema(self) -> list[dict]:
+        """The EMA weights as their own weights file, recalibrated and evaluated like the model;
+        their metrics go to metrics.jsonl marked ``"ema": true``."""
+        model = self.ema.module
+        if model.uses_batchnorm:
+            self._recalibrate(CALIBRATION_BATCHES, model)
+        metrics = evaluate(model, self.data.val, self.members, self.eval_batch_size, workers=self.workers)
+        self.history.extend({"step": self.step, **r, "ema": True, "final": True} for r in metrics)
+        self._write_metrics()
+        zoo.save(model, self.out / EMA_FILE, metadata={"metrics": metrics, "train": {**self._provenance(), "ema_decay": self.cfg.ema_decay}})
+        return metrics
+
+    def _recalibrate(self, num_batches: int, model: zoo.ElasticModel | None = None) -> None:
         """Batch-norm statistics of every trained member from ``num_batches`` training batches."""
         calibration = self._calibration_data()
         for subnet in self.members:
             inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size, limit=num_batches, workers=self.workers))
-            zoo.recalibrate_bn(self.model, inputs, subnet)
+            zoo.recalibrate_bn(model or self.model, inputs, subnet)
 
     def _calibration_data(self):
         """A fixed random subset of the training split, without augmentation."""

@@ -257,10 +257,11 @@ def intersect(a: Masks | None, b: Masks | None) -> Masks | None:
     return both
 
 
-def partial_gradient(policy: UpdatePolicy, gradient: Gradient, members: Masks | None) -> tuple[list[torch.Tensor], Masks | None]:
+def partial_gradient(policy: UpdatePolicy, gradient: Gradient, members: Masks | None, look_ahead: Gradient | None = None) -> tuple[list[torch.Tensor], Masks | None]:
     """Leave ``g(x + δ)`` in ``.grad`` with the weights back at ``x`` bit for bit; return the
-    losses at ``x + δ`` and the step's mask ``m``."""
-    moves = policy.perturbation(gradient, members)
+    losses at ``x + δ`` and the step's mask ``m``. ``look_ahead`` is the gradient as the
+    perturbation reads it (under fp16 loss scaling: unscaled); by default ``gradient``."""
+    moves = policy.perturbation(look_ahead or gradient, members)
     saved = {p: p.detach().clone() for p in moves}
     with torch.no_grad():
         for p, delta in moves.items():

@@ -250,6 +250,9 @@ class ElasticBatchNorm2d(ElasticLayer):
     """
 
     chunked = ()
+    # The normalisation itself. Training replaces it on a module (``--sync-bn``: statistics
+    # over every process's share of the batch); the signature is ``F.batch_norm``'s.
+    batch_norm = staticmethod(F.batch_norm)
 
     def __init__(self, dim: Dim, members: list[tuple[str, Values]], *, max_values: Values | None = None, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__(dim, 1, False, max_values, dim.group)
@@ -297,8 +300,8 @@ class ElasticBatchNorm2d(ElasticLayer):
         if self.running_mean is None:
             if not self.training:
                 raise ValueError(f"no batch-norm statistics for member {self.key}: recalibrate it first (zoo.recalibrate_bn)")
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps)
+            return self.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
+        return self.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
