@@ -15,8 +15,8 @@ Every loop runs ``--repeats`` times, interleaved; the median is reported. Only t
 are timed, from the end of step ``--skip`` to the last (never set-up, evaluation or saving);
 the first-step column is the first step's time, which holds torch.compile's compilation
 (each member's first step compiles its graph: ``zoo-joint-compiled`` reports the sum over its
-members, minus the steady step time). Compilation is cold on every run (inductor's caches
-off). On CUDA the peak memory is ``torch.cuda.max_memory_allocated``; with
+members, minus the steady step time). Compilation is cold on every run (a fresh inductor cache
+folder and cleared in-memory caches). Runs alternate their order from one repeat to the next. On CUDA the peak memory is ``torch.cuda.max_memory_allocated``; with
 ``--peak-tflops`` the model FLOPs utilisation is ``3 x forward FLOPs (zoo.count_flops) x
 samples/s / peak`` (full-model loops only).
 
@@ -38,8 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch._functorch.config
-import torch._inductor.config
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
@@ -81,10 +80,11 @@ class Result:
 
 
 def _config(args, out: Path, loop: str) -> TrainConfig:
+    """The run of ``loop``; it stops after ``--steps`` (before the final evaluation: not timed, and long)."""
     joint = loop.startswith("zoo-joint")
     return TrainConfig(
         model=args.model, out=str(out), data=args.data, strategy="alternating" if joint else "separate", widths=[0.5, 1.0] if joint else [1.0],
-        steps=args.steps, batch_size=args.batch_size, img_size=args.img_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
+        steps=args.steps + 1, stop_after=args.steps, batch_size=args.batch_size, img_size=args.img_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
         eval_every=args.steps + 1, ckpt_every=args.steps + 1, device=args.device, workers=args.workers, amp=args.amp,
         channels_last=args.channels_last, compile=loop.endswith("compiled"), seed=0,
         **({"compile_backend": args.compile_backend} if loop.endswith("compiled") else {}),
@@ -114,7 +114,8 @@ def run_zoo(args, workdir: Path, loop: str) -> Sample:
     clock = StepClock()
     _memory_start(args.device)
     torch._dynamo.reset()
-    train(_config(args, Path(tempfile.mkdtemp(dir=workdir)), loop), clock)
+    with temporary_cache_dir(tempfile.mkdtemp(dir=workdir)):  # compiled from scratch, as a user's first run
+        train(_config(args, Path(tempfile.mkdtemp(dir=workdir)), loop), clock)
     return _sample(args, clock.times, 2 if loop.startswith("zoo-joint") else 1)
 
 
@@ -195,15 +196,12 @@ def main() -> None:
     unknown = [loop for loop in loops if loop not in LOOPS]
     if unknown:
         parser.error(f"unknown loops {unknown}; choose from {', '.join(LOOPS)}")
-    torch._inductor.config.fx_graph_cache = False  # every compilation is cold, as a user's first run
-    torch._functorch.config.enable_autograd_cache = False
-
     results = {loop: Result() for loop in loops}
     with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
         workdir = Path(tmp)
         kind, flops = probe(args, workdir)
         for repeat in range(args.repeats):
-            for loop in loops:
+            for loop in loops if repeat % 2 == 0 else loops[::-1]:  # alternate the order: drift cancels
                 sample = run_timm(args, workdir) if loop == "timm" else run_zoo(args, workdir, loop)
                 results[loop].samples.append(sample)
                 print(f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s", flush=True)

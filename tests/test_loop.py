@@ -133,7 +133,7 @@ def test_bf16_ema_and_channels_last_run_end_to_end_and_the_ema_resumes(tmp_path)
     assert _max_diff({k: ema[k] for k in params}, {k: model[k] for k in params}) > 1e-4
     header = zoo.read_header(out / "model_ema.safetensors")["metadata"]
     assert [m["subnet"] for m in header["metrics"]] == [{"width": 0.5}, {"width": 1.0}]
-    assert header["train"]["ema_decay"] == 0.9998 and header["train"]["config"]["amp"] == "bf16"
+    assert header["train"]["ema_decay"] == 0.9998 and header["train"]["amp"] == "bf16"
     assert header["train"]["config"]["channels_last"] is True
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert sum('"ema": true' in line for line in lines) == 2

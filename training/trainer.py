@@ -126,7 +126,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile, one graph per member (training.compiled)
     compile_backend: str = "inductor"
     channels_last: bool = False  # image models: NHWC weights and inputs
-    amp: str | None = None  # bf16 | fp16 | none; default bf16 on CUDA, none elsewhere (training.precision)
+    amp: str | None = None  # bf16 | fp16 | none; None: bf16 on CUDA, none elsewhere (training.precision)
     accum_steps: int = 1  # each process's share of a step's batch runs in this many micro-batches
     ema: bool = False  # timm's ModelEmaV3 of the weights, evaluated and saved as model_ema.safetensors
     ema_decay: float | None = None  # default DEFAULT_EMA_DECAY (reached after timm's decay warmup)
@@ -217,9 +217,8 @@ class TrainConfig:
         data = self.data or default_data(input_kind)
         if data.startswith("folder:") and self.img_size is None:  # files of any size: the model's own input size
             fills["img_size"] = self.meta_model().pretrained_cfg["input_size"][-1]
-        amp = resolve_amp(self.amp, distributed.resolve_device(self.device))
         ema_decay = self.ema_decay if self.ema_decay is not None or not self.ema else DEFAULT_EMA_DECAY
-        return dataclasses.replace(self, data=data, amp=amp, ema_decay=ema_decay, **fills)
+        return dataclasses.replace(self, data=data, ema_decay=ema_decay, **fills)
 
 
 def _check(name: str, value: float | None, ok, requirement: str) -> None:
@@ -376,7 +375,7 @@ class Trainer:
 
         self.members = cfg.members(cfg.meta_model())
         self.model = self._create_model().to(ctx.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-        self.precision = Precision(cfg.amp, ctx.device)
+        self.precision = Precision(resolve_amp(cfg.amp, ctx.device), ctx.device)
         self.masks = MaskCache(self.model)
         space = LayerwiseSpace(self.model) if cfg.space == "layerwise" else None
         self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random, space=space)
@@ -739,6 +738,7 @@ class Trainer:
             "seed": self.cfg.seed,
             "world_size": self.ctx.world_size,
             "device": self.ctx.device.type,
+            "amp": self.precision.amp,
             "wall_time_s": round(self.wall_time_s, 2),
         }
         if data.kind == "tokens":
