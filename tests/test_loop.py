@@ -4,6 +4,7 @@ channels-last, and torch's launcher across two "nodes" with synchronised batch n
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import subprocess
 import sys
@@ -72,8 +73,9 @@ def test_two_accumulated_micro_batches_match_one_batch_of_twice_the_size(tmp_pat
 def test_fp16_loss_scaling_skips_an_overflowed_step_and_masks_a_taken_one_exactly():
     """A core step (width 0.5) with fp16's gradient scaler: an inf in the gradient skips the
     whole step (parameters and momentum unchanged bit for bit, the scale halves); a finite one
-    equals the unscaled masked step bit for bit (the scale is a power of two; the forward is
-    float32 here so that only the scaler differs)."""
+    equals the unscaled masked step bit for bit, and a policy's look-ahead reads the unscaled
+    gradient (the scale is a power of two; the forward is float32 here so that only the
+    scaler differs)."""
     from timm.optim import create_optimizer_v2
 
     torch.manual_seed(0)
@@ -100,8 +102,13 @@ def test_fp16_loss_scaling_skips_an_overflowed_step_and_masks_a_taken_one_exactl
     assert all(torch.equal(after[i]["momentum_buffer"], state_before["state"][i]["momentum_buffer"]) for i in after)
     assert precision.scaler.get_scale() == 2.0**15
 
-    precision.backward(torch.nn.functional.cross_entropy(model(inputs), targets))
+    # What a look-ahead policy (extragradient) reads: the true gradient, not the scaled one.
+    precision.unscaled(lambda: precision.backward(torch.nn.functional.cross_entropy(model(inputs), targets)), model.parameters())()
     torch.nn.functional.cross_entropy(reference(inputs), targets).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(precision.scaler.get_scale())  # scaled again, as the step's own backward leaves it
     precision.step(optimizer, masks, None, model.parameters())
     masked_step(reference_optimizer, {reference.get_parameter(n): masks[p] for n, p in model.named_parameters() if p in masks})
     got, expected = _params(model), _params(reference)
@@ -216,3 +223,18 @@ def test_bad_loop_flags_are_one_line(args, message, tmp_path):
 def test_an_unknown_amp_is_a_usage_error(tmp_path):
     result = _invoke("train", "slim_resnet20", "--amp", "fp8", "--out", str(tmp_path / "run"))
     assert result.exit_code == 2 and "Traceback" not in result.output and "fp8" in result.output
+
+
+@pytest.mark.slow  # about 5 minutes on 2 cores
+def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the real
+    `zoo train`, `zoo export` and the Predictor, on the CPU at tiny sizes."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out-dir", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "summary.md").read_text().count("| ok |") == 8
+    for name, unit in (("resnet50", "images_per_s"), ("gpt_small", "tokens_per_s")):
+        loops = json.loads((tmp_path / f"{name}.json").read_text())["loops"]
+        assert set(loops) == {"timm", "zoo", "zoo-compiled"} and all(v[unit] > 0 for v in loops.values())
+    report = json.loads((tmp_path / "predictor.json").read_text())
+    assert report["providers"] == ["CPUExecutionProvider"] and report["top1_agreement_with_cpu"] == 1.0

@@ -629,7 +629,8 @@ class Trainer:
         params = self.policy.params
         policy_state, rng = copy.deepcopy(self.policy.state_dict()), torch.get_rng_state()
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        _, mask = partial_gradient(self.policy, lambda: self._gradient(plan, inputs, targets, sync=False), members)
+        gradient = lambda: self._gradient(plan, inputs, targets, sync=False)  # noqa: E731
+        _, mask = partial_gradient(self.policy, gradient, members, self.precision.unscaled(gradient, params))
         masks = mask or {}
         update = [torch.zeros_like(p) if p.grad is None else p.grad * masks[p] if p in masks else p.grad for p in params]
         self.optimizer.zero_grad(set_to_none=True)
