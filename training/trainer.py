@@ -157,18 +157,19 @@ class TrainConfig:
         for r in self.ranks or []:
             check_fraction("--rank", r)
         resolve_amp(self.amp, distributed.resolve_device(self.device))
-        self._check_loop()
+        if self.space not in SPACES:
+            raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         model = self.meta_model()
+        self._check_loop(model)
         check_data_options(self.data or default_data(model.input_kind), aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
         if (self.mixup or self.cutmix) and model.input_kind != "image":
             raise ValueError(f"--mixup and --cutmix mix images; {self.model} reads {model.input_kind}")
-        if self.space not in SPACES:
-            raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
         create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
         self.policy(model, self.seed)
 
-    def _check_loop(self) -> None:
+    def _check_loop(self, model: zoo.ElasticModel) -> None:
+        """The loop's flags: accumulation, EMA, compilation, channels-last, synchronised batch norm."""
         _check("accum_steps", self.accum_steps, lambda v: v >= 1, "at least 1")
         if self.ema_decay is not None and not self.ema:
             raise ValueError("--ema-decay needs --ema")
@@ -180,7 +181,6 @@ class TrainConfig:
             check_backend(self.compile_backend)
             if self.space == "layerwise":
                 raise ValueError("--compile compiles a graph per member, and --space layerwise draws a new member almost every step; train it without --compile")
-        model = self.meta_model()
         if self.channels_last and model.input_kind != "image":
             raise ValueError(f"--channels-last applies to image models (CNNs); {self.model} reads tokens")
         if self.sync_bn:
