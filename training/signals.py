@@ -9,7 +9,8 @@ only by an atomic rename).
 
 A signal that arrives within :data:`DUPLICATE_WINDOW_S` of the previous one is the same request
 delivered twice, not a second one: Ctrl-C reaches every process of a terminal's foreground
-group, and a launcher (zoo's, or torchrun) forwards it to its workers as well.
+group, and torch's launcher (torchrun, which ``--nproc-per-node`` runs) forwards it to its
+workers as well.
 """
 
 from __future__ import annotations
