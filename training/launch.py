@@ -102,7 +102,9 @@ def launch(argv: list[str], where: Launch) -> int:
         except ChildFailedError as failed:
             return _report(failed, Path(logs))
         except RendezvousError as err:
-            print(f"error: the rendezvous at {where.rdzv_endpoint or 'localhost'} failed: {_first_line(err)}", file=sys.stderr)
+            reason = type(err).__name__ + (f": {_first_line(err)}" if str(err).strip() else "")
+            print(f"error: the rendezvous at {where.rdzv_endpoint or 'localhost'} failed ({reason}); every node must run the same command "
+                  f"with the same --nnodes, --rdzv-endpoint and --rdzv-id", file=sys.stderr)  # fmt: skip
             return 1
     return 0
 
