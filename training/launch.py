@@ -95,6 +95,8 @@ def launch(argv: list[str], where: Launch) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // where.nproc_per_node)))
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as logs:
         args = torchrun.get_args_parser().parse_args(where.torchrun_args(logs, argv))
+        if where.nnodes > 1:  # the nodes meet before anything else shows
+            print(f"waiting for {where.nnodes} nodes at {where.rdzv_endpoint} (rendezvous {where.rdzv_id}; torchrun's join timeout is 600 s)", file=sys.stderr)
         try:
             torchrun.run(args)
         except SignalException as stop:  # every process stopped after its step; rank 0 said where
