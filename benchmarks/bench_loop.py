@@ -11,9 +11,11 @@ Loops (all on the same model, data and transforms, batch, optimizer, precision a
 - ``zoo-joint`` and ``zoo-joint-compiled``: the paper's alternating schedule on widths 0.5
   and 1 (two members, so two compiled graphs).
 
-Every loop runs ``--repeats`` times, interleaved; the median is reported. Only training steps
+Every loop runs ``--repeats`` times, interleaved, in alternating order; the median is reported,
+and each ratio is the median of the ratios within a repeat (runs next to each other in time:
+on a shared machine the load drifts between repeats more than within one). Only training steps
 are timed, from the end of step ``--skip`` to the last (never set-up, evaluation or saving);
-the first-step column is the first step's time, which holds torch.compile's compilation
+the first-steps column is the first step's extra time, which holds torch.compile's compilation
 (each member's first step compiles its graph: ``zoo-joint-compiled`` reports the sum over its
 members, minus the steady step time). Compilation is cold on every run (a fresh inductor cache
 folder and cleared in-memory caches). Runs alternate their order from one repeat to the next. On CUDA the peak memory is ``torch.cuda.max_memory_allocated``; with
@@ -201,7 +203,7 @@ def main() -> None:
         workdir = Path(tmp)
         kind, flops = probe(args, workdir)
         for repeat in range(args.repeats):
-            for loop in loops if repeat % 2 == 0 else loops[::-1]:  # alternate the order: drift cancels
+            for loop in loops if repeat % 2 == 0 else loops[::-1]:
                 sample = run_timm(args, workdir) if loop == "timm" else run_zoo(args, workdir, loop)
                 results[loop].samples.append(sample)
                 print(f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s", flush=True)
@@ -209,20 +211,21 @@ def main() -> None:
     tokens = args.seq_len if kind == "tokens" else 1
     unit = "tokens" if kind == "tokens" else "images"
     base = results.get("timm") or results.get("zoo")
-    base_step = base.median("seconds_per_step")
     amp = resolve_amp(args.amp, torch.device(args.device))
     rows, numbers = [], {}
     for loop in loops:
         step = results[loop].median("seconds_per_step")
+        ratio = statistics.median(b.seconds_per_step / s.seconds_per_step for b, s in zip(base.samples, results[loop].samples))
         rate = args.batch_size * tokens / step
         memory = results[loop].median("peak_memory_mb")
         full_model = not loop.startswith("zoo-joint")  # a joint run's core steps cost less than the count
         mfu = 3 * flops * args.batch_size / step / (args.peak_tflops * 1e12) if args.peak_tflops and full_model else None
-        numbers[loop] = {"ms_per_step": 1e3 * step, f"{unit}_per_s": rate, "ratio_vs_timm": base_step / step,
+        numbers[loop] = {"ms_per_step": 1e3 * step, f"{unit}_per_s": rate, "ratio_vs_timm": ratio,
+                         "ms_per_step_runs": [round(1e3 * s.seconds_per_step, 1) for s in results[loop].samples],
                          "first_steps_s": results[loop].median("first_steps_s"), "peak_memory_mb": memory, "mfu": mfu,
                          "forward_flops_per_sample": flops}  # fmt: skip
         rows.append(
-            f"| {loop} | {1e3 * step:.1f} | {rate:,.0f} | **{base_step / step:.2f}** | {results[loop].median('first_steps_s'):.1f} | "
+            f"| {loop} | {1e3 * step:.1f} | {rate:,.0f} | **{ratio:.2f}** | {results[loop].median('first_steps_s'):.1f} | "
             f"{'-' if memory is None else f'{memory:,.0f}'} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
         )
     device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
