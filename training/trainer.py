@@ -192,7 +192,15 @@ class TrainConfig:
     def meta_model(self) -> zoo.ElasticModel:
         """The family's structure only (no memory, no initialisation): validates members."""
         with torch.device("meta"):
-            return zoo.create_model(self.model, low_rank=self.low_rank)
+            return zoo.create_model(self.model, **self.init_architecture(), low_rank=self.low_rank)
+
+    def init_architecture(self) -> dict:
+        """The architecture arguments of the ``--init`` file (a converted ViT's patch size, a
+        MobileNetV2's channel settings), without its members: the run chooses those."""
+        if not self.init:
+            return {}
+        members = {"low_rank", "widths", "ranks", "extra_subnets", "max_member"}
+        return {k: v for k, v in zoo.read_header(self.init)["model_args"].items() if k not in members}
 
     def member_lists(self) -> tuple[list[float], list[float] | None]:
         """The width and rank lists whose product (plus the largest member) is trained.
@@ -401,7 +409,7 @@ class Trainer:
         cfg, data = self.cfg, self.data
         widths, ranks = cfg.member_lists()
         product = set(grid(widths, ranks))
-        args: dict = {"low_rank": cfg.low_rank, "widths": widths, "ranks": ranks}
+        args: dict = {**cfg.init_architecture(), "low_rank": cfg.low_rank, "widths": widths, "ranks": ranks}
         extra = [s.to_dict() for s in self.members if s not in product]
         if extra:
             args["extra_subnets"] = extra

@@ -25,8 +25,13 @@ MODELS: dict[str, dict] = {
     "slim_mobilenetv2": {"family": "mobilenetv2", **_CNN, "groups": (7, "stage"), "params": 3_504_872, "params_low_rank": 3_960_296},
     "slim_resnet18": {"family": "resnet", **_CNN, "groups": (4, "stage"), "params": 11_689_512, "params_low_rank": 13_168_168},
     "slim_resnet20": {"family": "resnet", **_CNN, "groups": (3, "stage"), "params": 272_474, "params_low_rank": 306_010},
+    "slim_resnet34": {"family": "resnet", **_CNN, "groups": (4, "stage"), "params": 21_797_672, "params_low_rank": 24_398_632},
     "slim_resnet50": {"family": "resnet", **_CNN, "groups": (4, "stage"), "params": 25_557_032, "params_low_rank": 30_709_800},
     "slim_resnet56": {"family": "resnet", **_CNN, "groups": (3, "stage"), "params": 855_770, "params_low_rank": 953_818},
+    "slim_resnet101": {"family": "resnet", **_CNN, "groups": (4, "stage"), "params": 44_549_160, "params_low_rank": 53_044_264},
+    "slim_resnet152": {"family": "resnet", **_CNN, "groups": (4, "stage"), "params": 60_192_808, "params_low_rank": 71_440_424},
+    "slim_vit_base": {"family": "vit", "input": "image", **_TRANSFORMER, "groups": (12, "block"), "params": 86_567_656, "params_low_rank": 114_879_208},
+    "slim_vit_large": {"family": "vit", "input": "image", **_TRANSFORMER, "groups": (24, "block"), "params": 304_326_632, "params_low_rank": 404_989_928},
     "slim_vit_small": {"family": "vit", "input": "image", **_TRANSFORMER, "groups": (12, "block"), "params": 22_050_664, "params_low_rank": 29_128_552},
     "slim_vit_tiny": {"family": "vit", "input": "image", **_TRANSFORMER, "groups": (12, "block"), "params": 5_717_416, "params_low_rank": 7_486_888},
 }

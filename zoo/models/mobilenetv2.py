@@ -7,7 +7,9 @@ residual blocks (1x1 expansion by ``t``, 3x3 depthwise, linear 1x1 projection), 
 Every channel count is elastic with divisor 8 (Slimmable MobileNetV2), including each block's
 expanded channels, which are ``in_channels * t`` of the block's *full-width* input and shrink
 with width. The final conv's 1280 outputs stay fixed at every width, as the paper does for
-width multipliers below one, so the classifier always sees 1280 features.
+width multipliers below one, so the classifier always sees 1280 features. ``stem_channels``,
+``settings`` and ``head_features`` build timm's other MobileNetV2s (``mobilenetv2_050``,
+``mobilenetv2_110d``...), whose multipliers change channel counts and repeats.
 With ``low_rank=True`` every non-depthwise conv except the stem is factorized (depthwise convs
 have nothing to factorize) and the classifier stays dense.
 As a backbone its features are timm's for ``mobilenetv2_100``: the ends of stages 0, 1, 2, 4
@@ -86,13 +88,17 @@ class SlimMobileNetV2(ImageModel):
         img_size: int = 224,
         global_pool: str = "avg",
         drop_rate: float = 0.2,
+        stem_channels: int = STEM_CHANNELS,
+        settings: Iterable[Iterable[int]] = INVERTED_RESIDUAL_SETTINGS,
+        head_features: int = HEAD_FEATURES,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_subnets: Iterable[dict] = (),
     ):
-        depths = tuple(repeats for _, _, repeats, _ in INVERTED_RESIDUAL_SETTINGS)
+        settings = tuple(tuple(int(v) for v in row) for row in settings)  # (t, c, n, s) per stage; other multipliers
+        depths = tuple(repeats for _, _, repeats, _ in settings)
         space = Space("stage", len(depths), ("width",), low_rank, depths=depths)
         super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
         if not 0.0 <= drop_rate < 1.0:
@@ -101,12 +107,12 @@ class SlimMobileNetV2(ImageModel):
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
 
         first = f.at(0)  # the stem's channels are the first stage's (its depthwise conv reads them)
-        stem_dim = first.dim(STEM_CHANNELS)
+        stem_dim = first.dim(stem_channels)
         self.stem = _conv_bn_act(first, fixed(in_chans), stem_dim, 3, stride=2, factorize=False)
         in_dim, stages, reduction = stem_dim, [], 2
         self._taps, self._stage_ends = [], []  # a feature ends each stage before a stride 2, and the last
-        strides = [stride for *_, stride in INVERTED_RESIDUAL_SETTINGS] + [2]
-        for i, (expansion, channels, _, stride) in enumerate(INVERTED_RESIDUAL_SETTINGS):
+        strides = [stride for *_, stride in settings] + [2]
+        for i, (expansion, channels, _, stride) in enumerate(settings):
             g, blocks = f.at(i), {}
             for j in range(self.max_values["depth"][i]):  # a sliced member holds only its blocks
                 out_dim = g.dim(channels)
@@ -118,7 +124,7 @@ class SlimMobileNetV2(ImageModel):
                 self._taps.append((in_dim, reduction, f"blocks.{i}"))
                 self._stage_ends.append(i)
         self.blocks = nn.Sequential(*stages)
-        self._feature_dim = fixed(HEAD_FEATURES)
+        self._feature_dim = fixed(head_features)
         self.final_conv = _conv_bn_act(f, in_dim, self._feature_dim, 1)
         self.global_pool = self._pool(global_pool)
         self.classifier = self._new_classifier(num_classes)

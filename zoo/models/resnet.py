@@ -216,3 +216,21 @@ def slim_resnet18(pretrained: bool = False, **kwargs) -> SlimResNet:
 def slim_resnet50(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-50 with bottleneck blocks."""
     return _imagenet("slim_resnet50", "bottleneck", (3, 4, 6, 3), pretrained, kwargs)
+
+
+@register_family("resnet")
+def slim_resnet34(pretrained: bool = False, **kwargs) -> SlimResNet:
+    """ImageNet ResNet-34 with basic blocks (timm's ``resnet34``)."""
+    return _imagenet("slim_resnet34", "basic", (3, 4, 6, 3), pretrained, kwargs)
+
+
+@register_family("resnet")
+def slim_resnet101(pretrained: bool = False, **kwargs) -> SlimResNet:
+    """ImageNet ResNet-101 with bottleneck blocks (timm's ``resnet101``)."""
+    return _imagenet("slim_resnet101", "bottleneck", (3, 4, 23, 3), pretrained, kwargs)
+
+
+@register_family("resnet")
+def slim_resnet152(pretrained: bool = False, **kwargs) -> SlimResNet:
+    """ImageNet ResNet-152 with bottleneck blocks (timm's ``resnet152``)."""
+    return _imagenet("slim_resnet152", "bottleneck", (3, 8, 36, 3), pretrained, kwargs)

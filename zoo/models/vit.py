@@ -183,8 +183,8 @@ class SlimVisionTransformer(ImageModel):
         self._replace_classifier("head", self._new_head(num_classes), num_classes)
 
 
-def _create(arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict) -> SlimVisionTransformer:
-    fixed_args = dict(embed_dim=embed_dim, depth=12, num_heads=num_heads, mlp_ratio=4.0)
+def _create(arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict, depth: int = 12) -> SlimVisionTransformer:
+    fixed_args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
     return build(SlimVisionTransformer, arch, pretrained, fixed_args, kwargs)
 
 
@@ -198,3 +198,15 @@ def slim_vit_tiny(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
 def slim_vit_small(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
     """ViT-Small: dim 384, 12 blocks, 6 heads (22.05 M parameters at 224 px, 1000 classes)."""
     return _create("slim_vit_small", 384, 6, pretrained, kwargs)
+
+
+@register_family("vit")
+def slim_vit_base(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
+    """ViT-Base: dim 768, 12 blocks, 12 heads (86.57 M parameters at 224 px, 1000 classes)."""
+    return _create("slim_vit_base", 768, 12, pretrained, kwargs)
+
+
+@register_family("vit")
+def slim_vit_large(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
+    """ViT-Large: dim 1024, 24 blocks, 16 heads (304.33 M parameters at 224 px, 1000 classes)."""
+    return _create("slim_vit_large", 1024, 16, pretrained, kwargs, depth=24)

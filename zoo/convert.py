@@ -1,0 +1,540 @@
+"""Bring your own model: a timm model (and its checkpoint) becomes a zoo family.
+
+    family = zoo.from_timm("resnet18", checkpoint="ckpt.safetensors", order="activation", calibration=batches)
+
+Steps: read the checkpoint (safetensors, or a PyTorch state dict read with ``weights_only=True``;
+the class count, input channels and a ViT's image size come from its shapes); build the timm
+model and load it; check every part of it against what zoo's family of the same kind computes,
+refusing the first unsupported part by name; copy it into the dense zoo family at full width
+(batch-norm statistics become the full member's); permute every elastic dimension by importance
+(:mod:`zoo.importance`); build the requested family (factorized layers: the SVD of each
+pretrained matrix, components by singular value, so rank 1.0 is the original layer);
+recalibrate batch norm of the members below full width on the calibration batches; verify that
+the full member computes what the timm model computes (max abs difference, recorded).
+
+Supported: timm's ResNets with basic or bottleneck blocks and the plain stem (resnet18, 34, 50,
+101, 152), MobileNetV2 (``mobilenetv2_*``), and Vision Transformers with standard blocks and a
+class token (``vit_*_patch*``, ``deit_*`` without a distillation token). Training-only
+regularisers (dropout, drop path, DropBlock) compute nothing at inference and are not carried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import math
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .base import ElasticModel
+from .importance import ORDERS, reorder
+from .layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, _svd_factors
+from .registry import create_uninitialized
+from .slicing import recalibrate_bn
+from .subnet import DEFAULT_GRID, check_fraction
+
+SUPPORTED = "ResNets with basic or bottleneck blocks and the plain stem, MobileNetV2, ViT/DeiT with standard blocks"
+TOLERANCE = 1e-4  # max abs difference at full width, relative to the logits' scale when above 1
+
+
+class UnsupportedModel(ValueError):
+    """A timm model (or a part of it) that zoo cannot express exactly; one line naming it."""
+
+
+@dataclass
+class Plan:
+    """How one timm model becomes a zoo family: the catalogue variant, its architecture
+    arguments, and which timm module fills which zoo module."""
+
+    name: str  # the timm model's name, for messages
+    arch: str
+    args: dict
+    modules: list[tuple[str, str]] = field(default_factory=list)  # (zoo module, timm module)
+    tensors: list[tuple[str, str]] = field(default_factory=list)  # (zoo parameter, timm parameter)
+
+
+def _refuse(name: str, part: str) -> UnsupportedModel:
+    return UnsupportedModel(f"cannot convert {name}: {part} is not supported (zoo converts {SUPPORTED})")
+
+
+# ----- timm model -> plan ----------------------------------------------------------------------
+def plan_for(model: nn.Module, name: str) -> Plan:
+    """Check ``model`` part by part and say how to copy it; refuses the first unsupported part."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if type(model) is ResNet:
+        return _plan_resnet(model, name)
+    if type(model) is EfficientNet:
+        return _plan_mobilenetv2(model, name)
+    if isinstance(model, VisionTransformer):
+        if type(model) is not VisionTransformer:
+            part = "the distillation token" if hasattr(model, "dist_token") else f"the {type(model).__name__} variant"
+            raise _refuse(name, part)
+        return _plan_vit(model, name)
+    raise _refuse(name, f"the {type(model).__name__} architecture")
+
+
+def _require(ok: bool, name: str, part) -> None:
+    """Refuse ``part`` (a string, or a function giving it when the message needs ``not ok``)."""
+    if not ok:
+        raise _refuse(name, part() if callable(part) else part)
+
+
+def _is(module: nn.Module, cls: type) -> bool:
+    return type(module) is cls
+
+
+def _act(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def _head(model: nn.Module, name: str, attr: str) -> None:
+    _require(_is(getattr(model, attr), nn.Linear), name, f"a model without a linear classifier ({attr} is {_act(getattr(model, attr))})")
+
+
+_RESNETS = {("basic", (2, 2, 2, 2)): "slim_resnet18", ("basic", (3, 4, 6, 3)): "slim_resnet34", ("bottleneck", (3, 4, 6, 3)): "slim_resnet50",
+            ("bottleneck", (3, 4, 23, 3)): "slim_resnet101", ("bottleneck", (3, 8, 36, 3)): "slim_resnet152"}  # fmt: skip
+
+
+def _plan_resnet(model: nn.Module, name: str) -> Plan:
+    from timm.models.resnet import BasicBlock, Bottleneck
+
+    _require(_is(model.conv1, nn.Conv2d), name, f"the deep stem ({_act(model.conv1)} of {sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules())} convs, as in resnet*d/t/s)")
+    _require(model.conv1.kernel_size == (7, 7) and model.conv1.out_channels == 64, name, f"a {model.conv1.kernel_size[0]}x{model.conv1.kernel_size[1]} stem of {model.conv1.out_channels} channels")
+    _require(_is(model.act1, nn.ReLU), name, f"the activation {_act(model.act1)}")
+    _require(_is(model.maxpool, nn.MaxPool2d), name, f"the stem pooling {_act(model.maxpool)}")
+    _require(getattr(model.global_pool, "pool_type", None) == "avg", name, f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}")
+    _head(model, name, "fc")
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    kinds = {type(b) for s in stages for b in s}
+    _require(kinds in ({BasicBlock}, {Bottleneck}), name, f"the block type {', '.join(sorted(k.__name__ for k in kinds))}")
+    block = "basic" if kinds == {BasicBlock} else "bottleneck"
+    layers = tuple(len(s) for s in stages)
+    arch = _RESNETS.get((block, layers))
+    _require(arch is not None, name, f"the layout {layers} of {block} blocks (zoo has ResNet-18, 34, 50, 101 and 152)")
+    plan = Plan(name, arch, {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels}, [("stem.0", "conv1"), ("stem.1", "bn1")])
+    for i, stage in enumerate(stages):
+        for j, b in enumerate(stage):
+            at = f"layer{i + 1}.{j}"
+            _require(b.se is None, name, f"squeeze-excitation ({at}.se)")
+            _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
+            acts = [b.act1, b.act2] + ([b.act3] if block == "bottleneck" else [])
+            _require(all(_is(a, nn.ReLU) for a in acts), name, lambda: f"the activation {_act(next(a for a in acts if not _is(a, nn.ReLU)))} in {at}")
+            convs = ["conv1", "conv2"] + (["conv3"] if block == "bottleneck" else [])
+            if block == "bottleneck":
+                planes = b.conv3.out_channels // 4
+                _require(b.conv2.groups == 1, name, f"grouped convolutions ({at}.conv2 has {b.conv2.groups} groups, as in ResNeXt)")
+                _require(b.conv1.out_channels == planes, name, f"the bottleneck width {b.conv1.out_channels} of {at} (wide ResNets; zoo's is {planes})")
+            if b.downsample is not None:
+                ds = b.downsample
+                _require(isinstance(ds, nn.Sequential) and len(ds) == 2 and _is(ds[0], nn.Conv2d), name, f"the downsampling shortcut of {at} ({' + '.join(_act(m) for m in ds)}, e.g. average-pool downsampling)")
+                plan.modules += [(f"stages.{i}.{j}.shortcut.0", f"{at}.downsample.0"), (f"stages.{i}.{j}.shortcut.1", f"{at}.downsample.1")]
+            for k, conv in enumerate(convs, 1):
+                plan.modules += [(f"stages.{i}.{j}.{conv}", f"{at}.{conv}"), (f"stages.{i}.{j}.bn{k}", f"{at}.bn{k}")]
+    plan.modules.append(("fc", "fc"))
+    return plan
+
+
+def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
+    from timm.layers import BatchNormAct2d
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    def bn_act(bn: nn.Module, act: type, where: str) -> None:
+        _require(_is(bn, BatchNormAct2d), name, f"the normalisation {_act(bn)} ({where})")
+        _require(_is(bn.act, act) and _is(bn.drop, nn.Identity), name, f"the activation {_act(bn.act)} ({where})")
+
+    _require(_is(model.conv_stem, nn.Conv2d) and model.conv_stem.kernel_size == (3, 3) and model.conv_stem.stride == (2, 2), name, "a stem other than a 3x3 stride-2 conv")
+    bn_act(model.bn1, nn.ReLU6, "bn1")
+    _require(_is(model.conv_head, nn.Conv2d), name, f"the head {_act(model.conv_head)}")
+    bn_act(model.bn2, nn.ReLU6, "bn2")
+    _require(getattr(model.global_pool, "pool_type", None) == "avg", name, f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}")
+    _head(model, name, "classifier")
+    plan = Plan(name, "slim_mobilenetv2", {}, [("stem.0", "conv_stem"), ("stem.1", "bn1")])
+    settings, in_chs = [], model.conv_stem.out_channels
+    for i, stage in enumerate(model.blocks):
+        rows = []
+        for j, b in enumerate(stage):
+            at, to = f"blocks.{i}.{j}", f"blocks.{i}.{j}"
+            _require(_is(b.se, nn.Identity), name, f"squeeze-excitation ({at}.se)")
+            _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
+            _require(b.conv_dw.kernel_size == (3, 3) and b.conv_dw.dilation == (1, 1), name, f"the {b.conv_dw.kernel_size[0]}x{b.conv_dw.kernel_size[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)")
+            if _is(b, DepthwiseSeparableConv):
+                bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
+                bn_act(b.bn2, nn.Identity, f"{at}.bn2")
+                expansion, out = 1, b.conv_pw.out_channels
+                plan.modules += [(f"{to}.depthwise.0", f"{at}.conv_dw"), (f"{to}.depthwise.1", f"{at}.bn1"), (f"{to}.project", f"{at}.conv_pw"), (f"{to}.bn", f"{at}.bn2")]
+            elif _is(b, InvertedResidual):
+                bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
+                bn_act(b.bn2, nn.ReLU6, f"{at}.bn2")
+                bn_act(b.bn3, nn.Identity, f"{at}.bn3")
+                mid, out = b.conv_pw.out_channels, b.conv_pwl.out_channels
+                expansion = mid // in_chs
+                _require(mid == in_chs * expansion, name, f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)")
+                plan.modules += [(f"{to}.expand.0", f"{at}.conv_pw"), (f"{to}.expand.1", f"{at}.bn1"), (f"{to}.depthwise.0", f"{at}.conv_dw"),
+                                 (f"{to}.depthwise.1", f"{at}.bn2"), (f"{to}.project", f"{at}.conv_pwl"), (f"{to}.bn", f"{at}.bn3")]  # fmt: skip
+            else:
+                raise _refuse(name, f"the block type {_act(b)} ({at})")
+            _require(b.has_skip == (b.conv_dw.stride == (1, 1) and in_chs == out), name, f"the residual connection of {at}")
+            rows.append((expansion, out, b.conv_dw.stride[0]))
+            in_chs = out
+        first = rows[0]
+        _require(all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]), name, f"stage {i}, whose blocks differ in expansion, width or stride")
+        settings.append((first[0], first[1], len(rows), first[2]))
+    plan.modules += [("final_conv.0", "conv_head"), ("final_conv.1", "bn2"), ("classifier", "classifier")]
+    from .models.mobilenetv2 import HEAD_FEATURES, INVERTED_RESIDUAL_SETTINGS, STEM_CHANNELS
+
+    plan.args = {"num_classes": model.num_classes, "in_chans": model.conv_stem.in_channels, "drop_rate": float(model.drop_rate)}
+    shape = {"stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS), "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS), "head_features": (model.conv_head.out_channels, HEAD_FEATURES)}
+    plan.args.update({k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default})
+    return plan
+
+
+_VITS = {(192, 12, 3): "slim_vit_tiny", (384, 12, 6): "slim_vit_small", (768, 12, 12): "slim_vit_base", (1024, 24, 16): "slim_vit_large"}
+
+
+def _plan_vit(model: nn.Module, name: str) -> Plan:
+    from timm.layers import Mlp, PatchEmbed
+    from timm.models.vision_transformer import Attention, Block
+
+    _require(model.global_pool == "token" and model.attn_pool is None, name, f"global pooling {model.global_pool!r} (zoo's ViTs read the class token)")
+    _require(model.cls_token is not None, name, "a ViT without a class token")
+    _require(model.num_reg_tokens == 0, name, f"{model.num_reg_tokens} register tokens")
+    _require(not model.no_embed_class, name, "a position embedding without the class token's (no_embed_class, as in DeiT III)")
+    _require(not model.dynamic_img_size, name, "a dynamic image size")
+    _require(_is(model.norm_pre, nn.Identity), name, "a norm before the blocks (pre_norm)")
+    _require(_is(model.fc_norm, nn.Identity), name, "a norm after pooling (fc_norm)")
+    _head(model, name, "head")
+    pe = model.patch_embed
+    _require(_is(pe, PatchEmbed) and _is(pe.proj, nn.Conv2d) and _is(pe.norm, nn.Identity), name, f"the patch embedding {_act(pe)} (with {_act(getattr(pe, 'norm', nn.Identity()))})")
+    _require(pe.img_size[0] == pe.img_size[1] and pe.patch_size[0] == pe.patch_size[1], name, f"non-square images or patches ({pe.img_size}, {pe.patch_size})")
+    embed_dim, depth = model.embed_dim, len(model.blocks)
+    heads = model.blocks[0].attn.num_heads if depth else 0
+    modules = [("patch_embed", "patch_embed.proj")]
+    for i, b in enumerate(model.blocks):
+        at = f"blocks.{i}"
+        _require(_is(b, Block), name, f"the block type {_act(b)} ({at})")
+        _require(_is(b.attn, Attention) and b.attn.num_heads == heads, name, f"the attention {_act(b.attn)} of {at}")
+        _require(_is(b.attn.q_norm, nn.Identity) and _is(b.attn.k_norm, nn.Identity), name, f"qk-norm ({at}.attn)")
+        _require(_is(getattr(b.attn, "norm", nn.Identity()), nn.Identity), name, f"a norm inside attention ({at}.attn.norm)")
+        _require(_is(b.ls1, nn.Identity) and _is(b.ls2, nn.Identity), name, f"layer scale ({at}.ls1, init_values)")
+        _require(_is(b.mlp, Mlp) and _is(b.mlp.norm, nn.Identity), name, f"the MLP {_act(b.mlp)} of {at}")
+        _require(_is(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none", name, f"the MLP activation {_act(b.mlp.act)} of {at}")
+        _require(b.mlp.fc1.out_features == 4 * embed_dim, name, f"the MLP ratio {b.mlp.fc1.out_features / embed_dim:g} (zoo's ViTs use 4)")
+        modules += [(f"blocks.{i}.{part}", f"{at}.{part}") for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")]
+    arch = _VITS.get((embed_dim, depth, heads))
+    _require(arch is not None, name, f"the shape (dim {embed_dim}, {depth} blocks, {heads} heads; zoo has ViT-Tiny, Small, Base and Large)")
+    args = {"num_classes": model.num_classes, "in_chans": pe.proj.in_channels, "img_size": pe.img_size[0], "patch_size": pe.patch_size[0], "drop_rate": float(model.head_drop.p)}
+    plan = Plan(name, arch, args, [*modules, ("norm", "norm"), ("head", "head")])
+    plan.tensors = [("cls_token", "cls_token"), ("pos_embed", "pos_embed")]
+    return plan
+
+
+# ----- copying -------------------------------------------------------------------------------
+def _check_layer(plan: Plan, ours: nn.Module, theirs: nn.Module, where: str) -> None:
+    """The zoo layer computes what the timm layer computes (same op, sizes and settings)."""
+    if isinstance(ours, ElasticConv2d):
+        groups = theirs.in_channels if ours.depthwise else 1
+        same = _is(theirs, nn.Conv2d) and theirs.padding_mode == "zeros" and (theirs.kernel_size, theirs.stride, theirs.padding, theirs.dilation, theirs.groups) == (
+            (ours.kernel_size,) * 2, (ours.stride,) * 2, (ours.padding,) * 2, (1, 1), groups)  # fmt: skip
+        _require(same, plan.name, f"the convolution {where} ({theirs})")
+    elif isinstance(ours, ElasticLinear):
+        _require(_is(theirs, nn.Linear), plan.name, f"the layer {where} ({_act(theirs)})")
+    elif isinstance(ours, ElasticBatchNorm2d):
+        _require(isinstance(theirs, nn.BatchNorm2d) and theirs.affine and theirs.track_running_stats, plan.name, f"the normalisation {where} ({_act(theirs)})")
+        _require(math.isclose(theirs.eps, ours.eps), plan.name, f"the batch-norm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})")
+    elif isinstance(ours, nn.LayerNorm):
+        from timm.layers import LayerNorm  # timm's own computes F.layer_norm too
+
+        _require(type(theirs) in (nn.LayerNorm, LayerNorm) and theirs.elementwise_affine, plan.name, f"the normalisation {where} ({_act(theirs)})")
+        _require(math.isclose(theirs.eps, ours.eps), plan.name, f"the LayerNorm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})")
+
+
+@torch.no_grad()
+def _copy(plan: Plan, source: nn.Module, family: ElasticModel) -> None:
+    """Fill the dense full-width family from the timm model; every timm tensor must be used."""
+    key = family.largest.key
+    used, filled = set(), set()
+
+    def put(ours: str, tensor: torch.Tensor | None, theirs: str) -> None:
+        target = family.get_parameter(ours) if "running_" not in ours else family.get_buffer(ours)
+        if tensor is None:  # a bias timm's layer does not have: zero computes the same
+            target.zero_()
+        else:
+            _require(tuple(tensor.shape) == tuple(target.shape), plan.name, f"{theirs} of shape {tuple(tensor.shape)} (zoo's {ours} is {tuple(target.shape)})")
+            target.copy_(tensor)
+            used.add(theirs)
+        filled.add(ours)
+
+    for ours_name, theirs_name in plan.modules:
+        ours, theirs = family.get_submodule(ours_name), source.get_submodule(theirs_name)
+        _check_layer(plan, ours, theirs, theirs_name)
+        for p in ("weight", "bias"):
+            if getattr(ours, p, None) is not None:
+                put(f"{ours_name}.{p}", getattr(theirs, p, None), f"{theirs_name}.{p}")
+        if isinstance(ours, ElasticBatchNorm2d):
+            put(f"{ours_name}.running_mean_{key}", theirs.running_mean, f"{theirs_name}.running_mean")
+            put(f"{ours_name}.running_var_{key}", theirs.running_var, f"{theirs_name}.running_var")
+            used.add(f"{theirs_name}.num_batches_tracked")
+    for ours_name, theirs_name in plan.tensors:
+        put(ours_name, source.get_parameter(theirs_name), theirs_name)
+    left = [k for k in source.state_dict() if k not in used]
+    _require(not left, plan.name, f"the part {left[0] if left else ''} (no zoo layer computes it)")
+    unfilled = [k for k in family.state_dict() if k not in filled]
+    if unfilled:
+        raise ValueError(f"converting {plan.name}: zoo's {unfilled[0]} was not filled (a bug in zoo.convert)")
+
+
+@torch.no_grad()
+def _factorize_from(dense: ElasticModel, family: ElasticModel) -> None:
+    """Fill ``family`` (dense or low-rank, any members) from the dense full-width ``dense``:
+    factorized layers get the SVD of the dense matrix; batch norm the full member's statistics."""
+    full_dense, full = dense.largest.key, family.largest.key
+    for name, module in family.named_modules():
+        source = dense.get_submodule(name)
+        if isinstance(module, ElasticBatchNorm2d):
+            module.weight.copy_(source.weight)
+            module.bias.copy_(source.bias)
+            for buffer, tensor in module.named_buffers(recurse=False):
+                kind, member = buffer.split("_", 2)[1], buffer.split("_", 2)[2]
+                if member == full:
+                    tensor.copy_(getattr(source, f"running_{kind}_{full_dense}"))
+                else:  # fresh statistics, recalibrated below or refused on use
+                    tensor.fill_(0.0 if kind == "mean" else 1.0)
+            continue
+        if isinstance(module, (ElasticConv2d, ElasticLinear)) and module.low_rank:
+            u, v = _svd_factors(source.weight.flatten(1), module.v.shape[0])
+            module.u.copy_(u.reshape(module.u.shape))
+            module.v.copy_(v.reshape(module.v.shape))
+            if module.bias is not None:
+                module.bias.copy_(source.bias)
+            continue
+        for pname, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            tensor.copy_(getattr(source, pname))
+
+
+# ----- checkpoints ---------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file or a PyTorch checkpoint, without unpickling code:
+    ``torch.load(weights_only=True)`` (timm's training checkpoints, which add the run's
+    ``argparse.Namespace``, load too). Nested ``state_dict``/``model`` and DDP's ``module.``
+    prefix are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({_first_line(err)})") from None
+    else:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path} holds more than tensors and was not unpickled (weights_only=True): {_first_line(err)}") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _shape_args(name: str, state: dict[str, torch.Tensor]) -> dict:
+    """num_classes, in_chans and (ViTs) img_size that the checkpoint's shapes say."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    args = {}
+    classifier = getattr(cfg, "classifier", None)
+    first = getattr(cfg, "first_conv", None)
+    if isinstance(classifier, str) and f"{classifier}.weight" in state:
+        args["num_classes"] = int(state[f"{classifier}.weight"].shape[0])
+    if isinstance(first, str) and f"{first}.weight" in state and state[f"{first}.weight"].dim() == 4:
+        weight = state[f"{first}.weight"]
+        args["in_chans"] = int(weight.shape[1])
+        if "pos_embed" in state and first.startswith("patch_embed"):
+            tokens, patch = state["pos_embed"].shape[1] - 1, int(weight.shape[-1])
+            side = math.isqrt(max(tokens, 0))
+            if side * side == tokens and side > 0:
+                args["img_size"] = side * patch
+    return args
+
+
+def check_fits(name: str, model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """One line naming the first tensors where a checkpoint and the architecture differ."""
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    problems = [f"{k} has shape {tuple(given[k].shape)}, {name} expects {tuple(v.shape)}" for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    problems += [f"missing {k}" for k in expected if k not in given]
+    problems += [f"unexpected {k}" for k in given if k not in expected]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"checkpoint {path} does not fit {name}: {'; '.join(problems[:3])}{more}")
+
+
+def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrides) -> tuple[nn.Module, dict]:
+    """Build timm's ``name`` (with the checkpoint's class count, channels and image size unless
+    ``overrides`` say otherwise) and load the checkpoint. Returns the model and where it came from."""
+    import timm
+    from timm.models import is_model, split_model_name_tag
+
+    base = split_model_name_tag(name)[0]
+    if not is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=3)
+        raise ValueError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    state = read_checkpoint(checkpoint) if checkpoint is not None else None
+    args = {**(_shape_args(base, state) if state is not None else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    cfg_first = getattr(timm.models.get_pretrained_cfg(base), "first_conv", "") or ""
+    if not str(cfg_first).startswith("patch_embed"):
+        args.pop("img_size", None)  # CNNs take any size: it is only recorded
+    try:
+        model = timm.create_model(name, pretrained=False, **args)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"timm cannot build {name} with {args}: {_first_line(err)}") from None
+    source = {"timm": name}
+    if state is not None:
+        check_fits(name, model, state, checkpoint)
+        model.load_state_dict(state, strict=False)  # fits: only num_batches_tracked may be absent
+        source.update(checkpoint=str(checkpoint), checkpoint_sha256=_sha256(checkpoint))
+    return model, source
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----- the conversion ------------------------------------------------------------------------
+def _members(values: Iterable[float] | None, default: Iterable[float], name: str) -> list[float]:
+    chosen = {check_fraction(name, v) for v in (default if values is None else values)}
+    return sorted(chosen | {1.0})
+
+
+@torch.no_grad()
+def max_difference(source: nn.Module, family: ElasticModel, batch_sizes: Iterable[int] = (1, 3), seed: int = 0) -> tuple[float, float]:
+    """Max abs difference between the timm model and the family's full member (eval mode,
+    random inputs at each batch size), and the largest logit magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    was = source.training, family.training
+    previous = family.active_subnet
+    source.eval(), family.eval()
+    family.set_subnet(family.largest)
+    worst, scale = 0.0, 0.0
+    try:
+        for n in batch_sizes:
+            x = torch.randn(n, *family.pretrained_cfg["input_size"], generator=generator)
+            expected = source(x)
+            worst = max(worst, (family(x) - expected).abs().max().item())
+            scale = max(scale, expected.abs().max().item())
+    finally:
+        source.train(was[0]), family.train(was[1])
+        family.set_subnet(previous, for_training=True)
+    return worst, scale
+
+
+def from_timm(
+    source: str | nn.Module,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    order: str = "weight",
+    calibration: Iterable[torch.Tensor] | None = None,
+    low_rank: bool = False,
+    widths: Iterable[float] | None = None,
+    ranks: Iterable[float] | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    img_size: int | None = None,
+) -> ElasticModel:
+    """A zoo family made from a timm model (a name, with an optional checkpoint, or the model).
+
+    ``order``: ``weight``, ``activation`` (needs ``calibration``, a list of input batches) or
+    ``none``. ``widths`` (and ``ranks`` with ``low_rank=True``) are the family's members (the
+    full one is always added; defaults as ``zoo train``'s). Batch-norm families need
+    ``calibration`` for members below full width (their statistics are estimated on it);
+    without it only the full member is kept. The full member computes what the timm model
+    computes: checked here on random inputs, the difference recorded in
+    ``model.zoo_metadata["converted_from"]``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
+    if ranks is not None and not low_rank:
+        raise ValueError("ranks were given, but the family is built dense; convert with low_rank=True")
+    batches = list(calibration) if calibration is not None else None
+    if order == "activation" and not batches:
+        raise ValueError("order 'activation' needs calibration batches (--calibrate DATA)")
+    if isinstance(source, str):
+        model, origin = timm_model(source, checkpoint, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+        name = source
+    else:
+        if checkpoint is not None:
+            raise ValueError("give a timm model name with a checkpoint, or a model with its weights loaded, not both")
+        model, name = source, (getattr(source, "pretrained_cfg", None) or {}).get("architecture", type(source).__name__)
+        origin = {"timm": name}
+    plan = plan_for(model, name)
+    plan.args.setdefault("img_size", img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]))
+
+    dense = create_uninitialized(plan.arch, **plan.args, widths=[1.0])
+    _copy(plan, model, dense)
+    reorder(dense, order, batches)
+
+    family_widths = _members(widths, [1.0] if low_rank else DEFAULT_GRID, "width")
+    family_ranks = _members(ranks, DEFAULT_GRID, "rank") if low_rank else None
+    below_full = family_widths != [1.0] or (low_rank and family_ranks != [1.0])
+    if dense.uses_batchnorm and batches is None and below_full:
+        if widths is not None or ranks is not None:
+            raise ValueError(f"{plan.arch}: members below full width or rank need batch-norm statistics; give calibration data (--calibrate DATA)")
+        family_widths, family_ranks = [1.0], ([1.0] if low_rank else None)
+    family = create_uninitialized(plan.arch, **plan.args, low_rank=low_rank, widths=family_widths, ranks=family_ranks)
+    _factorize_from(dense, family)
+    recalibrated = []
+    if family.uses_batchnorm and batches:
+        for member in family.subnets:
+            if member != family.largest:
+                recalibrate_bn(family, batches, member)
+                recalibrated.append(member.to_dict())
+    difference, scale = max_difference(model, family)
+    if not difference <= TOLERANCE * max(1.0, scale):
+        raise ValueError(f"converting {name} is not exact: max abs difference {difference:.3g} at full width (logits up to {scale:.3g}); please report this")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("mean") and len(cfg["mean"]) == family.in_chans:
+        family.pretrained_cfg = {**family.pretrained_cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    family.zoo_metadata = {
+        "converted_from": {
+            **origin,
+            "order": order,
+            "calibration_batches": len(batches) if batches else 0,
+            "recalibrated": recalibrated,
+            "max_abs_diff": difference,
+        },
+        "mean": list(family.pretrained_cfg["mean"]),
+        "std": list(family.pretrained_cfg["std"]),
+    }
+    return family.train()
