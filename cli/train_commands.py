@@ -93,7 +93,8 @@ def train_command(
     crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."),
     mixup: float = typer.Option(0.0, "--mixup", help="Images: timm Mixup's mixup alpha (0: off); trains on soft targets."),
     cutmix: float = typer.Option(0.0, "--cutmix", help="Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model)."),
+    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Also write the trained family in timm's Hub layout here (config.json + model.safetensors)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every member every N steps; default: 10 times per run."),
@@ -165,6 +166,11 @@ def train_command(
         _print_members(f"{model}: EMA weights", result.ema_metrics, result.metric, result.member_params)
     written = [result.model_path, *([result.ema_path] if result.ema_path else []), result.out / "metrics.jsonl"]
     typer.echo(f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}")
+    if save_dir is not None:
+        import zoo
+
+        zoo.save_pretrained(zoo.load(result.model_path), save_dir)
+        typer.echo(f"wrote {save_dir} (config.json, model.safetensors)")
 
 
 @command("eval")

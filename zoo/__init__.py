@@ -12,7 +12,9 @@ works too (the byte-level GPTs are zoo's only: timm's registry is for images).
 """
 
 from .base import ElasticModel
+from .convert import UnsupportedModel, from_timm
 from .flops import count_flops
+from .hub import save_pretrained
 from .members import Member, WeightsSource, slice_file
 from .registry import create_model, family_of, list_models
 from .slicing import count_params, parameter_masks, recalibrate_bn, slice_model as slice, subnet
@@ -27,17 +29,20 @@ __all__ = [
     "Member",
     "Subnet",
     "WeightsSource",
+    "UnsupportedModel",
     "WeightsFileError",
     "count_flops",
     "count_params",
     "create_model",
     "family_of",
+    "from_timm",
     "list_models",
     "load",
     "parameter_masks",
     "read_header",
     "recalibrate_bn",
     "save",
+    "save_pretrained",
     "slice",
     "slice_file",
     "subnet",

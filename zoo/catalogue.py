@@ -68,7 +68,7 @@ def unknown_model(name: str, known: list[str] | None = None) -> str:
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     if close:  # every name starts with "slim_": keep only the matches about as close as the best
         best = difflib.SequenceMatcher(None, name, close[0]).ratio()
-        close = [c for c in close if difflib.SequenceMatcher(None, name, c).ratio() >= best - 0.05]
+        close = [c for c in close if difflib.SequenceMatcher(None, name, c).ratio() >= best - 0.03]
     hint = f" did you mean {' or '.join(filter(None, [', '.join(close[:-1]), close[-1]]))}?" if close else ""
     return f"unknown model {name!r};{hint} known: {', '.join(known)}"
 

@@ -26,9 +26,10 @@ import hashlib
 import math
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -345,7 +346,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            raise ValueError(f"{path} holds more than tensors and was not unpickled (weights_only=True): {_first_line(err)}") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            if found:
+                raise ValueError(f"{path} holds more than tensors ({found.group(1)}) and was not unpickled (weights_only=True)") from None
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (its pickle stream has what no state dict holds)") from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
     if isinstance(state, dict):
@@ -465,7 +469,7 @@ def from_timm(
     *,
     checkpoint: str | os.PathLike | None = None,
     order: str = "weight",
-    calibration: Iterable[torch.Tensor] | None = None,
+    calibration: Iterable[torch.Tensor] | Callable[[tuple[int, int, int]], Iterable[torch.Tensor]] | None = None,
     low_rank: bool = False,
     widths: Iterable[float] | None = None,
     ranks: Iterable[float] | None = None,
@@ -475,8 +479,8 @@ def from_timm(
 ) -> ElasticModel:
     """A zoo family made from a timm model (a name, with an optional checkpoint, or the model).
 
-    ``order``: ``weight``, ``activation`` (needs ``calibration``, a list of input batches) or
-    ``none``. ``widths`` (and ``ranks`` with ``low_rank=True``) are the family's members (the
+    ``order``: ``weight``, ``activation`` (needs ``calibration``: input batches, or a function
+    of the input size ``(C, H, W)`` that returns them) or ``none``. ``widths`` (and ``ranks`` with ``low_rank=True``) are the family's members (the
     full one is always added; defaults as ``zoo train``'s). Batch-norm families need
     ``calibration`` for members below full width (their statistics are estimated on it);
     without it only the full member is kept. The full member computes what the timm model
@@ -487,9 +491,6 @@ def from_timm(
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if ranks is not None and not low_rank:
         raise ValueError("ranks were given, but the family is built dense; convert with low_rank=True")
-    batches = list(calibration) if calibration is not None else None
-    if order == "activation" and not batches:
-        raise ValueError("order 'activation' needs calibration batches (--calibrate DATA)")
     if isinstance(source, str):
         model, origin = timm_model(source, checkpoint, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
         name = source
@@ -500,6 +501,11 @@ def from_timm(
         origin = {"timm": name}
     plan = plan_for(model, name)
     plan.args.setdefault("img_size", img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]))
+    if callable(calibration):
+        calibration = calibration((plan.args["in_chans"], plan.args["img_size"], plan.args["img_size"]))
+    batches = list(calibration) if calibration is not None else None
+    if order == "activation" and not batches:
+        raise ValueError("order 'activation' needs calibration batches (--calibrate DATA)")
 
     dense = create_uninitialized(plan.arch, **plan.args, widths=[1.0])
     _copy(plan, model, dense)

@@ -14,6 +14,9 @@ import struct
 from pathlib import Path
 
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+# A family folder (zoo.save_pretrained): timm's Hub layout.
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 
 
 class WeightsFileError(ValueError):
@@ -48,8 +51,33 @@ def safetensors_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def weights_path(path: str | os.PathLike) -> Path:
+    """The weights file itself, or a family folder's ``model.safetensors``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if not (path / WEIGHTS_NAME).is_file():
+        raise WeightsFileError(f"{path} is a folder without {WEIGHTS_NAME}")
+    return path / WEIGHTS_NAME
+
+
 def read_header(path: str | os.PathLike) -> dict:
-    """The zoo header of a weights file, without reading its tensors."""
+    """The zoo header of a weights file (or a family folder's), without reading its tensors.
+    A folder's ``config.json`` must describe the same model as its weights."""
+    header = _zoo_header(weights_path(path))
+    config = Path(path) / CONFIG_NAME
+    if Path(path).is_dir() and config.is_file():
+        try:
+            described = json.loads(config.read_text())
+            arch, args = described["architecture"], described.get("model_args", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise WeightsFileError(f"{config} is not a timm model config") from None
+        if (arch, args) != (header["arch"], header["model_args"]):
+            raise WeightsFileError(f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} ({header['arch']}); write the folder again")
+    return header
+
+
+def _zoo_header(path: Path) -> dict:
     meta = safetensors_header(path).get("__metadata__") or {}
     if not isinstance(meta, dict) or "zoo" not in meta:
         raise WeightsFileError(f"{path} is a safetensors file but not a zoo weights file (no zoo header)")

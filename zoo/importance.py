@@ -23,9 +23,11 @@ Couplings per family:
 
 Criteria (``order=``):
 
-* ``weight``: no data. Per coupled tensor, each unit's slice norm (batch norm: ``|gamma|``;
-  rows of a conv that feeds a batch norm are left out, the norm divides their scale away),
-  normalised to mean 1 over the units, summed over the tensors.
+* ``weight``: no data. How strongly a unit is written times how strongly it is read: the
+  mean over its writers of the unit's output scale (after a batch norm ``sqrt(gamma^2 +
+  beta^2)``, the norm divides the conv's own scale away; otherwise the norm of its rows) times
+  the mean over its readers of the norm of the columns reading it, each tensor's values
+  normalised to mean 1. A unit that is never written (or never read) scores zero.
 * ``activation`` (Minitron, Muralidharan et al. 2024): the mean absolute activation each unit
   feeds its readers on calibration batches (a head: the L2 norm of its output vector),
   normalised per reader to mean 1 and summed.
@@ -174,12 +176,18 @@ def _unit_norms(matrix: torch.Tensor, coupling: Coupling, chunks: int = 1) -> to
 
 @torch.no_grad()
 def weight_scores(coupling: Coupling) -> torch.Tensor:
-    """Sum over the coupled tensors of each unit's normalised slice norm (see module doc)."""
-    terms = [bn.weight.detach().abs().reshape(coupling.units, -1).sum(1) for bn in coupling.norms]
-    if not coupling.norms:  # rows feeding a batch norm are scale-free: only |gamma| says their size
-        terms += [_unit_norms(_rows(layer), coupling, layer.chunks) for layer in coupling.writers]
-    terms += [_unit_norms(_columns(layer), coupling) for layer in coupling.readers]
-    return sum((_normalised(t) for t in terms), torch.zeros(coupling.units))
+    """How strongly each unit is written times how strongly it is read (see module doc)."""
+    if coupling.norms:  # batch norm sets the output's scale: sqrt(gamma^2 + beta^2) per unit
+        written = [(bn.weight.detach() ** 2 + bn.bias.detach() ** 2).sqrt() for bn in coupling.norms]
+    else:
+        written = [_unit_norms(_rows(layer), coupling, layer.chunks) for layer in coupling.writers]
+    read = [_unit_norms(_columns(layer), coupling) for layer in coupling.readers]
+    score = _mean_normalised(written, coupling.units)
+    return score * _mean_normalised(read, coupling.units) if read else score
+
+
+def _mean_normalised(terms: list[torch.Tensor], units: int) -> torch.Tensor:
+    return sum((_normalised(t.reshape(units, -1).sum(1)) for t in terms), torch.zeros(units)) / max(len(terms), 1)
 
 
 @torch.no_grad()

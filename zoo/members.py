@@ -24,7 +24,7 @@ import torch
 from .base import ElasticModel
 from .slicing import recalibrate_bn, slice_model
 from .subnet import Subnet
-from .weights import file_sha256, load, save
+from .weights import file_sha256, load, recorded, save  # noqa: F401  (recorded: imported from here by export and cli)
 
 # Calibration batches, or a function of the loaded family that returns them (so that data is
 # loaded only when a member needs it, and shaped for that model).
@@ -32,15 +32,6 @@ Calibration = Union[Iterable[torch.Tensor], Callable[[ElasticModel], Iterable[to
 
 # Metadata keys that describe one member, rewritten for every slice rather than inherited.
 _MEMBER_KEYS = ("metrics", "sliced_from", "bn_recalibration")
-
-
-def recorded(metadata: dict, key: str):
-    """A value the training run recorded (data spec, labels, mean, std): at the top level of
-    a weights file's metadata, or in the trainer's ``"train"`` record; None if absent."""
-    if metadata.get(key) is not None:
-        return metadata[key]
-    train = metadata.get("train")
-    return train.get(key) if isinstance(train, dict) else None
 
 
 def member_metrics(metadata: dict, subnet: Subnet) -> list[dict]:

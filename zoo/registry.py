@@ -25,7 +25,8 @@ _ENTRYPOINTS: dict[str, Callable[..., ElasticModel]] = {}
 _FAMILY: dict[str, str] = {}
 
 # Arguments timm's create_model passes to every entrypoint that zoo's families do not take.
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "device", "dtype")
+# ``pretrained_model_args``: what timm read from a ``local-dir:``/``hf-hub:`` config (also passed as arguments).
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "cache_dir", "device", "dtype")
 # timm's features_only arguments (popped when features_only is given, as timm's builder does).
 _FEATURES = ("features_only", "out_indices", "feature_cls")
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save as to_safetensors
 from .base import ElasticModel
 from .catalogue import pretrained_file
 from .fileio import atomic_path
-from .header import WeightsFileError, read_header
+from .header import WeightsFileError, read_header, weights_path
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,11 +50,12 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ElasticModel:
-    """Rebuild the model stored in ``path``; its metadata is in ``model.zoo_metadata``."""
+    """Rebuild the model stored in ``path`` (a weights file, or a family folder written by
+    ``zoo.save_pretrained``); its metadata is in ``model.zoo_metadata``."""
     from .registry import create_uninitialized
 
-    path = Path(path)
     header = read_header(path)
+    path = weights_path(path)
     try:
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -76,12 +77,24 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Elastic
         raise WeightsFileError(f"tensors in {path} do not match its header: {'; '.join(problems[:3])}{more}")
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     model.zoo_metadata = header.get("metadata", {})
+    mean, std = recorded(model.zoo_metadata, "mean"), recorded(model.zoo_metadata, "std")
+    if model.input_kind == "image" and mean and std and len(mean) == len(std) == model.in_chans:  # what its inputs are normalised with
+        model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(mean), "std": tuple(std)}
     return model.to(device)
+
+
+def recorded(metadata: dict, key: str):
+    """A value the training run or conversion recorded (data spec, labels, mean, std): at the
+    top level of a weights file's metadata, or in the trainer's ``"train"`` record; None if absent."""
+    if metadata.get(key) is not None:
+        return metadata[key]
+    train = metadata.get("train")
+    return train.get(key) if isinstance(train, dict) else None
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(weights_path(path), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
