@@ -226,8 +226,12 @@ def info_command(
     file = weights_file(file, pretrained)
     if not file.exists():
         raise FileNotFoundError(f"no such file: {file}")
-    if file.is_dir():
-        raise IsADirectoryError(f"{file} is a folder, not a weights or ONNX file")
+    if file.is_dir():  # a family folder (zoo.save_pretrained) is read through its config's check
+        header = zoo_module("header")
+        if not (file / header.WEIGHTS_NAME).is_file():
+            raise IsADirectoryError(f"{file} is a folder without {header.WEIGHTS_NAME}, not a weights or ONNX file")
+        header.read_header(file)  # its config.json must describe its weights
+        file = file / header.WEIGHTS_NAME
     lines = _onnx_info(file) if file.suffix.lower() == ".onnx" else _weights_info(file)
     for name, value in lines:
         typer.echo(f"{name:<13}{value}")
@@ -247,6 +251,10 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         ("members", "; ".join(_member_text(s) for s in header.get("subnets") or []) + ("" if facts["batchnorm"] else " (LayerNorm: any member can be sliced)")),
         ("parameters", f"{header.get('num_params', 0):,}"),
     ]
+    converted = meta.get("converted_from")
+    if converted:
+        checkpoint = f" checkpoint {converted['checkpoint']}" if converted.get("checkpoint") else ""
+        lines.append(("converted", f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, max abs difference {converted.get('max_abs_diff', 0):.2g}"))
     origin = meta.get("sliced_from")
     if origin:
         lines.append(("sliced from", f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})"))
