@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import hashlib
 import math
 import os
 import pickle
@@ -40,6 +39,7 @@ from .layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, _svd_facto
 from .registry import create_uninitialized
 from .slicing import recalibrate_bn
 from .subnet import DEFAULT_GRID, check_fraction
+from .weights import file_sha256
 
 SUPPORTED = "ResNets with basic or bottleneck blocks and the plain stem, MobileNetV2, ViT/DeiT with standard blocks"
 TOLERANCE = 1e-4  # max abs difference at full width, relative to the logits' scale when above 1
@@ -149,6 +149,8 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
     from timm.layers import BatchNormAct2d
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 
+    from .models.mobilenetv2 import HEAD_FEATURES, INVERTED_RESIDUAL_SETTINGS, STEM_CHANNELS
+
     def bn_act(bn: nn.Module, act: type, where: str) -> None:
         _require(_is(bn, BatchNormAct2d), name, f"the normalisation {_act(bn)} ({where})")
         _require(_is(bn.act, act) and _is(bn.drop, nn.Identity), name, f"the activation {_act(bn.act)} ({where})")
@@ -164,7 +166,7 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
     for i, stage in enumerate(model.blocks):
         rows = []
         for j, b in enumerate(stage):
-            at, to = f"blocks.{i}.{j}", f"blocks.{i}.{j}"
+            at = f"blocks.{i}.{j}"  # the same name in both
             _require(_is(b.se, nn.Identity), name, f"squeeze-excitation ({at}.se)")
             _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
             _require(b.conv_dw.kernel_size == (3, 3) and b.conv_dw.dilation == (1, 1), name, f"the {b.conv_dw.kernel_size[0]}x{b.conv_dw.kernel_size[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)")
@@ -172,7 +174,7 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
                 bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
                 bn_act(b.bn2, nn.Identity, f"{at}.bn2")
                 expansion, out = 1, b.conv_pw.out_channels
-                plan.modules += [(f"{to}.depthwise.0", f"{at}.conv_dw"), (f"{to}.depthwise.1", f"{at}.bn1"), (f"{to}.project", f"{at}.conv_pw"), (f"{to}.bn", f"{at}.bn2")]
+                plan.modules += [(f"{at}.depthwise.0", f"{at}.conv_dw"), (f"{at}.depthwise.1", f"{at}.bn1"), (f"{at}.project", f"{at}.conv_pw"), (f"{at}.bn", f"{at}.bn2")]
             elif _is(b, InvertedResidual):
                 bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
                 bn_act(b.bn2, nn.ReLU6, f"{at}.bn2")
@@ -180,19 +182,19 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
                 mid, out = b.conv_pw.out_channels, b.conv_pwl.out_channels
                 expansion = mid // in_chs
                 _require(mid == in_chs * expansion, name, f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)")
-                plan.modules += [(f"{to}.expand.0", f"{at}.conv_pw"), (f"{to}.expand.1", f"{at}.bn1"), (f"{to}.depthwise.0", f"{at}.conv_dw"),
-                                 (f"{to}.depthwise.1", f"{at}.bn2"), (f"{to}.project", f"{at}.conv_pwl"), (f"{to}.bn", f"{at}.bn3")]  # fmt: skip
+                plan.modules += [(f"{at}.expand.0", f"{at}.conv_pw"), (f"{at}.expand.1", f"{at}.bn1"), (f"{at}.depthwise.0", f"{at}.conv_dw"),
+                                 (f"{at}.depthwise.1", f"{at}.bn2"), (f"{at}.project", f"{at}.conv_pwl"), (f"{at}.bn", f"{at}.bn3")]  # fmt: skip
             else:
                 raise _refuse(name, f"the block type {_act(b)} ({at})")
-            _require(b.has_skip == (b.conv_dw.stride == (1, 1) and in_chs == out), name, f"the residual connection of {at}")
+            # zoo adds where a stage's width feeds itself: stride 1, same width, inside a stage (or the stem's)
+            adds = b.conv_dw.stride == (1, 1) and in_chs == out and (j > 0 or i == 0)
+            _require(b.has_skip == adds, name, f"the residual connection of {at}")
             rows.append((expansion, out, b.conv_dw.stride[0]))
             in_chs = out
         first = rows[0]
         _require(all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]), name, f"stage {i}, whose blocks differ in expansion, width or stride")
         settings.append((first[0], first[1], len(rows), first[2]))
     plan.modules += [("final_conv.0", "conv_head"), ("final_conv.1", "bn2"), ("classifier", "classifier")]
-    from .models.mobilenetv2 import HEAD_FEATURES, INVERTED_RESIDUAL_SETTINGS, STEM_CHANNELS
-
     plan.args = {"num_classes": model.num_classes, "in_chans": model.conv_stem.in_channels, "drop_rate": float(model.drop_rate)}
     shape = {"stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS), "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS), "head_features": (model.conv_head.out_channels, HEAD_FEATURES)}
     plan.args.update({k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default})
@@ -424,16 +426,8 @@ def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrid
     if state is not None:
         check_fits(name, model, state, checkpoint)
         model.load_state_dict(state, strict=False)  # fits: only num_batches_tracked may be absent
-        source.update(checkpoint=str(checkpoint), checkpoint_sha256=_sha256(checkpoint))
+        source.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(checkpoint))
     return model, source
-
-
-def _sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----- the conversion ------------------------------------------------------------------------
