@@ -117,7 +117,21 @@ def test_a_permutation_of_every_coupled_dimension_leaves_the_function_unchanged(
     assert all(c.unit_size == 64 and c.units == 3 for c in heads) or kind != "vit"  # whole heads of 64 features
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("low_rank", [False, True], ids=["dense", "low-rank"])
+def test_reorder_works_on_any_transformer_family_dense_or_factorized(low_rank):
+    """zoo's own GPT too (the same blocks), and factorized layers (rows of u, columns of v)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("slim_gpt_nano", context_length=16, low_rank=low_rank).eval()
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(tokens)
+        ranked = importance.reorder(model, "weight")
+        after = model(tokens)
+    assert torch.allclose(after, before, atol=1e-4, rtol=1e-4)
+    assert len(ranked) == 8 and all(bool((s[1:] <= s[:-1]).all()) for s in ranked.values())
+
+
+@pytest.mark.parametrize("kind", ["resnet-basic", "mobilenetv2", "vit"])  # the bottleneck's couplings: tested above
 @pytest.mark.parametrize("order", ["weight", "activation"])
 def test_importance_is_non_increasing_after_ordering(sources, kind, order):
     batches = [_inputs(sources[kind], 8, seed) for seed in range(2)]
