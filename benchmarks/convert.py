@@ -22,8 +22,9 @@ Rows 1-2 need no training and are deterministic (seed 0's split); the others run
 training run is ``training.trainer.train`` (what ``zoo train --init`` runs) with batch 64; the
 final metric is on the whole validation split after batch-norm recalibration.
 
-    python benchmarks/convert.py --only resnet --seed-list 0      # stand-in, conversions, seed 0
-    python benchmarks/convert.py --report                         # merge the kept runs
+    python benchmarks/convert.py --only resnet --seed-list 0 --steps 25    # stand-in, conversions, seed 0, K = 25
+    python benchmarks/convert.py                                           # everything: K = 150 and 25, 3 seeds
+    python benchmarks/convert.py --report                                  # merge the kept runs
 
 Each finished run is kept in ``--out/runs/<run>.json`` and not run again; the stand-ins and the
 converted families live in ``--work`` (large files, not in the repository).
@@ -133,6 +134,9 @@ def conversions(section: str, work: Path) -> list[dict]:
         records = evaluate(family, bundle.val, family.subnets)
         zoo.save(family, work / f"{section}-{order}.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, order, None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
+    started = time.perf_counter()
+    family = activation_times_read(zoo.from_timm(spec["timm"], checkpoint=checkpoint, order="none", widths=[1.0], img_size=IMG), calibration)
+    rows.append(_row(section, "activation-x-read", None, evaluate(family, bundle.val, family.subnets), time.perf_counter() - started, None))
     if section == "vit":
         started = time.perf_counter()
         family = zoo.from_timm(spec["timm"], checkpoint=checkpoint, order="none", low_rank=True, ranks=RANKS, img_size=IMG)
@@ -141,6 +145,21 @@ def conversions(section: str, work: Path) -> list[dict]:
         zoo.save(family, work / f"{section}-svd.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, "svd", None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     return rows
+
+
+def activation_times_read(family: zoo.ElasticModel, calibration: list[torch.Tensor]) -> zoo.ElasticModel:
+    """Ablation (not an ``--order``): Minitron's mean |activation| times the norm of the
+    columns that read the unit (Wanda's |W| * ||X||, per unit), then the members recalibrated."""
+    from zoo import importance
+
+    found = importance.couplings(family)
+    for coupling, score in zip(found, importance.activation_scores(family, found, calibration)):
+        importance.permute(coupling, torch.sort(score * importance.read_strength(coupling), descending=True, stable=True).indices)
+    for width in WIDTHS[:-1]:
+        family.add_subnet(zoo.Subnet(width=width))
+        if family.uses_batchnorm:
+            zoo.recalibrate_bn(family, calibration, width=width)
+    return family
 
 
 def scratch_family(section: str, seed: int, work: Path) -> Path:
@@ -184,7 +203,7 @@ def seed_runs(section: str, seed: int, steps: int, work: Path, kept: Path) -> No
         plans += [("svd-ft-all", None, svd, dict(strategy="all", low_rank=True, widths=[1.0], ranks=list(RANKS)))]
         plans += [("svd-ft-alone", r, svd, dict(strategy="separate", low_rank=True, widths=[1.0], ranks=[r])) for r in RANKS]
     for method, member, init, options in plans:
-        name = f"{section}-{method}{'' if member is None else f'-{member:g}'}-s{seed}"
+        name = f"{section}-{method}{'' if member is None else f'-{member:g}'}-k{steps}-s{seed}"
         path = kept / f"{name}.json"
         if path.exists() and json.loads(path.read_text())["steps"] == steps:
             continue
@@ -214,6 +233,7 @@ METHODS = {
     "none": "1. converted, naive prefix (--order none)",
     "weight": "2. converted, --order weight",
     "activation": "2. converted, --order activation",
+    "activation-x-read": "2. ablation: mean abs activation x norm of the reading columns",
     "ft-all": "3. K steps joint fine-tuning (all) from activation",
     "ft-alternating": "3. K steps joint fine-tuning (alternating) from activation",
     "scratch-family": "4. family from scratch, K steps (all)",
@@ -237,10 +257,8 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
             keys = ["w0.25", "w0.5", "w0.75", "w1"] if not low_rank else ["r0.25", "r0.5", "r0.75", "r1"]
             methods = [m for m in METHODS if m.startswith("svd") == low_rank]
             table = []
-            for method in methods:
-                runs = [r for r in mine if r["method"] == method]
-                if not runs:
-                    continue
+            for method, steps in [(m, k) for m in methods for k in sorted({r["steps"] for r in mine if r["method"] == m})]:
+                runs = [r for r in mine if r["method"] == method and r["steps"] == steps]
                 cells = {k: [] for k in keys}
                 for r in runs:
                     for member, accuracy in r["members"].items():
@@ -250,8 +268,7 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
                 seeds = len({r["seed"] for r in runs}) if runs[0]["seed"] is not None else 0
                 walls = [r["wall_time_s"] for r in runs]
                 wall = f"{sum(walls) / max(seeds, 1):.0f}" + (" (4 runs)" if method.endswith("alone") else "")
-                steps = runs[0]["steps"] or "-"
-                table.append(f"| {METHODS[method]} | {steps} | {seeds or '-'} | " + " | ".join(_cell(cells[k]) for k in keys) + f" | {wall} |")
+                table.append(f"| {METHODS[method]} | {steps or '-'} | {seeds or '-'} | " + " | ".join(_cell(cells[k]) for k in keys) + f" | {wall} |")
             if table:
                 note = "; batch norm of every member below full width recalibrated on 8 batches" if section == "resnet" else ""
                 lines += [f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, mean ± sd over seeds{note}; wall s: conversion, or training per seed)", "",
@@ -266,7 +283,7 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(SECTIONS), action="append")
-    parser.add_argument("--steps", type=int, default=150, help="K, the training steps of every run (default 150)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[150, 25], help="K, the training steps of every run (default: 150, then 25)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed-list", type=int, nargs="*", help="run only these seeds (default: 0 .. --seeds - 1)")
     parser.add_argument("--report", action="store_true", help="only merge the kept runs into the table")
@@ -288,11 +305,12 @@ def main() -> None:
                 with atomic_path(kept / f"{section}-convert.json") as tmp:
                     tmp.write_text(json.dumps(rows))
                 print(f"{section} conversions: " + "; ".join(f"{r['method']} {r['members']}" for r in rows), flush=True)
-            for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
-                seed_runs(section, seed, args.steps, args.work, kept)
+            for steps in args.steps:
+                for seed in args.seed_list if args.seed_list is not None else range(args.seeds):
+                    seed_runs(section, seed, steps, args.work, kept)
     standins = [json.loads(p.read_text()) for p in sorted(kept.glob("*-standin.json"))]
     rows = [r for p in sorted(kept.glob("*-convert.json")) for r in json.loads(p.read_text())]
-    rows += [json.loads(p.read_text()) for p in sorted(kept.glob("*-s[0-9]*.json"))]
+    rows += [json.loads(p.read_text()) for p in sorted(kept.glob("*-k[0-9]*-s[0-9]*.json"))]
     report(rows, standins, args.out)
 
 

@@ -177,13 +177,24 @@ def _unit_norms(matrix: torch.Tensor, coupling: Coupling, chunks: int = 1) -> to
 @torch.no_grad()
 def weight_scores(coupling: Coupling) -> torch.Tensor:
     """How strongly each unit is written times how strongly it is read (see module doc)."""
-    if coupling.norms:  # batch norm sets the output's scale: sqrt(gamma^2 + beta^2) per unit
-        written = [(bn.weight.detach() ** 2 + bn.bias.detach() ** 2).sqrt() for bn in coupling.norms]
+    written = write_strength(coupling)
+    return written * read_strength(coupling) if coupling.readers else written
+
+
+def write_strength(coupling: Coupling) -> torch.Tensor:
+    """Each unit's output scale, mean-normalised per writer and averaged over the writers: after
+    a batch norm ``sqrt(gamma^2 + beta^2)`` (the norm divides the conv's own scale away), else
+    the norm of the unit's rows."""
+    if coupling.norms:
+        terms = [(bn.weight.detach() ** 2 + bn.bias.detach() ** 2).sqrt() for bn in coupling.norms]
     else:
-        written = [_unit_norms(_rows(layer), coupling, layer.chunks) for layer in coupling.writers]
-    read = [_unit_norms(_columns(layer), coupling) for layer in coupling.readers]
-    score = _mean_normalised(written, coupling.units)
-    return score * _mean_normalised(read, coupling.units) if read else score
+        terms = [_unit_norms(_rows(layer), coupling, layer.chunks) for layer in coupling.writers]
+    return _mean_normalised(terms, coupling.units)
+
+
+def read_strength(coupling: Coupling) -> torch.Tensor:
+    """The norm of the columns reading each unit, mean-normalised per reader and averaged."""
+    return _mean_normalised([_unit_norms(_columns(layer), coupling) for layer in coupling.readers], coupling.units)
 
 
 def _mean_normalised(terms: list[torch.Tensor], units: int) -> torch.Tensor:
