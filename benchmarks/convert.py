@@ -18,9 +18,13 @@ Per member (widths 0.25, 0.5, 0.75, 1; the ViT's width scales heads and MLP unit
    ``svd-ft-all`` (K steps joint from it) and ``svd-ft-alone`` (each rank member alone, K
    steps from it).
 
-Rows 1-2 need no training and are deterministic (seed 0's split); the others run 3 seeds. Every
-training run is ``training.trainer.train`` (what ``zoo train --init`` runs) with batch 64; the
-final metric is on the whole validation split after batch-norm recalibration.
+Rows 1-2 need no training and are deterministic (seed 0's split); the others run 3 seeds, at
+K = 150 steps (about 6 epochs, where digits saturates) and K = 25 (where the starting point still
+shows). Every training run is ``training.trainer.train`` (what ``zoo train --init`` runs) with
+batch 64: SGD for the ResNet (lr 0.01 fine-tuning, 0.1 from scratch), AdamW for the ViT (1e-4,
+1e-3); the final metric is on the whole validation split after batch-norm recalibration. A
+last conversion row is an ablation, not an ``--order``: the activation criterion times the
+norm of the columns that read each unit.
 
     python benchmarks/convert.py --only resnet --seed-list 0 --steps 25    # stand-in, conversions, seed 0, K = 25
     python benchmarks/convert.py                                           # everything: K = 150 and 25, 3 seeds
