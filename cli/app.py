@@ -88,6 +88,10 @@ def weights_file(weights: str | Path, pretrained: bool) -> Path:
     path = Path(weights)
     if not path.exists() and str(weights) in catalogue.MODELS:
         raise ValueError(f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)")
+    if path.is_dir():  # a family folder (zoo.save_pretrained): its weights, once its config.json agrees
+        header = zoo_module("header")
+        header.read_header(path)
+        return header.weights_path(path)
     return path
 
 

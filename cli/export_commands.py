@@ -226,12 +226,8 @@ def info_command(
     file = weights_file(file, pretrained)
     if not file.exists():
         raise FileNotFoundError(f"no such file: {file}")
-    if file.is_dir():  # a family folder (zoo.save_pretrained) is read through its config's check
-        header = zoo_module("header")
-        if not (file / header.WEIGHTS_NAME).is_file():
-            raise IsADirectoryError(f"{file} is a folder without {header.WEIGHTS_NAME}, not a weights or ONNX file")
-        header.read_header(file)  # its config.json must describe its weights
-        file = file / header.WEIGHTS_NAME
+    if file.is_dir():
+        raise IsADirectoryError(f"{file} is a folder, not a weights or ONNX file")
     lines = _onnx_info(file) if file.suffix.lower() == ".onnx" else _weights_info(file)
     for name, value in lines:
         typer.echo(f"{name:<13}{value}")

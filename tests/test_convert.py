@@ -25,6 +25,7 @@ from zoo.convert import read_checkpoint
 from zoo.layers import ElasticConv2d, ElasticLinear
 
 IMG = 32
+runner = CliRunner()
 # name -> timm arguments; one of each supported kind, small enough for CI at 32 px
 KINDS = {
     "resnet-basic": ("resnet18", dict(num_classes=10, in_chans=1)),
@@ -278,6 +279,8 @@ def test_a_family_folder_loads_through_timm_local_dir_and_zoo_load(tmp_path, sou
     fresh = timm.create_model(f"local-dir:{folder}")  # timm's rule: pretrained=False builds the architecture only
     assert fresh.model_args == family.model_args and fresh.subnets == family.subnets
     assert zoo.read_header(folder)["arch"] == "slim_mobilenetv2"
+    info = runner.invoke(app, ["info", str(folder)])
+    assert info.exit_code == 0 and "converted    from timm mobilenetv2_050, order weight" in info.output
 
     config["model_args"]["num_classes"] = 3  # a folder whose config and weights disagree is refused
     (folder / "config.json").write_text(json.dumps(config))
@@ -286,7 +289,6 @@ def test_a_family_folder_loads_through_timm_local_dir_and_zoo_load(tmp_path, sou
 
 
 # ----- the command ---------------------------------------------------------------------------
-runner = CliRunner()
 
 
 def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
