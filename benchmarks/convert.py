@@ -186,6 +186,8 @@ def train_run(section: str, method: str, seed: int, init: Path, steps: int, out:
     config = TrainConfig(model=zoo.read_header(init)["arch"], out=str(out), data="digits", img_size=IMG, init=str(init), steps=steps, batch_size=64,
                          lr=lr, optimizer=spec["optimizer"], eval_every=steps, seed=seed, **options)  # fmt: skip
     result = train(config)
+    if not result.finished:  # stopped by a signal: keep nothing, the run is redone next time
+        raise SystemExit(f"{method} (seed {seed}) stopped at step {result.steps} of {result.total_steps}")
     return _row(section, method, seed, result.metrics, result.wall_time_s, None, steps=steps)
 
 
