@@ -197,10 +197,11 @@ class TrainConfig:
     def init_architecture(self) -> dict:
         """The architecture arguments of the ``--init`` file (a converted ViT's patch size, a
         MobileNetV2's channel settings), without its members: the run chooses those."""
-        if not self.init:
+        header = zoo.read_header(self.init) if self.init else {}
+        if header.get("arch") != self.model:  # another architecture: refused with its own message when loaded
             return {}
         members = {"low_rank", "widths", "ranks", "extra_subnets", "max_member"}
-        return {k: v for k, v in zoo.read_header(self.init)["model_args"].items() if k not in members}
+        return {k: v for k, v in header["model_args"].items() if k not in members}
 
     def member_lists(self) -> tuple[list[float], list[float] | None]:
         """The width and rank lists whose product (plus the largest member) is trained.
