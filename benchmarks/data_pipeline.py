@@ -5,8 +5,9 @@
    generated ImageNet-style folder (``train/<class>/*.jpg``), with the same transforms
    (``RandomResizedCrop`` to ``--img-size``, flip, colour jitter, RandAugment, random erasing),
    batch and worker count. Each side runs once unmeasured (workers start, files enter the page
-   cache), then ``--repeats`` epochs in turn; a run times an epoch after its first two
-   batches, which fill the pipeline. Target: zoo / timm >= 0.95. A third loader is timm's with
+   cache), then ``--repeats`` epochs in turn (the order rotated every repeat); a run times an
+   epoch after its first two batches, which fill the pipeline. Target: zoo / timm >= 0.95.
+   A third loader is timm's with
    each item seeded as zoo seeds it, so it makes zoo's very images (zoo reads epoch 0 every
    time): against it only the loaders' own costs differ, not the augmentations drawn. Also the
    CPU time per image, and, in one process, both datasets' cost per item with the same draws.
@@ -139,9 +140,10 @@ def loader_throughput(args, root: Path) -> dict:
         workers[name] = sorted(set(_tree(os.getpid())) - before)
     rates: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(args.repeats):
-        for name, batches in runs.items():
-            speed, cost = rate(batches(), workers[name])
+    names = list(runs)
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # each loader in each position
+            speed, cost = rate(runs[name](), workers[name])
             rates[name].append(speed)
             cpu[name].append(cost)
     zoo_loader.close()
