@@ -208,45 +208,72 @@ def main() -> None:
                 results[loop].samples.append(sample)
                 print(f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s", flush=True)
 
-    tokens = args.seq_len if kind == "tokens" else 1
-    unit = "tokens" if kind == "tokens" else "images"
-    base = results.get("timm") or results.get("zoo")
-    amp = resolve_amp(args.amp, torch.device(args.device))
-    rows, numbers = [], {}
-    for loop in loops:
-        step = results[loop].median("seconds_per_step")
-        ratio = statistics.median(b.seconds_per_step / s.seconds_per_step for b, s in zip(base.samples, results[loop].samples))
-        rate = args.batch_size * tokens / step
-        memory = results[loop].median("peak_memory_mb")
-        full_model = not loop.startswith("zoo-joint")  # a joint run's core steps cost less than the count
-        mfu = 3 * flops * args.batch_size / step / (args.peak_tflops * 1e12) if args.peak_tflops and full_model else None
-        numbers[loop] = {"ms_per_step": 1e3 * step, f"{unit}_per_s": rate, "ratio_vs_timm": ratio,
-                         "ms_per_step_runs": [round(1e3 * s.seconds_per_step, 1) for s in results[loop].samples],
-                         "first_steps_s": results[loop].median("first_steps_s"), "peak_memory_mb": memory, "mfu": mfu,
-                         "forward_flops_per_sample": flops}  # fmt: skip
-        rows.append(
-            f"| {loop} | {1e3 * step:.1f} | {rate:,.0f} | **{ratio:.2f}** | {results[loop].median('first_steps_s'):.1f} | "
-            f"{'-' if memory is None else f'{memory:,.0f}'} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
-        )
-    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
-    lines = [
-        f"`python benchmarks/bench_loop.py --model {args.model} --data {args.data} --batch-size {args.batch_size} ...` "
-        f"({args.model}, {args.data}, {f'{args.img_size} px' if unit == 'images' else f'{args.seq_len} bytes'}, batch {args.batch_size}, amp {amp}"
-        f"{', channels-last' if args.channels_last else ''}, {args.workers} workers; median of {args.repeats} interleaved runs of {args.steps} steps, "
-        f"the first {args.skip} untimed; torch {torch.__version__}, {args.device} ({device}), {torch.get_num_threads()} threads)",
-        "",
-        f"| loop | ms / step | {unit} / s | vs timm loop | first steps (s) | peak memory (MB) | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        "",
-    ]
-    text = "\n".join(lines)
+    summary = summarise(args, kind, flops, results)
+    text = render(summary)
     print(text)
     if args.out:
+        with atomic_path(args.out.with_suffix(".json")) as tmp_file:
+            tmp_file.write_text(json.dumps(summary, indent=1))
         with atomic_path(args.out) as tmp_file:
             tmp_file.write_text(text)
-        with atomic_path(args.out.with_suffix(".json")) as tmp_file:
-            tmp_file.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "loops": numbers}, indent=1))
+
+
+def summarise(args, kind: str, flops: int, results: dict[str, Result]) -> dict:
+    """Everything measured, every run's numbers included (what the table is rendered from)."""
+    tokens = args.seq_len if kind == "tokens" else 1
+    unit = "tokens" if kind == "tokens" else "images"
+    amp = resolve_amp(args.amp, torch.device(args.device))
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    loops = {}
+    for loop, result in results.items():
+        step = result.median("seconds_per_step")
+        full_model = not loop.startswith("zoo-joint")  # a joint run's core steps cost less than the count
+        loops[loop] = {
+            "ms_per_step_runs": [round(1e3 * s.seconds_per_step, 2) for s in result.samples],
+            "first_steps_s_runs": [round(s.first_steps_s, 2) for s in result.samples],
+            "peak_memory_mb": result.median("peak_memory_mb"),
+            f"{unit}_per_s": args.batch_size * tokens / step,
+            "mfu": 3 * flops * args.batch_size / step / (args.peak_tflops * 1e12) if args.peak_tflops and full_model else None,
+        }
+    description = (
+        f"`python benchmarks/bench_loop.py --model {args.model} --data {args.data} --batch-size {args.batch_size} ...` "
+        f"({args.model}, {args.data}, {f'{args.img_size} px' if unit == 'images' else f'{args.seq_len} bytes'}, batch {args.batch_size}, amp {amp}"
+        f"{', channels-last' if args.channels_last else ''}, {args.workers} workers; median of {args.repeats} runs of {args.steps} steps "
+        f"interleaved in alternating order, the first {args.skip} untimed; ratios are medians of the ratios within a repeat; "
+        f"torch {torch.__version__}, {args.device} ({device}), {torch.get_num_threads()} threads)"
+    )
+    return {"description": description, "unit": unit, "forward_flops_per_sample": flops, "args": {k: str(v) for k, v in vars(args).items()}, "loops": loops}
+
+
+def _paired(summary: dict, base: str, loop: str) -> float | None:
+    """The median over repeats of base's step time over loop's (both measured in the same repeat)."""
+    if base not in summary["loops"]:
+        return None
+    pairs = zip(summary["loops"][base]["ms_per_step_runs"], summary["loops"][loop]["ms_per_step_runs"])
+    return statistics.median(b / s for b, s in pairs)
+
+
+def render(summary: dict) -> str:
+    unit = summary["unit"]
+    rows = []
+    for loop, numbers in summary["loops"].items():
+        versus_timm = _paired(summary, "timm", loop)
+        versus_eager = _paired(summary, loop.removesuffix("-compiled"), loop) if loop.endswith("-compiled") else None
+        memory, mfu = numbers["peak_memory_mb"], numbers["mfu"]
+        rows.append(
+            f"| {loop} | {statistics.median(numbers['ms_per_step_runs']):.1f} | {numbers[f'{unit}_per_s']:,.0f} | "
+            f"{'-' if versus_timm is None else f'**{versus_timm:.2f}**'} | {'-' if versus_eager is None else f'**{versus_eager:.2f}**'} | "
+            f"{statistics.median(numbers['first_steps_s_runs']):.1f} | {'-' if memory is None else f'{memory:,.0f}'} | "
+            f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
+        )
+    return "\n".join([
+        summary["description"],
+        "",
+        f"| loop | ms / step | {unit} / s | speed vs timm loop | compiled vs eager | first steps (s) | peak memory (MB) | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":
