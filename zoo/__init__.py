@@ -6,6 +6,8 @@
     small = zoo.slice(model, width=0.5)
     zoo.save(small, "small.safetensors")
     same = zoo.load("small.safetensors")
+    family = zoo.from_timm("resnet50", checkpoint="ckpt.safetensors")   # bring your own model
+    zoo.save_pretrained(family, "my-family")     # timm.create_model("local-dir:my-family", pretrained=True)
 
 Importing zoo registers every image family with timm, so ``timm.create_model("slim_resnet20")``
 works too (the byte-level GPTs are zoo's only: timm's registry is for images).
