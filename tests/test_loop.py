@@ -151,7 +151,7 @@ def test_compile_builds_one_graph_per_member_and_trains_as_eager(backend, tmp_pa
     """`--compile` on two members: each member's graph is captured once, the first time it
     trains, and reused (4 steps, 2 graphs, no graph break); the weights match an eager run.
     aot_eager (dynamo's capture and AOT autograd, no code generation: 5 s) runs in CI;
-    inductor (its C++ code generation takes ~40 s per member on a CPU core) is slow."""
+    inductor (its C++ code generation: 40 s for the two members on a quiet core) is slow."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
