@@ -33,14 +33,6 @@ IMAGE = [*CNNS, "slim_vit_tiny"]
 IMG = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, **kwargs):
     torch.manual_seed(0)
     return zoo.create_model(name, img_size=IMG, **kwargs)

@@ -20,7 +20,6 @@ Evaluation, recalibration and the EMA weights run eagerly (they run a few batche
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

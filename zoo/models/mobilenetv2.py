@@ -184,7 +184,6 @@ class SlimMobileNetV2(ImageModel):
         if prune_end:  # the features now end at the last tap, and the head was sized for the final ones
             self.final_conv = nn.Identity()
             self._feature_dim = self._taps[last][0]
-        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
 
