@@ -164,7 +164,7 @@ def export_command(
     calibrate: Optional[str] = CALIBRATE,
     device: Device = typer.Option(Device.cpu, "--device", help="Export for and verify on this execution provider; cuda fails unless it exists."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX checker and the onnxruntime-vs-PyTorch comparison."),
-    fuse: bool = typer.Option(False, "--fuse", help="Rewrite attention and LayerNorm into onnxruntime's fused kernels (onnxruntime only)."),
+    fuse: bool = typer.Option(False, "--fuse", help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels (onnxruntime only; slower on CPU, see export/fusion.py)."),
 ) -> None:
     """Export a member to a self-contained ONNX file, verified against PyTorch."""
     import zoo

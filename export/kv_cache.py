@@ -12,6 +12,13 @@ a cache of batch 1 is broadcast to the batch (cached decoding is for one sequenc
 The positions of ``input`` are ``past .. past + sequence - 1`` and must stay within the
 model's ``context_length``: past the context the absolute position embeddings shift, and
 every position must be recomputed (``export/runtime.py`` does that).
+
+Attention is written out rather than left to ``scaled_dot_product_attention``, whose export
+masks scores with -inf: onnxruntime's Softmax computes exp of masked scores through subnormal
+numbers, which on x86 CPUs cost about 8x (measured: a 4 x 256 x 256 causal softmax 0.61 ms
+against 0.08 ms unmasked, 0.07 ms masked with flush-to-zero). Scores are shifted by their
+visible maximum and clamped at -80, so every exp stays a normal float; a masked key then
+weighs e^-80 (2e-35) instead of 0, far below float32's resolution of the weights.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
@@ -27,6 +33,7 @@ from zoo import ElasticModel
 
 PAST, PRESENT = "past_key_values", "present"
 PARTS = ("key", "value")
+SCORE_FLOOR = -80.0  # e^-80 is a normal float32 (the smallest is about e^-87.3)
 
 
 def cache_names(prefix: str, layers: int) -> list[str]:
@@ -58,6 +65,7 @@ class CachedDecoder(nn.Module):
         x = model.tok_embed(tokens) + model.pos_embed[:, cached : cached + sequence]
         positions = torch.arange(cached + sequence, device=tokens.device)
         visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
+        hidden = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
         present = []
         for block, past_key, past_value in zip(self.blocks, past[0::2], past[1::2]):
             attn = block.attn
@@ -65,10 +73,24 @@ class CachedDecoder(nn.Module):
             k = torch.cat([past_key.expand(batch, -1, -1, -1), k], dim=2)
             v = torch.cat([past_value.expand(batch, -1, -1, -1), v], dim=2)
             present += [k, v]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            out = masked_attention(q, k, v, hidden)
             x = x + attn.proj(out.transpose(1, 2).flatten(2))
             x = x + block.mlp(block.norm2(x))
         return (model.lm_head(model.norm(x)), *present)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of ``q`` over the keys that ``hidden`` leaves visible (see
+    :func:`floored_scores`)."""
+    return floored_scores(q, k, hidden).softmax(-1) @ v
+
+
+def floored_scores(q: torch.Tensor, k: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Scaled scores shifted by each row's visible maximum and clamped at ``SCORE_FLOOR``, so
+    that softmax takes no exp below e^-80 (see above). ``hidden`` is 0 or -inf per query and
+    key, added to the scores: an add broadcasts faster than a select in onnxruntime."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + hidden
+    return (scores - scores.amax(-1, keepdim=True)).clamp_min(SCORE_FLOOR)
 
 
 def add_empty_cache_defaults(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -36,6 +36,7 @@ import zoo
 from zoo import ElasticModel, Member, Subnet, WeightsSource
 from zoo.fileio import atomic_path, locked_folder
 from zoo.members import recorded
+from zoo.models.transformer import Attention
 
 from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
@@ -48,6 +49,11 @@ METADATA_KEY = "zoo"
 MAX_EMBEDDED_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
 QUANTIZE_CHOICES = ("int8",)
 MIN_OPSET = 18  # below this the exporter silently writes 18
+# From opset 23 the exporter writes scaled_dot_product_attention as ONNX's Attention op, which
+# onnxruntime runs as one kernel (ViT-Tiny at 224 px: 19.1 against 22.2 ms with opset 18's
+# MatMul/Softmax/MatMul and their transposes, 1 CPU thread); so it is the default for models
+# with attention. Other models keep the exporter's default.
+ATTENTION_OPSET = 23
 MIN_CACHED_CONTEXT = 4  # the example needs a past and a sequence of 2 each (1 would be specialised)
 
 
@@ -169,6 +175,8 @@ def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu", 
     """The model's graph through PyTorch's dynamo exporter, weights embedded, optionally fused
     for onnxruntime; and the fused kernels (None when not fused)."""
     module, example, names = _export_args(model, device)
+    if opset is None and any(isinstance(m, Attention) for m in module.modules()):
+        opset = ATTENTION_OPSET
     quiet = logging.getLogger("onnxscript")  # it logs failed version conversions as tracebacks
     level = quiet.level
     try:

@@ -17,7 +17,8 @@ import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
 from export.merge import dense_is_cheaper, merge_low_rank
-from export.onnx_export import export_file, export_member, read_record
+from export.kv_cache import SCORE_FLOOR, floored_scores, masked_attention
+from export.onnx_export import ATTENTION_OPSET, export_file, export_member, read_record
 from export.quantize import evaluate
 from zoo import WeightsSource
 from zoo.weights import file_sha256
@@ -120,6 +121,10 @@ def test_every_family_exports_verified_with_dynamic_axes_and_metadata(tmp_path, 
     assert record["opset"] == next(o.version for o in proto.opset_import if o.domain == "")
     assert record["quantized"] is None and record["metrics"] == {"loss": 1.5}
     assert record["fusions"] is None and "fusions" not in result.summary()
+    ops = [node.op_type for node in proto.graph.node]
+    if family == "vit":  # attention as onnxruntime's one-kernel ONNX op, the opset that has it
+        assert record["opset"] == ATTENTION_OPSET and ops.count("Attention") == len(list(member.blocks.children()))
+        assert "Softmax" not in ops
     if family == "gpt":
         assert record["input"] == {"kind": "tokens", "context_length": 16, "vocab_size": 256}
         assert record["kv_cache"] == len(list(member.blocks.children())) and "key/value cache" in result.summary()
@@ -159,10 +164,16 @@ def test_fused_transformer_is_verified_and_says_which_kernels_it_uses(tmp_path, 
     member = WeightsSource.open(weights).member(0.5).model.eval()
     depth = len(list(member.blocks.children()))
     record = read_record(out)
-    assert record["fusions"] == {"BiasGelu": depth, "MultiHeadAttention": depth, "SkipLayerNormalization": 2 * depth}
-    assert f"onnxruntime fusions: {depth} BiasGelu, {depth} MultiHeadAttention, {2 * depth} SkipLayerNormalization" in result.output
+    # the ViT's attention is already one ONNX Attention node; the GPT's masked product gets
+    # its scale folded into FusedMatMul
+    attention = {"FusedMatMul": depth} if family == "gpt" else {}
+    assert record["fusions"] == {"BiasGelu": depth, **attention, "SkipLayerNormalization": 2 * depth}
+    kernels = ", ".join(f"{count} {kernel}" for kernel, count in record["fusions"].items())
+    assert f"onnxruntime fusions: {kernels}" in result.output
     ops = [node.op_type for node in onnx.load(str(out)).graph.node]
-    assert ops.count("MultiHeadAttention") == depth and "Softmax" not in ops and "LayerNormalization" in ops  # only the final norm
+    assert ops.count("LayerNormalization") == 1  # only the final norm; the others became SkipLayerNormalization
+    if family == "vit":
+        assert ops.count("Attention") == depth
     diff = float(result.output.split("max |onnxruntime - PyTorch| = ")[1].split()[0])
     assert diff <= 1e-4
     with torch.no_grad():
@@ -171,6 +182,22 @@ def test_fused_transformer_is_verified_and_says_which_kernels_it_uses(tmp_path, 
             np.testing.assert_allclose(ort_logits(out, x), member(x).numpy(), atol=1e-4, rtol=0)
     if family == "gpt":
         assert_cache_continues_the_sequence(out, member)
+
+
+def test_masked_attention_equals_sdpa_and_keeps_every_exp_normal():
+    """The cached decoder's attention: the same output as PyTorch's masked SDPA, also for
+    scores hundreds apart, and no softmax input below the floor (whose exp is a normal float)."""
+    generator = torch.Generator().manual_seed(0)
+    past, sequence = 5, 7
+    positions = torch.arange(past + sequence)
+    visible = positions[None, :] <= positions[past:, None]
+    hidden = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    for spread in (1.0, 30.0):  # ordinary scores, and scores far into exp's subnormal range
+        q, k, v = (torch.randn(2, 3, n, 16, generator=generator) * spread for n in (sequence, past + sequence, past + sequence))
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        np.testing.assert_allclose(masked_attention(q, k, v, hidden).numpy(), expected.numpy(), atol=1e-5 * spread, rtol=1e-5)
+    scores = floored_scores(q, k, hidden)  # the softmax input
+    assert float(scores.min()) == SCORE_FLOOR and float(scores.amax(-1).min()) == 0.0  # masked keys sit on the floor
 
 
 def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):
