@@ -5,10 +5,11 @@ members at width 1.0 and 0.5 are sliced, exported with zoo's exporter (verified 
 PyTorch) and timed at batch 1 in both runtimes. All four runs of a model are interleaved,
 repeat by repeat, with the same fixed thread count, and medians are reported.
 
-The Transformers are also exported with ``fuse=True`` (onnxruntime's fused attention and
-LayerNorm kernels) and timed in the same interleaved loop. onnxruntime's profiler gives the
-share of its kernel time that matrix products (MatMul, FusedMatMul, Gemm, Conv) take; that
-share times the ort/torch ratio is the lowest ratio that fusing the other ops could reach.
+The Transformers are also exported with ``fuse=True`` (onnxruntime's SkipLayerNormalization and
+BiasGelu kernels) and quantized to int8 (dynamic, as ``zoo export --quantize int8`` does for
+them), and timed in the same interleaved loop. onnxruntime's profiler gives the share of its
+kernel time that matrix products (MatMul, FusedMatMul, Gemm, Conv, and Attention) take; that share times the
+ort/torch ratio is the lowest ratio that fusing the other ops could reach.
 
 Targets: onnxruntime at most 0.5x PyTorch's latency for the CNNs and 0.35x for the
 Transformers; the latency ratio of width 0.5 to width 1.0 in onnxruntime at most 1.3x their
@@ -36,13 +37,16 @@ import torch
 import zoo
 from export.benchmark import onnx_session, time_interleaved
 from export.onnx_export import export_member
+from export.quantize import quantize_int8
 from zoo.fileio import atomic_path
 
 MODELS = ("slim_resnet20", "slim_resnet18", "slim_mobilenetv2", "slim_vit_tiny", "slim_gpt_nano")
 CNN_FAMILIES = ("resnet", "mobilenetv2")
 WIDTHS = (1.0, 0.5)
 SPEEDUP_TARGET, TRANSFORMER_TARGET, FLOP_TRACKING_TARGET = 0.5, 0.35, 1.3
-PRODUCT_KERNELS = ("MatMul", "FusedMatMul", "Gemm", "Conv", "FusedConv", "FusedGemm")
+# Attention counts whole: its two products are most of it (ViT-Tiny: 30 of its ~40 MFLOPs a block at
+# 224 px, the softmax the rest), and fusion cannot shrink them.
+PRODUCT_KERNELS = ("MatMul", "FusedMatMul", "Gemm", "Conv", "FusedConv", "FusedGemm", "Attention")
 PROFILE_RUNS = 20
 RESULTS = Path(__file__).parent / "results" / "onnx.md"
 
@@ -72,6 +76,11 @@ def measure(name: str, image_size: int, repeats: int, threads: int, workdir: Pat
             files[(runtime, width)] = exported.path
             session = onnx_session(exported.path, threads)
             runs[(runtime, width)] = lambda session=session, x=x.numpy(): session.run(["logits"], {"input": x})
+        if transformer and width == 1.0:
+            int8 = workdir / f"{name}_{width}_int8.onnx"
+            quantize_int8(files[("onnxruntime", width)], int8, "dynamic")
+            session = onnx_session(int8, threads)
+            runs[("int8", width)] = lambda session=session, x=x.numpy(): session.run(["logits"], {"input": x})
     with torch.inference_mode():
         ms = time_interleaved(runs, repeats, warmup=3)
     share = product_share(files[("onnxruntime", 1.0)], threads, x.numpy())
@@ -95,6 +104,15 @@ def product_share(path: Path, threads: int, x) -> float:
     return products / sum(e["dur"] for e in kernels)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), or the platform's processor string."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def rows(results: list[dict]) -> list[list[str]]:
     table = []
     for r in results:
@@ -116,6 +134,7 @@ def rows(results: list[dict]) -> list[list[str]]:
             f"{ratio:.2f}x",
             f"{ms[('fused', 1.0)]:.2f}" if fused else "-",
             f"{ms[('fused', 1.0)] / torch_ms:.2f}x" if fused else "-",
+            f"{ms[('int8', 1.0)] / torch_ms:.2f}x" if fused else "-",
             f"{best:.2f}x" + (" ok" if best <= target else " MISS") + f" (<= {target})",
             f"{share:.0%} / {share * ratio:.2f}x",
             f"{ms[('onnxruntime', 0.5)] / ms[('pytorch', 0.5)]:.2f}x",
@@ -127,7 +146,7 @@ def rows(results: list[dict]) -> list[list[str]]:
 
 
 HEADER = [
-    "model", "input", "MFLOPs w1", "torch ms w1", "ort ms w1", "ort/torch w1", "fused ort ms w1", "fused/torch w1",
+    "model", "input", "MFLOPs w1", "torch ms w1", "ort ms w1", "ort/torch w1", "fused ort ms w1", "fused/torch w1", "int8 ort/torch w1",
     "best ort/torch w1 (target)", "matrix products: share of ort w1 / as ort/torch", "ort/torch w0.5",
     "FLOPs w0.5/w1", "ort latency w0.5/w1", "latency/FLOP ratio",
 ]
@@ -162,15 +181,17 @@ def main() -> int:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_onnx.py "
         f"--threads {args.threads} --repeats {args.repeats} --image-size {args.image_size}` "
         f"in {time.time() - started:.0f} s.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load average {load_before:.1f} before "
+        f"Machine: {platform.machine()} ({cpu_name()}), {os.cpu_count()} cores, 1-minute load average {load_before:.1f} before "
         f"and {os.getloadavg()[0]:.1f} after (other processes share these cores). "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} intra-op thread(s) in both runtimes.",
         f"Random weights, batch 1, median of {args.repeats} interleaved runs after 3 warm-up runs; "
         "PyTorch runs the sliced member in eager mode under inference_mode; onnxruntime runs the exported file "
         "(CPU provider, full graph optimisation). ImageNet-style models at "
         f"{args.image_size}x{args.image_size}, slim_resnet20 at 32x32, slim_gpt_nano on a full context.",
-        "fused: the Transformers exported with --fuse (onnxruntime's MultiHeadAttention, SkipLayerNormalization, "
-        "BiasGelu). 'matrix products': the share of onnxruntime's kernel time in MatMul, FusedMatMul, Gemm and Conv "
+        "The Transformers' plain exports: the ViT at opset 23 (attention as ONNX's Attention op), the GPT with its "
+        "key/value cache and an underflow-safe masked attention. fused: exported with --fuse (onnxruntime's "
+        "SkipLayerNormalization, BiasGelu). int8: the plain export quantized dynamically (int8 MatMul weights). "
+        "'matrix products': the share of onnxruntime's kernel time in MatMul, FusedMatMul, Gemm, Conv and Attention "
         f"(its profiler, {PROFILE_RUNS} runs of the plain export), and that share times ort/torch: the ratio that "
         "removing every other op would leave, so the lowest any fusion can reach.",
         f"Targets: ort/torch <= {SPEEDUP_TARGET} for the CNNs (resnet, mobilenetv2) and <= {TRANSFORMER_TARGET} for the "
