@@ -22,7 +22,7 @@ from typing import Callable, Hashable, Iterable
 import onnxruntime as ort
 import torch
 
-from zoo import ElasticModel, Member, Subnet, WeightsSource
+from zoo import Member, Subnet, WeightsSource
 from zoo.fileio import atomic_path
 
 from .onnx_export import export_member
