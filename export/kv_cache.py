@@ -60,24 +60,28 @@ class CachedDecoder(nn.Module):
         """The shape of every cache input (key, value per block) for ``past`` positions."""
         return [(1, block.attn.num_heads, past, block.attn.head_dim) for block in self.blocks for _ in PARTS]
 
-    def forward(self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The logits and every block's keys and values after ``past``; with no ``past``, the
+        logits alone, computed as the exported file computes them (what ``zoo search`` times)."""
         model = self.model
-        batch, sequence, cached = tokens.shape[0], tokens.shape[1], past[0].shape[2]
+        batch, sequence, cached = tokens.shape[0], tokens.shape[1], 0 if past is None else past[0].shape[2]
         x = model.tok_embed(tokens) + model.pos_embed[:, cached : cached + sequence]
         positions = torch.arange(cached + sequence, device=tokens.device)
         visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
         hidden = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
         present = []
-        for block, past_key, past_value in zip(self.blocks, past[0::2], past[1::2]):
+        for i, block in enumerate(self.blocks):
             attn = block.attn
             q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-            k = torch.cat([past_key.expand(batch, -1, -1, -1), k], dim=2)
-            v = torch.cat([past_value.expand(batch, -1, -1, -1), v], dim=2)
-            present += [k, v]
+            if past is not None:
+                k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([past[2 * i + 1].expand(batch, -1, -1, -1), v], dim=2)
+                present += [k, v]
             out = masked_attention(q, k, v, hidden)
             x = x + attn.proj(out.transpose(1, 2).flatten(2))
             x = x + block.mlp(block.norm2(x))
-        return (model.lm_head(model.norm(x)), *present)
+        logits = model.lm_head(model.norm(x))
+        return logits if past is None else (logits, *present)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

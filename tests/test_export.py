@@ -17,7 +17,8 @@ import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
 from export.merge import dense_is_cheaper, merge_low_rank
-from export.kv_cache import SCORE_FLOOR, floored_scores, masked_attention
+from export.kv_cache import SCORE_FLOOR, CachedDecoder, floored_scores, masked_attention
+from export.latency import member_latency
 from export.onnx_export import ATTENTION_OPSET, export_file, export_member, read_record
 from export.quantize import evaluate
 from zoo import WeightsSource
@@ -198,6 +199,19 @@ def test_masked_attention_equals_sdpa_and_keeps_every_exp_normal():
         np.testing.assert_allclose(masked_attention(q, k, v, hidden).numpy(), expected.numpy(), atol=1e-5 * spread, rtol=1e-5)
     scores = floored_scores(q, k, hidden)  # the softmax input
     assert float(scores.min()) == SCORE_FLOOR and float(scores.amax(-1).min()) == 0.0  # masked keys sit on the floor
+
+
+def test_the_decoder_without_a_cache_is_the_model_and_search_times_it():
+    """``zoo search`` times a language model through the cached decoder with no cache: the same
+    logits as the model, exported by the TorchScript exporter into a working onnxruntime file."""
+    name, kwargs = FAMILIES["gpt"]
+    torch.manual_seed(0)
+    family = perturbed(zoo.create_model(name, **kwargs, **GRID))
+    small = zoo.slice(family, {"width": 0.5}).eval()
+    tokens = small.example_input(3)
+    with torch.no_grad():
+        np.testing.assert_allclose(CachedDecoder(small)(tokens).numpy(), small(tokens).numpy(), atol=1e-5, rtol=0)
+    assert member_latency(family, zoo.Subnet(width=0.5), repeats=3) > 0
 
 
 def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):
