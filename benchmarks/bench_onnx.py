@@ -8,8 +8,8 @@ repeat by repeat, with the same fixed thread count, and medians are reported.
 The Transformers are also exported with ``fuse=True`` (onnxruntime's SkipLayerNormalization and
 BiasGelu kernels) and quantized to int8 (dynamic, as ``zoo export --quantize int8`` does for
 them), and timed in the same interleaved loop. onnxruntime's profiler gives the share of its
-kernel time that matrix products (MatMul, FusedMatMul, Gemm, Conv, and Attention) take; that share times the
-ort/torch ratio is the lowest ratio that fusing the other ops could reach.
+kernel time that matrix products (MatMul, FusedMatMul, Gemm, Conv and Attention) take; that
+share times the ort/torch ratio is the lowest ratio that fusing the other ops could reach.
 
 Targets: onnxruntime at most 0.5x PyTorch's latency for the CNNs and 0.35x for the
 Transformers; the latency ratio of width 0.5 to width 1.0 in onnxruntime at most 1.3x their
@@ -31,8 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 import zoo
 from export.benchmark import onnx_session, time_interleaved
@@ -111,9 +113,6 @@ def product_share(path: Path, threads: int, x) -> float:
 
 def product_rates(threads: int, size: int = 1024, repeats: int = 20) -> dict[str, float]:
     """GFLOP/s of one float32 square matrix product in each runtime (the CPU's ceiling for both)."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     graph = helper.make_graph(
@@ -161,7 +160,7 @@ def rows(results: list[dict]) -> list[list[str]]:
             f"{ratio:.2f}x",
             f"{ms[('fused', 1.0)]:.2f}" if fused else "-",
             f"{ms[('fused', 1.0)] / torch_ms:.2f}x" if fused else "-",
-            f"{ms[('int8', 1.0)] / torch_ms:.2f}x" if fused else "-",
+            f"{ms[('int8', 1.0)] / torch_ms:.2f}x" if ("int8", 1.0) in ms else "-",
             f"{best:.2f}x" + (" ok" if best <= target else " MISS") + f" (<= {target})",
             f"{share:.0%} / {share * ratio:.2f}x",
             f"{ms[('onnxruntime', 0.5)] / ms[('pytorch', 0.5)]:.2f}x",

@@ -201,7 +201,7 @@ def seed_runs(section: str, seed: int, steps: int, work: Path, kept: Path) -> No
         ("ft-all", None, work / f"{section}-activation.safetensors", dict(strategy="all", widths=list(WIDTHS))),
         ("ft-alternating", None, work / f"{section}-activation.safetensors", dict(strategy="alternating", widths=list(WIDTHS))),
         ("scratch-family", None, "scratch", dict(strategy="all", widths=list(WIDTHS))),
-        *[(f"scratch-alone", w, "scratch", dict(strategy="separate", widths=[w])) for w in WIDTHS],
+        *[("scratch-alone", w, "scratch", dict(strategy="separate", widths=[w])) for w in WIDTHS],
     ]
     if section == "vit":
         svd = work / f"{section}-svd.safetensors"

@@ -1,8 +1,8 @@
 """onnxruntime's fused Transformer kernels in an exported graph.
 
-zoo's exports already write attention in the form onnxruntime runs fastest on CPU: the ViT's as
-ONNX's one-kernel ``Attention`` op (opset 23), the GPT's as a masked product that keeps softmax out of
-subnormal numbers (:mod:`export.kv_cache`). What is left as separate small ops is each residual
+zoo's exports already write attention in the form onnxruntime runs fastest on CPU: the ViT's
+as ONNX's one-kernel ``Attention`` op (opset 23), the GPT's as a masked product that keeps
+softmax out of subnormal numbers (:mod:`export.kv_cache`). What is left as separate small ops is each residual
 add with its LayerNorm and each bias with its GELU. onnxscript's ORT fusion rewriter
 (``optimize_for_ort``, the one that matches graphs from the dynamo exporter) rewrites those into
 onnxruntime's contrib kernels ``SkipLayerNormalization`` and ``BiasGelu`` (and folds the GPT's
