@@ -7,9 +7,9 @@
 #   benchmarks/timm_conformance.sh                       # every image family, every configuration
 #   benchmarks/timm_conformance.sh --configs largest --families slim_resnet20
 #
-# Needs the package registry (pip download) and torchvision (timm's fx tests). About 13 minutes
-# for every family and configuration on a shared 2-core CPU, 7 of them for the low-rank column
-# (every low-rank model timm's tests build runs an SVD per layer).
+# Needs the package registry (pip download) and torchvision (timm's fx tests). About 49 minutes
+# for the 12 image families and every configuration on a 2-core CPU, 28 of them for the low-rank
+# column (every low-rank model timm's tests build runs an SVD per layer).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
