@@ -9,8 +9,8 @@ onnxruntime's contrib kernels ``SkipLayerNormalization`` and ``BiasGelu`` (and f
 score scale into ``FusedMatMul``). The fused graph runs only in onnxruntime and is verified
 against PyTorch like any other.
 
-It is opt-in because on CPU it loses: onnxruntime 1.32's ``SkipLayerNormalization`` took 0.21 ms
-where ``Add`` + ``LayerNormalization`` took 0.045 ms (197 x 192 floats, 1 thread;
+It is opt-in because on CPU it loses: onnxruntime 1.32's ``SkipLayerNormalization`` took 0.20 ms
+where ``Add`` + ``LayerNormalization`` took 0.038 ms (197 x 192 floats, 1 thread;
 ``benchmarks/bench_ort_kernels.py``), and ``BiasGelu`` onnxruntime fuses by itself at load.
 ``benchmarks/bench_onnx.py`` times plain and fused exports side by side; the fused kernels are
 meant for execution providers that implement them fast.
