@@ -49,12 +49,14 @@ def train_step(model: zoo.ElasticModel, x: torch.Tensor) -> None:
     model(x).float().square().mean().backward()
 
 
-def step_seconds(runs: dict[str, tuple[zoo.ElasticModel, float]], x: torch.Tensor, repeats: int, warmup: int) -> dict[str, list[float]]:
+def step_seconds(
+    runs: dict[str, tuple[zoo.ElasticModel, float]], x: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, list[float]]:
     """CPU seconds of every timed training step of each (model, width), in repeat order."""
     keys = list(runs)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for i in range(warmup + repeats):
-        for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
             model, width = runs[key]
             model.set_subnet(width=width)
             start = time.process_time()
@@ -140,7 +142,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=21, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps ratios steady on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 keeps ratios steady on a shared machine)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown file to write")
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -151,9 +155,18 @@ def main() -> None:
     names = [n for n in CASES if n in registered]
     skipped = [n for n in CASES if n not in registered]
     header = [
-        "model", "input (batch x shape)", "elastic@1 ms", "sliced@1 ms", "elastic@0.5 ms", "sliced@0.5 ms",
-        f"elastic/sliced @1 (target <= {FULL_TARGET})", f"elastic/sliced @0.5 (target <= {HALF_TARGET})",
-        "time sliced 0.5/1.0", "FLOPs sliced 0.5/1.0", "ops elastic adds @1", "ops elastic adds @0.5",
+        "model",
+        "input (batch x shape)",
+        "elastic@1 ms",
+        "sliced@1 ms",
+        "elastic@0.5 ms",
+        "sliced@0.5 ms",
+        f"elastic/sliced @1 (target <= {FULL_TARGET})",
+        f"elastic/sliced @0.5 (target <= {HALF_TARGET})",
+        "time sliced 0.5/1.0",
+        "FLOPs sliced 0.5/1.0",
+        "ops elastic adds @1",
+        "ops elastic adds @0.5",
     ]
     rows = []
     for name in names:

@@ -66,7 +66,9 @@ def main() -> int:
         if len(PROMPT) + args.new_bytes > context:
             parser.error(f"prompt ({len(PROMPT)} bytes) and --new-bytes must fit in the context ({context})")
         modes = {"uncached": False, "cached": True}
-        outputs = {mode: predictor.generate_bytes(PROMPT, args.new_bytes, use_cache=cache) for mode, cache in modes.items()}  # warm-up
+        outputs = {
+            mode: predictor.generate_bytes(PROMPT, args.new_bytes, use_cache=cache) for mode, cache in modes.items()
+        }  # warm-up
         if outputs["cached"] != outputs["uncached"]:
             raise SystemExit("cached and uncached generation differ")
         times: dict[str, list[float]] = {mode: [] for mode in modes}
@@ -81,8 +83,18 @@ def main() -> int:
     cached_byte_ms = 1000 * median["cached"] / args.new_bytes
     step_ratio = cached_byte_ms / position_ms
     rows = [
-        ["uncached (recompute the window per byte)", f"{rate['uncached']:.0f}", f"{1000 * median['uncached'] / args.new_bytes:.2f}", "1.00x"],
-        ["cached (one new position per byte)", f"{rate['cached']:.0f}", f"{cached_byte_ms:.2f}", f"{rate['cached'] / rate['uncached']:.2f}x"],
+        [
+            "uncached (recompute the window per byte)",
+            f"{rate['uncached']:.0f}",
+            f"{1000 * median['uncached'] / args.new_bytes:.2f}",
+            "1.00x",
+        ],
+        [
+            "cached (one new position per byte)",
+            f"{rate['cached']:.0f}",
+            f"{cached_byte_ms:.2f}",
+            f"{rate['cached'] / rate['uncached']:.2f}x",
+        ],
     ]
     notes = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_generate.py --model {args.model} "

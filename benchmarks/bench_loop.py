@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 import torch.nn.functional as F
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -134,7 +134,9 @@ def run_timm(args, workdir: Path) -> Sample:
     device = ctx.device
     precision = Precision(resolve_amp(args.amp, device), device)
     if cfg.optimizer == "sgd":
-        optimizer = create_optimizer_v2(model, "momentum", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        optimizer = create_optimizer_v2(
+            model, "momentum", lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+        )
     else:
         optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = CosineLRScheduler(optimizer, t_initial=args.steps, t_in_epochs=False)
@@ -166,7 +168,9 @@ def run_timm(args, workdir: Path) -> Sample:
 def probe(args, workdir: Path) -> tuple[str, int]:
     """The data's kind and the forward FLOPs of one training sample of the full model (counted
     on CPU: the count needs no device)."""
-    config = dataclasses.replace(_config(args, Path(tempfile.mkdtemp(dir=workdir)), "zoo"), device="cpu", amp=None, channels_last=False)
+    config = dataclasses.replace(
+        _config(args, Path(tempfile.mkdtemp(dir=workdir)), "zoo"), device="cpu", amp=None, channels_last=False
+    )
     trainer = Trainer(config, distributed.setup("cpu"), Reporter())
     return trainer.data.kind, zoo.count_flops(trainer.model)
 
@@ -180,7 +184,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--skip", type=int, default=6, help="steps not timed at the start of each run (compilation, warm-up)")
+    parser.add_argument(
+        "--skip", type=int, default=6, help="steps not timed at the start of each run (compilation, warm-up)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default=None, help="bf16 | fp16 | none (default: zoo's: bf16 on CUDA, none on CPU)")
@@ -188,9 +194,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--loops", default=",".join(LOOPS), help=f"comma-separated, of {', '.join(LOOPS)}")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak (bf16 on a GPU): reports MFU")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense peak (bf16 on a GPU): reports MFU"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--out", type=Path, default=None, help="write the table here (markdown) and the numbers beside it (.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write the table here (markdown) and the numbers beside it (.json)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -206,7 +216,10 @@ def main() -> None:
             for loop in loops if repeat % 2 == 0 else loops[::-1]:
                 sample = run_timm(args, workdir) if loop == "timm" else run_zoo(args, workdir, loop)
                 results[loop].samples.append(sample)
-                print(f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s", flush=True)
+                print(
+                    f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s",
+                    flush=True,
+                )
 
     summary = summarise(args, kind, flops, results)
     text = render(summary)
@@ -233,7 +246,9 @@ def summarise(args, kind: str, flops: int, results: dict[str, Result]) -> dict:
             "first_steps_s_runs": [round(s.first_steps_s, 2) for s in result.samples],
             "peak_memory_mb": result.median("peak_memory_mb"),
             f"{unit}_per_s": args.batch_size * tokens / step,
-            "mfu": 3 * flops * args.batch_size / step / (args.peak_tflops * 1e12) if args.peak_tflops and full_model else None,
+            "mfu": 3 * flops * args.batch_size / step / (args.peak_tflops * 1e12)
+            if args.peak_tflops and full_model
+            else None,
         }
     description = (
         f"`python benchmarks/bench_loop.py --model {args.model} --data {args.data} --batch-size {args.batch_size} ...` "
@@ -242,7 +257,13 @@ def summarise(args, kind: str, flops: int, results: dict[str, Result]) -> dict:
         f"interleaved in alternating order, the first {args.skip} untimed; ratios are medians of the ratios within a repeat; "
         f"torch {torch.__version__}, {args.device} ({device}), {torch.get_num_threads()} threads)"
     )
-    return {"description": description, "unit": unit, "forward_flops_per_sample": flops, "args": {k: str(v) for k, v in vars(args).items()}, "loops": loops}
+    return {
+        "description": description,
+        "unit": unit,
+        "forward_flops_per_sample": flops,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "loops": loops,
+    }
 
 
 def _paired(summary: dict, base: str, loop: str) -> float | None:

@@ -74,7 +74,9 @@ def measure(name: str, image_size: int, repeats: int, threads: int, workdir: Pat
         shape = tuple(x.shape)
         runs[("pytorch", width)] = lambda model=model, x=x: model(x)
         for runtime, fuse in [("onnxruntime", False), ("fused", True)][: 1 + (transformer and width == 1.0)]:
-            exported = export_member(source.member(width) if fuse else member, workdir / f"{name}_{width}_{runtime}.onnx", fuse=fuse)
+            exported = export_member(
+                source.member(width) if fuse else member, workdir / f"{name}_{width}_{runtime}.onnx", fuse=fuse
+            )
             flops[width] = exported.flops
             files[(runtime, width)] = exported.path
             session = onnx_session(exported.path, threads)
@@ -91,7 +93,14 @@ def measure(name: str, image_size: int, repeats: int, threads: int, workdir: Pat
     with torch.inference_mode():
         ms = time_interleaved(runs, repeats, warmup=3)
     share = product_share(files[("onnxruntime", 1.0)], threads, x.numpy())
-    return {"name": name, "family": zoo.family_of(name), "input": shape, "flops": flops, "ms": ms, "product_share": share}
+    return {
+        "name": name,
+        "family": zoo.family_of(name),
+        "input": shape,
+        "flops": flops,
+        "ms": ms,
+        "product_share": share,
+    }
 
 
 def product_share(path: Path, threads: int, x) -> float:
@@ -105,7 +114,9 @@ def product_share(path: Path, threads: int, x) -> float:
     for _ in range(PROFILE_RUNS):
         session.run(["logits"], {"input": x})
     profile = Path(session.end_profiling())
-    kernels = [e for e in json.loads(profile.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    kernels = [
+        e for e in json.loads(profile.read_text()) if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+    ]
     profile.unlink()
     products = sum(e["dur"] for e in kernels if e["args"].get("op_name") in PRODUCT_KERNELS)
     return products / sum(e["dur"] for e in kernels)
@@ -116,9 +127,11 @@ def product_rates(threads: int, size: int = 1024, repeats: int = 20) -> dict[str
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((size, size), dtype=np.float32) for _ in range(2))
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["y"])], "product",
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        "product",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(b, "b")],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(b, "b")],
     )
     with tempfile.TemporaryDirectory(prefix="bench-gemm-") as folder:
         path = Path(folder) / "matmul.onnx"
@@ -126,7 +139,9 @@ def product_rates(threads: int, size: int = 1024, repeats: int = 20) -> dict[str
         session = onnx_session(path, threads)
         ta, tb = torch.from_numpy(a), torch.from_numpy(b)
         with torch.inference_mode():
-            ms = time_interleaved({"onnxruntime": lambda: session.run(None, {"a": a}), "pytorch": lambda: ta @ tb}, repeats, warmup=3)
+            ms = time_interleaved(
+                {"onnxruntime": lambda: session.run(None, {"a": a}), "pytorch": lambda: ta @ tb}, repeats, warmup=3
+            )
     return {runtime: 2 * size**3 / (t / 1000) / 1e9 for runtime, t in ms.items()}
 
 
@@ -151,30 +166,44 @@ def rows(results: list[dict]) -> list[list[str]]:
         ratio = ms[("onnxruntime", 1.0)] / torch_ms
         fused = ("fused", 1.0) in ms
         best = min(ratio, ms[("fused", 1.0)] / torch_ms) if fused else ratio
-        table.append([
-            r["name"],
-            "x".join(map(str, r["input"][1:])),
-            f"{flops[1.0] / 1e6:.1f}",
-            f"{torch_ms:.2f}",
-            f"{ms[('onnxruntime', 1.0)]:.2f}",
-            f"{ratio:.2f}x",
-            f"{ms[('fused', 1.0)]:.2f}" if fused else "-",
-            f"{ms[('fused', 1.0)] / torch_ms:.2f}x" if fused else "-",
-            f"{ms[('int8', 1.0)] / torch_ms:.2f}x" if ("int8", 1.0) in ms else "-",
-            f"{best:.2f}x" + (" ok" if best <= target else " MISS") + f" (<= {target})",
-            f"{share:.0%} / {share * ratio:.2f}x",
-            f"{ms[('onnxruntime', 0.5)] / ms[('pytorch', 0.5)]:.2f}x",
-            f"{flop_ratio:.3f}",
-            f"{latency_ratio:.3f}",
-            f"{tracking:.2f}x" + (" ok" if tracking <= FLOP_TRACKING_TARGET else " MISS"),
-        ])
+        table.append(
+            [
+                r["name"],
+                "x".join(map(str, r["input"][1:])),
+                f"{flops[1.0] / 1e6:.1f}",
+                f"{torch_ms:.2f}",
+                f"{ms[('onnxruntime', 1.0)]:.2f}",
+                f"{ratio:.2f}x",
+                f"{ms[('fused', 1.0)]:.2f}" if fused else "-",
+                f"{ms[('fused', 1.0)] / torch_ms:.2f}x" if fused else "-",
+                f"{ms[('int8', 1.0)] / torch_ms:.2f}x" if ("int8", 1.0) in ms else "-",
+                f"{best:.2f}x" + (" ok" if best <= target else " MISS") + f" (<= {target})",
+                f"{share:.0%} / {share * ratio:.2f}x",
+                f"{ms[('onnxruntime', 0.5)] / ms[('pytorch', 0.5)]:.2f}x",
+                f"{flop_ratio:.3f}",
+                f"{latency_ratio:.3f}",
+                f"{tracking:.2f}x" + (" ok" if tracking <= FLOP_TRACKING_TARGET else " MISS"),
+            ]
+        )
     return table
 
 
 HEADER = [
-    "model", "input", "MFLOPs w1", "torch ms w1", "ort ms w1", "ort/torch w1", "fused ort ms w1", "fused/torch w1", "int8 ort/torch w1",
-    "best ort/torch w1 (target)", "matrix products: share of ort w1 / as ort/torch", "ort/torch w0.5",
-    "FLOPs w0.5/w1", "ort latency w0.5/w1", "latency/FLOP ratio",
+    "model",
+    "input",
+    "MFLOPs w1",
+    "torch ms w1",
+    "ort ms w1",
+    "ort/torch w1",
+    "fused ort ms w1",
+    "fused/torch w1",
+    "int8 ort/torch w1",
+    "best ort/torch w1 (target)",
+    "matrix products: share of ort w1 / as ort/torch",
+    "ort/torch w0.5",
+    "FLOPs w0.5/w1",
+    "ort latency w0.5/w1",
+    "latency/FLOP ratio",
 ]
 
 
@@ -235,7 +264,8 @@ def main() -> int:
         f"{r['name']} exported at opset {OLDER_OPSET} (attention as MatMul, Softmax, MatMul), in the same loop: "
         f"{r['ms'][('older opset', 1.0)]:.2f} ms in onnxruntime against {r['ms'][('onnxruntime', 1.0)]:.2f} ms at the default opset "
         f"({r['ms'][('older opset', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x against {r['ms'][('onnxruntime', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x PyTorch)."
-        for r in results if ("older opset", 1.0) in r["ms"]
+        for r in results
+        if ("older opset", 1.0) in r["ms"]
     ]
     text = markdown(rows(results), notes)
     print(text)

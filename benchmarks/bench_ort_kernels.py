@@ -38,11 +38,17 @@ RESULTS = Path(__file__).parent / "results" / "ort_kernels.md"
 MS = "com.microsoft"
 
 
-def session(nodes: list, inputs: dict[str, np.ndarray], initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+def session(
+    nodes: list, inputs: dict[str, np.ndarray], initializers: dict[str, np.ndarray] | None = None
+) -> ort.InferenceSession:
     """One thread, no graph optimisation: the kernels as written."""
     graph = helper.make_graph(
-        nodes, "kernel",
-        [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for name, a in inputs.items()],
+        nodes,
+        "kernel",
+        [
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+            for name, a in inputs.items()
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(a, name) for name, a in (initializers or {}).items()],
     )
@@ -79,20 +85,45 @@ def causal_cases(rng) -> list[dict[str, object]]:
         helper.make_node("Softmax", ["s4"], ["p"], axis=-1),
         helper.make_node("MatMul", ["p", "v"], ["y"]),
     ]
-    constants = {"scale": np.array(head_dim**-0.5, np.float32), "bias": bias, "axis": np.array([-1]), "floor": np.array(SCORE_FLOOR, np.float32)}
+    constants = {
+        "scale": np.array(head_dim**-0.5, np.float32),
+        "bias": bias,
+        "axis": np.array([-1]),
+        "floor": np.array(SCORE_FLOOR, np.float32),
+    }
     tq, tk, tv = (torch.from_numpy(a) for a in (q4, k4, v4))
-    return [{
-        "causal softmax 4x256x256, masked with -inf": runner(session(softmax, {"x": masked}), {"x": masked}),
-        "causal softmax 4x256x256, floored at max - 80 (zoo)": runner(session(softmax, {"x": floored}), {"x": floored}),
-        "softmax 4x256x256, no mask": runner(session(softmax, {"x": scores}), {"x": scores}),
-    }, {
-        "causal attention: MultiHeadAttention unidirectional": runner(
-            session([helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["y"], domain=MS, num_heads=heads, unidirectional=1)], dict(q=q, k=k, v=v)), dict(q=q, k=k, v=v)),
-        "causal attention: ONNX Attention is_causal": runner(
-            session([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)], dict(q=q4, k=k4, v=v4)), dict(q=q4, k=k4, v=v4)),
-        "causal attention: floored masked product (zoo's GPT export)": runner(session(zoo_nodes, dict(q=q4, k=k4, v=v4), constants), dict(q=q4, k=k4, v=v4)),
-        "causal attention: PyTorch SDPA (is_causal)": lambda: F.scaled_dot_product_attention(tq, tk, tv, is_causal=True),
-    }]
+    return [
+        {
+            "causal softmax 4x256x256, masked with -inf": runner(session(softmax, {"x": masked}), {"x": masked}),
+            "causal softmax 4x256x256, floored at max - 80 (zoo)": runner(
+                session(softmax, {"x": floored}), {"x": floored}
+            ),
+            "softmax 4x256x256, no mask": runner(session(softmax, {"x": scores}), {"x": scores}),
+        },
+        {
+            "causal attention: MultiHeadAttention unidirectional": runner(
+                session(
+                    [
+                        helper.make_node(
+                            "MultiHeadAttention", ["q", "k", "v"], ["y"], domain=MS, num_heads=heads, unidirectional=1
+                        )
+                    ],
+                    dict(q=q, k=k, v=v),
+                ),
+                dict(q=q, k=k, v=v),
+            ),
+            "causal attention: ONNX Attention is_causal": runner(
+                session([helper.make_node("Attention", ["q", "k", "v"], ["y"], is_causal=1)], dict(q=q4, k=k4, v=v4)),
+                dict(q=q4, k=k4, v=v4),
+            ),
+            "causal attention: floored masked product (zoo's GPT export)": runner(
+                session(zoo_nodes, dict(q=q4, k=k4, v=v4), constants), dict(q=q4, k=k4, v=v4)
+            ),
+            "causal attention: PyTorch SDPA (is_causal)": lambda: F.scaled_dot_product_attention(
+                tq, tk, tv, is_causal=True
+            ),
+        },
+    ]
 
 
 def vit_cases(rng) -> list[dict[str, object]]:
@@ -108,18 +139,40 @@ def vit_cases(rng) -> list[dict[str, object]]:
     x, skip = (rng.standard_normal((1, tokens, width), dtype=np.float32) for _ in range(2))
     norm = {"g": rng.uniform(0.5, 1.5, width).astype(np.float32), "b": rng.standard_normal(width, dtype=np.float32)}
     tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-    return [{
-        "ViT attention 3x197x64: ONNX Attention (opset 23 export)": runner(
-            session([helper.make_node("Attention", ["q", "k", "v"], ["y"])], dict(q=q, k=k, v=v)), dict(q=q, k=k, v=v)),
-        "ViT attention 3x197x64: MatMul, Softmax, MatMul (opset 18 export)": runner(
-            session(decomposed, dict(q=q, k=k, v=v), {"scale": np.array(head_dim**-0.5, np.float32)}), dict(q=q, k=k, v=v)),
-        "ViT attention 3x197x64: PyTorch SDPA": lambda: F.scaled_dot_product_attention(tq, tk, tv),
-    }, {
-        "residual + LayerNorm 197x192: SkipLayerNormalization (--fuse)": runner(
-            session([helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain=MS, epsilon=1e-6)], {"x": x, "s": skip}, norm), {"x": x, "s": skip}),
-        "residual + LayerNorm 197x192: Add, LayerNormalization": runner(
-            session([helper.make_node("Add", ["x", "s"], ["r"]), helper.make_node("LayerNormalization", ["r", "g", "b"], ["y"], epsilon=1e-6)], {"x": x, "s": skip}, norm), {"x": x, "s": skip}),
-    }]
+    return [
+        {
+            "ViT attention 3x197x64: ONNX Attention (opset 23 export)": runner(
+                session([helper.make_node("Attention", ["q", "k", "v"], ["y"])], dict(q=q, k=k, v=v)),
+                dict(q=q, k=k, v=v),
+            ),
+            "ViT attention 3x197x64: MatMul, Softmax, MatMul (opset 18 export)": runner(
+                session(decomposed, dict(q=q, k=k, v=v), {"scale": np.array(head_dim**-0.5, np.float32)}),
+                dict(q=q, k=k, v=v),
+            ),
+            "ViT attention 3x197x64: PyTorch SDPA": lambda: F.scaled_dot_product_attention(tq, tk, tv),
+        },
+        {
+            "residual + LayerNorm 197x192: SkipLayerNormalization (--fuse)": runner(
+                session(
+                    [helper.make_node("SkipLayerNormalization", ["x", "s", "g", "b"], ["y"], domain=MS, epsilon=1e-6)],
+                    {"x": x, "s": skip},
+                    norm,
+                ),
+                {"x": x, "s": skip},
+            ),
+            "residual + LayerNorm 197x192: Add, LayerNormalization": runner(
+                session(
+                    [
+                        helper.make_node("Add", ["x", "s"], ["r"]),
+                        helper.make_node("LayerNormalization", ["r", "g", "b"], ["y"], epsilon=1e-6),
+                    ],
+                    {"x": x, "s": skip},
+                    norm,
+                ),
+                {"x": x, "s": skip},
+            ),
+        },
+    ]
 
 
 def main() -> int:

@@ -91,7 +91,10 @@ def masked_step_overhead(args) -> tuple[float, float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     masks = MaskCache(model).member(zoo.Subnet(0.5))
     model.set_subnet(width=0.5)
-    inputs, targets = torch.randn(args.batch_size, 1, args.img_size, args.img_size), torch.randint(0, 10, (args.batch_size,))
+    inputs, targets = (
+        torch.randn(args.batch_size, 1, args.img_size, args.img_size),
+        torch.randint(0, 10, (args.batch_size,)),
+    )
     F.cross_entropy(model(inputs), targets).backward()  # gradients stay; only the step is timed
     timings = {}
     for name, step in (("plain", optimizer.step), ("masked", lambda: masked_step(optimizer, masks))):
@@ -122,7 +125,10 @@ def main() -> None:
     runs = {
         "hand-written loop": lambda: hand_written_seconds_per_step(args),
         "zoo train loop": lambda: library_seconds_per_step(args, workdir, "separate", [1.0]),
-        **{f"zoo train {s}": (lambda s=s: library_seconds_per_step(args, workdir, s, widths)) for s in ("alternating", "sandwich", "all", "random")},
+        **{
+            f"zoo train {s}": (lambda s=s: library_seconds_per_step(args, workdir, s, widths))
+            for s in ("alternating", "sandwich", "all", "random")
+        },
     }
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)

@@ -62,7 +62,9 @@ GPT_CORPUS_BYTES, TINY_CORPUS_BYTES = 2**20, 2**16
 CORE_RANK = 0.25
 # Hyper-parameters shared by every row of a section (what a row varies is its strategy,
 # members and steps). Image batches are small so that the rows differ on easy digits.
-GPT_ARGS = dict(model="slim_gpt_nano", low_rank=True, seq_len=128, batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=0.1)
+GPT_ARGS = dict(
+    model="slim_gpt_nano", low_rank=True, seq_len=128, batch_size=16, optimizer="adamw", lr=3e-3, weight_decay=0.1
+)
 RESNET_ARGS = dict(model="slim_resnet20", batch_size=32, optimizer="sgd", lr=0.05, weight_decay=5e-4)
 VIT_ARGS = dict(model="slim_vit_tiny", batch_size=32, optimizer="adamw", lr=1e-3, weight_decay=0.05)
 
@@ -91,11 +93,27 @@ def gpt_table(steps: int, data: str) -> Table:
     core, full = Subnet(1.0, CORE_RANK), Subnet(1.0, 1.0)
     base = dict(GPT_ARGS, data=data)
     rows = [
-        Row(f"separate core (rank {CORE_RANK:g}), N={steps}", dict(base, strategy="separate", ranks=[CORE_RANK], steps=steps), [core]),
-        Row(f"separate core (rank {CORE_RANK:g}), 2N={2 * steps}", dict(base, strategy="separate", ranks=[CORE_RANK], steps=2 * steps), [core]),
+        Row(
+            f"separate core (rank {CORE_RANK:g}), N={steps}",
+            dict(base, strategy="separate", ranks=[CORE_RANK], steps=steps),
+            [core],
+        ),
+        Row(
+            f"separate core (rank {CORE_RANK:g}), 2N={2 * steps}",
+            dict(base, strategy="separate", ranks=[CORE_RANK], steps=2 * steps),
+            [core],
+        ),
         Row(f"separate full (rank 1), N={steps}", dict(base, strategy="separate", ranks=[1.0], steps=steps), [full]),
-        Row(f"separate full (rank 1), 2N={2 * steps}", dict(base, strategy="separate", ranks=[1.0], steps=2 * steps), [full]),
-        Row(f"alternating core+full, 2N={2 * steps} (N core + N full steps)", dict(base, strategy="alternating", ranks=[CORE_RANK], core_prob=0.5, steps=2 * steps), [core, full]),
+        Row(
+            f"separate full (rank 1), 2N={2 * steps}",
+            dict(base, strategy="separate", ranks=[1.0], steps=2 * steps),
+            [full],
+        ),
+        Row(
+            f"alternating core+full, 2N={2 * steps} (N core + N full steps)",
+            dict(base, strategy="alternating", ranks=[CORE_RANK], core_prob=0.5, steps=2 * steps),
+            [core, full],
+        ),
     ]
     title = f"Low-rank slim_gpt_nano on {data_label(data)}: validation bits per byte (lower is better)"
     return Table("gpt", title, "bits_per_byte", [core, full], rows)
@@ -150,7 +168,9 @@ def run_table(table: Table, seeds: list[int], workdir: Path) -> None:
             missing = [s for s in row.members if s.key not in values]
             if missing:
                 raise RuntimeError(f"{row.label}: no metric for {missing}")
-            row.runs.append({"seed": seed, "metrics": {s.key: values[s.key] for s in row.members}, "wall_s": result.wall_time_s})
+            row.runs.append(
+                {"seed": seed, "metrics": {s.key: values[s.key] for s in row.members}, "wall_s": result.wall_time_s}
+            )
             print(f"{table.name} | {row.label} | seed {seed}: {row.runs[-1]}", flush=True)
 
 
@@ -212,7 +232,7 @@ def gpt_framings(table: Table) -> list[str]:
     core_vs_n, full_vs_n = compare(sep_core_n, core), compare(sep_full_n, full)
     data = sep_core_n.config["data"]
     return [
-        f"`{data_label(data)}` is the first {data_label(data).split('-')[-1].removesuffix('.txt')} of the training split of zoo's `stdlib` corpus (`load_data(\"stdlib\").train`), written to a file by this "
+        f'`{data_label(data)}` is the first {data_label(data).split("-")[-1].removesuffix(".txt")} of the training split of zoo\'s `stdlib` corpus (`load_data("stdlib").train`), written to a file by this '
         "script; its last 10% is the validation split. Every row uses the same hyper-parameters (the commands below); "
         "rows differ in strategy, trained rank and steps. Learning-rate schedules run over each row's own steps.",
         "",
@@ -279,7 +299,15 @@ def plot(tables: list[Table], path: Path) -> None:
                 continue
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=row.label)
         if separate_x:
-            ax.errorbar(separate_x, separate_y, yerr=separate_err, marker="s", capsize=3, color="black", label="separate (one run per width)")
+            ax.errorbar(
+                separate_x,
+                separate_y,
+                yerr=separate_err,
+                marker="s",
+                capsize=3,
+                color="black",
+                label="separate (one run per width)",
+            )
         ax.set_xticks(range(len(table.members)), [member_label(s) for s in table.members])
         ax.set_ylabel("validation accuracy (%)" if table.metric == "accuracy" else "validation bits per byte")
         ax.set_title(table.name, fontsize=10)
@@ -292,13 +320,18 @@ def plot(tables: list[Table], path: Path) -> None:
 
 
 def table_record(table: Table) -> dict:
-    rows = [{"label": r.label, "config": r.config, "members": [s.to_dict() for s in r.members], "runs": r.runs} for r in table.rows]
+    rows = [
+        {"label": r.label, "config": r.config, "members": [s.to_dict() for s in r.members], "runs": r.runs}
+        for r in table.rows
+    ]
     members = [s.to_dict() for s in table.members]
     return {"name": table.name, "title": table.title, "metric": table.metric, "members": members, "rows": rows}
 
 
 def table_from_record(record: dict) -> Table:
-    rows = [Row(r["label"], r["config"], [Subnet.from_dict(s) for s in r["members"]], r["runs"]) for r in record["rows"]]
+    rows = [
+        Row(r["label"], r["config"], [Subnet.from_dict(s) for s in r["members"]], r["runs"]) for r in record["rows"]
+    ]
     members = [Subnet.from_dict(s) for s in record["members"]]
     return Table(record["name"], record["title"], record["metric"], members, rows)
 
@@ -348,7 +381,9 @@ def merge_parts(parts: list[Path]) -> tuple[list[Table], list[dict]]:
                 merged[table.name] = table
                 continue
             base = merged[table.name]
-            if [(r.label, _same_settings(r.config)) for r in base.rows] != [(r.label, _same_settings(r.config)) for r in table.rows]:
+            if [(r.label, _same_settings(r.config)) for r in base.rows] != [
+                (r.label, _same_settings(r.config)) for r in table.rows
+            ]:
                 raise ValueError(f"{part}: the {table.name} table was measured with other rows or settings")
             for into, row in zip(base.rows, table.rows):
                 repeated = {r["seed"] for r in into.runs} & {r["seed"] for r in row.runs}
@@ -363,7 +398,8 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
     for table in tables:
         table.notes = gpt_framings(table) if table.name == "gpt" else image_notes(table)
     measured_by = "; ".join(
-        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; {c['threads']} torch thread(s))" for c in commands
+        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; {c['threads']} torch thread(s))"
+        for c in commands
     )
     head = [
         "# Joint training vs separate training",
@@ -383,14 +419,28 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per row (0, 1, ...)")
-    parser.add_argument("--seed", type=int, action="append", help="run exactly this seed (repeatable; overrides --seeds)")
-    parser.add_argument("--merge", type=Path, nargs="+", metavar="DIR", help="only combine the runs in these folders' compare.json into --out")
-    parser.add_argument("--steps", type=int, default=None, help="steps: N for gpt, every row for resnet/vit (default per section)")
+    parser.add_argument(
+        "--seed", type=int, action="append", help="run exactly this seed (repeatable; overrides --seeds)"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="only combine the runs in these folders' compare.json into --out",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps: N for gpt, every row for resnet/vit (default per section)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only this section (repeatable)")
     parser.add_argument("--data", default=None, help="also run the resnet table on this image data, e.g. cifar10:PATH")
-    parser.add_argument("--replot", action="store_true", help="only rewrite compare.md and compare.png from compare.json in --out")
-    parser.add_argument("--tiny", action="store_true", help="a few steps, seed 0 unless --seed: an end-to-end check, not a measurement")
+    parser.add_argument(
+        "--replot", action="store_true", help="only rewrite compare.md and compare.png from compare.json in --out"
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a few steps, seed 0 unless --seed: an end-to-end check, not a measurement"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1 or (args.steps is not None and args.steps < 2):
         parser.error("--seeds must be at least 1 and --steps at least 2")
@@ -441,7 +491,15 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[list[Tabl
         if "resnet" in sections:
             tables.append(image_table("resnet", RESNET_ARGS, [0.25, 0.5, 0.75, 1.0], steps["resnet"], "digits"))
             if args.data:
-                tables.append(image_table(f"resnet-{args.data.split(':')[0]}", RESNET_ARGS, [0.25, 0.5, 0.75, 1.0], steps["resnet"], args.data))
+                tables.append(
+                    image_table(
+                        f"resnet-{args.data.split(':')[0]}",
+                        RESNET_ARGS,
+                        [0.25, 0.5, 0.75, 1.0],
+                        steps["resnet"],
+                        args.data,
+                    )
+                )
         if "vit" in sections:
             tables.append(image_table("vit", VIT_ARGS, [0.5, 1.0], steps["vit"], "digits"))
         for table in tables:
@@ -452,7 +510,15 @@ def measure(args: argparse.Namespace, argv: list[str] | None) -> tuple[list[Tabl
         for table in tables:
             run_table(table, seeds, workdir)
     command = ("python benchmarks/compare.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    return tables, [{"command": command, "sections": [t.name for t in tables], "seeds": seeds, "threads": torch.get_num_threads(), "torch": torch.__version__}]
+    return tables, [
+        {
+            "command": command,
+            "sections": [t.name for t in tables],
+            "seeds": seeds,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+    ]
 
 
 if __name__ == "__main__":

@@ -61,8 +61,18 @@ IMG = 32
 SEEDS_SPLIT = (0, 1, 2)  # the stand-ins never see a validation image of these seeds
 SECTIONS = {
     # stand-in: timm name, optimizer, lr, steps; fine-tuning and scratch learning rates (zoo train)
-    "resnet": dict(timm="resnet18", kwargs={}, optimizer="sgd", standin_lr=0.05, standin_steps=400, ft_lr=0.01, scratch_lr=0.1),
-    "vit": dict(timm="vit_tiny_patch16_224", kwargs={"img_size": IMG}, optimizer="adamw", standin_lr=1e-3, standin_steps=600, ft_lr=1e-4, scratch_lr=1e-3),
+    "resnet": dict(
+        timm="resnet18", kwargs={}, optimizer="sgd", standin_lr=0.05, standin_steps=400, ft_lr=0.01, scratch_lr=0.1
+    ),
+    "vit": dict(
+        timm="vit_tiny_patch16_224",
+        kwargs={"img_size": IMG},
+        optimizer="adamw",
+        standin_lr=1e-3,
+        standin_steps=600,
+        ft_lr=1e-4,
+        scratch_lr=1e-3,
+    ),
 }
 
 
@@ -72,7 +82,13 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     raw = load_digits()
-    images = F.interpolate(torch.tensor(raw.images, dtype=torch.float32).div(16).unsqueeze(1), size=(IMG, IMG), mode="bilinear", antialias=True, align_corners=False)
+    images = F.interpolate(
+        torch.tensor(raw.images, dtype=torch.float32).div(16).unsqueeze(1),
+        size=(IMG, IMG),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
     images = (images.clamp(0, 1) - 0.5) / 0.5
     targets = torch.tensor(raw.target, dtype=torch.int64)
     common = set(range(len(targets)))
@@ -99,7 +115,9 @@ def standin(section: str, work: Path) -> dict:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=spec["standin_lr"], weight_decay=0.05)
     steps = spec["standin_steps"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec["standin_lr"], total_steps=steps, pct_start=0.05, anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=spec["standin_lr"], total_steps=steps, pct_start=0.05, anneal_strategy="cos"
+    )
     generator = torch.Generator().manual_seed(0)
     started = time.perf_counter()
     model.train()
@@ -117,7 +135,14 @@ def standin(section: str, work: Path) -> dict:
         val = torch.stack([bundle.val[i][0] for i in range(len(bundle.val))])
         accuracy = (model(val).argmax(-1) == bundle.val.targets).float().mean().item()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    result = {"section": section, "timm": spec["timm"], "steps": steps, "train_images": len(train_idx), "accuracy": accuracy, "wall_time_s": wall}
+    result = {
+        "section": section,
+        "timm": spec["timm"],
+        "steps": steps,
+        "train_images": len(train_idx),
+        "accuracy": accuracy,
+        "wall_time_s": wall,
+    }
     record.write_text(json.dumps(result))
     return result
 
@@ -132,17 +157,32 @@ def conversions(section: str, work: Path) -> list[dict]:
     rows = []
     for order in ("none", "weight", "activation"):
         started = time.perf_counter()
-        family = zoo.from_timm(spec["timm"], checkpoint=checkpoint, order=order, calibration=calibration, widths=WIDTHS, img_size=IMG)
+        family = zoo.from_timm(
+            spec["timm"], checkpoint=checkpoint, order=order, calibration=calibration, widths=WIDTHS, img_size=IMG
+        )
         wall = time.perf_counter() - started
         records = evaluate(family, bundle.val, family.subnets)
         zoo.save(family, work / f"{section}-{order}.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, order, None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     started = time.perf_counter()
-    family = activation_times_read(zoo.from_timm(spec["timm"], checkpoint=checkpoint, order="none", widths=[1.0], img_size=IMG), calibration)
-    rows.append(_row(section, "activation-x-read", None, evaluate(family, bundle.val, family.subnets), time.perf_counter() - started, None))
+    family = activation_times_read(
+        zoo.from_timm(spec["timm"], checkpoint=checkpoint, order="none", widths=[1.0], img_size=IMG), calibration
+    )
+    rows.append(
+        _row(
+            section,
+            "activation-x-read",
+            None,
+            evaluate(family, bundle.val, family.subnets),
+            time.perf_counter() - started,
+            None,
+        )
+    )
     if section == "vit":
         started = time.perf_counter()
-        family = zoo.from_timm(spec["timm"], checkpoint=checkpoint, order="none", low_rank=True, ranks=RANKS, img_size=IMG)
+        family = zoo.from_timm(
+            spec["timm"], checkpoint=checkpoint, order="none", low_rank=True, ranks=RANKS, img_size=IMG
+        )
         wall = time.perf_counter() - started
         records = evaluate(family, bundle.val, family.subnets)
         zoo.save(family, work / f"{section}-svd.safetensors", metadata=family.zoo_metadata)
@@ -157,7 +197,9 @@ def activation_times_read(family: zoo.ElasticModel, calibration: list[torch.Tens
 
     found = importance.couplings(family)
     for coupling, score in zip(found, importance.activation_scores(family, found, calibration)):
-        importance.permute(coupling, torch.sort(score * importance.read_strength(coupling), descending=True, stable=True).indices)
+        importance.permute(
+            coupling, torch.sort(score * importance.read_strength(coupling), descending=True, stable=True).indices
+        )
     for width in WIDTHS[:-1]:
         family.add_subnet(zoo.Subnet(width=width))
         if family.uses_batchnorm:
@@ -190,23 +232,46 @@ def train_run(section: str, method: str, seed: int, init: Path, steps: int, out:
     return _row(section, method, seed, result.metrics, result.wall_time_s, None, steps=steps)
 
 
-def _row(section: str, method: str, seed: int | None, records: list[dict], wall: float, difference: float | None, steps: int = 0) -> dict:
+def _row(
+    section: str,
+    method: str,
+    seed: int | None,
+    records: list[dict],
+    wall: float,
+    difference: float | None,
+    steps: int = 0,
+) -> dict:
     members = {json.dumps(r["subnet"], sort_keys=True): r["accuracy"] for r in records}
-    return {"section": section, "method": method, "seed": seed, "steps": steps, "members": members, "wall_time_s": wall, "max_abs_diff": difference}
+    return {
+        "section": section,
+        "method": method,
+        "seed": seed,
+        "steps": steps,
+        "members": members,
+        "wall_time_s": wall,
+        "max_abs_diff": difference,
+    }
 
 
 def seed_runs(section: str, seed: int, steps: int, work: Path, kept: Path) -> None:
     """Rows 3-5 for one seed; each finished run is kept and skipped next time."""
     plans = [
         ("ft-all", None, work / f"{section}-activation.safetensors", dict(strategy="all", widths=list(WIDTHS))),
-        ("ft-alternating", None, work / f"{section}-activation.safetensors", dict(strategy="alternating", widths=list(WIDTHS))),
+        (
+            "ft-alternating",
+            None,
+            work / f"{section}-activation.safetensors",
+            dict(strategy="alternating", widths=list(WIDTHS)),
+        ),
         ("scratch-family", None, "scratch", dict(strategy="all", widths=list(WIDTHS))),
         *[("scratch-alone", w, "scratch", dict(strategy="separate", widths=[w])) for w in WIDTHS],
     ]
     if section == "vit":
         svd = work / f"{section}-svd.safetensors"
         plans += [("svd-ft-all", None, svd, dict(strategy="all", low_rank=True, widths=[1.0], ranks=list(RANKS)))]
-        plans += [("svd-ft-alone", r, svd, dict(strategy="separate", low_rank=True, widths=[1.0], ranks=[r])) for r in RANKS]
+        plans += [
+            ("svd-ft-alone", r, svd, dict(strategy="separate", low_rank=True, widths=[1.0], ranks=[r])) for r in RANKS
+        ]
     for method, member, init, options in plans:
         name = f"{section}-{method}{'' if member is None else f'-{member:g}'}-k{steps}-s{seed}"
         path = kept / f"{name}.json"
@@ -252,7 +317,9 @@ METHODS = {
 def report(rows: list[dict], standins: list[dict], out: Path) -> None:
     lines = []
     for s in standins:
-        lines.append(f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s.")
+        lines.append(
+            f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s."
+        )
     lines.append("")
     for section in SECTIONS:
         mine = [r for r in rows if r["section"] == section]
@@ -262,7 +329,9 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
             keys = ["w0.25", "w0.5", "w0.75", "w1"] if not low_rank else ["r0.25", "r0.5", "r0.75", "r1"]
             methods = [m for m in METHODS if m.startswith("svd") == low_rank]
             table = []
-            for method, steps in [(m, k) for m in methods for k in sorted({r["steps"] for r in mine if r["method"] == m})]:
+            for method, steps in [
+                (m, k) for m in methods for k in sorted({r["steps"] for r in mine if r["method"] == m})
+            ]:
                 runs = [r for r in mine if r["method"] == method and r["steps"] == steps]
                 cells = {k: [] for k in keys}
                 for r in runs:
@@ -273,9 +342,17 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
                 seeds = len({r["seed"] for r in runs}) if runs[0]["seed"] is not None else 0
                 walls = [r["wall_time_s"] for r in runs]
                 wall = f"{sum(walls) / max(seeds, 1):.0f}" + (" (4 runs)" if method.endswith("alone") else "")
-                table.append(f"| {METHODS[method]} | {steps or '-'} | {seeds or '-'} | " + " | ".join(_cell(cells[k]) for k in keys) + f" | {wall} |")
+                table.append(
+                    f"| {METHODS[method]} | {steps or '-'} | {seeds or '-'} | "
+                    + " | ".join(_cell(cells[k]) for k in keys)
+                    + f" | {wall} |"
+                )
             if table:
-                note = "; batch norm of every member below full width recalibrated on 8 batches" if section == "resnet" else ""
+                note = (
+                    "; batch norm of every member below full width recalibrated on 8 batches"
+                    if section == "resnet"
+                    else ""
+                )
                 lines += [f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, mean ± sd over seeds{note}; wall s: conversion, or training per seed)", "",
                           f"| method | K | seeds | {' | '.join(keys)} | wall s per seed |", "|---|---|---|---|---|---|---|---|", *table, ""]  # fmt: skip
     with atomic_path(out / "convert.md") as tmp:
@@ -288,7 +365,13 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=list(SECTIONS), action="append")
-    parser.add_argument("--steps", type=int, nargs="+", default=[150, 25], help="K, the training steps of every run (default: 150, then 25)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[150, 25],
+        help="K, the training steps of every run (default: 150, then 25)",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--seed-list", type=int, nargs="*", help="run only these seeds (default: 0 .. --seeds - 1)")
     parser.add_argument("--report", action="store_true", help="only merge the kept runs into the table")
@@ -305,7 +388,10 @@ def main() -> None:
             s = standin(section, args.work)
             with atomic_path(kept / f"{section}-standin.json") as tmp:
                 tmp.write_text(json.dumps(s))
-            if not (kept / f"{section}-convert.json").exists() or not (args.work / f"{section}-activation.safetensors").exists():
+            if (
+                not (kept / f"{section}-convert.json").exists()
+                or not (args.work / f"{section}-activation.safetensors").exists()
+            ):
                 rows = conversions(section, args.work)
                 with atomic_path(kept / f"{section}-convert.json") as tmp:
                     tmp.write_text(json.dumps(rows))

@@ -69,7 +69,9 @@ def write_image_folder(root: Path, classes: int, per_class: int, sizes: tuple[in
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             width, height = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, 2))
-            field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+            field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+                (width, height), Image.Resampling.BICUBIC
+            )
             pixels = np.asarray(field, dtype=np.int16) + rng.integers(-12, 13, (height, width, 3))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
     return root
@@ -132,7 +134,11 @@ def loader_throughput(args, root: Path) -> dict:
         return images / (time.perf_counter() - started), 1000 * (_cpu_seconds([os.getpid(), *workers]) - cpu) / images
 
     # zoo reads epoch 0 every time: its images are then those of the same-draws loader
-    runs = {"zoo": lambda: zoo_loader.epoch(0), "timm": lambda: timm_loader, "timm, zoo's draws": lambda: same_draws_loader}
+    runs = {
+        "zoo": lambda: zoo_loader.epoch(0),
+        "timm": lambda: timm_loader,
+        "timm, zoo's draws": lambda: same_draws_loader,
+    }
     workers: dict[str, list[int]] = {}
     for name, batches in runs.items():  # unmeasured: workers start, the files enter the page cache
         before = set(_tree(os.getpid()))
@@ -190,13 +196,20 @@ def _per_item_cpu(bundle, timm_dataset) -> dict:
 
     for i in range(len(bundle.train)):
         items = {}
-        for name, item in (("zoo", zoo_item), ("timm", timm_item))[:: 1 if i % 2 else -1]:  # each goes first half the time
+        for name, item in (("zoo", zoo_item), ("timm", timm_item))[
+            :: 1 if i % 2 else -1
+        ]:  # each goes first half the time
             started = time.process_time()
             items[name] = item(i)
             spent[name] += time.process_time() - started
         identical += torch.equal(items["zoo"], items["timm"])
     per_item = {name: 1000 * value / len(bundle.train) for name, value in spent.items()}
-    return {"cpu_ms_per_item": per_item, "identical": identical, "items": len(bundle.train), "ratio": spent["timm"] / spent["zoo"]}
+    return {
+        "cpu_ms_per_item": per_item,
+        "identical": identical,
+        "items": len(bundle.train),
+        "ratio": spent["timm"] / spent["zoo"],
+    }
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -255,7 +268,9 @@ def peak_memory(command: list[str], env: dict) -> dict:
         time.sleep(0.02)
     errors = process.stderr.read()
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {errors.strip().splitlines()[-1] if errors.strip() else process.returncode}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed: {errors.strip().splitlines()[-1] if errors.strip() else process.returncode}"
+        )
     return {"rss_mib": rss / 1024, "tree_pss_mib": pss / 1024, "wall_s": time.perf_counter() - started}
 
 
@@ -281,7 +296,10 @@ def train_memory(args, workdir: Path) -> dict:
         corpus.unlink()
         shutil.rmtree(cache)
     ratios = {
-        "folder": {k: runs["folder of 3000 training images"][k] / runs["folder of 300 training images"][k] for k in ("rss_mib", "tree_pss_mib")},
+        "folder": {
+            k: runs["folder of 3000 training images"][k] / runs["folder of 300 training images"][k]
+            for k in ("rss_mib", "tree_pss_mib")
+        },
         "text": {k: runs["text 200 MB"][k] / runs["text 10 MB"][k] for k in ("rss_mib", "tree_pss_mib")},
     }
     return {"runs": runs, "ratios": ratios}
@@ -355,8 +373,17 @@ def main() -> None:
         write_image_folder(root / "train", classes=10, per_class=args.images // 10, sizes=(200, 320))
         write_image_folder(root / "val", classes=10, per_class=5, sizes=(200, 320), seed=1)
         throughput = loader_throughput(args, root)
-        print(f"loader: zoo {throughput['images_per_s']['zoo']:.1f} images/s, timm {throughput['images_per_s']['timm']:.1f}: ratio {throughput['ratio']:.3f}; CPU ratio {throughput['cpu_ratio']:.3f}", flush=True)
-        memory = {"runs": {}, "ratios": {"folder": {"rss_mib": float("nan"), "tree_pss_mib": float("nan")}, "text": {"rss_mib": float("nan"), "tree_pss_mib": float("nan")}}}
+        print(
+            f"loader: zoo {throughput['images_per_s']['zoo']:.1f} images/s, timm {throughput['images_per_s']['timm']:.1f}: ratio {throughput['ratio']:.3f}; CPU ratio {throughput['cpu_ratio']:.3f}",
+            flush=True,
+        )
+        memory = {
+            "runs": {},
+            "ratios": {
+                "folder": {"rss_mib": float("nan"), "tree_pss_mib": float("nan")},
+                "text": {"rss_mib": float("nan"), "tree_pss_mib": float("nan")},
+            },
+        }
         if not args.skip_memory:
             memory = train_memory(args, workdir)
             print(json.dumps(memory["ratios"]), flush=True)

@@ -43,7 +43,9 @@ def environment(require_cuda: bool) -> int:
     }
     print(json.dumps(info, indent=1))
     if require_cuda and not cuda:
-        print("error: torch.cuda.is_available() is False: this check needs a CUDA GPU (or --cpu-dry-run)", file=sys.stderr)
+        print(
+            "error: torch.cuda.is_available() is False: this check needs a CUDA GPU (or --cpu-dry-run)", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -48,7 +48,10 @@ CONFIGS = {
 
 # (anchor line in test_models.py, what is added after it, why)
 DECLARATIONS = [
-    ("FEAT_INTER_FILTERS = [\n", "    'mobilenetv2', 'vit',  # zoo's families with forward_intermediates (zoo/models/<module>.py)\n"),
+    (
+        "FEAT_INTER_FILTERS = [\n",
+        "    'mobilenetv2', 'vit',  # zoo's families with forward_intermediates (zoo/models/<module>.py)\n",
+    ),
     ("NON_STD_FILTERS = [\n", "    'slim_vit_*',  # zoo's ViTs, of the kind timm lists as 'vit_*'\n"),
 ]
 
@@ -79,9 +82,28 @@ def prepare(tests: Path, work: Path) -> Path:
 
 def run(test_file: Path, families: list[str], member: dict, report: Path) -> float:
     expression = " or ".join(families)
-    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-W", "ignore", "-k", expression, f"--junitxml={report}", test_file.name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-W",
+        "ignore",
+        "-k",
+        expression,
+        f"--junitxml={report}",
+        test_file.name,
+    ]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=test_file.parent, env=_env(ZOO_MEMBER=json.dumps(member)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        cmd,
+        cwd=test_file.parent,
+        env=_env(ZOO_MEMBER=json.dumps(member)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -103,13 +125,18 @@ def outcomes(report: Path) -> dict[str, tuple[str, str]]:
 def table(results: dict[str, dict[str, tuple[str, str]]]) -> str:
     """Markdown: one row per timm test, one column per configuration: passed/failed/skipped."""
     configs = list(results)
-    counts: dict[str, dict[str, collections.Counter]] = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
+    counts: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
+        lambda: collections.defaultdict(collections.Counter)
+    )
     for config, cases in results.items():
         for case, (outcome, _) in cases.items():
             counts[case.split("[")[0]][config][outcome] += 1
     lines = ["| timm test | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
     for test in sorted(counts):
-        cells = ["{passed}/{failed}/{skipped}".format(**{k: counts[test][c][k] for k in ("passed", "failed", "skipped")}) for c in configs]
+        cells = [
+            "{passed}/{failed}/{skipped}".format(**{k: counts[test][c][k] for k in ("passed", "failed", "skipped")})
+            for c in configs
+        ]
         lines.append(f"| {test} | " + " | ".join(cells) + " |")
     totals = [sum((counts[t][c] for t in counts), collections.Counter()) for c in configs]
     lines.append("| **all** | " + " | ".join(f"**{t['passed']}/{t['failed']}/{t['skipped']}**" for t in totals) + " |")
@@ -137,9 +164,26 @@ def main() -> None:
             report = Path(tmp) / f"{re.sub(r'[^a-z0-9.]+', '-', config)}.xml"
             seconds[config] = run(test_file, families, CONFIGS[config], report)
             results[config] = outcomes(report)
-            print(f"{config}: {collections.Counter(o for o, _ in results[config].values())} in {seconds[config]:.0f} s", flush=True)
-    failures = sorted({(case, config, message) for config, cases in results.items() for case, (outcome, message) in cases.items() if outcome == "failed"})
-    skips = sorted({(case.split("[")[0], message) for cases in results.values() for case, (outcome, message) in cases.items() if outcome == "skipped"})
+            print(
+                f"{config}: {collections.Counter(o for o, _ in results[config].values())} in {seconds[config]:.0f} s",
+                flush=True,
+            )
+    failures = sorted(
+        {
+            (case, config, message)
+            for config, cases in results.items()
+            for case, (outcome, message) in cases.items()
+            if outcome == "failed"
+        }
+    )
+    skips = sorted(
+        {
+            (case.split("[")[0], message)
+            for cases in results.values()
+            for case, (outcome, message) in cases.items()
+            if outcome == "skipped"
+        }
+    )
     text = [
         f"# timm {timm.__version__} tests/test_models.py on zoo's image families",
         "",

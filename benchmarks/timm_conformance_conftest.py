@@ -47,7 +47,11 @@ def _wrap(name: str, entrypoint):
             if pretrained:
                 features = {k: kwargs.pop(k) for k in FEATURES if k in kwargs}
                 model = zoo.slice(entrypoint(pretrained=True, **kwargs), width=0.5)
-                return features_only(model, features.get("out_indices"), features.get("feature_cls")) if features.pop("features_only", False) else model
+                return (
+                    features_only(model, features.get("out_indices"), features.get("feature_cls"))
+                    if features.pop("features_only", False)
+                    else model
+                )
             member = _smallest(name)
             kwargs.update(max_member=member, widths=[], ranks=[], extra_subnets=[member])
             return entrypoint(pretrained=False, **kwargs)

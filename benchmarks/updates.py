@@ -95,7 +95,10 @@ def steps_to(curve: list, target: float, higher_better: bool) -> int | None:
 
 
 def report(runs: list[dict], out: Path) -> None:
-    lines = ["| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) | mean norm ratio | wall s (alignment s) | at rank 0.25 / 0.5 |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) | mean norm ratio | wall s (alignment s) | at rank 0.25 / 0.5 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for section in dict.fromkeys(r["section"] for r in runs):
         rows = [r for r in runs if r["section"] == section]
         higher = rows[0]["metric"] == "accuracy"
@@ -105,7 +108,11 @@ def report(runs: list[dict], out: Path) -> None:
             plain = [r["final"] for r in rows if r["policy"] == baseline]
             target = (0.95 * statistics.mean(plain) if higher else statistics.mean(plain) / 0.95) if plain else None
             reach = [steps_to(r["curve"], target, higher) if target is not None else "-" for r in mine]
-            prefixes = " / ".join(f"{statistics.mean(r['prefix_ranks'][str(k)] for r in mine):.4f}" for k in PREFIX_RANKS) if policy in LOW_RANK else ""
+            prefixes = (
+                " / ".join(f"{statistics.mean(r['prefix_ranks'][str(k)] for r in mine):.4f}" for k in PREFIX_RANKS)
+                if policy in LOW_RANK
+                else ""
+            )
             lines.append(
                 f"| {section} | {policy} | {statistics.mean(r['final'] for r in mine):.4f} ({mine[0]['metric']}, {len(mine)} seed(s)) "
                 f"| {', '.join('never' if s is None else str(s) for s in reach)} | {statistics.mean(r['alignment_cosine'] for r in mine):.3f} "
@@ -174,10 +181,16 @@ def main() -> None:
                         result = run(section, policy, steps, seed, Path(work))
                         with atomic_path(path) as tmp:
                             tmp.write_text(json.dumps(result))
-                        print(f"{section} {policy} seed {seed}: {result['final']:.4f} in {result['wall_time_s']:.0f} s", flush=True)
+                        print(
+                            f"{section} {policy} seed {seed}: {result['final']:.4f} in {result['wall_time_s']:.0f} s",
+                            flush=True,
+                        )
     runs = [json.loads(p.read_text()) for p in sorted(kept.glob("*.json"))]
     order = {(s, p): i for i, (s, p) in enumerate((s, p) for s in MODELS for p in POLICIES)}
-    runs = sorted((r for r in runs if r["section"] in sections and r["policy"] in args.policies), key=lambda r: (order[r["section"], r["policy"]], r["seed"]))
+    runs = sorted(
+        (r for r in runs if r["section"] in sections and r["policy"] in args.policies),
+        key=lambda r: (order[r["section"], r["policy"]], r["seed"]),
+    )
     report(runs, args.out)
 
 

@@ -87,7 +87,9 @@ def weights_file(weights: str | Path, pretrained: bool) -> Path:
         return catalogue.pretrained_file(str(weights))
     path = Path(weights)
     if not path.exists() and str(weights) in catalogue.MODELS:
-        raise ValueError(f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)")
+        raise ValueError(
+            f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)"
+        )
     if path.is_dir():  # a family folder (zoo.save_pretrained): its weights, once its config.json agrees
         header = zoo_module("header")
         header.read_header(path)
@@ -95,7 +97,9 @@ def weights_file(weights: str | Path, pretrained: bool) -> Path:
     return path
 
 
-PRETRAINED = typer.Option(False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`).")
+PRETRAINED = typer.Option(
+    False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`)."
+)
 
 
 @command("list")
@@ -106,12 +110,29 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
 
     catalogue = zoo_module("catalogue")
     caption = "rank: families built with low_rank=True. pretrained: the shipped weights (--pretrained NAME) as NAME.TAG, timm's tag for the image families."
-    table = Table("name", "family", "member axes", "params", "params (low-rank)", "pretrained", box=None, caption=caption, caption_justify="left")
+    table = Table(
+        "name",
+        "family",
+        "member axes",
+        "params",
+        "params (low-rank)",
+        "pretrained",
+        box=None,
+        caption=caption,
+        caption_justify="left",
+    )
     for name in catalogue.names(pattern):
         facts = catalogue.MODELS[name]
         shipped = catalogue.PRETRAINED.get(name)
         axes = f"{', '.join(facts['axes_low_rank'])} per {facts['groups'][1]}"
-        table.add_row(name, facts["family"], axes, f"{facts['params']:,}", f"{facts['params_low_rank']:,}", f"{name}.{shipped['tag']}" if shipped else "-")
+        table.add_row(
+            name,
+            facts["family"],
+            axes,
+            f"{facts['params']:,}",
+            f"{facts['params_low_rank']:,}",
+            f"{name}.{shipped['tag']}" if shipped else "-",
+        )
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 

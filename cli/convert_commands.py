@@ -20,18 +20,59 @@ class Order(str, Enum):
 
 @command("convert")
 def convert_command(
-    timm_name: str = typer.Argument(..., help="A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a ViT's image size are read from its shapes."),
-    order: Optional[Order] = typer.Option(None, "--order", help="Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean |activation| on --calibrate data), none. Default: activation with --calibrate, else weight."),
-    calibrate: Optional[str] = typer.Option(None, "--calibrate", help="Data for activation importance and for the batch-norm statistics of members below full width (digits, cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member."),
-    width: Optional[List[float]] = typer.Option(None, "--width", help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member."),
-    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Member ranks (repeatable, with --low-rank); default 0.25 0.5 0.75 1."),
-    low_rank: bool = typer.Option(False, "--low-rank", help="Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original layer)."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", min=1, help="Input size; default: what the checkpoint says (ViTs), else timm's default for the model."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", min=1, help="Classes without a checkpoint (default: timm's, 1000); a checkpoint's classifier decides otherwise."),
-    in_chans: Optional[int] = typer.Option(None, "--in-chans", min=1, help="Input channels without a checkpoint (default 3)."),
+    timm_name: str = typer.Argument(
+        ...,
+        help="A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation).",
+    ),
+    checkpoint: Optional[Path] = typer.Option(
+        None,
+        "--checkpoint",
+        help="Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a ViT's image size are read from its shapes.",
+    ),
+    order: Optional[Order] = typer.Option(
+        None,
+        "--order",
+        help="Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean |activation| on --calibrate data), none. Default: activation with --calibrate, else weight.",
+    ),
+    calibrate: Optional[str] = typer.Option(
+        None,
+        "--calibrate",
+        help="Data for activation importance and for the batch-norm statistics of members below full width (digits, cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member.",
+    ),
+    width: Optional[List[float]] = typer.Option(
+        None,
+        "--width",
+        help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member.",
+    ),
+    rank: Optional[List[float]] = typer.Option(
+        None, "--rank", help="Member ranks (repeatable, with --low-rank); default 0.25 0.5 0.75 1."
+    ),
+    low_rank: bool = typer.Option(
+        False,
+        "--low-rank",
+        help="Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original layer).",
+    ),
+    img_size: Optional[int] = typer.Option(
+        None,
+        "--img-size",
+        min=1,
+        help="Input size; default: what the checkpoint says (ViTs), else timm's default for the model.",
+    ),
+    num_classes: Optional[int] = typer.Option(
+        None,
+        "--num-classes",
+        min=1,
+        help="Classes without a checkpoint (default: timm's, 1000); a checkpoint's classifier decides otherwise.",
+    ),
+    in_chans: Optional[int] = typer.Option(
+        None, "--in-chans", min=1, help="Input channels without a checkpoint (default 3)."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="The family's weights file (.safetensors)."),
-    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for timm.create_model('local-dir:DIR', pretrained=True)."),
+    save_dir: Optional[Path] = typer.Option(
+        None,
+        "--save-dir",
+        help="Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for timm.create_model('local-dir:DIR', pretrained=True).",
+    ),
 ) -> None:
     """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes."""
     if out is None and save_dir is None:
@@ -59,7 +100,9 @@ def convert_command(
         typer.echo(f"wrote {out}")
     if save_dir is not None:
         zoo.save_pretrained(family, save_dir, metadata=metadata)
-        typer.echo(f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', pretrained=True) after `import zoo`")
+        typer.echo(
+            f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', pretrained=True) after `import zoo`"
+        )
 
 
 def _calibration(spec: str, bundle: dict):
@@ -73,7 +116,9 @@ def _calibration(spec: str, bundle: dict):
         if data.kind != "image":
             raise ValueError(f"--calibrate {spec!r} holds {data.kind}, but the model reads images")
         if data.input_size[0] != input_size[0]:
-            raise ValueError(f"--calibrate {spec!r} has {data.input_size[0]}-channel images, but the model reads {input_size[0]} channels")
+            raise ValueError(
+                f"--calibrate {spec!r} has {data.input_size[0]}-channel images, but the model reads {input_size[0]} channels"
+            )
         bundle["data"] = data
         return calibration_batches(data)
 
@@ -86,13 +131,19 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
     source = family.zoo_metadata["converted_from"]
     c, h, _ = family.pretrained_cfg["input_size"]
     where = f"checkpoint {source['checkpoint']}: " if source.get("checkpoint") else ""
-    typer.echo(f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in {seconds:.1f} s")
+    typer.echo(
+        f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in {seconds:.1f} s"
+    )
     data = f" on {source['calibration_batches']} batches of {calibrate}" if order == "activation" else ""
     recalibrated = len(source["recalibrated"])
     bn = f"; batch norm recalibrated for {recalibrated} member(s) on {calibrate}" if recalibrated else ""
     typer.echo(f"  order: {order}{data}{bn}")
-    typer.echo(f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance {zoo.convert.TOLERANCE:g})")
+    typer.echo(
+        f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance {zoo.convert.TOLERANCE:g})"
+    )
     members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.subnets)
     typer.echo(f"  members: {members}")
     if family.uses_batchnorm and not calibrate:
-        typer.echo("  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or recalibrate later, e.g. zoo eval --width)")
+        typer.echo(
+            "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or recalibrate later, e.g. zoo eval --width)"
+        )

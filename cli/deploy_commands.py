@@ -25,7 +25,9 @@ RUN_BATCH = 32  # images per onnxruntime call: a large folder is classified in p
 @command("run")
 def run_command(
     file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
-    inputs: List[str] = typer.Argument(..., help="Image files, folders of images or .npy arrays (classifiers); one prompt (language models)."),
+    inputs: List[str] = typer.Argument(
+        ..., help="Image files, folders of images or .npy arrays (classifiers); one prompt (language models)."
+    ),
     device: Device = typer.Option(Device.cpu, "--device", help="Execution provider; cuda fails unless it really runs."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes to print per image."),
     max_bytes: int = typer.Option(200, "--max-bytes", min=0, help="Bytes to generate (language models)."),
@@ -73,20 +75,33 @@ def _read_npy(path: Path):
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npy array ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise ValueError(
+            f"{path} is not a readable .npy array ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        ) from None
 
 
 @command("bench")
 def bench_command(
     weights: Path = typer.Argument(..., help="A zoo weights file (.safetensors); a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
-    width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to measure (repeatable); default: the file's grid."),
-    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to measure (repeatable, low-rank families)."),
+    width: Optional[List[float]] = typer.Option(
+        None, "--width", help="Widths to measure (repeatable); default: the file's grid."
+    ),
+    rank: Optional[List[float]] = typer.Option(
+        None, "--rank", help="Ranks to measure (repeatable, low-rank families)."
+    ),
     member: Optional[List[str]] = MEMBER,
-    calibrate: Optional[str] = typer.Option(None, "--calibrate", metavar="DATA", help="Data for the batch-norm statistics of untrained members; default: the data the file records."),
+    calibrate: Optional[str] = typer.Option(
+        None,
+        "--calibrate",
+        metavar="DATA",
+        help="Data for the batch-norm statistics of untrained members; default: the data the file records.",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="The larger batch, measured next to batch 1."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per runtime and batch (median reported)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for both runtimes; default: torch's."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="Threads for both runtimes; default: torch's."
+    ),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write metric (or FLOPs) against latency to this PNG."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -145,5 +160,7 @@ def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int
         metric = "-" if r.metric is None else f"{r.metric:.4g} {r.metric_name}"
         latencies = [f"{r.latency_ms[rt][b]:.2f}" for b in batches for rt in ("pytorch", "onnxruntime")]
         ratio = r.latency_ms["onnxruntime"][1] / r.latency_ms["pytorch"][1]
-        table.add_row(member_label(r.subnet), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x")
+        table.add_row(
+            member_label(r.subnet), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
+        )
     Console(width=160).print(table)

@@ -56,9 +56,14 @@ def _fraction(name: str):
 
 
 WIDTH = typer.Option(None, "--width", help="Member width in (0, 1]; default: the largest.", callback=_fraction("width"))
-RANK = typer.Option(None, "--rank", help="Member rank in (0, 1] (low-rank families); default: the largest.", callback=_fraction("rank"))
+RANK = typer.Option(
+    None, "--rank", help="Member rank in (0, 1] (low-rank families); default: the largest.", callback=_fraction("rank")
+)
 CALIBRATE = typer.Option(
-    None, "--calibrate", metavar="DATA", help="Data spec (digits, stdlib, cifar10:PATH, ...) for batch-norm recalibration and int8 calibration."
+    None,
+    "--calibrate",
+    metavar="DATA",
+    help="Data spec (digits, stdlib, cifar10:PATH, ...) for batch-norm recalibration and int8 calibration.",
 )
 
 
@@ -73,7 +78,9 @@ class CalibrationData:
 
     def bundle(self, why: str) -> "DataBundle":
         if not self.spec:
-            raise ValueError(f"{why} needs data, and the weights file records none: pass --calibrate DATA (e.g. digits or stdlib)")
+            raise ValueError(
+                f"{why} needs data, and the weights file records none: pass --calibrate DATA (e.g. digits or stdlib)"
+            )
         if self._bundle is None:
             from training.data import load_data
 
@@ -84,8 +91,14 @@ class CalibrationData:
                 from zoo.members import recorded
 
                 channels, height, _ = model.pretrained_cfg["input_size"]
-                crop_pct = recorded(getattr(model, "zoo_metadata", {}), "crop_pct") if self.spec.startswith("folder:") else None
-                bundle = load_data(self.spec, img_size=height, crop_pct=crop_pct)  # a folder's evaluation crop as trained
+                crop_pct = (
+                    recorded(getattr(model, "zoo_metadata", {}), "crop_pct")
+                    if self.spec.startswith("folder:")
+                    else None
+                )
+                bundle = load_data(
+                    self.spec, img_size=height, crop_pct=crop_pct
+                )  # a folder's evaluation crop as trained
                 if bundle.kind != "image" or bundle.input_size[0] != channels:
                     got = f"{bundle.input_size[0]}-channel images" if bundle.kind == "image" else "text"
                     raise ValueError(f"{model.arch} takes {channels}-channel images, but data {self.spec!r} is {got}")
@@ -105,7 +118,10 @@ class CalibrationData:
     def quant_calibration(self) -> list["np.ndarray"]:
         from training.data import batches
 
-        return [b.numpy() for b in batches(self.bundle("int8 calibration").train, QUANT_BATCH_SIZE, limit=QUANT_CALIBRATION_BATCHES)]
+        return [
+            b.numpy()
+            for b in batches(self.bundle("int8 calibration").train, QUANT_BATCH_SIZE, limit=QUANT_CALIBRATION_BATCHES)
+        ]
 
     def validation(self) -> list[tuple["np.ndarray", "np.ndarray"]]:
         import torch
@@ -122,7 +138,9 @@ class CalibrationData:
 
 @command("slice")
 def slice_command(
-    weights: Path = typer.Argument(..., help="A family's weights file (.safetensors); a catalogue name with --pretrained."),
+    weights: Path = typer.Argument(
+        ..., help="A family's weights file (.safetensors); a catalogue name with --pretrained."
+    ),
     pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
@@ -140,31 +158,51 @@ def slice_command(
     calibration = (lambda model: CalibrationData(spec, model).bn_batches()) if spec else None  # loaded only if needed
     member = zoo.slice_file(weights, out, chosen, rank, calibration, _bn_note(spec))
     params = sum(p.numel() for p in member.model.parameters())
-    typer.echo(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)")
+    typer.echo(
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)"
+    )
     typer.echo(f"member {member.model.arch} {member.subnet}: {params:,} parameters")
     if member.recalibrated:
         typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
     elif calibrate:
-        typer.echo(f"note: {member.subnet} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed")
+        typer.echo(
+            f"note: {member.subnet} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed"
+        )
     for entry in member.metadata["metrics"]:
         typer.echo("metrics: " + _metric_text(entry))
 
 
 @command("export")
 def export_command(
-    weights: Path = typer.Argument(..., help="A family's (or a sliced member's) weights file; a catalogue name with --pretrained."),
+    weights: Path = typer.Argument(
+        ..., help="A family's (or a sliced member's) weights file; a catalogue name with --pretrained."
+    ),
     pretrained: bool = PRETRAINED,
     width: Optional[float] = WIDTH,
     rank: Optional[float] = RANK,
     member_json: Optional[List[str]] = MEMBER,
-    all_members: bool = typer.Option(False, "--all", help="Export every trained member into the --out folder, with manifest.json."),
+    all_members: bool = typer.Option(
+        False, "--all", help="Export every trained member into the --out folder, with manifest.json."
+    ),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write (a folder with --all)."),
-    opset: Optional[int] = typer.Option(None, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or later); default: the exporter's."),
-    quantize: Optional[Quantization] = typer.Option(None, "--quantize", help="int8: static QDQ for CNNs, dynamic for Transformers; reports the accuracy cost."),
+    opset: Optional[int] = typer.Option(
+        None, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or later); default: the exporter's."
+    ),
+    quantize: Optional[Quantization] = typer.Option(
+        None, "--quantize", help="int8: static QDQ for CNNs, dynamic for Transformers; reports the accuracy cost."
+    ),
     calibrate: Optional[str] = CALIBRATE,
-    device: Device = typer.Option(Device.cpu, "--device", help="Export for and verify on this execution provider; cuda fails unless it exists."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX checker and the onnxruntime-vs-PyTorch comparison."),
-    fuse: bool = typer.Option(False, "--fuse", help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels (onnxruntime only; slower on CPU, see export/fusion.py)."),
+    device: Device = typer.Option(
+        Device.cpu, "--device", help="Export for and verify on this execution provider; cuda fails unless it exists."
+    ),
+    no_verify: bool = typer.Option(
+        False, "--no-verify", help="Skip the ONNX checker and the onnxruntime-vs-PyTorch comparison."
+    ),
+    fuse: bool = typer.Option(
+        False,
+        "--fuse",
+        help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels (onnxruntime only; slower on CPU, see export/fusion.py).",
+    ),
 ) -> None:
     """Export a member to a self-contained ONNX file, verified against PyTorch."""
     import zoo
@@ -177,7 +215,13 @@ def export_command(
     require_device(device.value)
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
-    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantize.value if quantize else None, fuse=fuse)
+    options = dict(
+        opset=opset,
+        device=device.value,
+        verify_output=not no_verify,
+        quantize=quantize.value if quantize else None,
+        fuse=fuse,
+    )
     if all_members:
         options.update(_quantization_data(data, source.model, quantize))
         results, manifest = export_all(source, out, **options)
@@ -216,7 +260,9 @@ def _quantization_data(data: CalibrationData, model: "ElasticModel", quantize: O
 
 @command("info")
 def info_command(
-    file: Path = typer.Argument(..., help="A weights file (.safetensors) or an exported .onnx file; a catalogue name with --pretrained."),
+    file: Path = typer.Argument(
+        ..., help="A weights file (.safetensors) or an exported .onnx file; a catalogue name with --pretrained."
+    ),
     pretrained: bool = PRETRAINED,
 ) -> None:
     """Describe a weights file (architecture, members, metrics) or an exported ONNX file.
@@ -240,20 +286,37 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
     facts, low_rank = catalogue.MODELS[arch], bool(header["model_args"].get("low_rank"))
     meta = header.get("metadata") or {}
     lines = [
-        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {_sha256(path)[:12]})"),
+        (
+            "file",
+            f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {_sha256(path)[:12]})",
+        ),
         ("architecture", f"{arch} (family {facts['family']}, {facts['input']} input)"),
         ("axes", ", ".join(catalogue.axes(arch, low_rank))),
         ("space", catalogue.space(arch, low_rank)),
-        ("members", "; ".join(_member_text(s) for s in header.get("subnets") or []) + ("" if facts["batchnorm"] else " (LayerNorm: any member can be sliced)")),
+        (
+            "members",
+            "; ".join(_member_text(s) for s in header.get("subnets") or [])
+            + ("" if facts["batchnorm"] else " (LayerNorm: any member can be sliced)"),
+        ),
         ("parameters", f"{header.get('num_params', 0):,}"),
     ]
     converted = meta.get("converted_from")
     if converted:
         checkpoint = f" checkpoint {converted['checkpoint']}" if converted.get("checkpoint") else ""
-        lines.append(("converted", f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, max abs difference {converted.get('max_abs_diff', 0):.2g}"))
+        lines.append(
+            (
+                "converted",
+                f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, max abs difference {converted.get('max_abs_diff', 0):.2g}",
+            )
+        )
     origin = meta.get("sliced_from")
     if origin:
-        lines.append(("sliced from", f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})"))
+        lines.append(
+            (
+                "sliced from",
+                f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})",
+            )
+        )
     if meta.get("bn_recalibration"):
         lines.append(("batch norm", f"recalibrated on {meta['bn_recalibration'].get('data')}"))
     data = meta.get("data") or (meta.get("train") or {}).get("data")
@@ -282,7 +345,10 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
     opsets = ", ".join(f"{domain or 'ai.onnx'} {version}" for domain, version in header.opsets)
     quantization = record.get("quantization") or {}
     lines = [
-        ("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {header.producer_name} {header.producer_version})"),
+        (
+            "file",
+            f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {header.producer_name} {header.producer_version})",
+        ),
         ("architecture", f"{record.get('arch')} (family {record.get('family')})"),
         ("member", _member_text(record.get("subnet") or {})),
         ("inputs", "; ".join(map(str, header.inputs))),
@@ -290,8 +356,14 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
         ("opset", opsets),
         ("parameters", f"{record.get('num_params', 0):,}"),
         ("FLOPs", f"{record.get('flops', 0) / 1e6:,.2f} M per example"),
-        ("quantized", f"{record['quantized']} ({quantization.get('method')})" if record.get("quantized") else "no (float32)"),
-        ("low-rank", f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, {record.get('low_rank_layers', {}).get('factorized', 0)} factorized"),
+        (
+            "quantized",
+            f"{record['quantized']} ({quantization.get('method')})" if record.get("quantized") else "no (float32)",
+        ),
+        (
+            "low-rank",
+            f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, {record.get('low_rank_layers', {}).get('factorized', 0)} factorized",
+        ),
         ("metrics", _metric_text(record["metrics"]) if record.get("metrics") else "none recorded"),
     ]
     if quantization.get("fp32"):
@@ -299,7 +371,9 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
         lines.append(("float32", _metric_text(quantization["fp32"]) + " (the float32 export on the same data)"))
     lines += [("source", f"sha256 {record.get('source_sha256')}"), ("input spec", json.dumps(record.get("input")))]
     if record.get("labels"):
-        lines.append(("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else "")))
+        lines.append(
+            ("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else ""))
+        )
     return lines
 
 
@@ -312,7 +386,11 @@ def _member_text(member: dict) -> str:
     """A member as ``str(zoo.Subnet)`` writes it, without importing torch."""
 
     def show(v) -> str:
-        return f"{v:g}" if isinstance(v, float) else (str(v) if isinstance(v, int) else "[" + ",".join(f"{x:g}" for x in v) + "]")
+        return (
+            f"{v:g}"
+            if isinstance(v, float)
+            else (str(v) if isinstance(v, int) else "[" + ",".join(f"{x:g}" for x in v) + "]")
+        )
 
     return ", ".join(f"{k}={show(v)}" for k, v in sorted(member.items()) if v is not None) or "largest"
 

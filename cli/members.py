@@ -38,7 +38,9 @@ def parse_members(values: Optional[List[str]]) -> list[dict]:
         for item in parsed if isinstance(parsed, list) else [parsed]:
             item = item.get("member", item) if isinstance(item, dict) and isinstance(item.get("member"), dict) else item
             if not isinstance(item, dict):
-                raise ValueError(f"--member {value!r}: a member is a JSON object such as {{\"width\": 0.5}}, got {item!r}")
+                raise ValueError(
+                    f'--member {value!r}: a member is a JSON object such as {{"width": 0.5}}, got {item!r}'
+                )
             members.append(item)
     return members
 

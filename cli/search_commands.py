@@ -19,10 +19,20 @@ from .app import PRETRAINED, command, weights_file
 def search_command(
     weights: str = typer.Argument(..., help="A trained family's weights file, or a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
-    budget: str = typer.Option(..., "--budget", help="params=N, flops=N (per example; N may end in k, M, G) or latency=MS (onnxruntime, batch 1)."),
-    out: Path = typer.Option(..., "--out", help="Folder: pareto.json, pareto.png, the chosen member's .onnx and manifest.json."),
-    data: Optional[str] = typer.Option(None, "--data", help="Validation (and recalibration) data; default: the data the file records."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score members on the first N validation items (default: all)."),
+    budget: str = typer.Option(
+        ...,
+        "--budget",
+        help="params=N, flops=N (per example; N may end in k, M, G) or latency=MS (onnxruntime, batch 1).",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Folder: pareto.json, pareto.png, the chosen member's .onnx and manifest.json."
+    ),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Validation (and recalibration) data; default: the data the file records."
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Score members on the first N validation items (default: all)."
+    ),
     population: int = typer.Option(16, "--population", min=2, help="Members per generation."),
     generations: int = typer.Option(4, "--generations", min=1, help="Generations of the evolution."),
     threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime threads for latency."),
@@ -55,7 +65,16 @@ def search_command(
 
     higher = scorer.metric == "accuracy"
     with locked_folder(out, "zoo search"):
-        evolution = Evolution(model, scorer, cost, chosen_budget, metric=scorer.metric, higher_is_better=higher, seed=seed, progress=typer.echo)
+        evolution = Evolution(
+            model,
+            scorer,
+            cost,
+            chosen_budget,
+            metric=scorer.metric,
+            higher_is_better=higher,
+            seed=seed,
+            progress=typer.echo,
+        )
         uniform = [s for s in model.subnets if s.is_uniform]
         result = evolution.run(population, generations, seeds=uniform)
         for candidate in result.front():  # every member on the front gets its latency too
@@ -79,13 +98,19 @@ def search_command(
         }
         write_front(out / "pareto.json", result, grid, best, record)
         plot_front(out / "pareto.png", result, grid, best, f"{model.arch}: search under {chosen_budget}")
-    typer.echo(f"best within {chosen_budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms")
+    typer.echo(
+        f"best within {chosen_budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms"
+    )
     same_cost = [g for g in grid if g.costs[chosen_budget.kind] <= chosen_budget.limit]
     if same_cost:
         top = max(same_cost, key=lambda g: g.metric if higher else -g.metric)
         typer.echo(f"best uniform member within the budget: {top.member} — {result.metric} {top.metric:.4f}")
-    typer.echo(f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured {exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)")
-    typer.echo(f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} ({len(result.candidates)} members scored, {len(result.front())} on the front)")
+    typer.echo(
+        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured {exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
+    )
+    typer.echo(
+        f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} ({len(result.candidates)} members scored, {len(result.front())} on the front)"
+    )
 
 
 def _data_spec(model, data: Optional[str]) -> Optional[str]:
@@ -107,8 +132,15 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
         path = results[0].path
         example = source.model.example_input(1).numpy()
         measured = session_latency(path, example, threads)
-        check = {"file": str(path), "search_ms": best.costs["latency"], "exported_ms": measured, "relative_error": measured / best.costs["latency"] - 1.0}
+        check = {
+            "file": str(path),
+            "search_ms": best.costs["latency"],
+            "exported_ms": measured,
+            "relative_error": measured / best.costs["latency"] - 1.0,
+        }
         if result.budget.kind != "latency" or measured <= result.budget.limit:
             return best, check
         path.unlink()
-    raise ValueError(f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured latency is noisy here: retry, or relax the budget")
+    raise ValueError(
+        f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured latency is noisy here: retry, or relax the budget"
+    )

@@ -59,64 +59,198 @@ class Amp(str, Enum):
 def train_command(
     model: str = typer.Argument(..., help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano."),
     out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt."),
-    data: Optional[str] = typer.Option(None, "--data", help="digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib (byte models)."),
-    strategy: Strategy = typer.Option(Strategy.alternating, "--strategy", help="alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place distillation; all: every member each step; random: one random member per step; separate: one member alone (the baseline)."),
-    width: Optional[List[float]] = typer.Option(None, "--width", help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model."),
-    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1."),
+    data: Optional[str] = typer.Option(
+        None,
+        "--data",
+        help="digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib (byte models).",
+    ),
+    strategy: Strategy = typer.Option(
+        Strategy.alternating,
+        "--strategy",
+        help="alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place distillation; all: every member each step; random: one random member per step; separate: one member alone (the baseline).",
+    ),
+    width: Optional[List[float]] = typer.Option(
+        None,
+        "--width",
+        help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model.",
+    ),
+    rank: Optional[List[float]] = typer.Option(
+        None, "--rank", help="Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1."
+    ),
     low_rank: bool = typer.Option(False, "--low-rank", help="Build the family with factorized (low-rank) layers."),
     member: Optional[List[str]] = MEMBER,
-    space: Space = typer.Option(Space.uniform, "--space", help="random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth independently (layerwise, Once-for-All)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps; default 600 (images) or 1000 (byte models)."),
+    space: Space = typer.Option(
+        Space.uniform,
+        "--space",
+        help="random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth independently (layerwise, Once-for-All).",
+    ),
+    steps: Optional[int] = typer.Option(
+        None, "--steps", help="Optimizer steps; default 600 (images) or 1000 (byte models)."
+    ),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Global batch (split over processes); default 128 (images) or 16 (byte models)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Global batch (split over processes); default 128 (images) or 16 (byte models)."
+    ),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate; default 0.1 (sgd) or 3e-3 (adamw)."),
-    optimizer: Optional[Optimizer] = typer.Option(None, "--optimizer", help="Default: sgd for images, adamw for byte models."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."),
+    optimizer: Optional[Optimizer] = typer.Option(
+        None, "--optimizer", help="Default: sgd for images, adamw for byte models."
+    ),
+    weight_decay: Optional[float] = typer.Option(
+        None, "--weight-decay", help="Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."
+    ),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
     nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
-    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear warmup before the cosine decay; default 5% of the steps."),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Clip the gradient's global norm to this value."),
-    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing of the cross-entropy on labels."),
-    core_prob: float = typer.Option(0.5, "--core-prob", help="alternating: fraction of steps that train a core (0.5: full, core, full, ...)."),
-    num_random: int = typer.Option(2, "--num-random", help="sandwich: random members per step besides the largest and smallest."),
-    update: Update = typer.Option(Update.full, "--update", help="The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient (δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a random rank prefix, --low-rank)."),
+    warmup_steps: Optional[int] = typer.Option(
+        None, "--warmup-steps", help="Linear warmup before the cosine decay; default 5% of the steps."
+    ),
+    clip_grad: Optional[float] = typer.Option(
+        None, "--clip-grad", help="Clip the gradient's global norm to this value."
+    ),
+    label_smoothing: float = typer.Option(
+        0.0, "--label-smoothing", help="Label smoothing of the cross-entropy on labels."
+    ),
+    core_prob: float = typer.Option(
+        0.5, "--core-prob", help="alternating: fraction of steps that train a core (0.5: full, core, full, ...)."
+    ),
+    num_random: int = typer.Option(
+        2, "--num-random", help="sandwich: random members per step besides the largest and smallest."
+    ),
+    update: Update = typer.Option(
+        Update.full,
+        "--update",
+        help="The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient (δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a random rank prefix, --low-rank).",
+    ),
     rho: Optional[float] = typer.Option(None, "--rho", help="sam: perturbation radius; default 0.05."),
     eg_lr: Optional[float] = typer.Option(None, "--eg-lr", help="extragradient: look-ahead step η; default 0.01."),
-    keep: Optional[float] = typer.Option(None, "--keep", help="meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: smallest rank fraction drawn (0.25)."),
-    meprop_units: bool = typer.Option(False, "--meprop-units", help="meprop: keep the top-k output units (rows by gradient norm) rather than coordinates."),
-    nested: bool = typer.Option(False, "--nested", help="unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset."),
-    log_alignment: Optional[int] = typer.Option(None, "--log-alignment", help="Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time)."),
+    keep: Optional[float] = typer.Option(
+        None,
+        "--keep",
+        help="meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: smallest rank fraction drawn (0.25).",
+    ),
+    meprop_units: bool = typer.Option(
+        False,
+        "--meprop-units",
+        help="meprop: keep the top-k output units (rows by gradient norm) rather than coordinates.",
+    ),
+    nested: bool = typer.Option(
+        False,
+        "--nested",
+        help="unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset.",
+    ),
+    log_alignment: Optional[int] = typer.Option(
+        None,
+        "--log-alignment",
+        help="Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time).",
+    ),
     seq_len: int = typer.Option(256, "--seq-len", help="Byte models: context length trained on."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size)."),
-    aa: Optional[str] = typer.Option(None, "--aa", help="folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2."),
+    img_size: Optional[int] = typer.Option(
+        None,
+        "--img-size",
+        help="Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size).",
+    ),
+    aa: Optional[str] = typer.Option(
+        None,
+        "--aa",
+        help="folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2.",
+    ),
     reprob: float = typer.Option(0.0, "--reprob", help="folder: random-erasing probability (timm's, per-pixel noise)."),
-    crop_pct: Optional[float] = typer.Option(None, "--crop-pct", help="folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."),
-    mixup: float = typer.Option(0.0, "--mixup", help="Images: timm Mixup's mixup alpha (0: off); trains on soft targets."),
-    cutmix: float = typer.Option(0.0, "--cutmix", help="Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model)."),
-    save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Also write the trained family in timm's Hub layout here (config.json + model.safetensors)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."),
-    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Evaluate every member every N steps; default: 10 times per run."),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all."),
-    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="Stop after this step with a checkpoint (for time-limited jobs); continue with --resume."),
+    crop_pct: Optional[float] = typer.Option(
+        None, "--crop-pct", help="folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."
+    ),
+    mixup: float = typer.Option(
+        0.0, "--mixup", help="Images: timm Mixup's mixup alpha (0: off); trains on soft targets."
+    ),
+    cutmix: float = typer.Option(
+        0.0,
+        "--cutmix",
+        help="Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two.",
+    ),
+    init: Optional[Path] = typer.Option(
+        None, "--init", help="Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model)."
+    ),
+    save_dir: Optional[Path] = typer.Option(
+        None,
+        "--save-dir",
+        help="Also write the trained family in timm's Hub layout here (config.json + model.safetensors).",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."
+    ),
+    ckpt_every: Optional[int] = typer.Option(
+        None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."
+    ),
+    eval_every: Optional[int] = typer.Option(
+        None, "--eval-every", help="Evaluate every member every N steps; default: 10 times per run."
+    ),
+    eval_limit: Optional[int] = typer.Option(
+        None,
+        "--eval-limit",
+        help="Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all.",
+    ),
+    stop_after: Optional[int] = typer.Option(
+        None,
+        "--stop-after",
+        help="Stop after this step with a checkpoint (for time-limited jobs); continue with --resume.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seeds the model, the data order and split, and the member choice."),
-    device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders."),
+    device: Device = typer.Option(
+        Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."
+    ),
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        help="Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders.",
+    ),
     # The loop: speed, precision, accumulation, EMA; processes and machines (torch's launcher).
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the training step: one graph per member, compiled the first time it trains."),
-    compile_backend: str = typer.Option("inductor", "--compile-backend", help="torch.compile backend (with --compile)."),
-    channels_last: bool = typer.Option(False, "--channels-last", help="Image models: NHWC weights and inputs (faster convolutions on GPUs)."),
-    amp: Optional[Amp] = typer.Option(None, "--amp", help="Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none on CPU."),
-    accum_steps: int = typer.Option(1, "--accum-steps", help="Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory)."),
-    ema: bool = typer.Option(False, "--ema", help="Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="With --ema: the decay, reached after a warmup (default 0.9998)."),
-    sync_bn: bool = typer.Option(False, "--sync-bn", help="Batch-norm statistics over the global batch, across processes."),
-    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run."),
+    compile: bool = typer.Option(
+        False,
+        "--compile",
+        help="torch.compile the training step: one graph per member, compiled the first time it trains.",
+    ),
+    compile_backend: str = typer.Option(
+        "inductor", "--compile-backend", help="torch.compile backend (with --compile)."
+    ),
+    channels_last: bool = typer.Option(
+        False, "--channels-last", help="Image models: NHWC weights and inputs (faster convolutions on GPUs)."
+    ),
+    amp: Optional[Amp] = typer.Option(
+        None,
+        "--amp",
+        help="Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none on CPU.",
+    ),
+    accum_steps: int = typer.Option(
+        1,
+        "--accum-steps",
+        help="Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory).",
+    ),
+    ema: bool = typer.Option(
+        False, "--ema", help="Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."
+    ),
+    ema_decay: Optional[float] = typer.Option(
+        None, "--ema-decay", help="With --ema: the decay, reached after a warmup (default 0.9998)."
+    ),
+    sync_bn: bool = typer.Option(
+        False, "--sync-bn", help="Batch-norm statistics over the global batch, across processes."
+    ),
+    nproc_per_node: int = typer.Option(
+        1,
+        "--nproc-per-node",
+        help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
+    ),
     nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run; run the same command on each."),
-    node_rank: Optional[int] = typer.Option(None, "--node-rank", help="This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint)."),
-    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1."),
-    rdzv_id: str = typer.Option("zoo", "--rdzv-id", help="The run's name in the rendezvous, the same on every machine."),
+    node_rank: Optional[int] = typer.Option(
+        None,
+        "--node-rank",
+        help="This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint).",
+    ),
+    rdzv_endpoint: Optional[str] = typer.Option(
+        None,
+        "--rdzv-endpoint",
+        help="HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1.",
+    ),
+    rdzv_id: str = typer.Option(
+        "zoo", "--rdzv-id", help="The run's name in the rendezvous, the same on every machine."
+    ),
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
     from training.launch import Launch, launch
@@ -155,13 +289,20 @@ def train_command(
     if not main:
         return
     if result.already_finished:
-        typer.echo(f"{out}: the run is already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten")
+        typer.echo(
+            f"{out}: the run is already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten"
+        )
         _print_members(f"{model}: recorded metrics", result.metrics, result.metric, result.member_params)
         return
     if not result.finished:
         typer.echo(f"stopped after step {result.steps} of {result.total_steps}; continue with --resume")
         return
-    _print_members(f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s", result.metrics, result.metric, result.member_params)
+    _print_members(
+        f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s",
+        result.metrics,
+        result.metric,
+        result.member_params,
+    )
     if result.ema_path is not None:
         _print_members(f"{model}: EMA weights", result.ema_metrics, result.metric, result.member_params)
     written = [result.model_path, *([result.ema_path] if result.ema_path else []), result.out / "metrics.jsonl"]
@@ -177,11 +318,19 @@ def train_command(
 def eval_command(
     weights: str = typer.Argument(..., help="A zoo weights file, or a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
-    data: Optional[str] = typer.Option(None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."),
-    width: Optional[List[float]] = typer.Option(None, "--width", help="Widths to evaluate (repeatable); default: the trained members."),
-    rank: Optional[List[float]] = typer.Option(None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Data spec; default: the one recorded in the file, else the family's default."
+    ),
+    width: Optional[List[float]] = typer.Option(
+        None, "--width", help="Widths to evaluate (repeatable); default: the trained members."
+    ),
+    rank: Optional[List[float]] = typer.Option(
+        None, "--rank", help="Ranks to evaluate (repeatable, low-rank families)."
+    ),
     member: Optional[List[str]] = MEMBER,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 8192 bytes of byte windows."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Evaluation batch; default 256 images, or 8192 bytes of byte windows."
+    ),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate on the first N validation items only."),
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
@@ -198,10 +347,20 @@ def eval_command(
     bundle = data_for(model, data)
     recalibrated = calibrate_members(model, members, calibration_batches(bundle))
     if recalibrated:
-        typer.echo(f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} (training split)", err=True)
+        typer.echo(
+            f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} (training split)",
+            err=True,
+        )
     started = time.perf_counter()
     with _EvalProgress(f"evaluating {model.arch} ({len(members)} members)") as progress:
-        records = evaluate(model, bundle.val, members, batch_size=batch_size or default_batch_size(model), limit=limit, progress=progress)
+        records = evaluate(
+            model,
+            bundle.val,
+            members,
+            batch_size=batch_size or default_batch_size(model),
+            limit=limit,
+            progress=progress,
+        )
     if json_output:
         typer.echo(json.dumps(records))
         return
@@ -232,7 +391,14 @@ class _Progress:
 
     def start(self, total_steps: int, done: int, description: str, batch_size: int) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.console = Console()
         self.batch_size, self.last_time, self.rate = batch_size, time.perf_counter(), None
@@ -283,9 +449,22 @@ class _EvalProgress:
 
     def __enter__(self) -> "_EvalProgress":
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+            columns = [
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            ]
             self.bar = Progress(*columns, console=self.console, transient=True)
             self.task = self.bar.add_task(self.description, total=None)
             self.bar.start()
@@ -296,7 +475,10 @@ class _EvalProgress:
             self.bar.update(self.task, completed=done, total=total)
             return
         if done * 10 >= self.next_tenth * total:
-            self.console.print(f"{self.description}: {100 * done // total}% after {time.perf_counter() - self.started:.0f} s", highlight=False)
+            self.console.print(
+                f"{self.description}: {100 * done // total}% after {time.perf_counter() - self.started:.0f} s",
+                highlight=False,
+            )
             self.next_tenth = 10 * done // total + 1
 
     def __exit__(self, *exc) -> None:

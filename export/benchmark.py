@@ -50,11 +50,15 @@ class MemberResult:
             "flops": self.flops,
             "metric_name": self.metric_name,
             "metric": self.metric,
-            "latency_ms": {runtime: {str(b): ms for b, ms in by_batch.items()} for runtime, by_batch in self.latency_ms.items()},
+            "latency_ms": {
+                runtime: {str(b): ms for b, ms in by_batch.items()} for runtime, by_batch in self.latency_ms.items()
+            },
         }
 
 
-def time_interleaved(runs: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[Hashable, float]:
+def time_interleaved(
+    runs: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[Hashable, float]:
     """Median milliseconds of each callable.
 
     Each callable is first warmed up on its own, ``warmup`` runs back to back (its first runs
@@ -94,7 +98,9 @@ def member_metric(metadata: dict) -> tuple[str | None, float | None]:
     return None, None
 
 
-def prepare_member(member: Member, batch_sizes: Iterable[int], threads: int, workdir: Path) -> tuple[MemberResult, dict]:
+def prepare_member(
+    member: Member, batch_sizes: Iterable[int], threads: int, workdir: Path
+) -> tuple[MemberResult, dict]:
     """Export a sliced member (verified against PyTorch); its result to fill in and its timed
     runs, keyed ``(runtime, batch size)``.
 
@@ -135,7 +141,10 @@ def bench_family(
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="zoo-bench-") as workdir:
-            prepared = [prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir)) for subnet in subnets]
+            prepared = [
+                prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir))
+                for subnet in subnets
+            ]
             runs = {(i, *key): run for i, (_, member_runs) in enumerate(prepared) for key, run in member_runs.items()}
             with torch.inference_mode():
                 medians = time_interleaved(runs, repeats)
@@ -157,7 +166,20 @@ def check_plot_path(path: str | os.PathLike) -> None:
 
 
 OUTLIER_FACTOR = 10.0  # a latency this many times the median of all is drawn at the axis edge
-LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (5, 13), (5, -20), (-5, 13), (-5, -20), (5, 22), (-5, 22), (5, -29), (-5, -29)]
+LABEL_OFFSETS = [
+    (5, 4),
+    (5, -11),
+    (-5, 4),
+    (-5, -11),
+    (5, 13),
+    (5, -20),
+    (-5, 13),
+    (-5, -20),
+    (5, 22),
+    (-5, 22),
+    (5, -29),
+    (-5, -29),
+]
 
 
 def plot_results(results: list[MemberResult], path: str | os.PathLike, title: str) -> Path:

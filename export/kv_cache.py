@@ -60,7 +60,9 @@ class CachedDecoder(nn.Module):
         """The shape of every cache input (key, value per block) for ``past`` positions."""
         return [(1, block.attn.num_heads, past, block.attn.head_dim) for block in self.blocks for _ in PARTS]
 
-    def forward(self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(
+        self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The logits and every block's keys and values after ``past``; with no ``past``, the
         logits alone, computed as the exported file computes them (what ``zoo search`` times)."""
         model = self.model

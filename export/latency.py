@@ -52,5 +52,13 @@ def member_latency(model: ElasticModel, member: Subnet, threads: int = 1, repeat
         path = Path(work) / "member.onnx"
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(exported, (example,), str(path), dynamo=False, input_names=["input"], output_names=["logits"], opset_version=17)
+            torch.onnx.export(
+                exported,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                opset_version=17,
+            )
         return session_latency(path, example.numpy(), threads, repeats)

@@ -33,7 +33,9 @@ def merge_low_rank(model: ElasticModel) -> dict[str, list[int]]:
     low-rank layers of each kind (kinds without low-rank layers are left out).
     """
     if model.active_subnet != model.largest:
-        raise ValueError(f"merge_low_rank needs a sliced member (zoo.slice), not a family running {model.active_subnet}")
+        raise ValueError(
+            f"merge_low_rank needs a sliced member (zoo.slice), not a family running {model.active_subnet}"
+        )
     counts: dict[str, list[int]] = {}
     for module in model.modules():
         kind = LAYER_KINDS.get(type(module))

@@ -41,7 +41,8 @@ from zoo.models.transformer import Attention
 from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
 from .merge import describe_merges, merge_low_rank
-from .onnx_header import read_onnx_header, zoo_record as zoo_record_of
+from .onnx_header import read_onnx_header
+from .onnx_header import zoo_record as zoo_record_of
 from .quantize import int8_record, method_for, quantization_report, quantize_int8
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
 
@@ -78,16 +79,26 @@ class ExportResult:
         lines = [
             f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, {self.export_seconds:.1f} s to export)",
             f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, {self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
-            "verification: " + ("skipped (--no-verify)" if self.max_abs_diff is None else f"max |onnxruntime - PyTorch| = {self.max_abs_diff:.2e} (fp32, tolerance {FP32_TOLERANCE:g})"),
+            "verification: "
+            + (
+                "skipped (--no-verify)"
+                if self.max_abs_diff is None
+                else f"max |onnxruntime - PyTorch| = {self.max_abs_diff:.2e} (fp32, tolerance {FP32_TOLERANCE:g})"
+            ),
             describe_merges(self.low_rank_layers),
         ]
         if record.get("kv_cache"):
-            lines.append(f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value for {record['kv_cache']} blocks")
+            lines.append(
+                f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value for {record['kv_cache']} blocks"
+            )
         if record.get("fusions") is not None:
             lines.append(describe_fusions(record["fusions"]))
         if self.quantization:
             q = self.quantization
-            changes = ", ".join(f"{name} {q['fp32'][name]:.4f} -> {q['int8'][name]:.4f} ({delta:+.4f})" for name, delta in q["change"].items())
+            changes = ", ".join(
+                f"{name} {q['fp32'][name]:.4f} -> {q['int8'][name]:.4f} ({delta:+.4f})"
+                for name, delta in q["change"].items()
+            )
             lines.append(
                 f"int8 ({q['method']}): {q['fp32_bytes'] / 1e6:.2f} MB as float32 -> {self.size_bytes / 1e6:.2f} MB; "
                 f"on {q['validation_samples']:,} validation {'bytes' if 'bits_per_byte' in q['fp32'] else 'examples'} "
@@ -119,8 +130,14 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
 
 
 def zoo_record(
-    member: Member, model: ElasticModel, merges: dict[str, list[int]], opset: int, flops: int,
-    quantized: str | None = None, fusions: dict[str, int] | None = None, kv_cache: int | None = None,
+    member: Member,
+    model: ElasticModel,
+    merges: dict[str, list[int]],
+    opset: int,
+    flops: int,
+    quantized: str | None = None,
+    fusions: dict[str, int] | None = None,
+    kv_cache: int | None = None,
 ) -> dict:
     """The JSON stored under the ``"zoo"`` metadata key of every exported file.
 
@@ -140,7 +157,10 @@ def zoo_record(
         "source_sha256": member.source_sha256,
         "opset": opset,
         "quantized": quantized,
-        "low_rank_layers": {"merged": sum(c[0] for c in merges.values()), "factorized": sum(c[1] - c[0] for c in merges.values())},
+        "low_rank_layers": {
+            "merged": sum(c[0] for c in merges.values()),
+            "factorized": sum(c[1] - c[0] for c in merges.values()),
+        },
         "fusions": fusions,
         "kv_cache": kv_cache,
         "zoo_version": zoo.__version__,
@@ -152,12 +172,20 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
     exporter's names and dynamic axes. Language models are exported with their cache."""
     batch = torch.export.Dim("batch", min=1)
     if model.input_kind != "tokens":
-        return model, (model.example_input(2).to(device),), dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},))
+        return (
+            model,
+            (model.example_input(2).to(device),),
+            dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},)),
+        )
     context = model.context_length
     if context < MIN_CACHED_CONTEXT:
         axes = {0: batch} if context < 2 else {0: batch, 1: torch.export.Dim("sequence", min=1, max=context)}
         example = model.example_input(2, seq_len=1 if context < 2 else context)
-        return model, (example.to(device),), dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(axes,))
+        return (
+            model,
+            (example.to(device),),
+            dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(axes,)),
+        )
     decoder = CachedDecoder(model)
     sequence = torch.export.Dim("sequence", min=1, max=context)
     past = torch.export.Dim("past", min=0, max=context - 1)
@@ -171,7 +199,9 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
     return decoder, (example, cache), names
 
 
-def to_onnx(model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False) -> tuple[onnx.ModelProto, dict[str, int] | None]:
+def to_onnx(
+    model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False
+) -> tuple[onnx.ModelProto, dict[str, int] | None]:
     """The model's graph through PyTorch's dynamo exporter, weights embedded, optionally fused
     for onnxruntime; and the fused kernels (None when not fused)."""
     module, example, names = _export_args(model, device)
@@ -229,7 +259,9 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
         f"with torch {torch.__version__.split('+')[0]}'s dynamo ONNX exporter; see the 'zoo' metadata"
     )
     if proto.ByteSize() > MAX_EMBEDDED_BYTES:
-        raise ValueError(f"{record['arch']} is too large ({proto.ByteSize() / 2**30:.1f} GiB) to embed its weights in one ONNX file")
+        raise ValueError(
+            f"{record['arch']} is too large ({proto.ByteSize() / 2**30:.1f} GiB) to embed its weights in one ONNX file"
+        )
     onnx.save_model(proto, str(path))
 
 
@@ -256,13 +288,19 @@ def export_member(
     if Path(out).is_dir():
         raise ValueError(f"the output {out} is a folder; give a file name (or export every member with --all)")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
-        raise ValueError(f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}")
+        raise ValueError(
+            f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}"
+        )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     if quantize and device != "cpu":
-        raise ValueError("int8 export targets onnxruntime's CPU execution provider; use --device cpu with --quantize int8")
+        raise ValueError(
+            "int8 export targets onnxruntime's CPU execution provider; use --device cpu with --quantize int8"
+        )
     if quantize and not validation:
-        raise ValueError("--quantize int8 reports its accuracy cost on validation data; give data with --calibrate DATA")
+        raise ValueError(
+            "--quantize int8 reports its accuracy cost on validation data; give data with --calibrate DATA"
+        )
     model = member.model.eval()
     merges = merge_low_rank(model)
     flops = zoo.count_flops(model, batch_size=1)
@@ -284,7 +322,9 @@ def export_member(
             method = method_for(model.uses_batchnorm)
             int8_path = Path(work) / "model.int8.onnx"
             quantize_int8(fp32_path, int8_path, method, calibration)
-            report = quantization_report(fp32_path, int8_path, method, model.input_kind, calibration if method == "static" else None, validation)
+            report = quantization_report(
+                fp32_path, int8_path, method, model.input_kind, calibration if method == "static" else None, validation
+            )
             report["int8_max_abs_diff"] = max_abs_difference(model, int8_path, "cpu")  # informative, not gated
             record = int8_record(record, quantize, report)
             _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record)
@@ -293,7 +333,18 @@ def export_member(
         with atomic_path(out) as tmp:
             shutil.copyfile(final, tmp)
     model.cpu()
-    return ExportResult(Path(out), member.subnet, Path(out).stat().st_size, record["num_params"], flops, diff, merges, export_seconds, record, report)
+    return ExportResult(
+        Path(out),
+        member.subnet,
+        Path(out).stat().st_size,
+        record["num_params"],
+        flops,
+        diff,
+        merges,
+        export_seconds,
+        record,
+        report,
+    )
 
 
 def export_file(
@@ -312,7 +363,12 @@ def export_file(
     return export_member(member, out, **options)
 
 
-def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.PathLike, members: Iterable[Subnet] | None = None, **options) -> tuple[list[ExportResult], Path]:
+def export_all(
+    weights: str | os.PathLike | WeightsSource,
+    out_dir: str | os.PathLike,
+    members: Iterable[Subnet] | None = None,
+    **options,
+) -> tuple[list[ExportResult], Path]:
     """Export every trained member (or ``members``) into ``out_dir`` plus ``manifest.json``.
 
     The folder is locked meanwhile (``zoo.fileio.locked_folder``): a run or another export
@@ -327,7 +383,9 @@ def export_all(weights: str | os.PathLike | WeightsSource, out_dir: str | os.Pat
         return export_members(source, out_dir, list(source.model.subnets if members is None else members), **options)
 
 
-def export_members(source: WeightsSource, out_dir: Path, members: list[Subnet], **options) -> tuple[list[ExportResult], Path]:
+def export_members(
+    source: WeightsSource, out_dir: Path, members: list[Subnet], **options
+) -> tuple[list[ExportResult], Path]:
     """``export_all`` for a caller that already holds ``out_dir``'s lock (``zoo search``)."""
     results = []
     for subnet in members:

@@ -55,7 +55,9 @@ class _ArrayReader(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, method: str, calibration: list[np.ndarray] | None = None) -> None:
+def quantize_int8(
+    fp32_path: str | os.PathLike, out_path: str | os.PathLike, method: str, calibration: list[np.ndarray] | None = None
+) -> None:
     """Write the int8 version of ``fp32_path`` to ``out_path`` (both plain paths; the caller renames)."""
     if method not in METHODS:
         raise ValueError(f"quantization method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -71,7 +73,13 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, met
         finally:
             ort.set_default_logger_severity(2)  # onnxruntime's default: warnings
         if method == "dynamic":
-            quantize_dynamic(prepared, out_path, op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8, per_channel=True)
+            quantize_dynamic(
+                prepared,
+                out_path,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+            )
             return
         if not calibration:
             raise ValueError("static int8 quantization of a CNN needs calibration data (--calibrate DATA)")
@@ -111,7 +119,14 @@ def evaluate(path: str | os.PathLike, batches: list[tuple[np.ndarray, np.ndarray
     return {"accuracy": correct / count, "loss": loss}
 
 
-def quantization_report(fp32_path: Path, int8_path: Path, method: str, kind: str, calibration: list[np.ndarray] | None, validation: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+def quantization_report(
+    fp32_path: Path,
+    int8_path: Path,
+    method: str,
+    kind: str,
+    calibration: list[np.ndarray] | None,
+    validation: list[tuple[np.ndarray, np.ndarray]],
+) -> dict:
     """The int8 file's cost: metrics of both files on the same validation batches, and the
     float32 size (the int8 file's own size is that of the file finally written, metadata
     included, so it is not recorded here)."""

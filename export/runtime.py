@@ -177,7 +177,7 @@ class Predictor:
 
     @property
     def kind(self) -> str:
-        """"image" for classifiers, "tokens" for byte-level language models."""
+        """ "image" for classifiers, "tokens" for byte-level language models."""
         return self.metadata["input"]["kind"]
 
     @property
@@ -277,19 +277,34 @@ class Predictor:
         pairs = []
         for initializer in self.session.get_overridable_initializers():
             name = initializer.name
-            if name.startswith("past_key_values.") and (present := "present." + name[len("past_key_values."):]) in outputs:
+            if (
+                name.startswith("past_key_values.")
+                and (present := "present." + name[len("past_key_values.") :]) in outputs
+            ):
                 pairs.append((name, present))
         return pairs
 
     def generate(
-        self, prompt: bytes | str, max_new_bytes: int = 64, temperature: float = 0.0, seed: int | None = None, use_cache: bool = True
+        self,
+        prompt: bytes | str,
+        max_new_bytes: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        use_cache: bool = True,
     ) -> str:
         """Continue ``prompt`` by ``max_new_bytes`` bytes; returns only the new text, decoded as
         UTF-8 with invalid bytes replaced (U+FFFD). :meth:`generate_bytes` gives the raw bytes."""
-        return self.generate_bytes(prompt, max_new_bytes, temperature, seed, use_cache).decode("utf-8", errors="replace")
+        return self.generate_bytes(prompt, max_new_bytes, temperature, seed, use_cache).decode(
+            "utf-8", errors="replace"
+        )
 
     def generate_bytes(
-        self, prompt: bytes | str, max_new_bytes: int = 64, temperature: float = 0.0, seed: int | None = None, use_cache: bool = True
+        self,
+        prompt: bytes | str,
+        max_new_bytes: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        use_cache: bool = True,
     ) -> bytes:
         """Continue ``prompt`` by ``max_new_bytes`` bytes; returns only the new bytes.
 

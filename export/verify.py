@@ -67,7 +67,11 @@ def verification_inputs(model: ElasticModel, seed: int = 0) -> list[torch.Tensor
     if model.input_kind == "tokens":
         context = model.context_length
         lengths = sorted({max(1, context // 3), context})
-        return [torch.randint(0, model.num_classes, (b, t), generator=generator) for b in VERIFY_BATCH_SIZES for t in lengths]
+        return [
+            torch.randint(0, model.num_classes, (b, t), generator=generator)
+            for b in VERIFY_BATCH_SIZES
+            for t in lengths
+        ]
     shape = tuple(model.pretrained_cfg["input_size"])
     return [torch.randn((b, *shape), generator=generator) for b in VERIFY_BATCH_SIZES]
 
@@ -83,7 +87,9 @@ def max_abs_difference(model: ElasticModel, path: str | os.PathLike, device: str
             expected = model(x.to(torch_device)).float().cpu().numpy()
         got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
         if got.shape != expected.shape:
-            raise ValueError(f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}")
+            raise ValueError(
+                f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}"
+            )
         worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected))))
         if x.shape[0] == 1 and x.shape[1] >= 2 and _cache_inputs(sess):
             worst = max(worst, float(np.max(np.abs(_cached_logits(sess, x.numpy()).astype(np.float64) - expected))))
@@ -104,10 +110,14 @@ def _cached_logits(sess: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray
     return np.concatenate([first, second], axis=1)
 
 
-def verify(model: ElasticModel, path: str | Path, device: str = "cpu", tolerance: float | None = FP32_TOLERANCE) -> float:
+def verify(
+    model: ElasticModel, path: str | Path, device: str = "cpu", tolerance: float | None = FP32_TOLERANCE
+) -> float:
     """Check the graph, compare it with PyTorch; above ``tolerance`` is an error. Returns the max diff."""
     check_model(path)
     diff = max_abs_difference(model, path, device)
     if tolerance is not None and not diff <= tolerance:
-        raise ValueError(f"verification failed: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}); nothing was written")
+        raise ValueError(
+            f"verification failed: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}); nothing was written"
+        )
     return diff

@@ -26,7 +26,9 @@ def weights(tmp_path_factory):
 
 def test_bench_prints_a_row_per_member_and_writes_a_png(weights, tmp_path):
     plot = tmp_path / "plots" / "r20.png"
-    result = CliRunner().invoke(app, ["bench", str(weights), "--batch-size", "2", "--repeats", "2", "--threads", "1", "--plot", str(plot)])
+    result = CliRunner().invoke(
+        app, ["bench", str(weights), "--batch-size", "2", "--repeats", "2", "--threads", "1", "--plot", str(plot)]
+    )
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip().startswith("w")}
     assert sorted(rows) == ["w0.5", "w1"]
@@ -38,7 +40,10 @@ def test_bench_prints_a_row_per_member_and_writes_a_png(weights, tmp_path):
 
 
 def test_bench_json_has_sizes_flops_latencies_and_metrics(weights):
-    result = CliRunner().invoke(app, ["bench", str(weights), "--width", "0.5", "--batch-size", "3", "--repeats", "1", "--threads", "1", "--json"])
+    result = CliRunner().invoke(
+        app,
+        ["bench", str(weights), "--width", "0.5", "--batch-size", "3", "--repeats", "1", "--threads", "1", "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"weights", "arch", "threads", "batch_sizes", "repeats", "members"} <= set(report)
@@ -79,7 +84,9 @@ def test_bench_errors_are_one_line(weights, tmp_path):
     }
     for message, flags in cases.items():
         result = runner.invoke(app, ["bench", str(weights), "--repeats", "1", *flags])
-        assert result.exit_code == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert result.exit_code == 1 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, (
+            result.output
+        )
     missing = runner.invoke(app, ["bench", str(tmp_path / "missing.safetensors")])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: no such weights file")
     assert runner.invoke(app, ["bench", str(weights), "--repeats", "0"]).exit_code == 2

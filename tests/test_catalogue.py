@@ -52,10 +52,15 @@ def test_pretrained_facts_match_the_shipped_file(name):
 
 def test_timm_lists_the_shipped_image_weights_as_pretrained_tags():
     listed = timm.list_models("slim_*", pretrained=True)
-    assert listed == sorted(f"{name}.{facts['tag']}" for name, facts in PRETRAINED.items() if MODELS[name]["input"] == "image")
+    assert listed == sorted(
+        f"{name}.{facts['tag']}" for name, facts in PRETRAINED.items() if MODELS[name]["input"] == "image"
+    )
     assert "slim_resnet18" not in timm.list_models("slim_*", pretrained=True, exclude_filters=["*.*"])
     # the byte-level GPTs are zoo's only: timm's registry and its tools are for images
-    assert timm.list_models("slim_gpt*") == [] and zoo.create_model("slim_gpt_nano", pretrained=True).input_kind == "tokens"
+    assert (
+        timm.list_models("slim_gpt*") == []
+        and zoo.create_model("slim_gpt_nano", pretrained=True).input_kind == "tokens"
+    )
 
 
 @pytest.mark.parametrize("name", ["slim_resnet20", "slim_vit_tiny"])
@@ -83,7 +88,11 @@ def test_timm_pretrained_cfg_overlay_loads_another_file(tmp_path):
 
 @pytest.mark.parametrize(
     "typo, suggestion",
-    [("slim_resnt20", "did you mean slim_resnet20?"), ("slim_vit_tny", "did you mean slim_vit_tiny?"), ("resnet20", "did you mean slim_resnet20?")],
+    [
+        ("slim_resnt20", "did you mean slim_resnet20?"),
+        ("slim_vit_tny", "did you mean slim_vit_tiny?"),
+        ("resnet20", "did you mean slim_resnet20?"),
+    ],
 )
 def test_unknown_names_get_the_closest_names(typo, suggestion):
     with pytest.raises(ValueError, match=re.escape(f"unknown model '{typo}'; {suggestion} known: ")):

@@ -43,10 +43,16 @@ def test_tiny_comparison_writes_every_table_and_the_plot(tmp_path):
     compare.main(["--tiny", "--out", str(tmp_path)])
     markdown = (tmp_path / "compare.md").read_text()
     gpt = table_rows(markdown, "Low-rank slim_gpt_nano")
-    assert [row[0].split(",")[0] for row in gpt] == ["separate core (rank 0.25)"] * 2 + ["separate full (rank 1)"] * 2 + ["alternating core+full"]
+    assert [row[0].split(",")[0] for row in gpt] == ["separate core (rank 0.25)"] * 2 + [
+        "separate full (rank 1)"
+    ] * 2 + ["alternating core+full"]
     assert [len(finite_cells(row)) for row in gpt] == [2, 2, 2, 2, 3]  # one seed: a metric per member, a time
     resnet = table_rows(markdown, "slim_resnet20")
-    assert [row[0] for row in resnet] == [f"separate, width {w}" for w in ("0.25", "0.5", "0.75", "1")] + ["alternating", "sandwich", "all"]
+    assert [row[0] for row in resnet] == [f"separate, width {w}" for w in ("0.25", "0.5", "0.75", "1")] + [
+        "alternating",
+        "sandwich",
+        "all",
+    ]
     assert [len(finite_cells(row)) for row in resnet] == [2] * 4 + [5] * 3
     vit = table_rows(markdown, "slim_vit_tiny")
     assert [row[0] for row in vit] == ["separate, width 0.5", "separate, width 1", "alternating", "sandwich", "all"]

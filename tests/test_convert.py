@@ -67,15 +67,30 @@ def _difference(source: torch.nn.Module, family: zoo.ElasticModel) -> float:
 
 
 CASES = [(k, low, order) for k in KINDS for low in (False, True) for order in ("none", "weight")]
-SLOW = {("resnet-bottleneck", True, "none"), ("resnet-bottleneck", True, "weight"), ("resnet-basic", True, "none"), ("resnet-basic", True, "weight")}  # SVDs of 512 x 4608 matrices: seconds each; CNN low-rank in CI: MobileNetV2
+SLOW = {
+    ("resnet-bottleneck", True, "none"),
+    ("resnet-bottleneck", True, "weight"),
+    ("resnet-basic", True, "none"),
+    ("resnet-basic", True, "weight"),
+}  # SVDs of 512 x 4608 matrices: seconds each; CNN low-rank in CI: MobileNetV2
 
 
-@pytest.mark.parametrize("kind, low_rank, order", [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES])
+@pytest.mark.parametrize(
+    "kind, low_rank, order", [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c for c in CASES]
+)
 def test_full_member_computes_what_timm_computes(sources, kind, low_rank, order):
     """Exact at full width and rank 1.0, with and without reordering, several batch sizes."""
     family = zoo.from_timm(sources[kind], order=order, low_rank=low_rank, img_size=IMG)
     assert family.low_rank == low_rank
-    assert family.arch == {"resnet-basic": "slim_resnet18", "resnet-bottleneck": "slim_resnet50", "mobilenetv2": "slim_mobilenetv2", "vit": "slim_vit_tiny"}[kind]
+    assert (
+        family.arch
+        == {
+            "resnet-basic": "slim_resnet18",
+            "resnet-bottleneck": "slim_resnet50",
+            "mobilenetv2": "slim_mobilenetv2",
+            "vit": "slim_vit_tiny",
+        }[kind]
+    )
     assert _difference(sources[kind], family) <= 1e-4
     assert family.zoo_metadata["converted_from"]["max_abs_diff"] <= 1e-4
     if low_rank:  # the factorized layers really are factorized, at full rank
@@ -85,7 +100,9 @@ def test_full_member_computes_what_timm_computes(sources, kind, low_rank, order)
 
 def test_activation_order_is_exact_and_recalibrates_the_members(sources):
     batches = [_inputs(sources["resnet-basic"], 16, seed) for seed in range(3)]
-    family = zoo.from_timm(sources["resnet-basic"], order="activation", calibration=batches, widths=[0.5, 1.0], img_size=IMG)
+    family = zoo.from_timm(
+        sources["resnet-basic"], order="activation", calibration=batches, widths=[0.5, 1.0], img_size=IMG
+    )
     assert _difference(sources["resnet-basic"], family) <= 1e-4
     assert [s.width for s in family.subnets] == [0.5, 1.0]
     assert family.zoo_metadata["converted_from"]["recalibrated"] == [{"width": 0.5}]
@@ -167,7 +184,9 @@ def test_rank_prefixes_are_the_truncated_svd(sources):
     singular = torch.linalg.svdvals(source)
     for r in (8, 48, 192):
         approx = (layer.u[:, :r] @ layer.v[:r]).double()
-        assert math.isclose(torch.linalg.norm(approx - source).item(), singular[r:].norm().item(), rel_tol=1e-4, abs_tol=1e-5)
+        assert math.isclose(
+            torch.linalg.norm(approx - source).item(), singular[r:].norm().item(), rel_tol=1e-4, abs_tol=1e-5
+        )
 
 
 @pytest.mark.parametrize(
@@ -224,7 +243,10 @@ class Payload:  # an object a checkpoint must not make zoo construct
 @pytest.mark.parametrize(
     "content, message",
     [
-        (lambda p: torch.save({"model": Payload()}, p), r"holds more than tensors \(test_convert.Payload\) and was not unpickled"),
+        (
+            lambda p: torch.save({"model": Payload()}, p),
+            r"holds more than tensors \(test_convert.Payload\) and was not unpickled",
+        ),
         (lambda p: p.write_bytes(b"\x00" * 64), "is not a readable PyTorch checkpoint"),
         (lambda p: p.write_bytes(b"{"), "is not a readable PyTorch checkpoint"),
     ],
@@ -260,12 +282,25 @@ def test_batch_norm_members_below_full_width_need_calibration(sources):
 
 # ----- timm's Hub layout ---------------------------------------------------------------------
 def test_a_family_folder_loads_through_timm_local_dir_and_zoo_load(tmp_path, sources):
-    family = zoo.from_timm(sources["mobilenetv2"], order="weight", calibration=[_inputs(sources["mobilenetv2"], 8)], widths=[0.5, 1.0], img_size=IMG)
-    folder = zoo.save_pretrained(family, tmp_path / "family", metadata={**family.zoo_metadata, "labels": [str(i) for i in range(10)]})
+    family = zoo.from_timm(
+        sources["mobilenetv2"],
+        order="weight",
+        calibration=[_inputs(sources["mobilenetv2"], 8)],
+        widths=[0.5, 1.0],
+        img_size=IMG,
+    )
+    folder = zoo.save_pretrained(
+        family, tmp_path / "family", metadata={**family.zoo_metadata, "labels": [str(i) for i in range(10)]}
+    )
     config = json.loads((folder / "config.json").read_text())
-    assert config["architecture"] == "slim_mobilenetv2" and config["num_classes"] == 10 and config["global_pool"] == "avg"
+    assert (
+        config["architecture"] == "slim_mobilenetv2" and config["num_classes"] == 10 and config["global_pool"] == "avg"
+    )
     assert config["model_args"] == family.model_args and config["label_names"][3] == "3"
-    assert config["pretrained_cfg"]["input_size"] == [3, IMG, IMG] and config["zoo"]["members"] == [{"width": 0.5}, {"width": 1.0}]
+    assert config["pretrained_cfg"]["input_size"] == [3, IMG, IMG] and config["zoo"]["members"] == [
+        {"width": 0.5},
+        {"width": 1.0},
+    ]
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
 
     via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -298,7 +333,23 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     checkpoint = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(checkpoint))
     out, folder = tmp_path / "family.safetensors", tmp_path / "family"
-    result = runner.invoke(app, ["convert", "vit_tiny_patch16_224", "--checkpoint", str(checkpoint), "--calibrate", "digits", "--width", "0.5", "--out", str(out), "--save-dir", str(folder)])
+    result = runner.invoke(
+        app,
+        [
+            "convert",
+            "vit_tiny_patch16_224",
+            "--checkpoint",
+            str(checkpoint),
+            "--calibrate",
+            "digits",
+            "--width",
+            "0.5",
+            "--out",
+            str(out),
+            "--save-dir",
+            str(folder),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "into slim_vit_tiny" in result.output and "order: activation on 8 batches of digits" in result.output
     difference = float(result.output.split("max abs difference ")[1].split()[0])
@@ -324,11 +375,20 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     "args, message",
     [
         (["resnet50d", "--out", "x.safetensors"], "error: cannot convert resnet50d: the deep stem"),
-        (["resnet18", "--checkpoint", "missing.pth", "--out", "x.safetensors"], "error: no such checkpoint: missing.pth"),
+        (
+            ["resnet18", "--checkpoint", "missing.pth", "--out", "x.safetensors"],
+            "error: no such checkpoint: missing.pth",
+        ),
         (["resnet_18", "--out", "x.safetensors"], "error: unknown timm model 'resnet_18'; did you mean"),
         (["resnet18"], "error: give --out FAMILY.safetensors, --save-dir DIR, or both"),
-        (["resnet18", "--order", "activation", "--out", "x.safetensors"], "error: order 'activation' needs calibration batches"),
-        (["resnet18", "--calibrate", "digits", "--out", "x.safetensors"], "error: --calibrate 'digits' has 1-channel images, but the model reads 3 channels"),
+        (
+            ["resnet18", "--order", "activation", "--out", "x.safetensors"],
+            "error: order 'activation' needs calibration batches",
+        ),
+        (
+            ["resnet18", "--calibrate", "digits", "--out", "x.safetensors"],
+            "error: --calibrate 'digits' has 1-channel images, but the model reads 3 channels",
+        ),
     ],
 )
 def test_zoo_convert_refuses_in_one_line(tmp_path, monkeypatch, args, message):

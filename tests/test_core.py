@@ -244,18 +244,47 @@ def _write(path: Path, data: bytes) -> Path:
     "make, message",
     [
         (lambda saved, d: d / "absent.safetensors", "no such weights file"),
-        (lambda saved, d: _write(d / "zip.safetensors", b"PK\x03\x04 not safetensors" * 20), "not a readable safetensors file"),
-        (lambda saved, d: _write(d / "cut.safetensors", saved.read_bytes()[:-1000]), "not a readable safetensors file"),
-        (lambda saved, d: (save_file({"w": torch.zeros(2)}, d / "plain.safetensors"), d / "plain.safetensors")[1], "not a zoo weights file"),
         (
-            lambda saved, d: (save_file(load_file(saved), d / "json.safetensors", metadata={"zoo": '{"arch": '}), d / "json.safetensors")[1],
+            lambda saved, d: _write(d / "zip.safetensors", b"PK\x03\x04 not safetensors" * 20),
+            "not a readable safetensors file",
+        ),
+        (lambda saved, d: _write(d / "cut.safetensors", saved.read_bytes()[:-1000]), "not a readable safetensors file"),
+        (
+            lambda saved, d: (save_file({"w": torch.zeros(2)}, d / "plain.safetensors"), d / "plain.safetensors")[1],
+            "not a zoo weights file",
+        ),
+        (
+            lambda saved, d: (
+                save_file(load_file(saved), d / "json.safetensors", metadata={"zoo": '{"arch": '}),
+                d / "json.safetensors",
+            )[1],
             "corrupt zoo header",
         ),
-        (lambda saved, d: _with_header(saved, d / "width.safetensors", model_args={"max_member": {"width": 0.5}, "widths": [0.5]}), "do not match its header"),
-        (lambda saved, d: _with_header(saved, d / "arch.safetensors", arch="slim_resnet56"), "do not match its header: missing"),
-        (lambda saved, d: _with_header(saved, d / "nope.safetensors", arch="slim_nope"), "does not describe a buildable model.*unknown model"),
+        (
+            lambda saved, d: _with_header(
+                saved, d / "width.safetensors", model_args={"max_member": {"width": 0.5}, "widths": [0.5]}
+            ),
+            "do not match its header",
+        ),
+        (
+            lambda saved, d: _with_header(saved, d / "arch.safetensors", arch="slim_resnet56"),
+            "do not match its header: missing",
+        ),
+        (
+            lambda saved, d: _with_header(saved, d / "nope.safetensors", arch="slim_nope"),
+            "does not describe a buildable model.*unknown model",
+        ),
     ],
-    ids=["missing", "not-safetensors", "truncated", "no-zoo-header", "corrupt-json", "other-width", "other-arch", "unknown-arch"],
+    ids=[
+        "missing",
+        "not-safetensors",
+        "truncated",
+        "no-zoo-header",
+        "corrupt-json",
+        "other-width",
+        "other-arch",
+        "unknown-arch",
+    ],
 )
 def test_bad_weights_files_raise_one_line_errors(saved, tmp_path, make, message):
     path = make(saved, tmp_path)
@@ -311,7 +340,11 @@ def test_zoo_list_prints_every_catalogue_name():
 
     proc = subprocess.run(
         [sys.executable, "-m", "cli", "list"],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"}, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert all(name in proc.stdout for name in names)

@@ -59,7 +59,9 @@ def cifar10_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cifar-10-batches-py")
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         data, labels = random_batch(6, seed=i, num_classes=10)
-        dump_python2({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * 6}, root / name)
+        dump_python2(
+            {b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [b"x.png"] * 6}, root / name
+        )
     dump_python2({b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": 6, b"num_vis": 3072}, root / "batches.meta")
     return root
 
@@ -72,7 +74,11 @@ def write_cifar100(root: Path) -> None:
         with open(root / name, "wb") as file:
             pickle.dump({b"data": data, b"fine_labels": fine, b"coarse_labels": [0] * count}, file, protocol=protocol)
     with open(root / "meta", "wb") as file:
-        pickle.dump({b"fine_label_names": [f"class{i}".encode() for i in range(100)], b"coarse_label_names": [b"c"] * 20}, file, protocol=2)
+        pickle.dump(
+            {b"fine_label_names": [f"class{i}".encode() for i in range(100)], b"coarse_label_names": [b"c"] * 20},
+            file,
+            protocol=2,
+        )
 
 
 def write_png(path: Path, color: tuple[int, ...] | int, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:
@@ -150,12 +156,21 @@ def test_cifar10_in_the_archive_format(cifar10_dir):
     assert bundle.labels == [n.decode() for n in CIFAR10_NAMES]
     assert bundle.mean == (0.4914, 0.4822, 0.4465) and bundle.std == (0.2470, 0.2435, 0.2616)
     data, labels = random_batch(6, seed=5, num_classes=10)  # what test_batch holds
-    assert torch.equal(bundle.val.images, torch.from_numpy(data).view(6, 3, 32, 32)) and bundle.val.targets.tolist() == labels
+    assert (
+        torch.equal(bundle.val.images, torch.from_numpy(data).view(6, 3, 32, 32))
+        and bundle.val.targets.tolist() == labels
+    )
     data1, labels1 = random_batch(6, seed=0, num_classes=10)
-    assert torch.equal(bundle.train.images[:6], torch.from_numpy(data1).view(6, 3, 32, 32)) and bundle.train.targets[:6].tolist() == labels1
+    assert (
+        torch.equal(bundle.train.images[:6], torch.from_numpy(data1).view(6, 3, 32, 32))
+        and bundle.train.targets[:6].tolist() == labels1
+    )
     x, y = bundle.val[2]
     mean, std = torch.tensor(bundle.mean).view(3, 1, 1), torch.tensor(bundle.std).view(3, 1, 1)
-    assert torch.allclose(x, (torch.from_numpy(data[2]).view(3, 32, 32).float() / 255 - mean) / std) and y.item() == labels[2]
+    assert (
+        torch.allclose(x, (torch.from_numpy(data[2]).view(3, 32, 32).float() / 255 - mean) / std)
+        and y.item() == labels[2]
+    )
 
 
 def test_cifar10_from_the_folder_holding_the_archive(tmp_path, cifar10_dir):
@@ -170,7 +185,10 @@ def test_cifar100_written_with_pickle_dump(tmp_path):
     assert (bundle.num_classes, len(bundle.train), len(bundle.val)) == (100, 8, 4)
     assert bundle.labels[:2] == ["class0", "class1"] and bundle.mean == (0.5071, 0.4865, 0.4409)
     data, fine = random_batch(4, seed=11, num_classes=100)
-    assert torch.equal(bundle.val.images, torch.from_numpy(data).view(4, 3, 32, 32)) and bundle.val.targets.tolist() == fine
+    assert (
+        torch.equal(bundle.val.images, torch.from_numpy(data).view(4, 3, 32, 32))
+        and bundle.val.targets.tolist() == fine
+    )
 
 
 def test_corrupt_and_malicious_batches_are_refused_and_nothing_runs(tmp_path, cifar10_dir):
@@ -203,7 +221,12 @@ def test_wrong_batch_contents_are_refused(tmp_path, cifar10_dir):
     for file in cifar10_dir.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
     data, labels = random_batch(6, seed=0, num_classes=10)
-    for bad in ({b"data": data[:, :100], b"labels": labels}, {b"data": data, b"labels": labels[:5]}, {b"data": data, b"labels": [10] * 6}, [1, 2, 3]):
+    for bad in (
+        {b"data": data[:, :100], b"labels": labels},
+        {b"data": data, b"labels": labels[:5]},
+        {b"data": data, b"labels": [10] * 6},
+        [1, 2, 3],
+    ):
         dump_python2(bad, tmp_path / "test_batch")
         with pytest.raises(ValueError) as excinfo:
             load_data(f"cifar10:{tmp_path}")
@@ -233,10 +256,16 @@ def test_folder_with_train_and_val_and_grayscale(tmp_path):
             for k in range(count):
                 write_png(tmp_path / split / name / f"{k}.png", shade, size=(20, 40), mode="L")
     bundle = load_data(f"folder:{tmp_path}")
-    assert bundle.labels == ["dark", "light"] and bundle.input_size == (1, 224, 224)  # files of any size: 224 unless told
+    assert bundle.labels == ["dark", "light"] and bundle.input_size == (
+        1,
+        224,
+        224,
+    )  # files of any size: 224 unless told
     assert (len(bundle.train), len(bundle.val)) == (6, 4) and bundle.val.targets.tolist() == [0, 0, 1, 1]
     assert bundle.mean == (round(125 / 255, 4),) and bundle.std == (round(95 / 255, 4),)
-    assert torch.allclose(bundle.val[3][0], torch.full((1, 224, 224), (220 / 255 - bundle.mean[0]) / bundle.std[0]), atol=1e-5)
+    assert torch.allclose(
+        bundle.val[3][0], torch.full((1, 224, 224), (220 / 255 - bundle.mean[0]) / bundle.std[0]), atol=1e-5
+    )
 
 
 def test_text_file_and_text_folder(tmp_path):
@@ -259,7 +288,10 @@ def test_text_file_and_text_folder(tmp_path):
     (folder / ".git" / "config").write_bytes(b"hidden " * 50)
     bundle = load_data(f"text:{folder}", seq_len=32, val_fraction=0.2)
     expected = files["a.txt"] + files["b.md"] + files["sub/c.py"]
-    assert bytes(bundle.train.read(0, bundle.train.size).tolist()) + bytes(bundle.val.read(0, bundle.val.size).tolist()) == expected
+    assert (
+        bytes(bundle.train.read(0, bundle.train.size).tolist()) + bytes(bundle.val.read(0, bundle.val.size).tolist())
+        == expected
+    )
 
 
 def test_augmentation_depends_only_on_seed_epoch_and_index(cifar10_dir):
@@ -277,7 +309,9 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(cifar10_dir):
     mean, std = torch.tensor(bundle.mean).view(3, 1, 1), torch.tensor(bundle.std).view(3, 1, 1)
     for i in range(5):  # each augmented item is a 4-pixel padded crop, maybe flipped, of the original
         padded = torch.nn.functional.pad(train.images[i], (4, 4, 4, 4))
-        candidates = [c for top in range(9) for left in range(9) for c in (padded[:, top : top + 32, left : left + 32],)]
+        candidates = [
+            c for top in range(9) for left in range(9) for c in (padded[:, top : top + 32, left : left + 32],)
+        ]
         candidates += [c.flip(-1) for c in candidates]
         assert any(torch.allclose(second[i], (c.float() / 255 - mean) / std) for c in candidates)
     other_seed = load_data(f"cifar10:{cifar10_dir}", seed=8).train
@@ -295,7 +329,9 @@ def test_train_loader_and_batches_are_deterministic(cifar10_dir):
     whole = list(TrainLoader(bundle, 10, seed=1).epoch(0))  # two processes' shares interleave to one process's batch
     shares = [list(TrainLoader(bundle, 10, seed=1, rank=r, world_size=2).epoch(0)) for r in (0, 1)]
     for (x, y), (x0, y0), (x1, y1) in zip(whole, *shares):
-        assert torch.equal(torch.stack([x0, x1], 1).flatten(0, 1), x) and torch.equal(torch.stack([y0, y1], 1).flatten(), y)
+        assert torch.equal(torch.stack([x0, x1], 1).flatten(0, 1), x) and torch.equal(
+            torch.stack([y0, y1], 1).flatten(), y
+        )
 
     val = load_data("digits").val
     chunks = list(batches(val, 50, limit=2))

@@ -25,7 +25,9 @@ def gpt():
 def test_evaluate_reports_progress_up_to_items_times_members(gpt):
     model, members, windows = gpt
     calls = []
-    with_progress = evaluate(model, windows, members, batch_size=5, progress=lambda done, total: calls.append((done, total)))
+    with_progress = evaluate(
+        model, windows, members, batch_size=5, progress=lambda done, total: calls.append((done, total))
+    )
     assert [done for done, _ in calls] == sorted(done for done, _ in calls) and calls[-1] == (12 * 4, 12 * 4)
     assert len(calls) == 3 * len(members)  # batches of 5, 5 and 2 windows, through every member
     assert with_progress == evaluate(model, windows, members, batch_size=5)
@@ -40,7 +42,9 @@ def test_byte_models_evaluate_in_8192_byte_batches_with_the_same_metric(gpt):
 
 
 def test_zoo_eval_prints_progress_on_stderr_and_keeps_stdout_clean():
-    result = CliRunner().invoke(app, ["eval", "slim_gpt_nano", "--pretrained", "--limit", "8", "--batch-size", "2", "--json", "--device", "cpu"])
+    result = CliRunner().invoke(
+        app, ["eval", "slim_gpt_nano", "--pretrained", "--limit", "8", "--batch-size", "2", "--json", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)) == 4
     lines = result.stderr.strip().splitlines()

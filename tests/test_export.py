@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
-from export.merge import dense_is_cheaper, merge_low_rank
 from export.kv_cache import SCORE_FLOOR, CachedDecoder, floored_scores, masked_attention
 from export.latency import member_latency
+from export.merge import dense_is_cheaper, merge_low_rank
 from export.onnx_export import ATTENTION_OPSET, export_file, export_member, read_record
 from export.quantize import evaluate
 from zoo import WeightsSource
@@ -91,7 +91,12 @@ SLOW_CASES = {("mobilenetv2", 1.0), ("vit", 1.0)}  # 13-20 s each; their low-ran
 )
 def test_every_family_exports_verified_with_dynamic_axes_and_metadata(tmp_path, family, build, width, rank):
     grid = build or GRID
-    weights = family_file(tmp_path, family, metadata={"metrics": [{"subnet": {"width": width, **({"rank": rank} if rank else {})}, "loss": 1.5}]}, **grid)
+    weights = family_file(
+        tmp_path,
+        family,
+        metadata={"metrics": [{"subnet": {"width": width, **({"rank": rank} if rank else {})}, "loss": 1.5}]},
+        **grid,
+    )
     source = WeightsSource.open(weights)
     result = export_member(source.member(width, rank), tmp_path / "out" / "member.onnx")
     member = source.member(width, rank).model
@@ -131,7 +136,9 @@ def test_every_family_exports_verified_with_dynamic_axes_and_metadata(tmp_path, 
         assert record["kv_cache"] == len(list(member.blocks.children())) and "key/value cache" in result.summary()
         assert_cache_continues_the_sequence(result.path, member)
     else:
-        assert record["input"]["kind"] == "image" and record["input"]["shape"] == list(member.pretrained_cfg["input_size"])
+        assert record["input"]["kind"] == "image" and record["input"]["shape"] == list(
+            member.pretrained_cfg["input_size"]
+        )
         assert record["kv_cache"] is None
 
 
@@ -194,9 +201,13 @@ def test_masked_attention_equals_sdpa_and_keeps_every_exp_normal():
     visible = positions[None, :] <= positions[past:, None]
     hidden = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
     for spread in (1.0, 30.0):  # ordinary scores, and scores far into exp's subnormal range
-        q, k, v = (torch.randn(2, 3, n, 16, generator=generator) * spread for n in (sequence, past + sequence, past + sequence))
+        q, k, v = (
+            torch.randn(2, 3, n, 16, generator=generator) * spread for n in (sequence, past + sequence, past + sequence)
+        )
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
-        np.testing.assert_allclose(masked_attention(q, k, v, hidden).numpy(), expected.numpy(), atol=1e-5 * spread, rtol=1e-5)
+        np.testing.assert_allclose(
+            masked_attention(q, k, v, hidden).numpy(), expected.numpy(), atol=1e-5 * spread, rtol=1e-5
+        )
     scores = floored_scores(q, k, hidden)  # the softmax input
     assert float(scores.min()) == SCORE_FLOOR and float(scores.amax(-1).min()) == 0.0  # masked keys sit on the floor
 
@@ -239,7 +250,10 @@ def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):
 
 
 def test_export_all_writes_every_member_and_a_manifest(tmp_path):
-    metrics = [{"subnet": {"width": 0.5}, "accuracy": 0.5, "loss": 1.0}, {"subnet": {"width": 1.0}, "accuracy": 0.75, "loss": 0.5}]
+    metrics = [
+        {"subnet": {"width": 0.5}, "accuracy": 0.5, "loss": 1.0},
+        {"subnet": {"width": 1.0}, "accuracy": 0.75, "loss": 0.5},
+    ]
     weights = family_file(tmp_path, "resnet", metadata={"metrics": metrics}, **GRID)
     result = CliRunner().invoke(app, ["export", str(weights), "--all", "--out", str(tmp_path / "family")])
     assert result.exit_code == 0, result.output
@@ -255,17 +269,43 @@ def test_export_all_writes_every_member_and_a_manifest(tmp_path):
         assert entry["metric"] == {"accuracy": expected["accuracy"], "loss": expected["loss"]}
         assert read_record(tmp_path / "family" / entry["file"])["subnet"] == entry["member"]
     assert manifest["source_sha256"] == file_sha256(weights)
-    assert sorted(p.name for p in (tmp_path / "family").iterdir()) == sorted(["manifest.json"] + [m["file"] for m in manifest["members"]])
+    assert sorted(p.name for p in (tmp_path / "family").iterdir()) == sorted(
+        ["manifest.json"] + [m["file"] for m in manifest["members"]]
+    )
 
 
 def test_int8_cnn_is_static_qdq_smaller_and_reports_its_accuracy_cost(tmp_path):
     name = "slim_resnet20"
     torch.manual_seed(0)
-    recorded = {"data": "digits", "labels": [f"digit {d}" for d in range(10)], "mean": [0.5], "std": [0.25]}  # as the trainer records
-    weights = zoo.save(perturbed(zoo.create_model(name, in_chans=1, img_size=8, **GRID)), tmp_path / "digits.safetensors", metadata={"train": recorded})
+    recorded = {
+        "data": "digits",
+        "labels": [f"digit {d}" for d in range(10)],
+        "mean": [0.5],
+        "std": [0.25],
+    }  # as the trainer records
+    weights = zoo.save(
+        perturbed(zoo.create_model(name, in_chans=1, img_size=8, **GRID)),
+        tmp_path / "digits.safetensors",
+        metadata={"train": recorded},
+    )
     runner = CliRunner()
-    fp32 = runner.invoke(app, ["export", str(weights), "--width", "0.5", "--opset", "18", "--no-verify", "--out", str(tmp_path / "fp32.onnx")])
-    int8 = runner.invoke(app, ["export", str(weights), "--width", "0.5", "--quantize", "int8", "--out", str(tmp_path / "int8.onnx")])
+    fp32 = runner.invoke(
+        app,
+        [
+            "export",
+            str(weights),
+            "--width",
+            "0.5",
+            "--opset",
+            "18",
+            "--no-verify",
+            "--out",
+            str(tmp_path / "fp32.onnx"),
+        ],
+    )
+    int8 = runner.invoke(
+        app, ["export", str(weights), "--width", "0.5", "--quantize", "int8", "--out", str(tmp_path / "int8.onnx")]
+    )
     assert fp32.exit_code == 0 and int8.exit_code == 0, int8.output
     assert (tmp_path / "int8.onnx").stat().st_size < 0.6 * (tmp_path / "fp32.onnx").stat().st_size
     assert "verification: skipped" in fp32.output and read_record(tmp_path / "fp32.onnx")["opset"] == 18
@@ -273,7 +313,12 @@ def test_int8_cnn_is_static_qdq_smaller_and_reports_its_accuracy_cost(tmp_path):
     record = read_record(tmp_path / "int8.onnx")
     report = record["quantization"]
     assert record["quantized"] == "int8" and report["method"].startswith("static QDQ")
-    assert record["labels"] == recorded["labels"] and record["input"] == {"kind": "image", "shape": [1, 8, 8], "mean": [0.5], "std": [0.25]}
+    assert record["labels"] == recorded["labels"] and record["input"] == {
+        "kind": "image",
+        "shape": [1, 8, 8],
+        "mean": [0.5],
+        "std": [0.25],
+    }
     assert report["calibration_samples"] == 256 and report["validation_samples"] > 100
     assert report["change"]["accuracy"] == pytest.approx(report["int8"]["accuracy"] - report["fp32"]["accuracy"])
     assert f"({report['change']['accuracy']:+.4f})" in int8.output
@@ -284,8 +329,12 @@ def test_int8_cnn_is_static_qdq_smaller_and_reports_its_accuracy_cost(tmp_path):
     size = f"{(tmp_path / 'int8.onnx').stat().st_size / 1e6:.2f} MB"
     assert f"wrote {tmp_path / 'int8.onnx'} ({size}" in int8.output and f"as float32 -> {size};" in int8.output
     assert record["metrics"] == report["int8"] != report["fp32"]
-    info = dict(line.split(None, 1) for line in runner.invoke(app, ["info", str(tmp_path / "int8.onnx")]).output.splitlines())
-    assert info["metrics"].startswith(f"accuracy {report['int8']['accuracy']:.4f} loss {report['int8']['loss']:.4f} (this int8 file")
+    info = dict(
+        line.split(None, 1) for line in runner.invoke(app, ["info", str(tmp_path / "int8.onnx")]).output.splitlines()
+    )
+    assert info["metrics"].startswith(
+        f"accuracy {report['int8']['accuracy']:.4f} loss {report['int8']['loss']:.4f} (this int8 file"
+    )
     assert info["float32"].startswith(f"accuracy {report['fp32']['accuracy']:.4f} loss {report['fp32']['loss']:.4f}")
     for batch in (1, 5):  # the batch axis stays dynamic after quantization
         assert ort_logits(tmp_path / "int8.onnx", torch.randn(batch, 1, 8, 8)).shape == (batch, 10)
@@ -311,21 +360,28 @@ def test_int8_language_model_is_dynamic_and_reports_bits_per_byte(tmp_path):
 
 def test_export_recalibrates_an_untrained_member_when_given_data(tmp_path):
     torch.manual_seed(0)
-    weights = zoo.save(perturbed(zoo.create_model("slim_resnet20", in_chans=1, img_size=8, **GRID)), tmp_path / "digits.safetensors")
-    result = CliRunner().invoke(app, ["export", str(weights), "--width", "0.75", "--calibrate", "digits", "--out", str(tmp_path / "m.onnx")])
+    weights = zoo.save(
+        perturbed(zoo.create_model("slim_resnet20", in_chans=1, img_size=8, **GRID)), tmp_path / "digits.safetensors"
+    )
+    result = CliRunner().invoke(
+        app, ["export", str(weights), "--width", "0.75", "--calibrate", "digits", "--out", str(tmp_path / "m.onnx")]
+    )
     assert result.exit_code == 0, result.output
     assert "batch-norm statistics recalibrated on digits" in result.output
     assert read_record(tmp_path / "m.onnx")["subnet"] == {"width": 0.75}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, kwargs", [
-    ("slim_resnet56", {}),
-    ("slim_resnet18", {"num_classes": 10, "img_size": 64}),
-    ("slim_resnet50", {"num_classes": 10, "img_size": 64}),
-    ("slim_vit_small", {"num_classes": 10, "img_size": 32}),
-    ("slim_gpt_small", {"context_length": 64}),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("slim_resnet56", {}),
+        ("slim_resnet18", {"num_classes": 10, "img_size": 64}),
+        ("slim_resnet50", {"num_classes": 10, "img_size": 64}),
+        ("slim_vit_small", {"num_classes": 10, "img_size": 32}),
+        ("slim_gpt_small", {"context_length": 64}),
+    ],
+)
 def test_larger_variants_export_verified(tmp_path, name, kwargs):
     torch.manual_seed(0)
     weights = zoo.save(perturbed(zoo.create_model(name, **kwargs, **LOW_RANK_GRID)), tmp_path / "w.safetensors")

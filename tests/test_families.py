@@ -149,7 +149,11 @@ def test_sliced_member_computes_what_the_family_computes(name, family):
 @torch.no_grad()
 def test_low_rank_sliced_member_computes_what_the_family_computes(name, family):
     model = family(name, low_rank=True)
-    assert model.axes == (("heads", "mlp", "rank", "blocks") if model.input_kind == "tokens" or "vit" in name else ("width", "rank", "depth"))
+    assert model.axes == (
+        ("heads", "mlp", "rank", "blocks")
+        if model.input_kind == "tokens" or "vit" in name
+        else ("width", "rank", "depth")
+    )
     x = example(model)
     outputs = {}
     for subnet in LOW_RANK_SUBNETS:
@@ -172,7 +176,11 @@ def test_save_and_load_round_trip_family_and_member(name, family, tmp_path):
 
     path = zoo.save(model, tmp_path / "family.safetensors", metadata={"note": "round trip"})
     header = zoo.read_header(path)
-    assert header["arch"] == name and header["axes"] == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name else ["width", "depth"]) and header["dtype"] == "float32"
+    assert (
+        header["arch"] == name
+        and header["axes"] == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name else ["width", "depth"])
+        and header["dtype"] == "float32"
+    )
     assert header["subnets"] == [s.to_dict() for s in model.subnets]
     assert header["num_params"] == _num_params(model) and header["metadata"] == {"note": "round trip"}
     loaded = zoo.load(path).eval()
@@ -274,7 +282,9 @@ def test_mobilenetv2_is_the_reference_architecture():
     assert _num_params(_meta_model("slim_mobilenetv2")) == 3_504_872  # torchvision's mobilenet_v2()
     quarter = _meta_model("slim_mobilenetv2", max_member={"width": 0.25}, widths=[0.25])
     assert quarter.stem[0].out_channels == 8 and quarter.blocks[1]["0"].expand[0].out_channels == 24  # 16 * 6 / 4
-    assert quarter.final_conv[0].out_channels == 1280 and quarter.classifier.in_features == 1280  # fixed, as in the paper
+    assert (
+        quarter.final_conv[0].out_channels == 1280 and quarter.classifier.in_features == 1280
+    )  # fixed, as in the paper
 
     low_rank = _meta_model("slim_mobilenetv2", low_rank=True)
     convs = [m for m in low_rank.modules() if isinstance(m, ElasticConv2d)]

@@ -64,7 +64,9 @@ def tmpfs(tmp_path):
     def mount(name: str, options: str) -> Path:
         point = tmp_path / name
         point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True
+        )
         if done.returncode:
             pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
         mounted.append(point)
@@ -116,7 +118,19 @@ def test_slice_to_a_full_disk_is_one_line_and_keeps_the_earlier_file(tmp_path, t
 def test_a_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, tmpfs):
     """A disk with room for one checkpoint: the step-1 checkpoint is written, the step-2
     one (written beside it, then renamed) runs out of space."""
-    args = ["slim_resnet20", "--width", "0.5", "--steps", "3", "--batch-size", "8", "--ckpt-every", "1", "--eval-every", "100"]
+    args = [
+        "slim_resnet20",
+        "--width",
+        "0.5",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--ckpt-every",
+        "1",
+        "--eval-every",
+        "100",
+    ]
     assert _invoke("train", *args, "--stop-after", "1", "--out", str(tmp_path / "probe")).exit_code == 0
     size = (tmp_path / "probe" / "checkpoint.pt").stat().st_size
     disk = tmpfs("disk", f"size={size * 3 // 2 // 1024}k")
@@ -131,7 +145,10 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint(tmp_path, tmpfs):
 def test_unwritable_places_are_one_line_naming_the_file(where, tmp_path, unwritable):
     family = _family(tmp_path / "family.safetensors")
     if where == "readonly":
-        target, cause = unwritable / "small.safetensors", ("Read-only file system" if os.geteuid() == 0 else "Permission denied")
+        target, cause = (
+            unwritable / "small.safetensors",
+            ("Read-only file system" if os.geteuid() == 0 else "Permission denied"),
+        )
     else:
         (tmp_path / "file").write_text("not a folder")
         target, cause = tmp_path / "file" / "sub" / "small.safetensors", "Not a directory"
@@ -163,7 +180,9 @@ def test_atomic_path_names_the_target_when_a_writer_wraps_the_os_error(tmp_path)
 def test_export_to_a_full_disk_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("disk", "size=64k")
     family = _family(tmp_path / "family.safetensors")
-    line = _one_error_line(_invoke("export", str(family), "--width", "0.25", "--no-verify", "--out", str(disk / "small.onnx")))
+    line = _one_error_line(
+        _invoke("export", str(family), "--width", "0.25", "--no-verify", "--out", str(disk / "small.onnx"))
+    )
     assert line == f"error: cannot write {disk / 'small.onnx'}: No space left on device"
     assert list(disk.iterdir()) == []
 
@@ -173,7 +192,9 @@ def _start(out: Path, *args: str, group: bool = False) -> subprocess.Popen:
     """A real `zoo train` process, returned once its training loop runs (metrics.jsonl exists).
     ``group``: in a process group of its own, as a terminal's foreground job."""
     command = [sys.executable, "-m", "cli", "train", *args, "--out", str(out)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists():
         assert process.poll() is None, process.communicate()
@@ -207,7 +228,9 @@ def test_a_signal_checkpoints_the_step_reached_and_resume_is_bit_identical(signu
     """SIGTERM to the process, as a scheduler sends it; SIGINT to its whole process group, a
     data-loading worker included, as Ctrl-C sends it."""
     out, ctrl_c = tmp_path / "run", signum == signal.SIGINT
-    step = _stopped_at(_start(out, *RUN_ARGS, *(["--workers", "1"] if ctrl_c else []), group=ctrl_c), signum, group=ctrl_c)
+    step = _stopped_at(
+        _start(out, *RUN_ARGS, *(["--workers", "1"] if ctrl_c else []), group=ctrl_c), signum, group=ctrl_c
+    )
     assert 1 <= step < 30
     assert load_checkpoint(out / "checkpoint.pt")["step"] == step  # --ckpt-every is 1000: this is the signal's
     assert not (out / "model.safetensors").exists() and not (out / LOCK_NAME).exists()
@@ -252,7 +275,9 @@ def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previou
     with pytest.raises(Interrupted) as stop:
         train(TrainConfig(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))
     assert stop.value.exit_code == 128 + signal.SIGTERM
-    assert str(stop.value) == f"stopped at once by SIGTERM; {out / 'checkpoint.pt'} is as it was; continue with --resume"
+    assert (
+        str(stop.value) == f"stopped at once by SIGTERM; {out / 'checkpoint.pt'} is as it was; continue with --resume"
+    )
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2
     assert _leftovers(out) == []
 
@@ -283,7 +308,9 @@ def test_locked_folder_refuses_a_second_holder_and_names_the_first(tmp_path):
     folder = tmp_path / "runs" / "a"
     folder.mkdir(parents=True)
     with locked_folder(folder, "zoo train"):
-        with pytest.raises(FolderInUse, match=f"^{re.escape(str(folder))} is in use by process {os.getpid()} \\(zoo train\\);"):
+        with pytest.raises(
+            FolderInUse, match=f"^{re.escape(str(folder))} is in use by process {os.getpid()} \\(zoo train\\);"
+        ):
             with locked_folder(folder, "zoo export --all"):
                 pass
     assert folder.is_dir() and not (folder / LOCK_NAME).exists()

@@ -39,7 +39,9 @@ def _run(config: TrainConfig) -> tuple[Trainer, list[tuple[int, ...]]]:
     """A run in this process; returns its trainer and the input shape of every training forward."""
     trainer = Trainer(config, distributed.setup(config.device), Reporter())
     shapes: list[tuple[int, ...]] = []
-    hook = trainer.model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)) if module.training else None)
+    hook = trainer.model.register_forward_pre_hook(
+        lambda module, args: shapes.append(tuple(args[0].shape)) if module.training else None
+    )
     trainer.run()
     hook.remove()
     return trainer, shapes
@@ -103,14 +105,20 @@ def test_fp16_loss_scaling_skips_an_overflowed_step_and_masks_a_taken_one_exactl
     assert precision.scaler.get_scale() == 2.0**15
 
     # What a look-ahead policy (extragradient) reads: the true gradient, not the scaled one.
-    precision.unscaled(lambda: precision.backward(torch.nn.functional.cross_entropy(model(inputs), targets)), model.parameters())()
+    precision.unscaled(
+        lambda: precision.backward(torch.nn.functional.cross_entropy(model(inputs), targets)), model.parameters()
+    )()
     torch.nn.functional.cross_entropy(reference(inputs), targets).backward()
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None)
+    assert all(
+        torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()) if q.grad is not None
+    )
     for p in model.parameters():
         if p.grad is not None:
             p.grad.mul_(precision.scaler.get_scale())  # scaled again, as the step's own backward leaves it
     precision.step(optimizer, masks, None, model.parameters())
-    masked_step(reference_optimizer, {reference.get_parameter(n): masks[p] for n, p in model.named_parameters() if p in masks})
+    masked_step(
+        reference_optimizer, {reference.get_parameter(n): masks[p] for n, p in model.named_parameters() if p in masks}
+    )
     got, expected = _params(model), _params(reference)
     assert all(torch.equal(got[k], expected[k]) for k in got)
     assert _max_diff(got, before) > 1e-4  # the core moved
@@ -177,8 +185,28 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
             "--warmup-steps", "0", "--sync-bn"]  # fmt: skip
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [
-        subprocess.Popen([sys.executable, "-m", "cli", "train", *case, "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", endpoint,
-                          "--rdzv-id", "two-nodes", "--out", str(tmp_path / "nodes")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cli",
+                "train",
+                *case,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "two-nodes",
+                "--out",
+                str(tmp_path / "nodes"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
         for rank in (0, 1)
     ]
     single = train(TrainConfig(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3, batch_size=16, eval_every=100,
@@ -195,18 +223,30 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
     "args, message",
     [
         (["slim_resnet20", "--accum-steps", "0"], "--accum-steps must be at least 1"),
-        (["slim_resnet20", "--batch-size", "8", "--accum-steps", "3"], "--batch-size 8 does not split into 1 process(es) x 3 micro-batches"),
+        (
+            ["slim_resnet20", "--batch-size", "8", "--accum-steps", "3"],
+            "--batch-size 8 does not split into 1 process(es) x 3 micro-batches",
+        ),
         (["slim_resnet20", "--ema-decay", "0.99"], "--ema-decay needs --ema"),
         (["slim_resnet20", "--ema", "--ema-decay", "1.5"], "--ema-decay must be in (0, 1), got 1.5"),
         (["slim_resnet20", "--compile-backend", "aot_eager"], "--compile-backend needs --compile"),
         (["slim_resnet20", "--compile", "--compile-backend", "nope"], "--compile-backend must be one of"),
-        (["slim_resnet20", "--compile", "--strategy", "random", "--space", "layerwise"], "--space layerwise draws a new member almost every step"),
-        (["slim_gpt_nano", "--channels-last"], "--channels-last applies to image models (CNNs); slim_gpt_nano reads tokens"),
+        (
+            ["slim_resnet20", "--compile", "--strategy", "random", "--space", "layerwise"],
+            "--space layerwise draws a new member almost every step",
+        ),
+        (
+            ["slim_gpt_nano", "--channels-last"],
+            "--channels-last applies to image models (CNNs); slim_gpt_nano reads tokens",
+        ),
         (["slim_gpt_nano", "--sync-bn"], "--sync-bn: this family has no batch norm"),
         (["slim_resnet20", "--nproc-per-node", "0"], "--nproc-per-node must be at least 1, got 0"),
         (["slim_resnet20", "--nnodes", "0"], "--nnodes must be at least 1, got 0"),
         (["slim_resnet20", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
-        (["slim_resnet20", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"], "--node-rank must be in [0, 1] for --nnodes 2, got 2"),
+        (
+            ["slim_resnet20", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"],
+            "--node-rank must be in [0, 1] for --nnodes 2, got 2",
+        ),
         (["slim_resnet20", "--nnodes", "2", "--rdzv-endpoint", "node0"], "--rdzv-endpoint must be HOST:PORT"),
         (["slim_resnet20", "--nnodes", "2", "--rdzv-endpoint", "node0:70000"], "with a port in 1..65535"),
         (["slim_resnet20", "--rdzv-id", "my run"], "--rdzv-id must be a non-empty name"),
@@ -230,7 +270,13 @@ def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
     """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the real
     `zoo train`, `zoo export` and the Predictor, on the CPU at tiny sizes."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out-dir", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out-dir", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "summary.md").read_text().count("| ok |") == 8
     for name, unit in (("resnet50", "images_per_s"), ("gpt_small", "tokens_per_s")):

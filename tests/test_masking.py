@@ -14,7 +14,9 @@ from zoo import Subnet
 def _model(low_rank: bool) -> zoo.ElasticModel:
     torch.manual_seed(0)
     if low_rank:
-        return zoo.create_model("slim_resnet20", num_classes=5, img_size=8, low_rank=True, widths=[1.0], ranks=[0.5, 1.0])
+        return zoo.create_model(
+            "slim_resnet20", num_classes=5, img_size=8, low_rank=True, widths=[1.0], ranks=[0.5, 1.0]
+        )
     return zoo.create_model("slim_resnet20", num_classes=5, img_size=8, widths=[0.5, 1.0])
 
 

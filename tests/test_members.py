@@ -83,7 +83,9 @@ def test_depth_removes_blocks_and_their_parameters(name):
 
 def test_uniform_width_is_a_point_of_the_same_space():
     model = _tiny("slim_resnet20")
-    assert model.resolve_subnet(0.5) == model.resolve_subnet({"width": [0.5, 0.5, 0.5], "depth": [3, 3, 3]}) == Subnet(0.5)
+    assert (
+        model.resolve_subnet(0.5) == model.resolve_subnet({"width": [0.5, 0.5, 0.5], "depth": [3, 3, 3]}) == Subnet(0.5)
+    )
     assert model.resolve_subnet(width=0.5).key == "w0p5"  # the names weights files always used
     vit = _tiny("slim_vit_tiny")
     assert vit.resolve_subnet({"heads": 0.5, "mlp": 0.5}) == Subnet(0.5)
@@ -135,10 +137,14 @@ def test_a_structured_member_exports_to_a_verified_onnx_file(tmp_path):
     from export.onnx_export import export_member
 
     model = _tiny("slim_gpt_nano", low_rank=True)
-    member = model.resolve_subnet({"heads": [1, 0.5, 0.5, 1], "mlp": 0.25, "rank": [1, 0.5, 0.25, 1], "blocks": [0, 2, 3]})
+    member = model.resolve_subnet(
+        {"heads": [1, 0.5, 0.5, 1], "mlp": 0.25, "rank": [1, 0.5, 0.25, 1], "blocks": [0, 2, 3]}
+    )
     result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
     assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4
-    assert result.metadata["subnet"] == member.to_dict() and result.num_params <= zoo.count_params(model, member)  # cheaper layers merged
+    assert result.metadata["subnet"] == member.to_dict() and result.num_params <= zoo.count_params(
+        model, member
+    )  # cheaper layers merged
 
 
 class _Run:
@@ -181,7 +187,11 @@ def test_member_flag_in_slice_eval_and_bench(trained, tmp_path):
     assert [r["subnet"] for r in records] == [{"depth": [1, 2, 3], "width": [0.25, 0.5, 1.0]}]
     assert 0.0 <= records[0]["accuracy"] <= 1.0
     bad = _zoo("slice", str(trained), "--member", '{"depth": [4, 3, 3]}', "--out", str(tmp_path / "x.safetensors"))
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "depth of stage 0 must be an integer in [1, 3], got 4" in bad.stderr
+    assert (
+        bad.returncode == 1
+        and bad.stderr.count("\n") == 1
+        and "depth of stage 0 must be an integer in [1, 3], got 4" in bad.stderr
+    )
     assert not (tmp_path / "x.safetensors").exists()
     both = _zoo("slice", str(trained), "--member", member, "--width", "0.5", "--out", str(tmp_path / "y.safetensors"))
     assert both.returncode == 1 and "not both" in both.stderr
@@ -200,7 +210,9 @@ def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
             return {"params": float(zoo.count_params(model, member)), "flops": float(zoo.count_flops(model, member))}
 
         budget = Budget.parse("flops=1.5M")
-        result = Evolution(model, scorer, cost, budget, seed=5).run(population=4, generations=3, seeds=model.subnets[:1])
+        result = Evolution(model, scorer, cost, budget, seed=5).run(
+            population=4, generations=3, seeds=model.subnets[:1]
+        )
         assert all(c.costs["flops"] <= 1.5e6 for c in result.candidates) and result.rejected > 0
         assert len(result.candidates) > 4  # later generations bred new members
         runs.append([(c.member, c.metric, c.costs["flops"]) for c in result.candidates])
@@ -211,10 +223,27 @@ def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
 
 def test_search_command_end_to_end(trained, tmp_path):
     out = tmp_path / "search"
-    done = _zoo("search", str(trained), "--budget", "params=60k", "--population", "4", "--generations", "2", "--seed", "3", "--limit", "64", "--out", str(out))
+    done = _zoo(
+        "search",
+        str(trained),
+        "--budget",
+        "params=60k",
+        "--population",
+        "4",
+        "--generations",
+        "2",
+        "--seed",
+        "3",
+        "--limit",
+        "64",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "pareto.json").read_text())
-    assert report["best"]["params"] <= 60_000 and all(c["params"] <= 60_000 and c["latency"] > 0 for c in report["front"])
+    assert report["best"]["params"] <= 60_000 and all(
+        c["params"] <= 60_000 and c["latency"] > 0 for c in report["front"]
+    )
     assert report["best"] in report["front"] or report["best"]["metric"] <= max(c["metric"] for c in report["front"])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["members"][0]["member"] == report["best"]["member"]
@@ -224,7 +253,11 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert report["latency_check"]["exported_ms"] > 0
     assert manifest["members"][0]["max_abs_diff"] <= 1e-4  # verified against PyTorch
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
-    assert bad.returncode == 1 and "no member of slim_resnet20 fits the budget params <= 10: the smallest (depth=[1,1,1], width=0.25) has params 5142" in bad.stderr
+    assert (
+        bad.returncode == 1
+        and "no member of slim_resnet20 fits the budget params <= 10: the smallest (depth=[1,1,1], width=0.25) has params 5142"
+        in bad.stderr
+    )
     assert not (tmp_path / "c").exists()  # nothing half-written
     worse = _zoo("search", str(trained), "--budget", "memory=3", "--out", str(tmp_path / "d"))
     assert worse.returncode == 1 and "--budget must be params=N" in worse.stderr
@@ -241,12 +274,18 @@ def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
     if model.needs_calibration(member):  # statistics from enough data that no channel's variance is tiny
         zoo.recalibrate_bn(model, [model.example_input(16) for _ in range(4)], member)
     result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
-    assert result.max_abs_diff is not None and result.max_abs_diff <= 1e-4 and result.metadata["subnet"] == member.to_dict()
+    assert (
+        result.max_abs_diff is not None
+        and result.max_abs_diff <= 1e-4
+        and result.metadata["subnet"] == member.to_dict()
+    )
 
 
 def test_the_front_holds_the_best_member_even_among_ties():
     from zoo.search import Budget, Candidate, SearchResult
 
     twins = [Candidate(Subnet(width=w), 0.9, {"flops": 10.0}, 0) for w in (0.75, 0.5)]  # same cost, same metric
-    result = SearchResult(Budget("flops", 20.0), "accuracy", True, [Candidate(Subnet(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0)
+    result = SearchResult(
+        Budget("flops", 20.0), "accuracy", True, [Candidate(Subnet(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0
+    )
     assert result.ranked()[0] in result.front() and [c.metric for c in result.front()] == [0.5, 0.9]

@@ -56,8 +56,16 @@ def _zoo_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 10])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="zoo", producer_version="0.1.0")
-    record = {"arch": "slim_resnet20", "family": "resnet", "subnet": {"width": 0.5}, "num_params": 5, "metrics": {"accuracy": 0.5, "loss": 1.0}}
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="zoo", producer_version="0.1.0"
+    )
+    record = {
+        "arch": "slim_resnet20",
+        "family": "resnet",
+        "subnet": {"width": 0.5},
+        "num_params": 5,
+        "metrics": {"accuracy": 0.5, "loss": 1.0},
+    }
     helper.set_model_props(model, {"zoo": json.dumps(record)})
     onnx.save(model, str(path))
     return path
@@ -113,7 +121,12 @@ def test_onnx_header_reader_matches_onnx(tmp_path):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
         initializer=[weight],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)], producer_name="p", producer_version="9")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="p",
+        producer_version="9",
+    )
     helper.set_model_props(model, {"zoo": "{}", "other": "x"})
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))

@@ -61,7 +61,9 @@ def test_shipped_file_loads_through_zoo_and_timm(name):
     assert [s.to_dict() for s in members] == [m["subnet"] for m in metadata["metrics"]]
     assert len(members) >= 2  # a family, not one model
     kind = model.input_kind
-    assert all(METRIC[kind] in m and m[METRIC[kind]] == m[METRIC[kind]] for m in metadata["metrics"])  # present, not NaN
+    assert all(
+        METRIC[kind] in m and m[METRIC[kind]] == m[METRIC[kind]] for m in metadata["metrics"]
+    )  # present, not NaN
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -99,7 +101,9 @@ def test_shipped_weights_stay_small():
 
 
 def test_a_family_without_shipped_weights_is_refused_by_name():
-    with pytest.raises(ValueError, match="no pretrained weights are shipped for slim_resnet56; shipped: .*slim_resnet20"):
+    with pytest.raises(
+        ValueError, match="no pretrained weights are shipped for slim_resnet56; shipped: .*slim_resnet20"
+    ):
         zoo.create_model("slim_resnet56", pretrained=True)
 
 

@@ -55,7 +55,9 @@ def test_export_pretrained_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_bench_pretrained_by_name():
-    result = invoke("bench", "slim_resnet20", "--pretrained", "--width", "1", "--repeats", "1", "--batch-size", "1", "--json")
+    result = invoke(
+        "bench", "slim_resnet20", "--pretrained", "--width", "1", "--repeats", "1", "--batch-size", "1", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["arch"] == "slim_resnet20" and [m["subnet"] for m in report["members"]] == [{"width": 1.0}]

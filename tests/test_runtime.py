@@ -85,7 +85,9 @@ def test_classify_matches_pytorch_from_png_and_array(resnet, tmp_path):
     np.testing.assert_allclose(predictor.classify([images[1], str(png)]), expected[::-1], atol=1e-5)
     np.testing.assert_allclose(predictor.classify(images.astype(np.float32) / 255), expected, atol=1e-5)
     gray = images[0, :, :, 0]
-    np.testing.assert_allclose(predictor.classify(gray), predictor.classify(np.repeat(gray[:, :, None], 3, 2)), atol=1e-6)
+    np.testing.assert_allclose(
+        predictor.classify(gray), predictor.classify(np.repeat(gray[:, :, None], 3, 2)), atol=1e-6
+    )
     best = predictor.top_k(images, k=3)
     assert [[label for label, _ in row] for row in best] == [[LABELS[i] for i in np.argsort(-p)[:3]] for p in expected]
     assert best[0][0][1] == pytest.approx(expected[0].max(), abs=1e-5)
@@ -94,7 +96,13 @@ def test_classify_matches_pytorch_from_png_and_array(resnet, tmp_path):
 def test_resize_is_torch_antialiased_bilinear():
     image = np.random.default_rng(1).random((45, 70, 3), dtype=np.float32)
     for size in [(32, 32), (90, 50)]:  # a downscale (antialiased) and a mixed up/down scale
-        reference = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True, align_corners=False)
+        reference = F.interpolate(
+            torch.from_numpy(image).permute(2, 0, 1)[None],
+            size=size,
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         np.testing.assert_allclose(resize(image, *size), reference[0].permute(1, 2, 0).numpy(), atol=1e-5)
 
 
@@ -107,7 +115,7 @@ def test_greedy_generation_equals_pytorch_and_crops_the_context(gpt):
             next_token = member(tokens[:, -CONTEXT:])[0, -1].argmax()
             tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     predictor = Predictor(path)
-    expected = bytes(tokens[0, len(prompt):].tolist())
+    expected = bytes(tokens[0, len(prompt) :].tolist())
     for use_cache in (True, False):
         assert predictor.generate_bytes(prompt, max_new_bytes=steps, use_cache=use_cache) == expected
         assert predictor.generate_bytes(prompt.decode(), max_new_bytes=steps, use_cache=use_cache) == expected
@@ -135,7 +143,11 @@ class CountingSession:
         return getattr(self.session, name)
 
 
-@pytest.mark.parametrize("prompt, steps", [(b"Hi", 10), (b"Hello, zoo!", 12), (b"0123456789abcdefXYZ", 6)], ids=["fits", "crosses-context", "longer-than-context"])
+@pytest.mark.parametrize(
+    "prompt, steps",
+    [(b"Hi", 10), (b"Hello, zoo!", 12), (b"0123456789abcdefXYZ", 6)],
+    ids=["fits", "crosses-context", "longer-than-context"],
+)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_cached_generation_equals_uncached_byte_for_byte(gpt, prompt, steps, temperature):
     cached, uncached = Predictor(gpt[1]), Predictor(gpt[1])
@@ -181,7 +193,8 @@ def test_bad_files_and_wrong_inputs_give_one_line_errors(resnet, gpt, tmp_path):
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         Predictor(corrupt)
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["input"], ["logits"])], "foreign",
+        [onnx.helper.make_node("Identity", ["input"], ["logits"])],
+        "foreign",
         [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3])],
         [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 3])],
     )
@@ -220,7 +233,9 @@ def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
     assert result.stdout == top_k_line(png, best) + "\n"
     assert runner.invoke(app, ["run", str(resnet[1]), str(npy), "--top-k", "3"]).stdout == top_k_line(npy, best) + "\n"
 
-    result = runner.invoke(app, ["run", str(gpt[1]), "Hello", "--max-bytes", "5", "--temperature", "0.7", "--seed", "1"])
+    result = runner.invoke(
+        app, ["run", str(gpt[1]), "Hello", "--max-bytes", "5", "--temperature", "0.7", "--seed", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.encode().startswith(b"Hello")
 
@@ -229,7 +244,9 @@ def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
         assert result.exit_code == 1 and result.stderr.startswith("error: CUDA was requested")
         assert len(result.stderr.strip().splitlines()) == 1
     assert runner.invoke(app, ["run", str(tmp_path / "none.onnx"), "x"]).exit_code == 1
-    assert runner.invoke(app, ["run", str(resnet[1]), str(tmp_path / "none.png")]).stderr.startswith("error: no such image file")
+    assert runner.invoke(app, ["run", str(resnet[1]), str(tmp_path / "none.png")]).stderr.startswith(
+        "error: no such image file"
+    )
     assert runner.invoke(app, ["run", str(resnet[1]), str(png), "--top-k", "0"]).exit_code == 2
     assert runner.invoke(app, ["run", str(resnet[1]), str(png), "--device", "tpu"]).exit_code == 2
     result = runner.invoke(app, ["run", str(gpt[1]), "two", "prompts"])
@@ -247,7 +264,9 @@ def test_zoo_run_takes_several_images_and_folders_one_line_each(resnet, tmp_path
     first = tmp_path / "0.png"
     Image.fromarray(images[0]).save(first)
     np.save(tmp_path / "batch.npy", images[3:])
-    result = CliRunner().invoke(app, ["run", str(resnet[1]), str(first), str(folder), str(tmp_path / "batch.npy"), "--top-k", "2"])
+    result = CliRunner().invoke(
+        app, ["run", str(resnet[1]), str(first), str(folder), str(tmp_path / "batch.npy"), "--top-k", "2"]
+    )
     assert result.exit_code == 0, result.output
     best = Predictor(resnet[1]).top_k(images, k=2)
     names = [first, folder / "1.png", folder / "2.png", f"{tmp_path / 'batch.npy'}[0]", f"{tmp_path / 'batch.npy'}[1]"]

@@ -14,7 +14,10 @@ from cli.app import app
 from export.onnx_export import export_file
 from zoo.weights import file_sha256
 
-METRICS = [{"subnet": {"width": 0.5}, "accuracy": 0.625, "loss": 1.25}, {"subnet": {"width": 1.0}, "accuracy": 0.75, "loss": 0.75}]
+METRICS = [
+    {"subnet": {"width": 0.5}, "accuracy": 0.625, "loss": 1.25},
+    {"subnet": {"width": 1.0}, "accuracy": 0.75, "loss": 0.75},
+]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,7 +75,9 @@ def test_an_untrained_member_is_recalibrated_on_the_recorded_data_or_refused_wit
     assert zoo.load(out).zoo_metadata["bn_recalibration"]["data"].startswith("digits")
 
     header = zoo.read_header(family)
-    bare = zoo.save(zoo.load(family), tmp_path / "bare.safetensors", metadata={"metrics": header["metadata"]["metrics"]})  # no data recorded
+    bare = zoo.save(
+        zoo.load(family), tmp_path / "bare.safetensors", metadata={"metrics": header["metadata"]["metrics"]}
+    )  # no data recorded
     refused = invoke("slice", bare, "--width", "0.75", "--out", tmp_path / "refused.safetensors")
     assert refused.exit_code == 1 and refused.stderr.count("\n") == 1
     assert "width=0.5; width=1" in refused.stderr and "--calibrate" in refused.stderr
@@ -85,7 +90,10 @@ def test_calibrate_recalibrates_an_untrained_member_on_data(family, tmp_path):
     assert result.exit_code == 0, result.output
     small = zoo.load(out)
     assert small.subnets == [zoo.Subnet(0.75)]
-    assert small.zoo_metadata["bn_recalibration"] == {"batches": 8, "data": "digits (training split, no augmentation, up to 8 batches of 64)"}
+    assert small.zoo_metadata["bn_recalibration"] == {
+        "batches": 8,
+        "data": "digits (training split, no augmentation, up to 8 batches of 64)",
+    }
     assert small.zoo_metadata["metrics"] == []
     variances = small.stem[1].running_var_w0p75
     assert not torch.allclose(variances, torch.ones_like(variances))  # estimated from data, not fresh
@@ -107,7 +115,9 @@ def test_layernorm_families_slice_any_member(tmp_path):
     assert zoo.load(tmp_path / "g.safetensors").largest == zoo.Subnet(0.6)
 
 
-@pytest.mark.parametrize("case", ["random bytes", "foreign safetensors", "missing", "width out of range", "out is source"])
+@pytest.mark.parametrize(
+    "case", ["random bytes", "foreign safetensors", "missing", "width out of range", "out is source"]
+)
 def test_bad_inputs_are_one_line_errors_and_write_nothing(family, tmp_path, case):
     path, args = tmp_path / "in.safetensors", []
     if case == "random bytes":
@@ -151,10 +161,15 @@ def test_info_describes_an_onnx_file(family, tmp_path):
     assert f"sha256 {file_sha256(family)}" in result.output
 
 
-@pytest.mark.parametrize("name, content", [("junk.onnx", b"\x00not onnx at all" * 50), ("junk.safetensors", b"\x01" * 300), ("none.onnx", None)])
+@pytest.mark.parametrize(
+    "name, content",
+    [("junk.onnx", b"\x00not onnx at all" * 50), ("junk.safetensors", b"\x01" * 300), ("none.onnx", None)],
+)
 def test_info_on_corrupt_or_missing_files_is_one_line(tmp_path, name, content):
     path = tmp_path / name
     if content is not None:
         path.write_bytes(content)
     result = invoke("info", path)
-    assert result.exit_code == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.output
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+        result.output
+    )

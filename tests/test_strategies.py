@@ -57,7 +57,9 @@ def test_layerwise_space_draws_every_stage_independently_and_resumes():
 
     sandwich = create_strategy("sandwich", [FULL], FULL, seed=0, num_random=2, space=space)
     plan = sandwich.plan(0)
-    assert plan[0] == Pass(FULL) and plan[1] == Pass(Subnet(width=0.25, depth=[1, 1, 1]), distill=True) and len(plan) == 4
+    assert (
+        plan[0] == Pass(FULL) and plan[1] == Pass(Subnet(width=0.25, depth=[1, 1, 1]), distill=True) and len(plan) == 4
+    )
     with pytest.raises(ValueError, match="--space layerwise applies to"):
         create_strategy("alternating", [Subnet(0.5), FULL], FULL, seed=0, space=space)
 
@@ -128,7 +130,15 @@ def test_separate_training_moves_only_its_member(tmp_path):
     torch.manual_seed(1)
     start = zoo.create_model("slim_resnet20", num_classes=10, in_chans=1, img_size=8, widths=[0.5])
     zoo.save(start, tmp_path / "start.safetensors")
-    config = TrainConfig(model="slim_resnet20", out=str(tmp_path / "run"), strategy="separate", widths=[0.5], steps=3, batch_size=32, init=str(tmp_path / "start.safetensors"))
+    config = TrainConfig(
+        model="slim_resnet20",
+        out=str(tmp_path / "run"),
+        strategy="separate",
+        widths=[0.5],
+        steps=3,
+        batch_size=32,
+        init=str(tmp_path / "start.safetensors"),
+    )
     result = train(config)
     trained = zoo.load(result.model_path)
     assert trained.subnets == [Subnet(0.5)] and [m["subnet"] for m in result.metrics] == [{"width": 0.5}]

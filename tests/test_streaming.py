@@ -58,7 +58,10 @@ def test_folder_items_depend_only_on_seed_epoch_and_index(noise_folder):
 
 def test_batches_are_the_same_with_0_and_2_workers_and_mixup_mixes_them(noise_folder):
     bundle = load_data(f"folder:{noise_folder}", seed=1, img_size=8, **AUGMENTED)
-    runs = {w: [list(TrainLoader(bundle, 6, seed=1, workers=w, mixup=0.8, cutmix=1.0).epoch(e, start=1)) for e in (0, 1)] for w in (0, 2)}
+    runs = {
+        w: [list(TrainLoader(bundle, 6, seed=1, workers=w, mixup=0.8, cutmix=1.0).epoch(e, start=1)) for e in (0, 1)]
+        for w in (0, 2)
+    }
     for (x0, y0), (x2, y2) in zip(sum(runs[0], []), sum(runs[2], [])):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     assert len(runs[0][0]) == 2 and all(y.shape == (6, 2) and torch.allclose(y.sum(1), torch.ones(6)) for y in (y0, y2))
@@ -68,7 +71,10 @@ def test_batches_are_the_same_with_0_and_2_workers_and_mixup_mixes_them(noise_fo
     for (x, labels), (mix, soft) in zip(plain, mixed):  # timm's batch mixup: x * lam + x.flip(0) * (1 - lam)
         lam = float(soft[torch.arange(6), labels].min())
         assert 0 < lam < 1 and torch.allclose(mix, x * lam + x.flip(0) * (1 - lam), atol=1e-5)
-        assert torch.allclose(soft, torch.nn.functional.one_hot(labels, 2) * lam + torch.nn.functional.one_hot(labels.flip(0), 2) * (1 - lam))
+        assert torch.allclose(
+            soft,
+            torch.nn.functional.one_hot(labels, 2) * lam + torch.nn.functional.one_hot(labels.flip(0), 2) * (1 - lam),
+        )
 
 
 def test_a_corrupt_image_is_named_when_a_worker_first_reads_it(tmp_path, monkeypatch):
@@ -78,7 +84,18 @@ def test_a_corrupt_image_is_named_when_a_worker_first_reads_it(tmp_path, monkeyp
             Image.new("RGB", (10, 10), (40 * i, 90, 200)).save(tmp_path / "tree" / label / f"{i}.png")
     (tmp_path / "tree" / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is missing")
     monkeypatch.setattr(image_folder, "STATS_SAMPLE", 2)  # the scan decodes only the first and last training image
-    args = ["--data", f"folder:{tmp_path / 'tree'}", "--img-size", "8", "--steps", "4", "--batch-size", "4", "--workers", "2"]
+    args = [
+        "--data",
+        f"folder:{tmp_path / 'tree'}",
+        "--img-size",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+    ]
     result = CliRunner().invoke(app, ["train", "slim_resnet20", *args, "--out", str(tmp_path / "run")])
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
@@ -101,7 +118,10 @@ def test_text_cache_is_built_once_reused_rebuilt_on_change_and_never_half_writte
     built = cache.stat()
 
     again = load_data(f"text:{source}", seq_len=32)  # reused: the same file, not written again
-    assert _cache_files() == [cache] and (cache.stat().st_ino, cache.stat().st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
+    assert _cache_files() == [cache] and (cache.stat().st_ino, cache.stat().st_mtime_ns) == (
+        built.st_ino,
+        built.st_mtime_ns,
+    )
     assert all(torch.equal(bundle.train[i][0], again.train[i][0]) for i in (0, 50, len(bundle.train) - 1))
 
     (source / "b.txt").write_bytes(b"DELTA EPSILON\n" * 200)  # same size, new content and time
@@ -110,7 +130,9 @@ def test_text_cache_is_built_once_reused_rebuilt_on_change_and_never_half_writte
     [rebuilt] = _cache_files()  # the stale cache is gone
     assert rebuilt != cache and rebuilt.read_bytes().endswith(b"DELTA EPSILON\n")
     assert bytes(changed.val.read(changed.val.size - 14, 14).tolist()) == b"DELTA EPSILON\n"
-    assert bytes(again.val.read(again.val.size - 14, 14).tolist()) == b"delta epsilon\n"  # a loaded corpus keeps its file
+    assert (
+        bytes(again.val.read(again.val.size - 14, 14).tolist()) == b"delta epsilon\n"
+    )  # a loaded corpus keeps its file
 
     (source / "c.txt").write_bytes(b"zeta\n" * 5000)
     real_copy = text_cache._copy_text
@@ -157,7 +179,13 @@ def test_an_export_of_a_folder_model_preprocesses_as_its_evaluation(noise_folder
     bundle = load_data(f"folder:{noise_folder}", img_size=12, crop_pct=0.75)
     metadata = {"train": {"mean": list(bundle.mean), "std": list(bundle.std), "crop_pct": bundle.crop_pct}}
     record = input_record(zoo.create_model("slim_resnet20", num_classes=2, img_size=12), metadata)
-    assert record == {"kind": "image", "shape": [3, 12, 12], "mean": list(bundle.mean), "std": list(bundle.std), "crop_pct": 0.75}
+    assert record == {
+        "kind": "image",
+        "shape": [3, 12, 12],
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+        "crop_pct": 0.75,
+    }
     mean, std = np.asarray(record["mean"], dtype=np.float32), np.asarray(record["std"], dtype=np.float32)
     for i in range(len(bundle.val)):
         pixels = np.asarray(Image.open(bundle.val.files.path(i)).convert("RGB"), dtype=np.float32) / 255
@@ -178,11 +206,19 @@ def test_two_processes_with_workers_resume_bit_identical(noise_folder, tmp_path)
             "--cutmix", "1.0", "--workers", "1", "--nproc-per-node", "2"]  # fmt: skip
 
     def run(out: str, *extra: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "cli", *args, "--out", str(tmp_path / out), *extra], capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", *args, "--out", str(tmp_path / out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr
 
     run("whole")
     run("parts", "--stop-after", "4")  # epoch 0 has 4 steps: the resumed part is epoch 1
     run("parts", "--resume", "--workers", "2")
-    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "parts" / "model.safetensors")
+    expected, got = (
+        load_file(tmp_path / "whole" / "model.safetensors"),
+        load_file(tmp_path / "parts" / "model.safetensors"),
+    )
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -44,7 +44,9 @@ def images(batch: int = 2, size: int = IMG) -> torch.Tensor:
 
 def test_an_unknown_argument_is_timms_type_error_and_zoos_one_line_error():
     for create in (zoo.create_model, timm.create_model):
-        with pytest.raises(TypeError, match="slim_resnet20: got an unexpected keyword argument 'not_a_model_arg'") as caught:
+        with pytest.raises(
+            TypeError, match="slim_resnet20: got an unexpected keyword argument 'not_a_model_arg'"
+        ) as caught:
             create("slim_resnet20", not_a_model_arg=1)
         assert isinstance(caught.value, ValueError)  # zoo's user error: the CLI prints it as one line
     with pytest.raises(TypeError, match="not_a_model_arg"):  # the shipped weights too, before loading them
@@ -60,7 +62,9 @@ def test_an_unknown_argument_is_timms_type_error_and_zoos_one_line_error():
 @pytest.mark.parametrize("name", CNNS)
 def test_features_only_backbone_follows_the_member_and_equals_the_sliced_member(name):
     backbone = build(name, features_only=True).eval()
-    assert isinstance(backbone, FeatureNet) and isinstance(timm.create_model(name, features_only=True, out_indices=(1, 2), img_size=IMG), FeatureNet)
+    assert isinstance(backbone, FeatureNet) and isinstance(
+        timm.create_model(name, features_only=True, out_indices=(1, 2), img_size=IMG), FeatureNet
+    )
     x = images()
     channels = {}
     with torch.no_grad():
@@ -96,7 +100,7 @@ def test_forward_intermediates_and_pruning_keep_timms_promises(name):
     torch.testing.assert_close(final, model.forward_features(x))
     assert [t.shape[1] for t in taps] == [f["num_chs"] for f in model.feature_info]
     last = len(taps) - 1
-    for i in ([0, 5, last] if name.startswith("slim_vit") else range(last + 1)):
+    for i in [0, 5, last] if name.startswith("slim_vit") else range(last + 1):
         early = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
         torch.testing.assert_close(early[0], taps[i])
         pruned = copy.deepcopy(model)
@@ -112,7 +116,16 @@ def _slices_a_parameter(graph: torch.fx.Graph) -> bool:
     return any(n.target is operator.getitem and getattr(n.args[0], "op", "") == "get_attr" for n in graph.nodes)
 
 
-@pytest.mark.parametrize("name, low_rank", [("slim_resnet20", False), ("slim_resnet20", True), ("slim_mobilenetv2", False), ("slim_vit_tiny", False), ("slim_vit_tiny", True)])
+@pytest.mark.parametrize(
+    "name, low_rank",
+    [
+        ("slim_resnet20", False),
+        ("slim_resnet20", True),
+        ("slim_mobilenetv2", False),
+        ("slim_vit_tiny", False),
+        ("slim_vit_tiny", True),
+    ],
+)
 @torch.no_grad()
 def test_fx_traces_the_family_at_a_member_and_the_sliced_member_as_a_plain_graph(name, low_rank):
     model = build(name, low_rank=low_rank).eval()
@@ -190,8 +203,21 @@ def test_the_conformance_script_runs_timms_own_tests_end_to_end(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "conformance.md"
     args = ["--configs", "largest,w0.5", "--families", "slim_resnet20", "--out", str(out)]
-    proc = subprocess.run(["bash", str(repo / "benchmarks" / "timm_conformance.sh"), *args], capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=1200)
+    proc = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "timm_conformance.sh"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in out.read_text().splitlines() if line.startswith("| test_")}
-    assert rows["test_model_forward_features"] == ["1/0/0", "1/0/0"] and rows["test_model_forward_fx"] == ["1/0/0", "1/0/0"]
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]]
+        for line in out.read_text().splitlines()
+        if line.startswith("| test_")
+    }
+    assert rows["test_model_forward_features"] == ["1/0/0", "1/0/0"] and rows["test_model_forward_fx"] == [
+        "1/0/0",
+        "1/0/0",
+    ]
     assert "Failures:" not in out.read_text()

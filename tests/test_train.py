@@ -33,7 +33,9 @@ def _invoke(*args: str):
 
 
 def _without_timing(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in path.read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in path.read_text().splitlines()
+    ]
 
 
 def _text_corpus(tmp_path: Path) -> Path:
@@ -90,7 +92,15 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
     if kind == "resnet":
         return dict(model="slim_resnet20", strategy="alternating", widths=[0.5], steps=6, batch_size=32, eval_every=2)
     if kind == "layerwise":  # members drawn from the whole space, periodic batch-norm recalibration
-        return dict(model="slim_resnet20", strategy="sandwich", space="layerwise", num_random=1, steps=6, batch_size=32, eval_every=2)
+        return dict(
+            model="slim_resnet20",
+            strategy="sandwich",
+            space="layerwise",
+            num_random=1,
+            steps=6,
+            batch_size=32,
+            eval_every=2,
+        )
     if kind == "augmented":  # 33 training images, 4 steps per epoch: the resumed part crosses an epoch; every
         # timm augmentation and mixup on; the whole run reads in-process, the two parts with 2 and 1 workers
         return dict(model="slim_resnet20", data=f"folder:{_image_folder(tmp_path)}", img_size=8, strategy="random",
@@ -115,13 +125,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path):
     expected, got = load_file(whole.model_path), load_file(resumed.model_path)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert _without_timing(tmp_path / "parts" / "metrics.jsonl") == _without_timing(tmp_path / "whole" / "metrics.jsonl")
+    assert _without_timing(tmp_path / "parts" / "metrics.jsonl") == _without_timing(
+        tmp_path / "whole" / "metrics.jsonl"
+    )
 
 
 def test_a_killed_run_resumes_bit_identical(tmp_path):
     """SIGKILL at an arbitrary moment leaves a usable checkpoint (written atomically)."""
     args = ["--steps", "30", "--batch-size", "16", "--ckpt-every", "1", "--eval-every", "100"]
-    process = subprocess.Popen([sys.executable, "-m", "cli", "train", "slim_resnet20", *args, "--out", str(tmp_path / "killed")])
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cli", "train", "slim_resnet20", *args, "--out", str(tmp_path / "killed")]
+    )
     checkpoint = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 240
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
@@ -131,14 +145,31 @@ def test_a_killed_run_resumes_bit_identical(tmp_path):
     assert load_checkpoint(checkpoint)["step"] < 30  # it was interrupted mid-run
     resumed = _invoke("train", "slim_resnet20", *args, "--out", str(tmp_path / "killed"), "--resume")
     assert resumed.exit_code == 0, resumed.output
-    whole = train(TrainConfig(model="slim_resnet20", out=str(tmp_path / "whole"), steps=30, batch_size=16, ckpt_every=1, eval_every=100))
+    whole = train(
+        TrainConfig(
+            model="slim_resnet20", out=str(tmp_path / "whole"), steps=30, batch_size=16, ckpt_every=1, eval_every=100
+        )
+    )
     expected, got = load_file(whole.model_path), load_file(tmp_path / "killed" / "model.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
-    result = _invoke("train", "slim_resnet20", "--lr", "1e30", "--steps", "6", "--batch-size", "32", "--ckpt-every", "1", "--out", str(out))
+    result = _invoke(
+        "train",
+        "slim_resnet20",
+        "--lr",
+        "1e30",
+        "--steps",
+        "6",
+        "--batch-size",
+        "32",
+        "--ckpt-every",
+        "1",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: loss is ") and "at step" in lines[0] and "member" in lines[0]
@@ -171,7 +202,10 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
         (["slim_resnet20", "--mixup", "0.8", "--batch-size", "31", "--steps", "2"], "must be even, got 31"),
         (["slim_resnet20", "--aa", "rand-m9"], "configure timm's transforms of folder:PATH images; 'digits' is not"),
         (["slim_resnet20", "--data", "folder:/x", "--aa", "fancy"], "--aa 'fancy' is not a timm auto-augment policy"),
-        (["slim_resnet20", "--data", "folder:/x", "--aa", "rand-z9"], "--aa 'rand-z9' is not a timm auto-augment policy"),
+        (
+            ["slim_resnet20", "--data", "folder:/x", "--aa", "rand-z9"],
+            "--aa 'rand-z9' is not a timm auto-augment policy",
+        ),
         (["slim_resnet20", "--data", "folder:/x", "--reprob", "1.5"], "--reprob must be in [0, 1], got 1.5"),
         (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
         (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "1.2"], "--crop-pct must be in (0, 1], got 1.2"),
@@ -194,17 +228,44 @@ def test_cuda_without_cuda_is_an_error_not_a_fallback(tmp_path):
 
 def test_init_must_be_the_same_architecture(tmp_path):
     zoo.save(zoo.create_model("slim_resnet56", num_classes=10, in_chans=1, img_size=8), tmp_path / "r56.safetensors")
-    result = _invoke("train", "slim_resnet20", "--init", str(tmp_path / "r56.safetensors"), "--steps", "2", "--out", str(tmp_path / "run"))
+    result = _invoke(
+        "train",
+        "slim_resnet20",
+        "--init",
+        str(tmp_path / "r56.safetensors"),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert result.exit_code == 1 and "holds slim_resnet56 weights, but this run trains slim_resnet20" in result.stderr
-    zoo.save(zoo.create_model("slim_resnet20", num_classes=100, in_chans=1, img_size=8), tmp_path / "r20c100.safetensors")
-    result = _invoke("train", "slim_resnet20", "--init", str(tmp_path / "r20c100.safetensors"), "--steps", "2", "--out", str(tmp_path / "run2"))
+    zoo.save(
+        zoo.create_model("slim_resnet20", num_classes=100, in_chans=1, img_size=8), tmp_path / "r20c100.safetensors"
+    )
+    result = _invoke(
+        "train",
+        "slim_resnet20",
+        "--init",
+        str(tmp_path / "r20c100.safetensors"),
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "run2"),
+    )
     assert result.exit_code == 1 and "does not fit slim_resnet20" in result.stderr and "fc.weight" in result.stderr
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     out = str(tmp_path / "run")
-    assert _invoke("train", "slim_resnet20", "--steps", "4", "--stop-after", "1", "--batch-size", "32", "--out", out).exit_code == 0
-    result = _invoke("train", "slim_resnet20", "--steps", "4", "--batch-size", "32", "--lr", "0.05", "--out", out, "--resume")
+    assert (
+        _invoke(
+            "train", "slim_resnet20", "--steps", "4", "--stop-after", "1", "--batch-size", "32", "--out", out
+        ).exit_code
+        == 0
+    )
+    result = _invoke(
+        "train", "slim_resnet20", "--steps", "4", "--batch-size", "32", "--lr", "0.05", "--out", out, "--resume"
+    )
     assert result.exit_code == 1 and "lr=0.1 (now 0.05)" in result.stderr
     result = _invoke("train", "slim_resnet20", "--steps", "4", "--batch-size", "32", "--out", out)
     assert result.exit_code == 1 and "already holds a training checkpoint" in result.stderr
@@ -231,8 +292,13 @@ def test_eval_errors_are_one_line(tmp_path):
         result = _invoke("eval", str(weights), *args)
         assert result.exit_code == 1 and result.stderr.strip().splitlines() == [result.stderr.strip()], result.output
         assert message in result.stderr
-    result = _invoke("eval", str(weights), "--width", "0.25", "--json", "--limit", "20")  # untrained: recalibrated first
+    result = _invoke(
+        "eval", str(weights), "--width", "0.25", "--json", "--limit", "20"
+    )  # untrained: recalibrated first
     assert result.exit_code == 0 and "recalibrated for 1 untrained member" in result.stderr
     assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.25}]
     result = _invoke("eval", str(weights), "--json", "--limit", "20")  # no metadata: the grid, on digits
-    assert result.exit_code == 0 and [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
+    assert result.exit_code == 0 and [r["subnet"] for r in json.loads(result.stdout)] == [
+        {"width": 0.5},
+        {"width": 1.0},
+    ]

@@ -101,7 +101,10 @@ def test_gpt_takes_any_length_up_to_its_context():
         model(torch.randn(1, 8))
 
 
-@pytest.mark.parametrize("arch, timm_arch, count", [("slim_vit_tiny", "vit_tiny_patch16_224", 5_717_416), ("slim_vit_small", "vit_small_patch16_224", 22_050_664)])
+@pytest.mark.parametrize(
+    "arch, timm_arch, count",
+    [("slim_vit_tiny", "vit_tiny_patch16_224", 5_717_416), ("slim_vit_small", "vit_small_patch16_224", 22_050_664)],
+)
 def test_vit_parameter_counts_equal_timm(arch, timm_arch, count):
     with torch.device("meta"):
         ours, theirs = zoo.create_model(arch), timm.create_model(timm_arch)
@@ -113,7 +116,7 @@ def test_gpt_at_half_width_overfits_a_fixed_batch_and_leaves_other_heads_untouch
     torch.manual_seed(0)
     model = nano_gpt().train()
     model.set_subnet(width=0.5)  # 2 of 4 heads (head_dim 32), 256 of 512 MLP units
-    data = torch.tensor(list(TEXT[:4 * 33]), dtype=torch.int64).view(4, 33)
+    data = torch.tensor(list(TEXT[: 4 * 33]), dtype=torch.int64).view(4, 33)
     inputs, targets = data[:, :-1], data[:, 1:]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []

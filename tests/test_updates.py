@@ -26,7 +26,9 @@ LR = 0.1
 def _model(low_rank: bool = False) -> zoo.ElasticModel:
     torch.manual_seed(0)
     if low_rank:
-        return zoo.create_model("slim_resnet20", num_classes=5, img_size=8, low_rank=True, widths=[1.0], ranks=[0.5, 1.0])
+        return zoo.create_model(
+            "slim_resnet20", num_classes=5, img_size=8, low_rank=True, widths=[1.0], ranks=[0.5, 1.0]
+        )
     return zoo.create_model("slim_resnet20", num_classes=5, img_size=8, widths=[0.5, 1.0])
 
 
@@ -91,7 +93,11 @@ def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
     x = _weights(model)
     g = _grads_at(model, x)
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g.values()))
-    delta = {"full": {n: 0 * v for n, v in g.items()}, "sam": {n: 0.05 * v / norm for n, v in g.items()}, "extragradient": {n: -0.01 * v for n, v in g.items()}}[name]
+    delta = {
+        "full": {n: 0 * v for n, v in g.items()},
+        "sam": {n: 0.05 * v / norm for n, v in g.items()},
+        "extragradient": {n: -0.01 * v for n, v in g.items()},
+    }[name]
     perturbed = _grads_at(model, {n: x[n] + delta[n] for n in x})
     _policy_step(model, name)
     _assert_close(model, _expected(x, perturbed, {}))
@@ -147,11 +153,17 @@ def test_meprop_moves_exactly_the_top_k_gradient_coordinates(units):
     for n, p in model.named_parameters():
         if units and p.dim() > 1:
             rows = g[n].flatten(1).norm(dim=1)
-            chosen = torch.zeros_like(rows, dtype=torch.bool).index_fill_(0, rows.topk(max(1, int(0.25 * rows.numel() + 0.5))).indices, True)
+            chosen = torch.zeros_like(rows, dtype=torch.bool).index_fill_(
+                0, rows.topk(max(1, int(0.25 * rows.numel() + 0.5))).indices, True
+            )
             chosen = chosen.view(-1, *[1] * (p.dim() - 1)).expand_as(p)
         else:
             k = max(1, int(0.25 * p.numel() + 0.5))
-            chosen = torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, g[n].abs().flatten().topk(k).indices, True).view_as(p)
+            chosen = (
+                torch.zeros(p.numel(), dtype=torch.bool)
+                .index_fill_(0, g[n].abs().flatten().topk(k).indices, True)
+                .view_as(p)
+            )
         assert torch.equal(p.detach()[~chosen], x[n][~chosen]), n  # nothing else moves, bit for bit
         torch.testing.assert_close(p.detach()[chosen], (x[n] - LR * g[n])[chosen], rtol=1e-5, atol=1e-7)
         assert chosen.float().mean() <= 0.25 + 1 / p.shape[0]
@@ -171,15 +183,29 @@ def test_structured_dropout_is_the_rule_with_delta_minus_one_minus_m_times_x(nam
         rows = mask[conv.weight].flatten(1).any(dim=1)
         assert torch.equal(rows, mask[bn.weight]) and torch.equal(rows, mask[bn.bias])
         assert int(rows.sum()) == round(0.5 * rows.numel())
-        assert torch.equal(mask[model.get_submodule("stages.0.0.conv2").weight].any(dim=0).flatten(1).any(dim=1), rows)  # the columns that read them
+        assert torch.equal(
+            mask[model.get_submodule("stages.0.0.conv2").weight].any(dim=0).flatten(1).any(dim=1), rows
+        )  # the columns that read them
 
 
-@pytest.mark.parametrize("name, optimizer", [("unit-dropout", "sgd"), ("unit-dropout", "adamw"), ("rank-dropout", "sgd")])
+@pytest.mark.parametrize(
+    "name, optimizer", [("unit-dropout", "sgd"), ("unit-dropout", "adamw"), ("rank-dropout", "sgd")]
+)
 def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
     model = _model(low_rank=name == "rank-dropout")
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.05) if optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=0.01)
+    opt = (
+        torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.05)
+        if optimizer == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=0.01)
+    )
     _policy_step(model, "full", optimizer=opt)  # populate momentum / moments everywhere
-    before = {p: (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape}) for p in model.parameters()}
+    before = {
+        p: (
+            p.detach().clone(),
+            {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.shape == p.shape},
+        )
+        for p in model.parameters()
+    }
     _, mask = _policy_step(model, name, optimizer=opt)
     moved_inside = 0
     for p, (old, state) in before.items():
@@ -192,7 +218,15 @@ def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
 
 
 def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(tmp_path):
-    case = dict(model="slim_resnet20", strategy="alternating", widths=[0.5], update="unit-dropout", steps=4, batch_size=32, eval_every=2)
+    case = dict(
+        model="slim_resnet20",
+        strategy="alternating",
+        widths=[0.5],
+        update="unit-dropout",
+        steps=4,
+        batch_size=32,
+        eval_every=2,
+    )
     plain = train(TrainConfig(out=str(tmp_path / "plain"), **case))
     logged = train(TrainConfig(out=str(tmp_path / "logged"), log_alignment=2, **case))
     expected, got = load_file(plain.model_path), load_file(logged.model_path)
@@ -200,7 +234,10 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
     records = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
     alignment = [r for r in records if "alignment_cosine" in r]
     assert [r["step"] for r in alignment] == [0, 2]
-    assert all(0 < r["alignment_cosine"] < 0.99 and 0 < r["alignment_norm_ratio"] < 1 and r["alignment_s"] > 0 for r in alignment)
+    assert all(
+        0 < r["alignment_cosine"] < 0.99 and 0 < r["alignment_norm_ratio"] < 1 and r["alignment_s"] > 0
+        for r in alignment
+    )
 
     full = train(TrainConfig(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2}))
     records = [json.loads(line) for line in (full.out / "metrics.jsonl").read_text().splitlines()]
@@ -211,7 +248,11 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
 @pytest.mark.parametrize("case", ["unit-dropout", "rank-dropout"])
 def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
     config = dict(model="slim_resnet20", steps=6, batch_size=32, eval_every=2, log_alignment=3)
-    config |= dict(strategy="random", widths=[0.5], update="unit-dropout") if case == "unit-dropout" else dict(strategy="separate", low_rank=True, update="rank-dropout", keep=0.5)
+    config |= (
+        dict(strategy="random", widths=[0.5], update="unit-dropout")
+        if case == "unit-dropout"
+        else dict(strategy="separate", low_rank=True, update="rank-dropout", keep=0.5)
+    )
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **config))
     train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **config))
     resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **config))
@@ -219,7 +260,10 @@ def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
     def timeless(path):
-        return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "alignment_s")} for line in path.read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "alignment_s")}
+            for line in path.read_text().splitlines()
+        ]
 
     assert timeless(tmp_path / "parts" / "metrics.jsonl") == timeless(tmp_path / "whole" / "metrics.jsonl")
 
@@ -227,7 +271,10 @@ def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--update", "sam", "--keep", "0.5"], "--keep applies to --update meprop or unit-dropout or rank-dropout, not sam"),
+        (
+            ["--update", "sam", "--keep", "0.5"],
+            "--keep applies to --update meprop or unit-dropout or rank-dropout, not sam",
+        ),
         (["--rho", "0.1"], "--rho applies to --update sam, not full"),
         (["--update", "meprop", "--eg-lr", "0.1"], "--eg-lr applies to --update extragradient, not meprop"),
         (["--update", "unit-dropout", "--meprop-units"], "--meprop-units applies to --update meprop"),
@@ -236,7 +283,10 @@ def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
         (["--update", "meprop", "--keep", "0"], "--keep must be in (0, 1]"),
         (["--update", "unit-dropout", "--keep", "1.5"], "--keep must be in (0, 1]"),
         (["--update", "rank-dropout", "--strategy", "separate"], "needs a family with factorized layers (--low-rank)"),
-        (["--update", "rank-dropout", "--low-rank"], "with --strategy alternating: it draws a nested sub-network per step"),
+        (
+            ["--update", "rank-dropout", "--low-rank"],
+            "with --strategy alternating: it draws a nested sub-network per step",
+        ),
         (["--update", "unit-dropout", "--nested", "--strategy", "sandwich"], "--nested with --strategy sandwich"),
         (["--log-alignment", "0"], "--log-alignment must be at least 1"),
     ],

@@ -48,7 +48,14 @@ _CIFAR_STATS = {
 }
 # kind -> (training batches, test batch, meta file, label key, label-names key, archive folder)
 _CIFAR_LAYOUT = {
-    "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta", b"labels", b"label_names", "cifar-10-batches-py"),
+    "cifar10": (
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "batches.meta",
+        b"labels",
+        b"label_names",
+        "cifar-10-batches-py",
+    ),
     "cifar100": (["train"], "test", "meta", b"fine_labels", b"fine_label_names", "cifar-100-python"),
 }
 
@@ -123,7 +130,9 @@ def load_data(
     if kind == "folder":
         from .image_folder import Augmentation, load_folder
 
-        return load_folder(spec, path, val_fraction, seed, img_size or DEFAULT_FOLDER_SIZE, Augmentation(aa, reprob, crop_pct))
+        return load_folder(
+            spec, path, val_fraction, seed, img_size or DEFAULT_FOLDER_SIZE, Augmentation(aa, reprob, crop_pct)
+        )
     return _load_cifar(spec, kind, path, seed, img_size)
 
 
@@ -131,10 +140,16 @@ def check_data_options(spec: str, *, aa: str | None = None, reprob: float = 0.0,
     """Refuse transform options the spec's data cannot take (one line, before loading)."""
     from .image_folder import Augmentation, check_augmentation
 
-    options = [name for name, given in (("--aa", aa is not None), ("--reprob", bool(reprob)), ("--crop-pct", crop_pct is not None)) if given]
+    options = [
+        name
+        for name, given in (("--aa", aa is not None), ("--reprob", bool(reprob)), ("--crop-pct", crop_pct is not None))
+        if given
+    ]
     kind = spec.partition(":")[0]
     if options and kind != "folder":
-        raise ValueError(f"{' and '.join(options)} configure timm's transforms of folder:PATH images; {spec!r} is not an image folder")
+        raise ValueError(
+            f"{' and '.join(options)} configure timm's transforms of folder:PATH images; {spec!r} is not an image folder"
+        )
     check_augmentation(Augmentation(aa, reprob, crop_pct))
 
 
@@ -156,7 +171,14 @@ class ImageDataset(Dataset):
     """
 
     def __init__(
-        self, images: torch.Tensor, targets: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool = False, seed: int = 0
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        augment: bool = False,
+        seed: int = 0,
     ):
         self.images, self.targets = images, targets
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
@@ -264,7 +286,9 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in DataLoader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals):
+    for inputs, _ in DataLoader(
+        Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals
+    ):
         yield inputs
 
 
@@ -276,7 +300,15 @@ Images = tuple[torch.Tensor, torch.Tensor]  # (N x C x H x W images, N int64 tar
 
 
 def _image_bundle(
-    spec: str, train: Images, val: Images, labels: list[str], mean: tuple[float, ...], std: tuple[float, ...], *, augment: bool, seed: int
+    spec: str,
+    train: Images,
+    val: Images,
+    labels: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    augment: bool,
+    seed: int,
 ) -> DataBundle:
     return DataBundle(
         spec=spec,
@@ -302,7 +334,16 @@ def _load_digits(spec: str, val_fraction: float, seed: int, img_size: int | None
     targets = torch.tensor(digits.target, dtype=torch.int64)
     train, val = _stratified_split(targets, val_fraction, seed)
     labels = [str(d) for d in range(10)]
-    return _image_bundle(spec, (images[train], targets[train]), (images[val], targets[val]), labels, (0.5,), (0.5,), augment=False, seed=seed)
+    return _image_bundle(
+        spec,
+        (images[train], targets[train]),
+        (images[val], targets[val]),
+        labels,
+        (0.5,),
+        (0.5,),
+        augment=False,
+        seed=seed,
+    )
 
 
 def _stratified_split(targets: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +370,13 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.empty(*images.shape[:2], size, size, dtype=images.dtype)
     top = 255.0 if images.dtype == torch.uint8 else 1.0
     for start in range(0, len(images), 1024):
-        chunk = F.interpolate(images[start : start + 1024].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        chunk = F.interpolate(
+            images[start : start + 1024].float(),
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
         out[start : start + 1024] = (chunk.round() if images.dtype == torch.uint8 else chunk).clamp(0, top)
     return out
 
@@ -352,21 +399,34 @@ def _load_cifar(spec: str, kind: str, root: Path, seed: int, img_size: int | Non
     val_images, val_targets = _cifar_batch(root, test_name, kind, label_key, len(labels))
     size = img_size or 32
     mean, std = _CIFAR_STATS[kind]
-    return _image_bundle(spec, (_resize(train[0], size), train[1]), (_resize(val_images, size), val_targets), labels, mean, std, augment=True, seed=seed)
+    return _image_bundle(
+        spec,
+        (_resize(train[0], size), train[1]),
+        (_resize(val_images, size), val_targets),
+        labels,
+        mean,
+        std,
+        augment=True,
+        seed=seed,
+    )
 
 
 def _cifar_dict(root: Path, name: str, kind: str) -> dict:
     path = root / name
     if not path.is_file():
         train_names, test_name, meta_name = _CIFAR_LAYOUT[kind][:3]
-        raise FileNotFoundError(f"{path} not found: {kind}:PATH wants the python batches {', '.join(train_names + [test_name, meta_name])}")
+        raise FileNotFoundError(
+            f"{path} not found: {kind}:PATH wants the python batches {', '.join(train_names + [test_name, meta_name])}"
+        )
     loaded = _unpickle_data(path)
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: not a {kind} batch file (it holds a {type(loaded).__name__}, not a dict)")
     return {(k.encode() if isinstance(k, str) else k): v for k, v in loaded.items()}
 
 
-def _cifar_batch(root: Path, name: str, kind: str, label_key: bytes, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cifar_batch(
+    root: Path, name: str, kind: str, label_key: bytes, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     path = root / name
     batch = _cifar_dict(root, name, kind)
     data, targets = _as_array(batch.get(b"data")), _as_array(batch.get(label_key))
@@ -445,7 +505,9 @@ def _array_from(raw: object, dtype: object, shape: object, order: str) -> np.nda
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise _RefusedPickle("malformed array shape")
     if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
-        raise _RefusedPickle(f"array data holds {len(raw)} bytes, but shape {shape} of {dtype.dtype} needs {math.prod(shape) * dtype.dtype.itemsize}")
+        raise _RefusedPickle(
+            f"array data holds {len(raw)} bytes, but shape {shape} of {dtype.dtype} needs {math.prod(shape) * dtype.dtype.itemsize}"
+        )
     return np.frombuffer(raw, dtype.dtype).reshape(shape, order=order)
 
 
@@ -483,7 +545,9 @@ def _unpickle_data(path: Path) -> object:
         except _RefusedPickle as err:
             raise ValueError(f"{path}: refused to load: {_one_line(err)}") from None
         except Exception as err:  # truncated or not a pickle: unpickling raises many kinds
-            raise ValueError(f"{path}: corrupt or truncated batch file ({type(err).__name__}: {_one_line(err)})") from None
+            raise ValueError(
+                f"{path}: corrupt or truncated batch file ({type(err).__name__}: {_one_line(err)})"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +567,10 @@ def _text_bundle(spec: str, data: bytes | Path, source: str, seq_len: int, val_f
     held_out = min(size - window, max(window, min(TEXT_MAX_VAL_BYTES, round(size * val_fraction))))
     split = size - held_out
     if isinstance(data, Path):
-        train, val = FileTokenWindows(data, 0, split, seq_len, seq_len), FileTokenWindows(data, split, held_out, seq_len, seq_len)
+        train, val = (
+            FileTokenWindows(data, 0, split, seq_len, seq_len),
+            FileTokenWindows(data, split, held_out, seq_len, seq_len),
+        )
     else:
         corpus = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         train, val = TokenWindows(corpus[:split], seq_len, seq_len), TokenWindows(corpus[split:], seq_len, seq_len)

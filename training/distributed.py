@@ -83,7 +83,9 @@ def setup(device_name: str) -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} visible; use at most that many processes per node")
+            raise ValueError(
+                f"process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} visible; use at most that many processes per node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

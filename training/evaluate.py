@@ -21,7 +21,6 @@ from zoo import Subnet
 
 from .signals import ignore_stop_signals
 
-
 EVAL_IMAGES = 256  # images per evaluation batch
 # Byte positions per evaluation batch (32 windows of 256): a batch's activations then stay in
 # the CPU's caches; 65536 positions ran 15-20% slower (benchmarks/bench_eval.py).
@@ -71,7 +70,9 @@ def evaluate(
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
-        for inputs, targets in DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals):
+        for inputs, targets in DataLoader(
+            data, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals
+        ):
             inputs, targets = inputs.to(device), targets.to(device).flatten()
             count += targets.numel()
             for i, subnet in enumerate(subnets):
@@ -90,7 +91,11 @@ def evaluate(
     results = []
     for i, subnet in enumerate(subnets):
         loss = float(loss_sums[i]) / count
-        metric = {"bits_per_byte": loss / math.log(2)} if model.input_kind == "tokens" else {"accuracy": int(correct[i]) / count}
+        metric = (
+            {"bits_per_byte": loss / math.log(2)}
+            if model.input_kind == "tokens"
+            else {"accuracy": int(correct[i]) / count}
+        )
         results.append({"subnet": subnet.to_dict(), **metric, "loss": loss})
     return results
 
@@ -124,7 +129,9 @@ def data_for(model: zoo.ElasticModel, spec: str | None):
     if bundle.kind != model.input_kind:
         raise ValueError(f"{model.arch} reads {model.input_kind}, but data {spec!r} holds {bundle.kind}")
     if bundle.kind == "image" and bundle.input_size[0] != model.in_chans:
-        raise ValueError(f"{model.arch} reads {model.in_chans}-channel images, but data {spec!r} has {bundle.input_size[0]} channels")
+        raise ValueError(
+            f"{model.arch} reads {model.in_chans}-channel images, but data {spec!r} has {bundle.input_size[0]} channels"
+        )
     if bundle.num_classes != model.num_classes:
         raise ValueError(f"{model.arch} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
     return bundle

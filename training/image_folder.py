@@ -79,7 +79,9 @@ def check_augmentation(augmentation: Augmentation) -> None:
             _transforms(3, 32, (0.5,) * 3, (0.5,) * 3, augmentation)
         except Exception as err:  # timm asserts on unknown policies and raises on bad numbers
             example = "rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2 or trivial"
-            raise ValueError(f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy ({_one_line(err) or 'unknown'}); e.g. {example}") from None
+            raise ValueError(
+                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy ({_one_line(err) or 'unknown'}); e.g. {example}"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -90,7 +92,11 @@ def seeded(seed: int) -> Iterator[None]:
     numpy's state alone costs about 0.1 ms, 2% of an image's decoding and augmentation."""
     from torch.utils.data import get_worker_info
 
-    states = None if get_worker_info() is not None else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+    states = (
+        None
+        if get_worker_info() is not None
+        else (random.getstate(), np.random.get_state(), torch.default_generator.get_state())
+    )
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
@@ -151,7 +157,11 @@ def scan(root: Path, val_fraction: float, seed: int) -> tuple[FileTable, FileTab
 
 
 def _table(root: Path, files: dict[str, list[str]], labels: list[str]) -> FileTable:
-    return FileTable(root, [f"{name}/{p}" for name, paths in files.items() for p in paths], [labels.index(name) for name, paths in files.items() for _ in paths])
+    return FileTable(
+        root,
+        [f"{name}/{p}" for name, paths in files.items() for p in paths],
+        [labels.index(name) for name, paths in files.items() for _ in paths],
+    )
 
 
 def _class_files(folder: Path, allow_empty_classes: bool = False) -> dict[str, list[str]]:
@@ -197,12 +207,22 @@ def decode(path: Path):
         raise UnreadableImage(f"cannot read image {path}: {_one_line(err)}") from None
 
 
-def _transforms(channels: int, size: int, mean: tuple[float, ...], std: tuple[float, ...], augmentation: Augmentation) -> tuple[Callable, Callable]:
+def _transforms(
+    channels: int, size: int, mean: tuple[float, ...], std: tuple[float, ...], augmentation: Augmentation
+) -> tuple[Callable, Callable]:
     """timm's (training, evaluation) transforms: PIL image -> normalised C x size x size tensor."""
     from timm.data import create_transform
 
-    common = dict(input_size=(channels, size, size), interpolation=INTERPOLATION, mean=mean, std=std, crop_pct=augmentation.eval_crop_pct)
-    train = create_transform(is_training=True, auto_augment=augmentation.auto_augment, re_prob=augmentation.reprob, re_mode="pixel", **common)
+    common = dict(
+        input_size=(channels, size, size),
+        interpolation=INTERPOLATION,
+        mean=mean,
+        std=std,
+        crop_pct=augmentation.eval_crop_pct,
+    )
+    train = create_transform(
+        is_training=True, auto_augment=augmentation.auto_augment, re_prob=augmentation.reprob, re_mode="pixel", **common
+    )
     return pillow_safe(train), create_transform(is_training=False, **common)
 
 
@@ -238,7 +258,9 @@ class ImageFiles(Dataset):
     module's docstring) or its evaluation transform; ``set_epoch`` selects the epoch.
     """
 
-    def __init__(self, files: FileTable, mode: str, transforms: tuple[Callable, Callable], *, augment: bool, seed: int = 0):
+    def __init__(
+        self, files: FileTable, mode: str, transforms: tuple[Callable, Callable], *, augment: bool, seed: int = 0
+    ):
         self.files, self.mode = files, mode
         self.train_transform, self.eval_transform = transforms
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -276,7 +298,9 @@ def _sample_stats(files: FileTable, size: int) -> tuple[str, tuple[float, ...], 
     for i in picks:
         image = decode(files.path(i))
         modes.append(image.mode)
-        arrays.append(np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64) / 255)
+        arrays.append(
+            np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64) / 255
+        )
     mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
     pixels = np.stack(arrays).reshape(-1, 3)
     if mode == "L":
@@ -285,7 +309,9 @@ def _sample_stats(files: FileTable, size: int) -> tuple[str, tuple[float, ...], 
     return mode, tuple(round(float(m), 4) for m in mean), tuple(round(float(s), 4) if s > 1e-3 else 0.5 for s in std)
 
 
-def load_folder(spec: str, root: Path, val_fraction: float, seed: int, img_size: int, augmentation: Augmentation) -> DataBundle:
+def load_folder(
+    spec: str, root: Path, val_fraction: float, seed: int, img_size: int, augmentation: Augmentation
+) -> DataBundle:
     """The :class:`DataBundle` of an image tree: items decoded on demand, nothing in memory."""
     train_files, val_files, labels = scan(root, val_fraction, seed)
     mode, mean, std = _sample_stats(train_files, img_size)
@@ -305,4 +331,3 @@ def load_folder(spec: str, root: Path, val_fraction: float, seed: int, img_size:
         crop_pct=augmentation.eval_crop_pct,
         streamed=True,
     )
-

@@ -51,15 +51,23 @@ class Launch:
         if self.nnodes < 1:
             raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(f"--node-rank must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}, got {self.node_rank}")
+            raise ValueError(
+                f"--node-rank must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}, got {self.node_rank}"
+            )
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the machine of node 0, a free port), the same on every node")
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the machine of node 0, a free port), the same on every node"
+            )
         if self.rdzv_endpoint is not None:
             match = _ENDPOINT.match(self.rdzv_endpoint)
             if not match or not 0 < int(match[2]) < 65536:
-                raise ValueError(f"--rdzv-endpoint must be HOST:PORT with a port in 1..65535, got {self.rdzv_endpoint!r}")
+                raise ValueError(
+                    f"--rdzv-endpoint must be HOST:PORT with a port in 1..65535, got {self.rdzv_endpoint!r}"
+                )
         if not self.rdzv_id or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.rdzv_id):
-            raise ValueError(f"--rdzv-id must be a non-empty name of letters, digits, '.', '_' or '-', got {self.rdzv_id!r}")
+            raise ValueError(
+                f"--rdzv-id must be a non-empty name of letters, digits, '.', '_' or '-', got {self.rdzv_id!r}"
+            )
 
     @property
     def needed(self) -> bool:
@@ -67,13 +75,29 @@ class Launch:
         return (self.nproc_per_node > 1 or self.nnodes > 1) and not launched()
 
     def torchrun_args(self, log_dir: str, argv: list[str]) -> list[str]:
-        args = ["--nproc-per-node", str(self.nproc_per_node), "--log-dir", log_dir, "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+        args = [
+            "--nproc-per-node",
+            str(self.nproc_per_node),
+            "--log-dir",
+            log_dir,
+            "--shutdown-timeout",
+            str(SHUTDOWN_TIMEOUT_S),
+        ]
         if self.nproc_per_node > 1:  # local ranks 1.. write to files; rank 0 to the terminal
             args += ["--redirects", ",".join(f"{r}:3" for r in range(1, self.nproc_per_node))]
         if self.rdzv_endpoint is None:
             args += ["--standalone"]
         else:
-            args += ["--nnodes", str(self.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", self.rdzv_endpoint, "--rdzv-id", self.rdzv_id]
+            args += [
+                "--nnodes",
+                str(self.nnodes),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                self.rdzv_endpoint,
+                "--rdzv-id",
+                self.rdzv_id,
+            ]
             if self.node_rank is not None:
                 args += ["--rdzv-conf", f"is_host={int(self.node_rank == 0)}"]
         return [*args, "--module", "cli", *argv]
@@ -96,7 +120,10 @@ def launch(argv: list[str], where: Launch) -> int:
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as logs:
         args = torchrun.get_args_parser().parse_args(where.torchrun_args(logs, argv))
         if where.nnodes > 1:  # the nodes meet before anything else shows
-            print(f"waiting for {where.nnodes} nodes at {where.rdzv_endpoint} (rendezvous {where.rdzv_id}; torchrun's join timeout is 600 s)", file=sys.stderr)
+            print(
+                f"waiting for {where.nnodes} nodes at {where.rdzv_endpoint} (rendezvous {where.rdzv_id}; torchrun's join timeout is 600 s)",
+                file=sys.stderr,
+            )
         try:
             torchrun.run(args)
         except SignalException as stop:  # every process stopped after its step; rank 0 said where

@@ -48,9 +48,15 @@ class _EpochKeys(Sampler):
         return max(0, self.size // self.batch_size - self.start)
 
     def __iter__(self) -> Iterator[tuple[int, int, list[int]]]:
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed_of("order", self.seed, self.epoch)))
+        order = torch.randperm(
+            self.size, generator=torch.Generator().manual_seed(seed_of("order", self.seed, self.epoch))
+        )
         for k in range(self.start, self.size // self.batch_size):
-            yield self.epoch, k, order[k * self.batch_size : (k + 1) * self.batch_size][self.rank :: self.world_size].tolist()
+            yield (
+                self.epoch,
+                k,
+                order[k * self.batch_size : (k + 1) * self.batch_size][self.rank :: self.world_size].tolist(),
+            )
 
 
 class _Batches(Dataset):
@@ -89,10 +95,14 @@ class TrainLoader:
             if bundle.kind != "image":
                 raise ValueError("--mixup and --cutmix mix images; this data holds tokens")
             if (batch_size // world_size) % 2:
-                raise ValueError(f"--mixup and --cutmix mix each process's batch with its reverse: it must be even, got {batch_size // world_size}")
+                raise ValueError(
+                    f"--mixup and --cutmix mix each process's batch with its reverse: it must be even, got {batch_size // world_size}"
+                )
             from timm.data import Mixup
 
-            mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=bundle.num_classes)
+            mixer = Mixup(
+                mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=bundle.num_classes
+            )
         self.keys = _EpochKeys(len(bundle.train), batch_size, seed, rank, world_size)
         self.loader = DataLoader(
             _Batches(bundle.train, mixer, seed, rank),

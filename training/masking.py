@@ -63,7 +63,9 @@ class MaskCache:
             else:
                 regions = zoo.parameter_masks(self.model, subnet)
                 # A parameter the member does not use at all (a skipped block) gets an all-False mask.
-                every = {p: regions.get(name, torch.zeros_like(p, dtype=torch.bool)) for name, p in self._params.items()}
+                every = {
+                    p: regions.get(name, torch.zeros_like(p, dtype=torch.bool)) for name, p in self._params.items()
+                }
                 masks = {p: m for p, m in every.items() if not bool(m.all())} or None
             _remember(self._members, subnet, masks, self.size)
         self._members.move_to_end(subnet)
@@ -95,7 +97,9 @@ def _union(parts: list[Masks | None]) -> Masks | None:
     return {p: m for p, m in union.items() if not bool(m.all())} or None
 
 
-def masked_step(optimizer: torch.optim.Optimizer, masks: Masks | None, step: Callable[[], object] | None = None) -> None:
+def masked_step(
+    optimizer: torch.optim.Optimizer, masks: Masks | None, step: Callable[[], object] | None = None
+) -> None:
     """``optimizer.step()``, except that coordinates outside ``masks`` do not change at all.
 
     ``masks`` maps parameters to bool tensors (True: may move); parameters not in it are

@@ -47,12 +47,16 @@ class Precision:
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        return (
+            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype is not None else contextlib.nullcontext()
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def unscaled(self, gradient: Callable[[], list[torch.Tensor]], params: Iterable[nn.Parameter]) -> Callable[[], list[torch.Tensor]]:
+    def unscaled(
+        self, gradient: Callable[[], list[torch.Tensor]], params: Iterable[nn.Parameter]
+    ) -> Callable[[], list[torch.Tensor]]:
         """``gradient`` with ``.grad`` divided by the loss scale afterwards: the true ``g(x)``
         for a policy's perturbation (an overflow stays inf, and the step it leads to is skipped)."""
         if self.scaler is None:
@@ -69,7 +73,13 @@ class Precision:
 
         return run
 
-    def step(self, optimizer: torch.optim.Optimizer, masks: Masks | None, clip_grad: float | None, params: Iterable[nn.Parameter]) -> None:
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        masks: Masks | None,
+        clip_grad: float | None,
+        params: Iterable[nn.Parameter],
+    ) -> None:
         """Unscale (fp16), clip, and take the masked step (skipped by the scaler after an overflow)."""
         if self.scaler is None:
             if clip_grad:

@@ -109,7 +109,14 @@ class Alternating(Strategy):
 class Sandwich(Strategy):
     name = "sandwich"
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, num_random: int = 2, space: LayerwiseSpace | None = None):
+    def __init__(
+        self,
+        members: Sequence[Subnet],
+        largest: Subnet,
+        seed: int,
+        num_random: int = 2,
+        space: LayerwiseSpace | None = None,
+    ):
         super().__init__(members, largest, seed)
         if num_random < 0:
             raise ValueError(f"--num-random must be >= 0, got {num_random}")
@@ -197,6 +204,12 @@ def create_strategy(
     if name not in _CLASSES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     if space is not None and name not in SAMPLING:
-        raise ValueError(f"--space layerwise applies to the strategies that draw members ({', '.join(SAMPLING)}), not {name}")
-    options = {"alternating": {"core_prob": core_prob}, "sandwich": {"num_random": num_random, "space": space}, "random": {"space": space}}.get(name, {})
+        raise ValueError(
+            f"--space layerwise applies to the strategies that draw members ({', '.join(SAMPLING)}), not {name}"
+        )
+    options = {
+        "alternating": {"core_prob": core_prob},
+        "sandwich": {"num_random": num_random, "space": space},
+        "random": {"space": space},
+    }.get(name, {})
     return _CLASSES[name](members, largest, seed, **options)

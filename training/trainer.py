@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import zoo
-from zoo.catalogue import unknown_model
 from zoo import Subnet
+from zoo.catalogue import unknown_model
 from zoo.fileio import atomic_path, locked_folder
 from zoo.subnet import DEFAULT_GRID, check_fraction, grid
 
@@ -65,11 +65,30 @@ PERIODIC_CALIBRATION_BATCHES = 5  # the same before each periodic evaluation of 
 # Defaults that depend on what the model reads: (images, byte tokens).
 KIND_DEFAULTS = {
     "image": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "steps": 600, "eval_limit": 2048},
-    "tokens": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1, "batch_size": 16, "steps": 1000, "eval_limit": 128},
+    "tokens": {
+        "optimizer": "adamw",
+        "lr": 3e-3,
+        "weight_decay": 0.1,
+        "batch_size": 16,
+        "steps": 1000,
+        "eval_limit": 128,
+    },
 }
 
 # Fields that decide a run's trajectory: a resumed run must agree on all of them.
-_NOT_TRAJECTORY = {"out", "resume", "stop_after", "device", "workers", "ckpt_every", "eval_every", "eval_limit", "compile", "compile_backend", "channels_last"}
+_NOT_TRAJECTORY = {
+    "out",
+    "resume",
+    "stop_after",
+    "device",
+    "workers",
+    "ckpt_every",
+    "eval_every",
+    "eval_limit",
+    "compile",
+    "compile_backend",
+    "channels_last",
+}
 
 
 @dataclass
@@ -142,7 +161,18 @@ class TrainConfig:
             raise ValueError("give --steps or --epochs, not both")
         if self.optimizer not in (None, "sgd", "adamw"):
             raise ValueError(f"--optimizer must be sgd or adamw, got {self.optimizer!r}")
-        for name in ("steps", "epochs", "batch_size", "ckpt_every", "eval_every", "eval_limit", "stop_after", "seq_len", "img_size", "log_alignment"):
+        for name in (
+            "steps",
+            "epochs",
+            "batch_size",
+            "ckpt_every",
+            "eval_every",
+            "eval_limit",
+            "stop_after",
+            "seq_len",
+            "img_size",
+            "log_alignment",
+        ):
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
         for name in ("lr", "clip_grad"):
             _check(name, getattr(self, name), lambda v: v > 0, "positive")
@@ -161,11 +191,21 @@ class TrainConfig:
             raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
         model = self.meta_model()
         self._check_loop(model)
-        check_data_options(self.data or default_data(model.input_kind), aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
+        check_data_options(
+            self.data or default_data(model.input_kind), aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct
+        )
         if (self.mixup or self.cutmix) and model.input_kind != "image":
             raise ValueError(f"--mixup and --cutmix mix images; {self.model} reads {model.input_kind}")
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
-        create_strategy(self.strategy, self.members(model), model.largest, self.seed, core_prob=self.core_prob, num_random=self.num_random, space=space)
+        create_strategy(
+            self.strategy,
+            self.members(model),
+            model.largest,
+            self.seed,
+            core_prob=self.core_prob,
+            num_random=self.num_random,
+            space=space,
+        )
         self.policy(model, self.seed)
 
     def _check_loop(self, model: zoo.ElasticModel) -> None:
@@ -180,14 +220,26 @@ class TrainConfig:
         if self.compile:
             check_backend(self.compile_backend)
             if self.space == "layerwise":
-                raise ValueError("--compile compiles a graph per member, and --space layerwise draws a new member almost every step; train it without --compile")
+                raise ValueError(
+                    "--compile compiles a graph per member, and --space layerwise draws a new member almost every step; train it without --compile"
+                )
         if self.channels_last and model.input_kind != "image":
             raise ValueError(f"--channels-last applies to image models (CNNs); {self.model} reads tokens")
         if self.sync_bn:
             SyncBatchNorm(model)
 
     def policy(self, model: zoo.ElasticModel, seed: int) -> UpdatePolicy:
-        return create_policy(self.update, model, seed, strategy=self.strategy, rho=self.rho, eg_lr=self.eg_lr, keep=self.keep, units=self.meprop_units, nested=self.nested)
+        return create_policy(
+            self.update,
+            model,
+            seed,
+            strategy=self.strategy,
+            rho=self.rho,
+            eg_lr=self.eg_lr,
+            keep=self.keep,
+            units=self.meprop_units,
+            nested=self.nested,
+        )
 
     def meta_model(self) -> zoo.ElasticModel:
         """The family's structure only (no memory, no initialisation): validates members."""
@@ -282,12 +334,19 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     config.check()
     ctx = distributed.setup(config.device)
     try:
-        with StopSignals() as signals, locked_folder(config.out, "zoo train") if ctx.is_main else contextlib.nullcontext():
+        with (
+            StopSignals() as signals,
+            locked_folder(config.out, "zoo train") if ctx.is_main else contextlib.nullcontext(),
+        ):
             try:
                 return Trainer(config, ctx, reporter or Reporter(), signals).run()
             except Interrupted as stop:
                 checkpoint = Path(config.out) / CHECKPOINT_NAME
-                kept = f"{checkpoint} is as it was; continue with --resume" if checkpoint.exists() else "no checkpoint was written"
+                kept = (
+                    f"{checkpoint} is as it was; continue with --resume"
+                    if checkpoint.exists()
+                    else "no checkpoint was written"
+                )
                 raise Interrupted(stop.signum, f"stopped at once by {signal_name(stop.signum)}; {kept}") from None
     finally:
         ctx.close()
@@ -301,7 +360,9 @@ def _with_schedule(cfg: TrainConfig, steps_per_epoch: int, default_steps: int) -
     if warmup >= steps:
         raise ValueError(f"--warmup-steps {warmup} must be below the run's {steps} steps")
     eval_every = cfg.eval_every or max(1, steps // 10)
-    return dataclasses.replace(cfg, steps=steps, warmup_steps=warmup, eval_every=eval_every, ckpt_every=cfg.ckpt_every or eval_every)
+    return dataclasses.replace(
+        cfg, steps=steps, warmup_steps=warmup, eval_every=eval_every, ckpt_every=cfg.ckpt_every or eval_every
+    )
 
 
 def _check_same_run(saved: dict, cfg: TrainConfig, out: Path) -> None:
@@ -309,9 +370,15 @@ def _check_same_run(saved: dict, cfg: TrainConfig, out: Path) -> None:
     current = dataclasses.asdict(cfg)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the checkpoint
     saved = {**defaults, **saved}
-    diffs = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in current.items() if k not in _NOT_TRAJECTORY and saved.get(k) != v]
+    diffs = [
+        f"{k}={saved.get(k)!r} (now {v!r})"
+        for k, v in current.items()
+        if k not in _NOT_TRAJECTORY and saved.get(k) != v
+    ]
     if diffs:
-        raise ValueError(f"--resume: the checkpoint in {out} was written with other settings: {', '.join(diffs)}; resume with the original flags")
+        raise ValueError(
+            f"--resume: the checkpoint in {out} was written with other settings: {', '.join(diffs)}; resume with the original flags"
+        )
 
 
 def input_kind_of(model_name: str) -> str:
@@ -349,7 +416,9 @@ def _distill_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One run: set up from a config (fresh, from --init, or resumed), loop, finish."""
 
-    def __init__(self, config: TrainConfig, ctx: distributed.DistContext, reporter: Reporter, signals: StopSignals | None = None):
+    def __init__(
+        self, config: TrainConfig, ctx: distributed.DistContext, reporter: Reporter, signals: StopSignals | None = None
+    ):
         self.ctx, self.reporter = ctx, reporter
         self.signals = signals or StopSignals()
         self.out = Path(config.out)
@@ -358,36 +427,60 @@ class Trainer:
         kind = input_kind_of(config.model)
         cfg = config.resolved(kind)
         if not cfg.resume and self.checkpoint_path.exists():
-            raise ValueError(f"{self.out} already holds a training checkpoint; pass --resume to continue it, or choose another --out")
+            raise ValueError(
+                f"{self.out} already holds a training checkpoint; pass --resume to continue it, or choose another --out"
+            )
         if cfg.resume and not self.checkpoint_path.exists():
             raise ValueError(f"--resume: no checkpoint in {self.out} (expected {self.checkpoint_path})")
         checkpoint = load_checkpoint(self.checkpoint_path) if cfg.resume else None
 
         _seed_everything(cfg.seed)
-        self.data = load_data(cfg.data, seq_len=cfg.seq_len, seed=cfg.seed, img_size=cfg.img_size, aa=cfg.aa, reprob=cfg.reprob, crop_pct=cfg.crop_pct)
+        self.data = load_data(
+            cfg.data,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            img_size=cfg.img_size,
+            aa=cfg.aa,
+            reprob=cfg.reprob,
+            crop_pct=cfg.crop_pct,
+        )
         if self.data.kind != kind:
             raise ValueError(f"{cfg.model} reads {kind}, but data {cfg.data!r} holds {self.data.kind}")
         if cfg.batch_size % ctx.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
         if cfg.batch_size // ctx.world_size % cfg.accum_steps:
-            raise ValueError(f"--batch-size {cfg.batch_size} does not split into {ctx.world_size} process(es) x {cfg.accum_steps} micro-batches (--accum-steps)")
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} does not split into {ctx.world_size} process(es) x {cfg.accum_steps} micro-batches (--accum-steps)"
+            )
         self.workers = default_workers(self.data) if cfg.workers is None else cfg.workers
         self.loader = TrainLoader(self.data, cfg.batch_size, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size, workers=self.workers,
                                   pin_memory=ctx.device.type == "cuda", mixup=cfg.mixup, cutmix=cfg.cutmix, label_smoothing=cfg.label_smoothing)  # fmt: skip
         self.steps_per_epoch = len(self.data.train) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training split ({len(self.data.train)} items)")
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} is larger than the training split ({len(self.data.train)} items)"
+            )
         self.cfg = cfg = _with_schedule(cfg, self.steps_per_epoch, KIND_DEFAULTS[kind]["steps"])
         self.total_steps = cfg.steps
         if checkpoint is not None:
             _check_same_run(checkpoint["config"], cfg, self.out)
 
         self.members = cfg.members(cfg.meta_model())
-        self.model = self._create_model().to(ctx.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        self.model = self._create_model().to(
+            ctx.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format
+        )
         self.precision = Precision(resolve_amp(cfg.amp, ctx.device), ctx.device)
         self.masks = MaskCache(self.model)
         space = LayerwiseSpace(self.model) if cfg.space == "layerwise" else None
-        self.strategy: Strategy = create_strategy(cfg.strategy, self.members, self.model.largest, _seed_of("strategy", cfg.seed), core_prob=cfg.core_prob, num_random=cfg.num_random, space=space)
+        self.strategy: Strategy = create_strategy(
+            cfg.strategy,
+            self.members,
+            self.model.largest,
+            _seed_of("strategy", cfg.seed),
+            core_prob=cfg.core_prob,
+            num_random=cfg.num_random,
+            space=space,
+        )
         self.policy = cfg.policy(self.model, _seed_of("update", cfg.seed))
         self.optimizer = self._create_optimizer()
         self.scheduler = self._create_scheduler()
@@ -427,7 +520,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.optimizer == "sgd":  # timm: "sgd" is Nesterov SGD, "momentum" is classical momentum
             name = "sgd" if cfg.nesterov else "momentum"
-            return create_optimizer_v2(self.model, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+            return create_optimizer_v2(
+                self.model, name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+            )
         return create_optimizer_v2(self.model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def _create_scheduler(self):
@@ -449,7 +544,9 @@ class Trainer:
         from torch.nn.parallel import DistributedDataParallel
 
         # A member that leaves a parameter entirely unused needs DDP's unused-parameter search.
-        unused = self.cfg.space == "layerwise" or any(not bool(m.any()) for s in self.members for m in (self.masks.member(s) or {}).values())
+        unused = self.cfg.space == "layerwise" or any(
+            not bool(m.any()) for s in self.members for m in (self.masks.member(s) or {}).values()
+        )
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=device_ids, find_unused_parameters=unused)
 
@@ -587,18 +684,24 @@ class Trainer:
         if self.alignment_batch is not None and self.step % self.cfg.log_alignment == 0:
             self._log_alignment(plan, members)
         gradient = lambda: self._gradient(plan, inputs, targets)  # noqa: E731
-        losses, mask = partial_gradient(self.policy, gradient, members, self.precision.unscaled(gradient, self.policy.params))
+        losses, mask = partial_gradient(
+            self.policy, gradient, members, self.precision.unscaled(gradient, self.policy.params)
+        )
         values = self.ctx.mean(torch.stack(losses)).tolist()
         for part, value in zip(plan, values):
             if not math.isfinite(value):
-                raise TrainingDiverged(f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}")
+                raise TrainingDiverged(
+                    f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}"
+                )
         self.precision.step(self.optimizer, mask, self.cfg.clip_grad, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.model, step=self.step + 1)
         return values
 
-    def _gradient(self, plan: list[Pass], inputs: torch.Tensor, targets: torch.Tensor, sync: bool = True) -> list[torch.Tensor]:
+    def _gradient(
+        self, plan: list[Pass], inputs: torch.Tensor, targets: torch.Tensor, sync: bool = True
+    ) -> list[torch.Tensor]:
         """Forward and backward of the step's passes at the current weights, gradients summed
         in ``.grad`` (all-reduced once, on the last backward, when ``sync``); the detached
         losses. This process's share of the batch runs in ``--accum-steps`` equal micro-batches,
@@ -611,12 +714,18 @@ class Trainer:
                 teacher = None
                 for i, part in enumerate(plan):
                     if self.model.active_subnet != part.subnet:
-                        self.model.set_subnet(part.subnet, for_training=True)  # a drawn member trains on batch statistics
+                        self.model.set_subnet(
+                            part.subnet, for_training=True
+                        )  # a drawn member trains on batch statistics
                     last = sync and j == chunks - 1 and i == len(plan) - 1
                     with contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync():
                         with self.precision.autocast():
                             logits = self.net(micro_inputs)
-                        loss = _distill_loss(logits, teacher) if part.distill else _hard_loss(logits, micro_targets, self.cfg.label_smoothing)
+                        loss = (
+                            _distill_loss(logits, teacher)
+                            if part.distill
+                            else _hard_loss(logits, micro_targets, self.cfg.label_smoothing)
+                        )
                         self.precision.backward(loss / chunks)
                     if i == 0 and len(plan) > 1:
                         teacher = logits.detach()
@@ -641,7 +750,9 @@ class Trainer:
         gradient = lambda: self._gradient(plan, inputs, targets, sync=False)  # noqa: E731
         _, mask = partial_gradient(self.policy, gradient, members, self.precision.unscaled(gradient, params))
         masks = mask or {}
-        update = [torch.zeros_like(p) if p.grad is None else p.grad * masks[p] if p in masks else p.grad for p in params]
+        update = [
+            torch.zeros_like(p) if p.grad is None else p.grad * masks[p] if p in masks else p.grad for p in params
+        ]
         self.optimizer.zero_grad(set_to_none=True)
         self._gradient([Pass(self.model.largest)], inputs, targets, sync=False)
         full = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
@@ -674,12 +785,19 @@ class Trainer:
         if not self.ctx.is_main:
             return
         if (self.cfg.space == "layerwise" or self.policy.distorts_statistics) and self.model.uses_batchnorm:
-            self._recalibrate(PERIODIC_CALIBRATION_BATCHES)  # drawn members (or dropped units) skew the running statistics
-        records = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit, workers=self.workers)
+            self._recalibrate(
+                PERIODIC_CALIBRATION_BATCHES
+            )  # drawn members (or dropped units) skew the running statistics
+        records = evaluate(
+            self.model, self.data.val, self.members, self.eval_batch_size, self.cfg.eval_limit, workers=self.workers
+        )
         self._log(records, throughput)
 
     def _log(self, records: list[dict], throughput: float, final: bool = False) -> None:
-        entries = [{"step": self.step, **r, "samples_per_s": round(throughput, 2), **({"final": True} if final else {})} for r in records]
+        entries = [
+            {"step": self.step, **r, "samples_per_s": round(throughput, 2), **({"final": True} if final else {})}
+            for r in records
+        ]
         self.history.extend(entries)
         self._write_metrics()
         self.reporter.evaluated(self.step, records)
@@ -696,7 +814,9 @@ class Trainer:
             self._recalibrate(CALIBRATION_BATCHES)
         metrics = evaluate(self.model, self.data.val, self.members, self.eval_batch_size, workers=self.workers)
         self._log(metrics, throughput, final=True)
-        ema_metrics = self._finish_ema() if self.ema is not None else []  # before the model file, which marks the run finished
+        ema_metrics = (
+            self._finish_ema() if self.ema is not None else []
+        )  # before the model file, which marks the run finished
         path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
         result = self._result(path, metrics)
         if self.ema is not None:
@@ -712,14 +832,21 @@ class Trainer:
         metrics = evaluate(model, self.data.val, self.members, self.eval_batch_size, workers=self.workers)
         self.history.extend({"step": self.step, **r, "ema": True, "final": True} for r in metrics)
         self._write_metrics()
-        zoo.save(model, self.out / EMA_FILE, metadata={"metrics": metrics, "train": {**self._provenance(), "ema_decay": self.cfg.ema_decay}})
+        zoo.save(
+            model,
+            self.out / EMA_FILE,
+            metadata={"metrics": metrics, "train": {**self._provenance(), "ema_decay": self.cfg.ema_decay}},
+        )
         return metrics
 
     def _recalibrate(self, num_batches: int, model: zoo.ElasticModel | None = None) -> None:
         """Batch-norm statistics of every trained member from ``num_batches`` training batches."""
         calibration = self._calibration_data()
         for subnet in self.members:
-            inputs = (x.to(self.ctx.device) for x in batches(calibration, self.cfg.batch_size, limit=num_batches, workers=self.workers))
+            inputs = (
+                x.to(self.ctx.device)
+                for x in batches(calibration, self.cfg.batch_size, limit=num_batches, workers=self.workers)
+            )
             zoo.recalibrate_bn(model or self.model, inputs, subnet)
 
     def _calibration_data(self):
@@ -729,7 +856,9 @@ class Trainer:
             train = copy.copy(train)
             train.augment = False
         count = min(len(train), CALIBRATION_BATCHES * self.cfg.batch_size)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed_of("calibration", self.cfg.seed)))
+        order = torch.randperm(
+            len(train), generator=torch.Generator().manual_seed(_seed_of("calibration", self.cfg.seed))
+        )
         return Subset(train, order[:count].tolist())
 
     @property
@@ -761,7 +890,17 @@ class Trainer:
 
     def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:
         params = {subnet.key: zoo.count_params(self.model, subnet) for subnet in self.members}
-        return TrainResult(self.out, path, metrics, self.step, self.total_steps, self.wall_time_s, metric_name(self.model), params, stopped_by=stopped_by)
+        return TrainResult(
+            self.out,
+            path,
+            metrics,
+            self.step,
+            self.total_steps,
+            self.wall_time_s,
+            metric_name(self.model),
+            params,
+            stopped_by=stopped_by,
+        )
 
 
 def _load_init(model: zoo.ElasticModel, path: str) -> None:
@@ -771,11 +910,17 @@ def _load_init(model: zoo.ElasticModel, path: str) -> None:
         raise ValueError(f"--init {path} holds {source.arch} weights, but this run trains {model.arch}")
     if source.low_rank != model.low_rank:
         kinds = {True: "low-rank", False: "dense"}
-        raise ValueError(f"--init {path} holds the {kinds[source.low_rank]} {source.arch}, but this run trains it {kinds[model.low_rank]} (--low-rank)")
+        raise ValueError(
+            f"--init {path} holds the {kinds[source.low_rank]} {source.arch}, but this run trains it {kinds[model.low_rank]} (--low-rank)"
+        )
     src, dst = source.state_dict(), model.state_dict()
     params = dict(model.named_parameters())
     problems = [f"missing {k}" for k in params if k not in src]
-    problems += [f"{k} is {tuple(src[k].shape)}, expected {tuple(v.shape)}" for k, v in params.items() if k in src and src[k].shape != v.shape]
+    problems += [
+        f"{k} is {tuple(src[k].shape)}, expected {tuple(v.shape)}"
+        for k, v in params.items()
+        if k in src and src[k].shape != v.shape
+    ]
     if problems:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise ValueError(f"--init {path} does not fit {model.arch} as configured here: {'; '.join(problems[:2])}{more}")

@@ -183,7 +183,9 @@ class UnitDropout(_Structured):
         self.layout = unit_layout(model)
 
     def draw(self) -> Masks:
-        width = self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator)) if self.nested else self.keep
+        width = (
+            self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator)) if self.nested else self.keep
+        )
         kept: dict[Dim, torch.Tensor] = {}
         for dim in sorted({d for axes in self.layout.values() for _, d, _, _ in axes}, key=repr):
             n = max(1, int(width * dim.units + 0.5))
@@ -257,7 +259,9 @@ def intersect(a: Masks | None, b: Masks | None) -> Masks | None:
     return both
 
 
-def partial_gradient(policy: UpdatePolicy, gradient: Gradient, members: Masks | None, look_ahead: Gradient | None = None) -> tuple[list[torch.Tensor], Masks | None]:
+def partial_gradient(
+    policy: UpdatePolicy, gradient: Gradient, members: Masks | None, look_ahead: Gradient | None = None
+) -> tuple[list[torch.Tensor], Masks | None]:
     """Leave ``g(x + δ)`` in ``.grad`` with the weights back at ``x`` bit for bit; return the
     losses at ``x + δ`` and the step's mask ``m``. ``look_ahead`` is the gradient as the
     perturbation reads it (under fp16 loss scaling: unscaled); by default ``gradient``."""
@@ -288,12 +292,16 @@ def create_policy(name: str, model: nn.Module, seed: int, *, strategy: str = "se
     for key, value in given.items():
         owners, flag = _OPTIONS[key]
         if name not in (owners if isinstance(owners, tuple) else (owners,)):
-            raise ValueError(f"{flag} applies to --update {' or '.join(owners) if isinstance(owners, tuple) else owners}, not {name}")
+            raise ValueError(
+                f"{flag} applies to --update {' or '.join(owners) if isinstance(owners, tuple) else owners}, not {name}"
+            )
     for key in ("rho", "eg_lr"):
         if key in given and not given[key] > 0:
             raise ValueError(f"{_OPTIONS[key][1]} must be positive, got {given[key]}")
     if "keep" in given and not 0 < given["keep"] <= 1:
         raise ValueError(f"--keep must be in (0, 1], got {given['keep']}")
     if (name == "rank-dropout" or given.get("nested")) and strategy != "separate":
-        raise ValueError(f"--update {name}{' --nested' if given.get('nested') else ''} with --strategy {strategy}: {NESTED_NOTE}")
+        raise ValueError(
+            f"--update {name}{' --nested' if given.get('nested') else ''} with --strategy {strategy}: {NESTED_NOTE}"
+        )
     return _CLASSES[name](model, seed, **given)

@@ -13,16 +13,17 @@ Importing zoo registers every image family with timm, so ``timm.create_model("sl
 works too (the byte-level GPTs are zoo's only: timm's registry is for images).
 """
 
+from . import models  # noqa: F401,E402  (registers the families with zoo, the image ones with timm)
 from .base import ElasticModel
 from .convert import UnsupportedModel, from_timm
 from .flops import count_flops
 from .hub import save_pretrained
 from .members import Member, WeightsSource, slice_file
 from .registry import create_model, family_of, list_models
-from .slicing import count_params, parameter_masks, recalibrate_bn, slice_model as slice, subnet
+from .slicing import count_params, parameter_masks, recalibrate_bn, subnet
+from .slicing import slice_model as slice
 from .subnet import Subnet
 from .weights import WeightsFileError, load, read_header, save
-from . import models  # noqa: F401,E402  (registers the families with zoo, the image ones with timm)
 
 __version__ = "0.1.0"
 

@@ -87,11 +87,15 @@ class ElasticModel(nn.Module):
             raise ValueError("ranks were given, but the family is built dense; build it with low_rank=True")
         self.max_values: Values = space.expand(as_subnet(max_member or {}), space.full(), f"{name} max_member")
         widths = [check_fraction("width", w) for w in widths]
-        ranks = [check_fraction("rank", r) for r in (DEFAULT_GRID if ranks is None else ranks)] if self.low_rank else None
+        ranks = (
+            [check_fraction("rank", r) for r in (DEFAULT_GRID if ranks is None else ranks)] if self.low_rank else None
+        )
         members = grid(widths, ranks) if widths and (ranks is None or ranks) else []
         members += [as_subnet(d) for d in extra_subnets]
         if not members:
-            raise ValueError("the trained members need at least one width (and one rank for low-rank families), or an extra member")
+            raise ValueError(
+                "the trained members need at least one width (and one rank for low-rank families), or an extra member"
+            )
         self.subnets: list[Subnet] = self.sort_members({self.resolve_subnet(s) for s in members})
         self.model_args = {}
 
@@ -104,7 +108,9 @@ class ElasticModel(nn.Module):
     def _layer_factory(self, divisor: int) -> LayerFactory:
         """A factory for layers of this model's sizes and members (kept for reset_classifier)."""
         members = [(s.key, self.expand(s)) for s in self.subnets]
-        self._factory = LayerFactory(max_values=self.max_values, low_rank=self.low_rank, members=members, divisor=divisor)
+        self._factory = LayerFactory(
+            max_values=self.max_values, low_rank=self.low_rank, members=members, divisor=divisor
+        )
         return self._factory
 
     def _finish_init(self) -> None:
@@ -153,12 +159,16 @@ class ElasticModel(nn.Module):
     def sample_member(self, generator: torch.Generator | None = None, layerwise: bool = True) -> dict:
         """A random valid member (a dict): each stage's or block's width, rank and depth drawn
         independently (``layerwise=False``: one width and rank for all, full depth)."""
-        values = self._space.sample(generator or torch.default_generator, self.width_choices, self.rank_choices, self.max_values, layerwise)
+        values = self._space.sample(
+            generator or torch.default_generator, self.width_choices, self.rank_choices, self.max_values, layerwise
+        )
         return self._space.compact(values).to_dict()
 
     def smallest_member(self, layerwise: bool = True) -> Subnet:
         """The smallest member ``sample_member`` can draw (the bottom of the sandwich)."""
-        return self._space.compact(self._space.smallest(self.width_choices, self.rank_choices, self.max_values, layerwise))
+        return self._space.compact(
+            self._space.smallest(self.width_choices, self.rank_choices, self.max_values, layerwise)
+        )
 
     def describe_space(self) -> str:
         """One line naming the member fields, their groups and the trained members."""
@@ -188,7 +198,9 @@ class ElasticModel(nn.Module):
         """The trained members as one line, e.g. ``width=0.5; width=1``."""
         return "; ".join(str(s) for s in self.subnets)
 
-    def set_subnet(self, member=None, rank: float | None = None, *, width: float | None = None, for_training: bool = False, **axes) -> Subnet:
+    def set_subnet(
+        self, member=None, rank: float | None = None, *, width: float | None = None, for_training: bool = False, **axes
+    ) -> Subnet:
         """Make every layer run the chosen member. Returns it (canonical).
 
         Batch-norm families evaluate only members that have statistics (the trained ones);
@@ -267,7 +279,10 @@ class ImageModel(ElasticModel):
     @property
     def feature_info(self) -> list[dict]:
         """timm's feature_info, one dict per intermediate feature, at the active member."""
-        return [{"num_chs": dim.count_in(self._active_values), "reduction": reduction, "module": module} for dim, reduction, module in self._taps]
+        return [
+            {"num_chs": dim.count_in(self._active_values), "reduction": reduction, "module": module}
+            for dim, reduction, module in self._taps
+        ]
 
     @property
     def head_hidden_size(self) -> int:
@@ -279,7 +294,11 @@ class ImageModel(ElasticModel):
         headless model, whose forward returns the pooled features)."""
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be a non-negative integer, got {num_classes!r}")
-        return self._factory.linear(in_dim, fixed(num_classes), factorize=False, **kwargs) if num_classes else nn.Identity()
+        return (
+            self._factory.linear(in_dim, fixed(num_classes), factorize=False, **kwargs)
+            if num_classes
+            else nn.Identity()
+        )
 
     def _pool(self, global_pool: str) -> SelectAdaptivePool2d:
         """A CNN's global pooling (timm's layer), flattened: ``global_pool`` from ``CNN_POOLS``."""
@@ -291,7 +310,9 @@ class ImageModel(ElasticModel):
         """``global_pool`` if it is one of ``choices`` (the first is the default), recorded in
         ``model_args`` when it is not the default, so that a saved model rebuilds with it."""
         if global_pool not in choices:
-            raise ValueError(f"{self._name}: global_pool must be one of {', '.join(map(repr, choices))}, got {global_pool!r}")
+            raise ValueError(
+                f"{self._name}: global_pool must be one of {', '.join(map(repr, choices))}, got {global_pool!r}"
+            )
         if global_pool != self.model_args.get("global_pool", choices[0]):
             self.model_args["global_pool"] = global_pool
         return global_pool

@@ -99,7 +99,11 @@ def _act(module: nn.Module) -> str:
 
 
 def _head(model: nn.Module, name: str, attr: str) -> None:
-    _require(_is(getattr(model, attr), nn.Linear), name, f"a model without a linear classifier ({attr} is {_act(getattr(model, attr))})")
+    _require(
+        _is(getattr(model, attr), nn.Linear),
+        name,
+        f"a model without a linear classifier ({attr} is {_act(getattr(model, attr))})",
+    )
 
 
 _RESNETS = {("basic", (2, 2, 2, 2)): "slim_resnet18", ("basic", (3, 4, 6, 3)): "slim_resnet34", ("bottleneck", (3, 4, 6, 3)): "slim_resnet50",
@@ -109,36 +113,74 @@ _RESNETS = {("basic", (2, 2, 2, 2)): "slim_resnet18", ("basic", (3, 4, 6, 3)): "
 def _plan_resnet(model: nn.Module, name: str) -> Plan:
     from timm.models.resnet import BasicBlock, Bottleneck
 
-    _require(_is(model.conv1, nn.Conv2d), name, f"the deep stem ({_act(model.conv1)} of {sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules())} convs, as in resnet*d/t/s)")
-    _require(model.conv1.kernel_size == (7, 7) and model.conv1.out_channels == 64, name, f"a {model.conv1.kernel_size[0]}x{model.conv1.kernel_size[1]} stem of {model.conv1.out_channels} channels")
+    _require(
+        _is(model.conv1, nn.Conv2d),
+        name,
+        f"the deep stem ({_act(model.conv1)} of {sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules())} convs, as in resnet*d/t/s)",
+    )
+    _require(
+        model.conv1.kernel_size == (7, 7) and model.conv1.out_channels == 64,
+        name,
+        f"a {model.conv1.kernel_size[0]}x{model.conv1.kernel_size[1]} stem of {model.conv1.out_channels} channels",
+    )
     _require(_is(model.act1, nn.ReLU), name, f"the activation {_act(model.act1)}")
     _require(_is(model.maxpool, nn.MaxPool2d), name, f"the stem pooling {_act(model.maxpool)}")
-    _require(getattr(model.global_pool, "pool_type", None) == "avg", name, f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}")
+    _require(
+        getattr(model.global_pool, "pool_type", None) == "avg",
+        name,
+        f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}",
+    )
     _head(model, name, "fc")
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]
     kinds = {type(b) for s in stages for b in s}
-    _require(kinds in ({BasicBlock}, {Bottleneck}), name, f"the block type {', '.join(sorted(k.__name__ for k in kinds))}")
+    _require(
+        kinds in ({BasicBlock}, {Bottleneck}), name, f"the block type {', '.join(sorted(k.__name__ for k in kinds))}"
+    )
     block = "basic" if kinds == {BasicBlock} else "bottleneck"
     layers = tuple(len(s) for s in stages)
     arch = _RESNETS.get((block, layers))
     _require(arch is not None, name, f"the layout {layers} of {block} blocks (zoo has ResNet-18, 34, 50, 101 and 152)")
-    plan = Plan(name, arch, {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels}, [("stem.0", "conv1"), ("stem.1", "bn1")])
+    plan = Plan(
+        name,
+        arch,
+        {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels},
+        [("stem.0", "conv1"), ("stem.1", "bn1")],
+    )
     for i, stage in enumerate(stages):
         for j, b in enumerate(stage):
             at = f"layer{i + 1}.{j}"
             _require(b.se is None, name, f"squeeze-excitation ({at}.se)")
             _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
             acts = [b.act1, b.act2] + ([b.act3] if block == "bottleneck" else [])
-            _require(all(_is(a, nn.ReLU) for a in acts), name, lambda: f"the activation {_act(next(a for a in acts if not _is(a, nn.ReLU)))} in {at}")
+            _require(
+                all(_is(a, nn.ReLU) for a in acts),
+                name,
+                lambda: f"the activation {_act(next(a for a in acts if not _is(a, nn.ReLU)))} in {at}",
+            )
             convs = ["conv1", "conv2"] + (["conv3"] if block == "bottleneck" else [])
             if block == "bottleneck":
                 planes = b.conv3.out_channels // 4
-                _require(b.conv2.groups == 1, name, f"grouped convolutions ({at}.conv2 has {b.conv2.groups} groups, as in ResNeXt)")
-                _require(b.conv1.out_channels == planes, name, f"the bottleneck width {b.conv1.out_channels} of {at} (wide ResNets; zoo's is {planes})")
+                _require(
+                    b.conv2.groups == 1,
+                    name,
+                    f"grouped convolutions ({at}.conv2 has {b.conv2.groups} groups, as in ResNeXt)",
+                )
+                _require(
+                    b.conv1.out_channels == planes,
+                    name,
+                    f"the bottleneck width {b.conv1.out_channels} of {at} (wide ResNets; zoo's is {planes})",
+                )
             if b.downsample is not None:
                 ds = b.downsample
-                _require(isinstance(ds, nn.Sequential) and len(ds) == 2 and _is(ds[0], nn.Conv2d), name, f"the downsampling shortcut of {at} ({' + '.join(_act(m) for m in ds)}, e.g. average-pool downsampling)")
-                plan.modules += [(f"stages.{i}.{j}.shortcut.0", f"{at}.downsample.0"), (f"stages.{i}.{j}.shortcut.1", f"{at}.downsample.1")]
+                _require(
+                    isinstance(ds, nn.Sequential) and len(ds) == 2 and _is(ds[0], nn.Conv2d),
+                    name,
+                    f"the downsampling shortcut of {at} ({' + '.join(_act(m) for m in ds)}, e.g. average-pool downsampling)",
+                )
+                plan.modules += [
+                    (f"stages.{i}.{j}.shortcut.0", f"{at}.downsample.0"),
+                    (f"stages.{i}.{j}.shortcut.1", f"{at}.downsample.1"),
+                ]
             for k, conv in enumerate(convs, 1):
                 plan.modules += [(f"stages.{i}.{j}.{conv}", f"{at}.{conv}"), (f"stages.{i}.{j}.bn{k}", f"{at}.bn{k}")]
     plan.modules.append(("fc", "fc"))
@@ -155,11 +197,19 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
         _require(_is(bn, BatchNormAct2d), name, f"the normalisation {_act(bn)} ({where})")
         _require(_is(bn.act, act) and _is(bn.drop, nn.Identity), name, f"the activation {_act(bn.act)} ({where})")
 
-    _require(_is(model.conv_stem, nn.Conv2d) and model.conv_stem.kernel_size == (3, 3) and model.conv_stem.stride == (2, 2), name, "a stem other than a 3x3 stride-2 conv")
+    _require(
+        _is(model.conv_stem, nn.Conv2d) and model.conv_stem.kernel_size == (3, 3) and model.conv_stem.stride == (2, 2),
+        name,
+        "a stem other than a 3x3 stride-2 conv",
+    )
     bn_act(model.bn1, nn.ReLU6, "bn1")
     _require(_is(model.conv_head, nn.Conv2d), name, f"the head {_act(model.conv_head)}")
     bn_act(model.bn2, nn.ReLU6, "bn2")
-    _require(getattr(model.global_pool, "pool_type", None) == "avg", name, f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}")
+    _require(
+        getattr(model.global_pool, "pool_type", None) == "avg",
+        name,
+        f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}",
+    )
     _head(model, name, "classifier")
     plan = Plan(name, "slim_mobilenetv2", {}, [("stem.0", "conv_stem"), ("stem.1", "bn1")])
     settings, in_chs = [], model.conv_stem.out_channels
@@ -169,19 +219,32 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
             at = f"blocks.{i}.{j}"  # the same name in both
             _require(_is(b.se, nn.Identity), name, f"squeeze-excitation ({at}.se)")
             _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
-            _require(b.conv_dw.kernel_size == (3, 3) and b.conv_dw.dilation == (1, 1), name, f"the {b.conv_dw.kernel_size[0]}x{b.conv_dw.kernel_size[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)")
+            _require(
+                b.conv_dw.kernel_size == (3, 3) and b.conv_dw.dilation == (1, 1),
+                name,
+                f"the {b.conv_dw.kernel_size[0]}x{b.conv_dw.kernel_size[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)",
+            )
             if _is(b, DepthwiseSeparableConv):
                 bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
                 bn_act(b.bn2, nn.Identity, f"{at}.bn2")
                 expansion, out = 1, b.conv_pw.out_channels
-                plan.modules += [(f"{at}.depthwise.0", f"{at}.conv_dw"), (f"{at}.depthwise.1", f"{at}.bn1"), (f"{at}.project", f"{at}.conv_pw"), (f"{at}.bn", f"{at}.bn2")]
+                plan.modules += [
+                    (f"{at}.depthwise.0", f"{at}.conv_dw"),
+                    (f"{at}.depthwise.1", f"{at}.bn1"),
+                    (f"{at}.project", f"{at}.conv_pw"),
+                    (f"{at}.bn", f"{at}.bn2"),
+                ]
             elif _is(b, InvertedResidual):
                 bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
                 bn_act(b.bn2, nn.ReLU6, f"{at}.bn2")
                 bn_act(b.bn3, nn.Identity, f"{at}.bn3")
                 mid, out = b.conv_pw.out_channels, b.conv_pwl.out_channels
                 expansion = mid // in_chs
-                _require(mid == in_chs * expansion, name, f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)")
+                _require(
+                    mid == in_chs * expansion,
+                    name,
+                    f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)",
+                )
                 plan.modules += [(f"{at}.expand.0", f"{at}.conv_pw"), (f"{at}.expand.1", f"{at}.bn1"), (f"{at}.depthwise.0", f"{at}.conv_dw"),
                                  (f"{at}.depthwise.1", f"{at}.bn2"), (f"{at}.project", f"{at}.conv_pwl"), (f"{at}.bn", f"{at}.bn3")]  # fmt: skip
             else:
@@ -192,33 +255,68 @@ def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
             rows.append((expansion, out, b.conv_dw.stride[0]))
             in_chs = out
         first = rows[0]
-        _require(all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]), name, f"stage {i}, whose blocks differ in expansion, width or stride")
+        _require(
+            all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]),
+            name,
+            f"stage {i}, whose blocks differ in expansion, width or stride",
+        )
         settings.append((first[0], first[1], len(rows), first[2]))
     plan.modules += [("final_conv.0", "conv_head"), ("final_conv.1", "bn2"), ("classifier", "classifier")]
-    plan.args = {"num_classes": model.num_classes, "in_chans": model.conv_stem.in_channels, "drop_rate": float(model.drop_rate)}
-    shape = {"stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS), "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS), "head_features": (model.conv_head.out_channels, HEAD_FEATURES)}
-    plan.args.update({k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default})
+    plan.args = {
+        "num_classes": model.num_classes,
+        "in_chans": model.conv_stem.in_channels,
+        "drop_rate": float(model.drop_rate),
+    }
+    shape = {
+        "stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS),
+        "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS),
+        "head_features": (model.conv_head.out_channels, HEAD_FEATURES),
+    }
+    plan.args.update(
+        {k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default}
+    )
     return plan
 
 
-_VITS = {(192, 12, 3): "slim_vit_tiny", (384, 12, 6): "slim_vit_small", (768, 12, 12): "slim_vit_base", (1024, 24, 16): "slim_vit_large"}
+_VITS = {
+    (192, 12, 3): "slim_vit_tiny",
+    (384, 12, 6): "slim_vit_small",
+    (768, 12, 12): "slim_vit_base",
+    (1024, 24, 16): "slim_vit_large",
+}
 
 
 def _plan_vit(model: nn.Module, name: str) -> Plan:
     from timm.layers import Mlp, PatchEmbed
     from timm.models.vision_transformer import Attention, Block
 
-    _require(model.global_pool == "token" and model.attn_pool is None, name, f"global pooling {model.global_pool!r} (zoo's ViTs read the class token)")
+    _require(
+        model.global_pool == "token" and model.attn_pool is None,
+        name,
+        f"global pooling {model.global_pool!r} (zoo's ViTs read the class token)",
+    )
     _require(model.cls_token is not None, name, "a ViT without a class token")
     _require(model.num_reg_tokens == 0, name, f"{model.num_reg_tokens} register tokens")
-    _require(not model.no_embed_class, name, "a position embedding without the class token's (no_embed_class, as in DeiT III)")
+    _require(
+        not model.no_embed_class,
+        name,
+        "a position embedding without the class token's (no_embed_class, as in DeiT III)",
+    )
     _require(not model.dynamic_img_size, name, "a dynamic image size")
     _require(_is(model.norm_pre, nn.Identity), name, "a norm before the blocks (pre_norm)")
     _require(_is(model.fc_norm, nn.Identity), name, "a norm after pooling (fc_norm)")
     _head(model, name, "head")
     pe = model.patch_embed
-    _require(_is(pe, PatchEmbed) and _is(pe.proj, nn.Conv2d) and _is(pe.norm, nn.Identity), name, f"the patch embedding {_act(pe)} (with {_act(getattr(pe, 'norm', nn.Identity()))})")
-    _require(pe.img_size[0] == pe.img_size[1] and pe.patch_size[0] == pe.patch_size[1], name, f"non-square images or patches ({pe.img_size}, {pe.patch_size})")
+    _require(
+        _is(pe, PatchEmbed) and _is(pe.proj, nn.Conv2d) and _is(pe.norm, nn.Identity),
+        name,
+        f"the patch embedding {_act(pe)} (with {_act(getattr(pe, 'norm', nn.Identity()))})",
+    )
+    _require(
+        pe.img_size[0] == pe.img_size[1] and pe.patch_size[0] == pe.patch_size[1],
+        name,
+        f"non-square images or patches ({pe.img_size}, {pe.patch_size})",
+    )
     embed_dim, depth = model.embed_dim, len(model.blocks)
     heads = model.blocks[0].attn.num_heads if depth else 0
     modules = [("patch_embed", "patch_embed.proj")]
@@ -227,15 +325,38 @@ def _plan_vit(model: nn.Module, name: str) -> Plan:
         _require(_is(b, Block), name, f"the block type {_act(b)} ({at})")
         _require(_is(b.attn, Attention) and b.attn.num_heads == heads, name, f"the attention {_act(b.attn)} of {at}")
         _require(_is(b.attn.q_norm, nn.Identity) and _is(b.attn.k_norm, nn.Identity), name, f"qk-norm ({at}.attn)")
-        _require(_is(getattr(b.attn, "norm", nn.Identity()), nn.Identity), name, f"a norm inside attention ({at}.attn.norm)")
+        _require(
+            _is(getattr(b.attn, "norm", nn.Identity()), nn.Identity), name, f"a norm inside attention ({at}.attn.norm)"
+        )
         _require(_is(b.ls1, nn.Identity) and _is(b.ls2, nn.Identity), name, f"layer scale ({at}.ls1, init_values)")
         _require(_is(b.mlp, Mlp) and _is(b.mlp.norm, nn.Identity), name, f"the MLP {_act(b.mlp)} of {at}")
-        _require(_is(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none", name, f"the MLP activation {_act(b.mlp.act)} of {at}")
-        _require(b.mlp.fc1.out_features == 4 * embed_dim, name, f"the MLP ratio {b.mlp.fc1.out_features / embed_dim:g} (zoo's ViTs use 4)")
-        modules += [(f"blocks.{i}.{part}", f"{at}.{part}") for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")]
+        _require(
+            _is(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none",
+            name,
+            f"the MLP activation {_act(b.mlp.act)} of {at}",
+        )
+        _require(
+            b.mlp.fc1.out_features == 4 * embed_dim,
+            name,
+            f"the MLP ratio {b.mlp.fc1.out_features / embed_dim:g} (zoo's ViTs use 4)",
+        )
+        modules += [
+            (f"blocks.{i}.{part}", f"{at}.{part}")
+            for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        ]
     arch = _VITS.get((embed_dim, depth, heads))
-    _require(arch is not None, name, f"the shape (dim {embed_dim}, {depth} blocks, {heads} heads; zoo has ViT-Tiny, Small, Base and Large)")
-    args = {"num_classes": model.num_classes, "in_chans": pe.proj.in_channels, "img_size": pe.img_size[0], "patch_size": pe.patch_size[0], "drop_rate": float(model.head_drop.p)}
+    _require(
+        arch is not None,
+        name,
+        f"the shape (dim {embed_dim}, {depth} blocks, {heads} heads; zoo has ViT-Tiny, Small, Base and Large)",
+    )
+    args = {
+        "num_classes": model.num_classes,
+        "in_chans": pe.proj.in_channels,
+        "img_size": pe.img_size[0],
+        "patch_size": pe.patch_size[0],
+        "drop_rate": float(model.head_drop.p),
+    }
     plan = Plan(name, arch, args, [*modules, ("norm", "norm"), ("head", "head")])
     plan.tensors = [("cls_token", "cls_token"), ("pos_embed", "pos_embed")]
     return plan
@@ -252,13 +373,29 @@ def _check_layer(plan: Plan, ours: nn.Module, theirs: nn.Module, where: str) -> 
     elif isinstance(ours, ElasticLinear):
         _require(_is(theirs, nn.Linear), plan.name, f"the layer {where} ({_act(theirs)})")
     elif isinstance(ours, ElasticBatchNorm2d):
-        _require(isinstance(theirs, nn.BatchNorm2d) and theirs.affine and theirs.track_running_stats, plan.name, f"the normalisation {where} ({_act(theirs)})")
-        _require(math.isclose(theirs.eps, ours.eps), plan.name, f"the batch-norm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})")
+        _require(
+            isinstance(theirs, nn.BatchNorm2d) and theirs.affine and theirs.track_running_stats,
+            plan.name,
+            f"the normalisation {where} ({_act(theirs)})",
+        )
+        _require(
+            math.isclose(theirs.eps, ours.eps),
+            plan.name,
+            f"the batch-norm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})",
+        )
     elif isinstance(ours, nn.LayerNorm):
         from timm.layers import LayerNorm  # timm's own computes F.layer_norm too
 
-        _require(type(theirs) in (nn.LayerNorm, LayerNorm) and theirs.elementwise_affine, plan.name, f"the normalisation {where} ({_act(theirs)})")
-        _require(math.isclose(theirs.eps, ours.eps), plan.name, f"the LayerNorm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})")
+        _require(
+            type(theirs) in (nn.LayerNorm, LayerNorm) and theirs.elementwise_affine,
+            plan.name,
+            f"the normalisation {where} ({_act(theirs)})",
+        )
+        _require(
+            math.isclose(theirs.eps, ours.eps),
+            plan.name,
+            f"the LayerNorm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})",
+        )
 
 
 @torch.no_grad()
@@ -272,7 +409,11 @@ def _copy(plan: Plan, source: nn.Module, family: ElasticModel) -> None:
         if tensor is None:  # a bias timm's layer does not have: zero computes the same
             target.zero_()
         else:
-            _require(tuple(tensor.shape) == tuple(target.shape), plan.name, f"{theirs} of shape {tuple(tensor.shape)} (zoo's {ours} is {tuple(target.shape)})")
+            _require(
+                tuple(tensor.shape) == tuple(target.shape),
+                plan.name,
+                f"{theirs} of shape {tuple(tensor.shape)} (zoo's {ours} is {tuple(target.shape)})",
+            )
             target.copy_(tensor)
             used.add(theirs)
         filled.add(ours)
@@ -350,8 +491,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as err:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             if found:
-                raise ValueError(f"{path} holds more than tensors ({found.group(1)}) and was not unpickled (weights_only=True)") from None
-            raise ValueError(f"{path} is not a readable PyTorch checkpoint (its pickle stream has what no state dict holds)") from None
+                raise ValueError(
+                    f"{path} holds more than tensors ({found.group(1)}) and was not unpickled (weights_only=True)"
+                ) from None
+            raise ValueError(
+                f"{path} is not a readable PyTorch checkpoint (its pickle stream has what no state dict holds)"
+            ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise ValueError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)})") from None
     if isinstance(state, dict):
@@ -362,7 +507,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")
     if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -395,7 +540,11 @@ def check_fits(name: str, model: nn.Module, state: dict[str, torch.Tensor], path
     """One line naming the first tensors where a checkpoint and the architecture differ."""
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     given = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    problems = [f"{k} has shape {tuple(given[k].shape)}, {name} expects {tuple(v.shape)}" for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    problems = [
+        f"{k} has shape {tuple(given[k].shape)}, {name} expects {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
     problems += [f"missing {k}" for k in expected if k not in given]
     problems += [f"unexpected {k}" for k in given if k not in expected]
     if problems:
@@ -414,7 +563,10 @@ def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrid
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
         raise ValueError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
-    args = {**(_shape_args(base, state) if state is not None else {}), **{k: v for k, v in overrides.items() if v is not None}}
+    args = {
+        **(_shape_args(base, state) if state is not None else {}),
+        **{k: v for k, v in overrides.items() if v is not None},
+    }
     cfg_first = getattr(timm.models.get_pretrained_cfg(base), "first_conv", "") or ""
     if not str(cfg_first).startswith("patch_embed"):
         args.pop("img_size", None)  # CNNs take any size: it is only recorded
@@ -437,7 +589,9 @@ def _members(values: Iterable[float] | None, default: Iterable[float], name: str
 
 
 @torch.no_grad()
-def max_difference(source: nn.Module, family: ElasticModel, batch_sizes: Iterable[int] = (1, 3), seed: int = 0) -> tuple[float, float]:
+def max_difference(
+    source: nn.Module, family: ElasticModel, batch_sizes: Iterable[int] = (1, 3), seed: int = 0
+) -> tuple[float, float]:
     """Max abs difference between the timm model and the family's full member (eval mode,
     random inputs at each batch size), and the largest logit magnitude."""
     generator = torch.Generator().manual_seed(seed)
@@ -494,7 +648,9 @@ def from_timm(
         model, name = source, (getattr(source, "pretrained_cfg", None) or {}).get("architecture", type(source).__name__)
         origin = {"timm": name}
     plan = plan_for(model, name)
-    plan.args.setdefault("img_size", img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]))
+    plan.args.setdefault(
+        "img_size", img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+    )
     if callable(calibration):
         calibration = calibration((plan.args["in_chans"], plan.args["img_size"], plan.args["img_size"]))
     batches = list(calibration) if calibration is not None else None
@@ -510,7 +666,9 @@ def from_timm(
     below_full = family_widths != [1.0] or (low_rank and family_ranks != [1.0])
     if dense.uses_batchnorm and batches is None and below_full:
         if widths is not None or ranks is not None:
-            raise ValueError(f"{plan.arch}: members below full width or rank need batch-norm statistics; give calibration data (--calibrate DATA)")
+            raise ValueError(
+                f"{plan.arch}: members below full width or rank need batch-norm statistics; give calibration data (--calibrate DATA)"
+            )
         family_widths, family_ranks = [1.0], ([1.0] if low_rank else None)
     family = create_uninitialized(plan.arch, **plan.args, low_rank=low_rank, widths=family_widths, ranks=family_ranks)
     _factorize_from(dense, family)
@@ -522,7 +680,9 @@ def from_timm(
                 recalibrated.append(member.to_dict())
     difference, scale = max_difference(model, family)
     if not difference <= TOLERANCE * max(1.0, scale):
-        raise ValueError(f"converting {name} is not exact: max abs difference {difference:.3g} at full width (logits up to {scale:.3g}); please report this")
+        raise ValueError(
+            f"converting {name} is not exact: max abs difference {difference:.3g} at full width (logits up to {scale:.3g}); please report this"
+        )
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("mean") and len(cfg["mean"]) == family.in_chans:
         family.pretrained_cfg = {**family.pretrained_cfg, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}

@@ -34,7 +34,13 @@ class FeatureNet(nn.Module):
     family's active member. The model is pruned after the last feature (timm's
     ``prune_intermediate_layers``), so every parameter it keeps is used."""
 
-    def __init__(self, model: ImageModel, out_indices: int | tuple[int, ...] | None = None, norm: bool = False, output_fmt: str = "NCHW"):
+    def __init__(
+        self,
+        model: ImageModel,
+        out_indices: int | tuple[int, ...] | None = None,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+    ):
         super().__init__()
         if out_indices is None:
             out_indices = model.features_out_indices or len(model.feature_info)
@@ -43,7 +49,9 @@ class FeatureNet(nn.Module):
         self.norm, self.output_fmt = norm, output_fmt
 
     def forward(self, x):
-        return self.model.forward_intermediates(x, indices=list(self.out_indices), norm=self.norm, output_fmt=self.output_fmt, intermediates_only=True)
+        return self.model.forward_intermediates(
+            x, indices=list(self.out_indices), norm=self.norm, output_fmt=self.output_fmt, intermediates_only=True
+        )
 
     @property
     def feature_info(self) -> FeatureInfo:
@@ -82,5 +90,7 @@ def features_only(model: ImageModel, out_indices=None, feature_cls: str | None =
     if not isinstance(model, ImageModel):
         raise ValueError(f"{model.arch} reads {model.input_kind}, not images: it has no features_only backbone")
     if feature_cls is not None and feature_cls not in FEATURE_CLASSES:
-        raise ValueError(f"feature_cls must be one of {', '.join(FEATURE_CLASSES)} for an elastic family (both return a list), got {feature_cls!r}")
+        raise ValueError(
+            f"feature_cls must be one of {', '.join(FEATURE_CLASSES)} for an elastic family (both return a list), got {feature_cls!r}"
+        )
     return FeatureNet(model, out_indices)

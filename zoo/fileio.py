@@ -101,7 +101,9 @@ def _acquire(lock: Path) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise FolderInUse(f"{lock.parent} is in use by {_holder(lock)}; wait for it to end or choose another folder") from None
+            raise FolderInUse(
+                f"{lock.parent} is in use by {_holder(lock)}; wait for it to end or choose another folder"
+            ) from None
         except BaseException:
             os.close(fd)
             raise

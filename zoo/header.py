@@ -45,9 +45,13 @@ def safetensors_header(path: str | os.PathLike) -> dict:
     try:
         end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (KeyError, IndexError, TypeError, ValueError):
-        raise WeightsFileError(f"{path} is not a readable safetensors file (a tensor entry has no byte range)") from None
+        raise WeightsFileError(
+            f"{path} is not a readable safetensors file (a tensor entry has no byte range)"
+        ) from None
     if 8 + length + end > size:
-        raise WeightsFileError(f"{path} is not a readable safetensors file (truncated: {size:,} bytes, its header describes {8 + length + end:,})")
+        raise WeightsFileError(
+            f"{path} is not a readable safetensors file (truncated: {size:,} bytes, its header describes {8 + length + end:,})"
+        )
     return header
 
 
@@ -73,7 +77,9 @@ def read_header(path: str | os.PathLike) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise WeightsFileError(f"{config} is not a timm model config") from None
         if (arch, args) != (header["arch"], header["model_args"]):
-            raise WeightsFileError(f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} ({header['arch']}); write the folder again")
+            raise WeightsFileError(
+                f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} ({header['arch']}); write the folder again"
+            )
     return header
 
 

@@ -94,11 +94,20 @@ def _resnet(model) -> list[Coupling]:
             convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
             bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
             for k, (conv, bn) in enumerate(zip(convs[:-1], bns[:-1])):
-                found.append(Coupling(f"stages.{i}.{j} inner {k + 1}", _out(conv), writers=[conv], norms=[bn], readers=[convs[k + 1]]))
+                found.append(
+                    Coupling(
+                        f"stages.{i}.{j} inner {k + 1}", _out(conv), writers=[conv], norms=[bn], readers=[convs[k + 1]]
+                    )
+                )
             stream.readers.append(block.conv1)
             if block.shortcut is not None:
                 stream.readers.append(block.shortcut[0])
-                stream = Coupling(f"stages.{i} residual", _out(block.shortcut[0]), writers=[block.shortcut[0]], norms=[block.shortcut[1]])
+                stream = Coupling(
+                    f"stages.{i} residual",
+                    _out(block.shortcut[0]),
+                    writers=[block.shortcut[0]],
+                    norms=[block.shortcut[1]],
+                )
                 found.append(stream)
             elif stream.name == "stem":
                 stream.name = f"stem and stages.{i} residual"
@@ -119,7 +128,12 @@ def _mobilenetv2(model) -> list[Coupling]:
                 hidden = stream
             else:
                 stream.readers.append(block.expand[0])
-                hidden = Coupling(f"blocks.{i}.{j} expanded", _out(block.expand[0]), writers=[block.expand[0]], norms=[block.expand[1]])
+                hidden = Coupling(
+                    f"blocks.{i}.{j} expanded",
+                    _out(block.expand[0]),
+                    writers=[block.expand[0]],
+                    norms=[block.expand[1]],
+                )
                 found.append(hidden)
             hidden.depthwise.append(dw_conv)
             hidden.norms.append(dw_bn)
@@ -241,7 +255,9 @@ def activation_scores(model: nn.Module, found: list[Coupling], batches: Iterable
     return scores
 
 
-def scores(model: nn.Module, order: str, batches: Iterable[torch.Tensor] | None = None, found: list[Coupling] | None = None) -> list[torch.Tensor]:
+def scores(
+    model: nn.Module, order: str, batches: Iterable[torch.Tensor] | None = None, found: list[Coupling] | None = None
+) -> list[torch.Tensor]:
     """Importance of every unit of every coupling (``couplings(model)`` order)."""
     found = couplings(model) if found is None else found
     if order == "weight":
@@ -276,7 +292,9 @@ def permute(coupling: Coupling, order: torch.Tensor) -> None:
     for bn in coupling.norms:
         for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
             if tensor.shape[0] != len(index):
-                raise ValueError(f"cannot reorder {coupling.name}: {name} belongs to a narrower member; reorder before recalibrating members")
+                raise ValueError(
+                    f"cannot reorder {coupling.name}: {name} belongs to a narrower member; reorder before recalibrating members"
+                )
             tensor.copy_(tensor[index])
 
 

@@ -226,13 +226,17 @@ class ElasticConv2d(ElasticLayer):
         cut_out, cut_in = n_out != self.out_channels, n_in != self.in_channels
         bias = self.bias[:n_out] if self.bias is not None and cut_out else self.bias
         if self.depthwise:  # one filter per channel: the active channels are its input's
-            return F.conv2d(x, self.weight[:n_in] if cut_in else self.weight, bias, self.stride, self.padding, groups=n_in)
+            return F.conv2d(
+                x, self.weight[:n_in] if cut_in else self.weight, bias, self.stride, self.padding, groups=n_in
+            )
         if not self.low_rank:
             weight = self.weight[:n_out] if cut_out else self.weight
             return F.conv2d(x, weight[:, :n_in] if cut_in else weight, bias, self.stride, self.padding)
         v = self.v[: self.rank, :n_in] if self.cut_rank or cut_in else self.v
         u = self.u[:n_out] if cut_out else self.u
-        return F.conv2d(F.conv2d(x, v, None, self.stride, self.padding), u[:, : self.rank] if self.cut_rank else u, bias)
+        return F.conv2d(
+            F.conv2d(x, v, None, self.stride, self.padding), u[:, : self.rank] if self.cut_rank else u, bias
+        )
 
     def extra_repr(self) -> str:
         kind = "depthwise" if self.depthwise else (f"low_rank={self.v.shape[0]}" if self.low_rank else "dense")
@@ -254,7 +258,15 @@ class ElasticBatchNorm2d(ElasticLayer):
     # over every process's share of the batch); the signature is ``F.batch_norm``'s.
     batch_norm = staticmethod(F.batch_norm)
 
-    def __init__(self, dim: Dim, members: list[tuple[str, Values]], *, max_values: Values | None = None, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(
+        self,
+        dim: Dim,
+        members: list[tuple[str, Values]],
+        *,
+        max_values: Values | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ):
         super().__init__(dim, 1, False, max_values, dim.group)
         self.num_features = _size(dim, max_values)
         self.eps, self.momentum = eps, momentum
@@ -299,9 +311,13 @@ class ElasticBatchNorm2d(ElasticLayer):
         bias = self.bias if n == self.num_features else self.bias[:n]
         if self.running_mean is None:
             if not self.training:
-                raise ValueError(f"no batch-norm statistics for member {self.key}: recalibrate it first (zoo.recalibrate_bn)")
+                raise ValueError(
+                    f"no batch-norm statistics for member {self.key}: recalibrate it first (zoo.recalibrate_bn)"
+                )
             return self.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        return self.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps)
+        return self.batch_norm(
+            x, self.running_mean, self.running_var, weight, bias, self.training, self.momentum, self.eps
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -346,12 +362,16 @@ class LayerFactory:
     factorized layers take that group's width and rank.
     """
 
-    def __init__(self, *, max_values: Values, low_rank: bool, members: list[tuple[str, Values]], divisor: int = 1, group: int = 0):
+    def __init__(
+        self, *, max_values: Values, low_rank: bool, members: list[tuple[str, Values]], divisor: int = 1, group: int = 0
+    ):
         self.max_values, self.low_rank, self.members = max_values, low_rank, members
         self.divisor, self.group = divisor, group
 
     def at(self, group: int) -> "LayerFactory":
-        return LayerFactory(max_values=self.max_values, low_rank=self.low_rank, members=self.members, divisor=self.divisor, group=group)
+        return LayerFactory(
+            max_values=self.max_values, low_rank=self.low_rank, members=self.members, divisor=self.divisor, group=group
+        )
 
     def dim(self, units: int, unit_size: int = 1, axis: str = "width") -> Dim:
         """An elastic dimension rounded to this family's divisor (divisor 1 for heads)."""
@@ -359,7 +379,9 @@ class LayerFactory:
 
     def conv(self, in_dim: Dim, out_dim: Dim, kernel_size: int, *, factorize: bool = True, **kwargs) -> ElasticConv2d:
         low_rank = self.low_rank and factorize and not kwargs.get("depthwise", False)
-        return ElasticConv2d(in_dim, out_dim, kernel_size, low_rank=low_rank, max_values=self.max_values, group=self.group, **kwargs)
+        return ElasticConv2d(
+            in_dim, out_dim, kernel_size, low_rank=low_rank, max_values=self.max_values, group=self.group, **kwargs
+        )
 
     def linear(self, in_dim: Dim, out_dim: Dim, *, factorize: bool = True, **kwargs) -> ElasticLinear:
         low_rank = self.low_rank and factorize

@@ -36,7 +36,9 @@ class UnknownArgument(TypeError, ValueError):
     Python call), and a ``ValueError``, zoo's user error that the CLI prints as one line."""
 
 
-def register_family(family: str, timm: bool = True) -> Callable[[Callable[..., ElasticModel]], Callable[..., ElasticModel]]:
+def register_family(
+    family: str, timm: bool = True
+) -> Callable[[Callable[..., ElasticModel]], Callable[..., ElasticModel]]:
     """Register an entrypoint under its function name, in zoo and (``timm=True``: image
     families) in timm."""
 

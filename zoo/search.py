@@ -138,7 +138,9 @@ class Evolution:
         return None
 
     def _random(self) -> Values:
-        return self._space.sample(self.generator, self.model.width_choices, self.model.rank_choices, self.model.max_values, layerwise=True)
+        return self._space.sample(
+            self.generator, self.model.width_choices, self.model.rank_choices, self.model.max_values, layerwise=True
+        )
 
     # ----- breeding ----------------------------------------------------------------------------
     def _mutate(self, parent: Subnet) -> Values:
@@ -200,13 +202,17 @@ class Evolution:
         """Search; ``seeds`` (e.g. the trained uniform members) and the space's smallest member
         join the first population if they fit the budget."""
         if population < 2 or generations < 1:
-            raise ValueError(f"--population must be at least 2 and --generations at least 1, got {population} and {generations}")
+            raise ValueError(
+                f"--population must be at least 2 and --generations at least 1, got {population} and {generations}"
+            )
         smallest = self.model.smallest_member()  # under a tight budget random draws rarely fit
         candidates = dict.fromkeys([*(self.model.resolve_subnet(s) for s in seeds), smallest])
         members = [s for s in candidates if self._fits(s)][:population]
         if smallest not in members:
             cost = self._costs[smallest][self.budget.kind]
-            raise ValueError(f"no member of {self.model.arch} fits the budget {self.budget}: the smallest ({smallest}) has {self.budget.kind} {cost:g}")
+            raise ValueError(
+                f"no member of {self.model.arch} fits the budget {self.budget}: the smallest ({smallest}) has {self.budget.kind} {cost:g}"
+            )
         self._fill(members, population, self._random)
         n_parents = max(1, int(population * self.parent_ratio))
         n_mutants = int(population * self.mutation_ratio)
@@ -217,7 +223,9 @@ class Evolution:
             parents = [c.member for c in scored[:n_parents]]
             best = self.result.ranked()[0]
             self.result.history.append(best.metric)
-            self.progress(f"generation {generation + 1}/{generations}: best {self.result.metric} {best.metric:.4f} at {self.budget.kind} {best.costs[self.budget.kind]:g} ({len(self.result.candidates)} members scored)")
+            self.progress(
+                f"generation {generation + 1}/{generations}: best {self.result.metric} {best.metric:.4f} at {self.budget.kind} {best.costs[self.budget.kind]:g} ({len(self.result.candidates)} members scored)"
+            )
             if generation == generations - 1:
                 break
             children = list(parents)
@@ -263,18 +271,38 @@ def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidat
     kind = result.budget.kind
     unit = {"params": "parameters", "flops": "FLOPs per example", "latency": "latency at batch 1 (ms)"}[kind]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([c.costs[kind] for c in result.candidates], [c.metric for c in result.candidates], s=12, color="0.75", label="scored members")
+    ax.scatter(
+        [c.costs[kind] for c in result.candidates],
+        [c.metric for c in result.candidates],
+        s=12,
+        color="0.75",
+        label="scored members",
+    )
     front = result.front()
-    ax.plot([c.costs[kind] for c in front], [c.metric for c in front], "o-", color="tab:blue", label="front found by search")
+    ax.plot(
+        [c.costs[kind] for c in front], [c.metric for c in front], "o-", color="tab:blue", label="front found by search"
+    )
     measured = [c for c in grid if kind in c.costs]
-    ax.scatter([c.costs[kind] for c in measured], [c.metric for c in measured], marker="X", s=70, color="tab:red", label="uniform members", zorder=3)
+    ax.scatter(
+        [c.costs[kind] for c in measured],
+        [c.metric for c in measured],
+        marker="X",
+        s=70,
+        color="tab:red",
+        label="uniform members",
+        zorder=3,
+    )
     for c in measured:
         label = f"w={c.member.width:g}" + ("" if c.member.rank is None else f" r={c.member.rank:g}")
-        ax.annotate(label, (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red")
+        ax.annotate(
+            label, (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red"
+        )
     ax.scatter([best.costs[kind]], [best.metric], marker="*", s=180, color="tab:green", label="chosen", zorder=4)
     ax.axvline(result.budget.limit, color="0.3", linestyle="--", linewidth=1, label=f"budget {result.budget}")
     ax.set_xlabel(unit)
-    ax.set_ylabel(result.metric.replace("_", " ") + (" (higher is better)" if result.higher_is_better else " (lower is better)"))
+    ax.set_ylabel(
+        result.metric.replace("_", " ") + (" (higher is better)" if result.higher_is_better else " (lower is better)")
+    )
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost members

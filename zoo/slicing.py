@@ -46,7 +46,9 @@ def _pairs(model: ElasticModel, member: ElasticModel, buffers: bool = True):
 
 
 @torch.no_grad()
-def slice_model(model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> ElasticModel:
+def slice_model(
+    model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes
+) -> ElasticModel:
     """A physically smaller copy of ``model`` at one member, equal in output to it.
 
     ``member``: a ``Subnet``, its dict (``{"width": [0.5, 1, 1], "depth": [1, 3, 3]}``) or a
@@ -85,7 +87,9 @@ def count_params(model: ElasticModel, member=None) -> int:
 
 
 @contextlib.contextmanager
-def subnet(model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> Iterator[Subnet]:
+def subnet(
+    model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes
+) -> Iterator[Subnet]:
     """Run ``model`` as one member inside the block, then restore the previous one."""
     previous = model.active_subnet
     try:

@@ -115,7 +115,7 @@ class Subnet:
     def from_dict(cls, d: Mapping) -> "Subnet":
         """A member from its JSON form (a dict of axis -> number or list)."""
         if not isinstance(d, Mapping):
-            raise ValueError(f"a member is a JSON object such as {{\"width\": 0.5}}, got {d!r}")
+            raise ValueError(f'a member is a JSON object such as {{"width": 0.5}}, got {d!r}')
         return cls(**{str(k): v for k, v in d.items()})
 
     def get(self, axis: str, default=None):
@@ -164,7 +164,11 @@ class Subnet:
 
     def __str__(self) -> str:
         def show(v):
-            return f"{v:g}" if isinstance(v, float) else (str(v) if isinstance(v, int) else "[" + ",".join(f"{x:g}" for x in v) + "]")
+            return (
+                f"{v:g}"
+                if isinstance(v, float)
+                else (str(v) if isinstance(v, int) else "[" + ",".join(f"{x:g}" for x in v) + "]")
+            )
 
         return ", ".join(f"{k}={show(v)}" for k, v in self._choices) or "largest"
 
@@ -232,7 +236,9 @@ class Space:
         if "width" in choices and self.width_axes != ("width",):
             both = [a for a in self.width_axes if a in choices]
             if both:
-                raise ValueError(f"{name}: give width (all of {', '.join(self.width_axes)}) or {', '.join(both)}, not both")
+                raise ValueError(
+                    f"{name}: give width (all of {', '.join(self.width_axes)}) or {', '.join(both)}, not both"
+                )
             for a in self.width_axes:
                 choices[a], given[a] = choices["width"], "width"
             del choices["width"]
@@ -242,12 +248,18 @@ class Space:
             if axis == "blocks":
                 values[axis] = self._blocks(value, limit[axis], name)
             elif axis == "depth":
-                values[axis] = tuple(self._depth(g, d, most, name) for g, (d, most) in enumerate(zip(self._per_group(axis, value, name), limit[axis])))
+                values[axis] = tuple(
+                    self._depth(g, d, most, name)
+                    for g, (d, most) in enumerate(zip(self._per_group(axis, value, name), limit[axis]))
+                )
             elif not isinstance(value, tuple):
                 values[axis] = (check_fraction(f"{name}: {field}", value, min(limit[axis])),) * self.groups
             else:
                 per_group = self._per_group(axis, value, name)
-                values[axis] = tuple(check_fraction(f"{name}: {field} of {self.group} {g}", v, most) for g, (v, most) in enumerate(zip(per_group, limit[axis])))
+                values[axis] = tuple(
+                    check_fraction(f"{name}: {field} of {self.group} {g}", v, most)
+                    for g, (v, most) in enumerate(zip(per_group, limit[axis]))
+                )
         return values
 
     def _depth(self, g: int, d, most: int, name: str) -> int:
@@ -259,14 +271,23 @@ class Space:
         if not isinstance(value, tuple):
             return (value,) * self.groups
         if len(value) != self.groups:
-            raise ValueError(f"{name}: {axis} takes one value or a list of {self.groups} (one per {self.group}), got {len(value)}")
+            raise ValueError(
+                f"{name}: {axis} takes one value or a list of {self.groups} (one per {self.group}), got {len(value)}"
+            )
         return value
 
     def _blocks(self, value, limit: tuple, name: str) -> tuple:
         kept = value if isinstance(value, tuple) else ()  # a list even for one block: [5], not 5
-        if not kept or any(not isinstance(i, int) for i in kept) or list(kept) != sorted(set(kept)) or not set(kept) <= set(limit):
+        if (
+            not kept
+            or any(not isinstance(i, int) for i in kept)
+            or list(kept) != sorted(set(kept))
+            or not set(kept) <= set(limit)
+        ):
             given = list(value) if isinstance(value, tuple) else value
-            raise ValueError(f"{name}: blocks must be a non-empty increasing list of block indices from {list(limit)}, got {given}")
+            raise ValueError(
+                f"{name}: blocks must be a non-empty increasing list of block indices from {list(limit)}, got {given}"
+            )
         return tuple(kept)
 
     def compact(self, values: Values) -> Subnet:
@@ -293,7 +314,14 @@ class Space:
         depth = sum(values["depth"]) if self.depths else (len(values["blocks"]) if self.skip_blocks else 0)
         return (sum(widths) / len(widths), rank, float(depth))
 
-    def sample(self, generator: torch.Generator, widths: Sequence[float], ranks: Sequence[float] | None, limit: Values, layerwise: bool = True) -> Values:
+    def sample(
+        self,
+        generator: torch.Generator,
+        widths: Sequence[float],
+        ranks: Sequence[float] | None,
+        limit: Values,
+        layerwise: bool = True,
+    ) -> Values:
         """A random member: each group's width (and rank) drawn from ``widths`` (``ranks``),
         each stage's depth from 1 to its limit, and for Transformers a random set of middle
         blocks skipped (at most half). ``layerwise=False`` draws one width and rank for all
@@ -326,7 +354,9 @@ class Space:
             values["blocks"] = tuple(b for b in kept if b not in {middle[i] for i in order})
         return values
 
-    def smallest(self, widths: Sequence[float], ranks: Sequence[float] | None, limit: Values, layerwise: bool = True) -> Values:
+    def smallest(
+        self, widths: Sequence[float], ranks: Sequence[float] | None, limit: Values, layerwise: bool = True
+    ) -> Values:
         """The smallest member that :meth:`sample` can draw: narrowest, lowest rank, and (for
         the layerwise space) shallowest."""
         values = dict(limit)
@@ -349,9 +379,19 @@ class Space:
         for axis in self.width_axes:
             axes[axis] = {"per": self.group, "range": "(0, max]", "max": list(limit[axis]), "values": list(widths)}
         if self.low_rank:
-            axes["rank"] = {"per": self.group, "range": "(0, max]", "max": list(limit["rank"]), "values": list(ranks or [])}
+            axes["rank"] = {
+                "per": self.group,
+                "range": "(0, max]",
+                "max": list(limit["rank"]),
+                "values": list(ranks or []),
+            }
         if self.depths:
-            axes["depth"] = {"per": self.group, "min": 1, "max": list(limit["depth"]), "note": "a stage keeps its first d blocks"}
+            axes["depth"] = {
+                "per": self.group,
+                "min": 1,
+                "max": list(limit["depth"]),
+                "note": "a stage keeps its first d blocks",
+            }
         if self.skip_blocks:
             axes["blocks"] = {"kept_from": list(limit["blocks"]), "note": "increasing block indices to keep"}
         shorthand = "width: one number for " + ", ".join(self.width_axes) + " of every " + self.group

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save as to_safetensors
+from safetensors.torch import load_file
+from safetensors.torch import save as to_safetensors
 
 from .base import ElasticModel
 from .catalogue import pretrained_file
@@ -78,7 +79,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Elastic
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     model.zoo_metadata = header.get("metadata", {})
     mean, std = recorded(model.zoo_metadata, "mean"), recorded(model.zoo_metadata, "std")
-    if model.input_kind == "image" and mean and std and len(mean) == len(std) == model.in_chans:  # what its inputs are normalised with
+    if (
+        model.input_kind == "image" and mean and std and len(mean) == len(std) == model.in_chans
+    ):  # what its inputs are normalised with
         model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(mean), "std": tuple(std)}
     return model.to(device)
 
@@ -115,7 +118,9 @@ def load_pretrained(arch: str, path: str | os.PathLike | None = None, **kwargs) 
     num_classes = kwargs.pop("num_classes", None)
     conflicts = [k for k, v in kwargs.items() if model.model_args.get(k, v) != v]
     if conflicts:
-        raise ValueError(f"pretrained {arch} was trained with {', '.join(f'{k}={model.model_args[k]!r}' for k in conflicts)}")
+        raise ValueError(
+            f"pretrained {arch} was trained with {', '.join(f'{k}={model.model_args[k]!r}' for k in conflicts)}"
+        )
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model

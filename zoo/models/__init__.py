@@ -1,6 +1,8 @@
 """Model families; importing this module registers them with zoo and timm."""
 
-from . import mobilenetv2  # noqa: F401
-from . import resnet  # noqa: F401
-from . import vit  # noqa: F401
-from . import gpt  # noqa: F401
+from . import (
+    gpt,  # noqa: F401
+    mobilenetv2,  # noqa: F401
+    resnet,  # noqa: F401
+    vit,  # noqa: F401
+)

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..base import ElasticModel
-from ..registry import build, register_family
 from ..layers import ElasticBlocks
+from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Space, fixed
 from .transformer import Block, trunc_normal
 
@@ -48,7 +48,14 @@ class SlimGPT(ElasticModel):
         extra_subnets: Iterable[dict] = (),
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
-        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
+        super().__init__(
+            space=space,
+            low_rank=low_rank,
+            widths=widths,
+            ranks=ranks,
+            max_member=max_member,
+            extra_subnets=extra_subnets,
+        )
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
             raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
         f = self._layer_factory(8)
@@ -62,7 +69,9 @@ class SlimGPT(ElasticModel):
         trunc_normal(self.pos_embed)
         self.drop = nn.Dropout(dropout)
         block = dict(causal=True, dropout=dropout, eps=1e-5)
-        self.blocks = ElasticBlocks({i: Block(f.at(i), embed_dim, num_heads, mlp_ratio, **block) for i in self.max_values["blocks"]}, "blocks")
+        self.blocks = ElasticBlocks(
+            {i: Block(f.at(i), embed_dim, num_heads, mlp_ratio, **block) for i in self.max_values["blocks"]}, "blocks"
+        )
         self.norm = nn.LayerNorm(embed_dim)
         self.lm_head = f.linear(fixed(embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal)
         self.pretrained_cfg = {
@@ -77,9 +86,13 @@ class SlimGPT(ElasticModel):
     def forward_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Byte ids (B, T) -> normalised hidden states (B, T, embed_dim)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{self._name} takes integer byte ids of shape (batch, seq_len), got {tokens.dtype} {tuple(tokens.shape)}")
+            raise ValueError(
+                f"{self._name} takes integer byte ids of shape (batch, seq_len), got {tokens.dtype} {tuple(tokens.shape)}"
+            )
         if tokens.shape[1] > self.context_length:
-            raise ValueError(f"{self._name}: sequence length {tokens.shape[1]} exceeds context_length {self.context_length}")
+            raise ValueError(
+                f"{self._name}: sequence length {tokens.shape[1]} exceeds context_length {self.context_length}"
+            )
         x = self.tok_embed(tokens) + self.pos_embed[:, : tokens.shape[1]]
         return self.norm(self.blocks(self.drop(x)))
 
@@ -97,8 +110,12 @@ class SlimGPT(ElasticModel):
     def reset_classifier(self, num_classes: int) -> None:
         """Re-initialise the lm_head; its outputs are the 256 byte values and cannot change."""
         if num_classes != VOCAB_SIZE:
-            raise ValueError(f"{self._name} predicts the next byte: its lm_head has {VOCAB_SIZE} outputs, got num_classes={num_classes}")
-        self.lm_head = self._factory.linear(fixed(self.embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal)
+            raise ValueError(
+                f"{self._name} predicts the next byte: its lm_head has {VOCAB_SIZE} outputs, got num_classes={num_classes}"
+            )
+        self.lm_head = self._factory.linear(
+            fixed(self.embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal
+        )
         self.set_subnet(self.active_subnet)
 
 

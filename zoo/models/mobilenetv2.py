@@ -100,7 +100,14 @@ class SlimMobileNetV2(ImageModel):
         settings = tuple(tuple(int(v) for v in row) for row in settings)  # (t, c, n, s) per stage; other multipliers
         depths = tuple(repeats for _, _, repeats, _ in settings)
         space = Space("stage", len(depths), ("width",), low_rank, depths=depths)
-        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
+        super().__init__(
+            space=space,
+            low_rank=low_rank,
+            widths=widths,
+            ranks=ranks,
+            max_member=max_member,
+            extra_subnets=extra_subnets,
+        )
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")
         f = self._layer_factory(8)
@@ -173,7 +180,9 @@ class SlimMobileNetV2(ImageModel):
             return intermediates
         return (self.final_conv(x) if len(stages) == len(self.blocks) else x), intermediates
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """timm's: drop the stages after the last feature ``indices`` needs; the final conv
         goes with them, with the head or with the norm. Returns the absolute indices."""
         take, last = feature_take_indices(len(self._taps), indices)

@@ -87,7 +87,14 @@ class SlimResNet(ImageModel):
         extra_subnets: Iterable[dict] = (),
     ):
         space = Space("stage", len(layers), ("width",), low_rank, depths=tuple(layers))
-        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
+        super().__init__(
+            space=space,
+            low_rank=low_rank,
+            widths=widths,
+            ranks=ranks,
+            max_member=max_member,
+            extra_subnets=extra_subnets,
+        )
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         stem_kind, divisor = stem, (4 if stem == "cifar" else 8)
         f = self._layer_factory(divisor)
@@ -159,7 +166,9 @@ class SlimResNet(ImageModel):
                 intermediates.append(x)
         return intermediates if intermediates_only else (x, intermediates)
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """timm's: drop the stages after the last feature ``indices`` needs (and the head).
         Returns the absolute indices to pass to ``forward_intermediates``."""
         take, last = feature_take_indices(len(self._taps), indices)

@@ -27,8 +27,8 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..base import ImageModel, image_cfg
-from ..registry import build, register_family
 from ..layers import ElasticBlocks
+from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Space, fixed
 from .transformer import Block, trunc_normal
 
@@ -43,7 +43,9 @@ def _check_images(x: torch.Tensor, name: str, in_chans: int, img_size: int, patc
     if len(shape) != 4 or shape[1] != in_chans:
         raise ValueError(f"{name} takes images of shape (B, {in_chans}, H, W), got {shape}")
     if img_size and (shape[2] != img_size or shape[3] != img_size):
-        raise ValueError(f"{name} takes images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape} (build it with dynamic_img_size=True for other sizes)")
+        raise ValueError(
+            f"{name} takes images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape} (build it with dynamic_img_size=True for other sizes)"
+        )
     if shape[2] % patch_size or shape[3] % patch_size:
         raise ValueError(f"{name} takes images whose sides are multiples of its patch size {patch_size}, got {shape}")
     return x
@@ -74,7 +76,14 @@ class SlimVisionTransformer(ImageModel):
         extra_subnets: Iterable[dict] = (),
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
-        super().__init__(space=space, low_rank=low_rank, widths=widths, ranks=ranks, max_member=max_member, extra_subnets=extra_subnets)
+        super().__init__(
+            space=space,
+            low_rank=low_rank,
+            widths=widths,
+            ranks=ranks,
+            max_member=max_member,
+            extra_subnets=extra_subnets,
+        )
         if patch_size is None:
             patch_size = 16 if img_size >= 128 else max(1, img_size // 4)
         if img_size < 1 or patch_size < 1 or img_size % patch_size:
@@ -86,18 +95,24 @@ class SlimVisionTransformer(ImageModel):
         self.global_pool = self._check_global_pool(global_pool, POOLS)
         self.num_features = self.embed_dim = embed_dim
 
-        self.patch_embed = f.conv(fixed(in_chans), fixed(embed_dim), patch_size, stride=patch_size, padding=0, bias=True, factorize=False)
+        self.patch_embed = f.conv(
+            fixed(in_chans), fixed(embed_dim), patch_size, stride=patch_size, padding=0, bias=True, factorize=False
+        )
         num_tokens = (img_size // patch_size) ** 2 + 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         nn.init.normal_(self.cls_token, std=1e-6)
         trunc_normal(self.pos_embed)
-        self.blocks = ElasticBlocks({i: Block(f.at(i), embed_dim, num_heads, mlp_ratio) for i in self.max_values["blocks"]}, "blocks")
+        self.blocks = ElasticBlocks(
+            {i: Block(f.at(i), embed_dim, num_heads, mlp_ratio) for i in self.max_values["blocks"]}, "blocks"
+        )
         self._taps = [(fixed(embed_dim), patch_size, f"blocks.{i}") for i in self.max_values["blocks"]]
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
-        self.pretrained_cfg = image_cfg(in_chans, img_size, num_classes, "patch_embed", "head", fixed_input_size=not self.dynamic_img_size)
+        self.pretrained_cfg = image_cfg(
+            in_chans, img_size, num_classes, "patch_embed", "head", fixed_input_size=not self.dynamic_img_size
+        )
         self._finish_init()
 
     def _new_head(self, num_classes: int) -> nn.Module:
@@ -110,7 +125,9 @@ class SlimVisionTransformer(ImageModel):
         pos_embed = self.pos_embed
         if self.dynamic_img_size:
             grid = self.img_size // self.patch_size
-            pos_embed = resample_abs_pos_embed(pos_embed, new_size=x.shape[-2:], old_size=(grid, grid), num_prefix_tokens=1)
+            pos_embed = resample_abs_pos_embed(
+                pos_embed, new_size=x.shape[-2:], old_size=(grid, grid), num_prefix_tokens=1
+            )
         x = x.flatten(2).transpose(1, 2)
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
 
@@ -161,7 +178,9 @@ class SlimVisionTransformer(ImageModel):
             intermediates = list(zip(intermediates, prefix))
         return intermediates if intermediates_only else (self.norm(x), intermediates)
 
-    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         """timm's: drop the blocks after the last one ``indices`` needs, the final norm if
         ``prune_norm`` and the head if ``prune_head``. Returns the absolute indices."""
         take, last = feature_take_indices(len(self.blocks), indices)
@@ -183,7 +202,9 @@ class SlimVisionTransformer(ImageModel):
         self._replace_classifier("head", self._new_head(num_classes), num_classes)
 
 
-def _create(arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict, depth: int = 12) -> SlimVisionTransformer:
+def _create(
+    arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict, depth: int = 12
+) -> SlimVisionTransformer:
     fixed_args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
     return build(SlimVisionTransformer, arch, pretrained, fixed_args, kwargs)
 
