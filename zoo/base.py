@@ -68,6 +68,7 @@ class ElasticModel(nn.Module):
     arch: str = ""  # set by the registry to the catalogue name
     model_args: dict  # arguments that rebuild this model with zoo.create_model(arch, **model_args)
     input_kind: str = "image"  # "image" (float NCHW) or "tokens" (int64 NT)
+    fixed_input_size: bool = False  # timm's cfg flag: True where the architecture fixes the image size
 
     def __init__(
         self,
@@ -115,6 +116,11 @@ class ElasticModel(nn.Module):
 
     def _finish_init(self) -> None:
         self.set_subnet(self.subnets[-1])  # the largest trained member (sorted smallest first)
+
+    def couplings(self) -> list:
+        """Every elastic dimension with the tensor axes coupled to it (``zoo.importance.Coupling``),
+        which the family knows: importance ordering and conversion permute them."""
+        raise ValueError(f"no importance ordering for {type(self).__name__}")
 
     def sort_members(self, subnets: Iterable[Subnet]) -> list[Subnet]:
         """Smallest first: mean width, then mean rank, then depth (ties by key)."""

@@ -12,10 +12,15 @@ pretrained matrix, components by singular value, so rank 1.0 is the original lay
 recalibrate batch norm of the members below full width on the calibration batches; verify that
 the full member computes what the timm model computes (max abs difference, recorded).
 
-Supported: timm's ResNets with basic or bottleneck blocks and the plain stem (resnet18, 34, 50,
-101, 152), MobileNetV2 (``mobilenetv2_*``), and Vision Transformers with standard blocks and a
-class token (``vit_*_patch*``, ``deit_*`` without a distillation token). Training-only
-regularisers (dropout, drop path, DropBlock) compute nothing at inference and are not carried.
+What converts is the families' knowledge, beside each model as timm keeps its
+``checkpoint_filter_fn``: a family module registers a planner for a timm class (``@converts``)
+that checks the timm model part by part with ``require`` and returns a :class:`Plan`; this
+module keeps the generic machinery (reading checkpoints, copying, SVD factorizing, verifying).
+Supported today: timm's ResNets with basic or bottleneck blocks and the plain stem (resnet18,
+34, 50, 101, 152), MobileNetV2 (``mobilenetv2_*``), and Vision Transformers with standard
+blocks and a class token (``vit_*_patch*``, ``deit_*`` without a distillation token).
+Training-only regularisers (dropout, drop path, DropBlock) compute nothing at inference and
+are not carried.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from .slicing import recalibrate_bn
 from .subnet import DEFAULT_GRID, check_fraction
 from .weights import file_sha256
 
-SUPPORTED = "ResNets with basic or bottleneck blocks and the plain stem, MobileNetV2, ViT/DeiT with standard blocks"
 TOLERANCE = 1e-4  # max abs difference at full width, relative to the logits' scale when above 1
 
 
@@ -61,305 +65,65 @@ class Plan:
     tensors: list[tuple[str, str]] = field(default_factory=list)  # (zoo parameter, timm parameter)
 
 
-def _refuse(name: str, part: str) -> UnsupportedModel:
-    return UnsupportedModel(f"cannot convert {name}: {part} is not supported (zoo converts {SUPPORTED})")
+# ----- timm model -> plan: each family's planner, registered by its module ---------------------
+Planner = Callable[[nn.Module, str], Plan]
+_PLANNERS: dict[type, tuple[Planner, str]] = {}  # timm class -> (planner, what the family converts)
 
 
-# ----- timm model -> plan ----------------------------------------------------------------------
+def converts(timm_class: type, supports: str) -> Callable[[Planner], Planner]:
+    """Register a family's planner for timm models of ``timm_class`` (subclasses reach it too,
+    and it refuses them by name): it checks the model part by part and returns the ``Plan``.
+    ``supports`` says in words which of those models convert (for the refusal message)."""
+
+    def decorator(planner: Planner) -> Planner:
+        _PLANNERS[timm_class] = (planner, supports)
+        return planner
+
+    return decorator
+
+
+def supported() -> str:
+    """What zoo converts, in words: every registered family's ``supports``."""
+    return ", ".join(supports for _, supports in _PLANNERS.values())
+
+
 def plan_for(model: nn.Module, name: str) -> Plan:
     """Check ``model`` part by part and say how to copy it; refuses the first unsupported part."""
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.resnet import ResNet
-    from timm.models.vision_transformer import VisionTransformer
-
-    if type(model) is ResNet:
-        return _plan_resnet(model, name)
-    if type(model) is EfficientNet:
-        return _plan_mobilenetv2(model, name)
-    if isinstance(model, VisionTransformer):
-        if type(model) is not VisionTransformer:
-            part = "the distillation token" if hasattr(model, "dist_token") else f"the {type(model).__name__} variant"
-            raise _refuse(name, part)
-        return _plan_vit(model, name)
-    raise _refuse(name, f"the {type(model).__name__} architecture")
+    for cls in type(model).__mro__:
+        if cls in _PLANNERS:
+            return _PLANNERS[cls][0](model, name)
+    raise refuse(name, f"the {type(model).__name__} architecture")
 
 
-def _require(ok: bool, name: str, part) -> None:
+def refuse(name: str, part: str) -> UnsupportedModel:
+    return UnsupportedModel(f"cannot convert {name}: {part} is not supported (zoo converts {supported()})")
+
+
+def require(ok: bool, name: str, part) -> None:
     """Refuse ``part`` (a string, or a function giving it when the message needs ``not ok``)."""
     if not ok:
-        raise _refuse(name, part() if callable(part) else part)
+        raise refuse(name, part() if callable(part) else part)
 
 
-def _is(module: nn.Module, cls: type) -> bool:
+def is_type(module: nn.Module, cls: type) -> bool:
+    """Exactly ``cls``: a subclass may compute something else."""
     return type(module) is cls
 
 
-def _act(module: nn.Module) -> str:
+def kind(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _head(model: nn.Module, name: str, attr: str) -> None:
-    _require(
-        _is(getattr(model, attr), nn.Linear),
-        name,
-        f"a model without a linear classifier ({attr} is {_act(getattr(model, attr))})",
+def require_linear_head(model: nn.Module, name: str, attr: str) -> None:
+    head = getattr(model, attr)
+    require(is_type(head, nn.Linear), name, f"a model without a linear classifier ({attr} is {kind(head)})")
+
+
+def require_avg_pool(model: nn.Module, name: str) -> None:
+    pool = model.global_pool
+    require(
+        getattr(pool, "pool_type", None) == "avg", name, f"global pooling {getattr(pool, 'pool_type', kind(pool))!r}"
     )
-
-
-_RESNETS = {("basic", (2, 2, 2, 2)): "slim_resnet18", ("basic", (3, 4, 6, 3)): "slim_resnet34", ("bottleneck", (3, 4, 6, 3)): "slim_resnet50",
-            ("bottleneck", (3, 4, 23, 3)): "slim_resnet101", ("bottleneck", (3, 8, 36, 3)): "slim_resnet152"}  # fmt: skip
-
-
-def _plan_resnet(model: nn.Module, name: str) -> Plan:
-    from timm.models.resnet import BasicBlock, Bottleneck
-
-    _require(
-        _is(model.conv1, nn.Conv2d),
-        name,
-        f"the deep stem ({_act(model.conv1)} of {sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules())} convs, as in resnet*d/t/s)",
-    )
-    _require(
-        model.conv1.kernel_size == (7, 7) and model.conv1.out_channels == 64,
-        name,
-        f"a {model.conv1.kernel_size[0]}x{model.conv1.kernel_size[1]} stem of {model.conv1.out_channels} channels",
-    )
-    _require(_is(model.act1, nn.ReLU), name, f"the activation {_act(model.act1)}")
-    _require(_is(model.maxpool, nn.MaxPool2d), name, f"the stem pooling {_act(model.maxpool)}")
-    _require(
-        getattr(model.global_pool, "pool_type", None) == "avg",
-        name,
-        f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}",
-    )
-    _head(model, name, "fc")
-    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
-    kinds = {type(b) for s in stages for b in s}
-    _require(
-        kinds in ({BasicBlock}, {Bottleneck}), name, f"the block type {', '.join(sorted(k.__name__ for k in kinds))}"
-    )
-    block = "basic" if kinds == {BasicBlock} else "bottleneck"
-    layers = tuple(len(s) for s in stages)
-    arch = _RESNETS.get((block, layers))
-    _require(arch is not None, name, f"the layout {layers} of {block} blocks (zoo has ResNet-18, 34, 50, 101 and 152)")
-    plan = Plan(
-        name,
-        arch,
-        {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels},
-        [("stem.0", "conv1"), ("stem.1", "bn1")],
-    )
-    for i, stage in enumerate(stages):
-        for j, b in enumerate(stage):
-            at = f"layer{i + 1}.{j}"
-            _require(b.se is None, name, f"squeeze-excitation ({at}.se)")
-            _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
-            acts = [b.act1, b.act2] + ([b.act3] if block == "bottleneck" else [])
-            _require(
-                all(_is(a, nn.ReLU) for a in acts),
-                name,
-                lambda: f"the activation {_act(next(a for a in acts if not _is(a, nn.ReLU)))} in {at}",
-            )
-            convs = ["conv1", "conv2"] + (["conv3"] if block == "bottleneck" else [])
-            if block == "bottleneck":
-                planes = b.conv3.out_channels // 4
-                _require(
-                    b.conv2.groups == 1,
-                    name,
-                    f"grouped convolutions ({at}.conv2 has {b.conv2.groups} groups, as in ResNeXt)",
-                )
-                _require(
-                    b.conv1.out_channels == planes,
-                    name,
-                    f"the bottleneck width {b.conv1.out_channels} of {at} (wide ResNets; zoo's is {planes})",
-                )
-            if b.downsample is not None:
-                ds = b.downsample
-                _require(
-                    isinstance(ds, nn.Sequential) and len(ds) == 2 and _is(ds[0], nn.Conv2d),
-                    name,
-                    f"the downsampling shortcut of {at} ({' + '.join(_act(m) for m in ds)}, e.g. average-pool downsampling)",
-                )
-                plan.modules += [
-                    (f"stages.{i}.{j}.shortcut.0", f"{at}.downsample.0"),
-                    (f"stages.{i}.{j}.shortcut.1", f"{at}.downsample.1"),
-                ]
-            for k, conv in enumerate(convs, 1):
-                plan.modules += [(f"stages.{i}.{j}.{conv}", f"{at}.{conv}"), (f"stages.{i}.{j}.bn{k}", f"{at}.bn{k}")]
-    plan.modules.append(("fc", "fc"))
-    return plan
-
-
-def _plan_mobilenetv2(model: nn.Module, name: str) -> Plan:
-    from timm.layers import BatchNormAct2d
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-
-    from .models.mobilenetv2 import HEAD_FEATURES, INVERTED_RESIDUAL_SETTINGS, STEM_CHANNELS
-
-    def bn_act(bn: nn.Module, act: type, where: str) -> None:
-        _require(_is(bn, BatchNormAct2d), name, f"the normalisation {_act(bn)} ({where})")
-        _require(_is(bn.act, act) and _is(bn.drop, nn.Identity), name, f"the activation {_act(bn.act)} ({where})")
-
-    _require(
-        _is(model.conv_stem, nn.Conv2d) and model.conv_stem.kernel_size == (3, 3) and model.conv_stem.stride == (2, 2),
-        name,
-        "a stem other than a 3x3 stride-2 conv",
-    )
-    bn_act(model.bn1, nn.ReLU6, "bn1")
-    _require(_is(model.conv_head, nn.Conv2d), name, f"the head {_act(model.conv_head)}")
-    bn_act(model.bn2, nn.ReLU6, "bn2")
-    _require(
-        getattr(model.global_pool, "pool_type", None) == "avg",
-        name,
-        f"global pooling {getattr(model.global_pool, 'pool_type', _act(model.global_pool))!r}",
-    )
-    _head(model, name, "classifier")
-    plan = Plan(name, "slim_mobilenetv2", {}, [("stem.0", "conv_stem"), ("stem.1", "bn1")])
-    settings, in_chs = [], model.conv_stem.out_channels
-    for i, stage in enumerate(model.blocks):
-        rows = []
-        for j, b in enumerate(stage):
-            at = f"blocks.{i}.{j}"  # the same name in both
-            _require(_is(b.se, nn.Identity), name, f"squeeze-excitation ({at}.se)")
-            _require(_is(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
-            _require(
-                b.conv_dw.kernel_size == (3, 3) and b.conv_dw.dilation == (1, 1),
-                name,
-                f"the {b.conv_dw.kernel_size[0]}x{b.conv_dw.kernel_size[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)",
-            )
-            if _is(b, DepthwiseSeparableConv):
-                bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
-                bn_act(b.bn2, nn.Identity, f"{at}.bn2")
-                expansion, out = 1, b.conv_pw.out_channels
-                plan.modules += [
-                    (f"{at}.depthwise.0", f"{at}.conv_dw"),
-                    (f"{at}.depthwise.1", f"{at}.bn1"),
-                    (f"{at}.project", f"{at}.conv_pw"),
-                    (f"{at}.bn", f"{at}.bn2"),
-                ]
-            elif _is(b, InvertedResidual):
-                bn_act(b.bn1, nn.ReLU6, f"{at}.bn1")
-                bn_act(b.bn2, nn.ReLU6, f"{at}.bn2")
-                bn_act(b.bn3, nn.Identity, f"{at}.bn3")
-                mid, out = b.conv_pw.out_channels, b.conv_pwl.out_channels
-                expansion = mid // in_chs
-                _require(
-                    mid == in_chs * expansion,
-                    name,
-                    f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)",
-                )
-                plan.modules += [(f"{at}.expand.0", f"{at}.conv_pw"), (f"{at}.expand.1", f"{at}.bn1"), (f"{at}.depthwise.0", f"{at}.conv_dw"),
-                                 (f"{at}.depthwise.1", f"{at}.bn2"), (f"{at}.project", f"{at}.conv_pwl"), (f"{at}.bn", f"{at}.bn3")]  # fmt: skip
-            else:
-                raise _refuse(name, f"the block type {_act(b)} ({at})")
-            # zoo adds where a stage's width feeds itself: stride 1, same width, inside a stage (or the stem's)
-            adds = b.conv_dw.stride == (1, 1) and in_chs == out and (j > 0 or i == 0)
-            _require(b.has_skip == adds, name, f"the residual connection of {at}")
-            rows.append((expansion, out, b.conv_dw.stride[0]))
-            in_chs = out
-        first = rows[0]
-        _require(
-            all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]),
-            name,
-            f"stage {i}, whose blocks differ in expansion, width or stride",
-        )
-        settings.append((first[0], first[1], len(rows), first[2]))
-    plan.modules += [("final_conv.0", "conv_head"), ("final_conv.1", "bn2"), ("classifier", "classifier")]
-    plan.args = {
-        "num_classes": model.num_classes,
-        "in_chans": model.conv_stem.in_channels,
-        "drop_rate": float(model.drop_rate),
-    }
-    shape = {
-        "stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS),
-        "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS),
-        "head_features": (model.conv_head.out_channels, HEAD_FEATURES),
-    }
-    plan.args.update(
-        {k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default}
-    )
-    return plan
-
-
-_VITS = {
-    (192, 12, 3): "slim_vit_tiny",
-    (384, 12, 6): "slim_vit_small",
-    (768, 12, 12): "slim_vit_base",
-    (1024, 24, 16): "slim_vit_large",
-}
-
-
-def _plan_vit(model: nn.Module, name: str) -> Plan:
-    from timm.layers import Mlp, PatchEmbed
-    from timm.models.vision_transformer import Attention, Block
-
-    _require(
-        model.global_pool == "token" and model.attn_pool is None,
-        name,
-        f"global pooling {model.global_pool!r} (zoo's ViTs read the class token)",
-    )
-    _require(model.cls_token is not None, name, "a ViT without a class token")
-    _require(model.num_reg_tokens == 0, name, f"{model.num_reg_tokens} register tokens")
-    _require(
-        not model.no_embed_class,
-        name,
-        "a position embedding without the class token's (no_embed_class, as in DeiT III)",
-    )
-    _require(not model.dynamic_img_size, name, "a dynamic image size")
-    _require(_is(model.norm_pre, nn.Identity), name, "a norm before the blocks (pre_norm)")
-    _require(_is(model.fc_norm, nn.Identity), name, "a norm after pooling (fc_norm)")
-    _head(model, name, "head")
-    pe = model.patch_embed
-    _require(
-        _is(pe, PatchEmbed) and _is(pe.proj, nn.Conv2d) and _is(pe.norm, nn.Identity),
-        name,
-        f"the patch embedding {_act(pe)} (with {_act(getattr(pe, 'norm', nn.Identity()))})",
-    )
-    _require(
-        pe.img_size[0] == pe.img_size[1] and pe.patch_size[0] == pe.patch_size[1],
-        name,
-        f"non-square images or patches ({pe.img_size}, {pe.patch_size})",
-    )
-    embed_dim, depth = model.embed_dim, len(model.blocks)
-    heads = model.blocks[0].attn.num_heads if depth else 0
-    modules = [("patch_embed", "patch_embed.proj")]
-    for i, b in enumerate(model.blocks):
-        at = f"blocks.{i}"
-        _require(_is(b, Block), name, f"the block type {_act(b)} ({at})")
-        _require(_is(b.attn, Attention) and b.attn.num_heads == heads, name, f"the attention {_act(b.attn)} of {at}")
-        _require(_is(b.attn.q_norm, nn.Identity) and _is(b.attn.k_norm, nn.Identity), name, f"qk-norm ({at}.attn)")
-        _require(
-            _is(getattr(b.attn, "norm", nn.Identity()), nn.Identity), name, f"a norm inside attention ({at}.attn.norm)"
-        )
-        _require(_is(b.ls1, nn.Identity) and _is(b.ls2, nn.Identity), name, f"layer scale ({at}.ls1, init_values)")
-        _require(_is(b.mlp, Mlp) and _is(b.mlp.norm, nn.Identity), name, f"the MLP {_act(b.mlp)} of {at}")
-        _require(
-            _is(b.mlp.act, nn.GELU) and b.mlp.act.approximate == "none",
-            name,
-            f"the MLP activation {_act(b.mlp.act)} of {at}",
-        )
-        _require(
-            b.mlp.fc1.out_features == 4 * embed_dim,
-            name,
-            f"the MLP ratio {b.mlp.fc1.out_features / embed_dim:g} (zoo's ViTs use 4)",
-        )
-        modules += [
-            (f"blocks.{i}.{part}", f"{at}.{part}")
-            for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
-        ]
-    arch = _VITS.get((embed_dim, depth, heads))
-    _require(
-        arch is not None,
-        name,
-        f"the shape (dim {embed_dim}, {depth} blocks, {heads} heads; zoo has ViT-Tiny, Small, Base and Large)",
-    )
-    args = {
-        "num_classes": model.num_classes,
-        "in_chans": pe.proj.in_channels,
-        "img_size": pe.img_size[0],
-        "patch_size": pe.patch_size[0],
-        "drop_rate": float(model.head_drop.p),
-    }
-    plan = Plan(name, arch, args, [*modules, ("norm", "norm"), ("head", "head")])
-    plan.tensors = [("cls_token", "cls_token"), ("pos_embed", "pos_embed")]
-    return plan
 
 
 # ----- copying -------------------------------------------------------------------------------
@@ -367,18 +131,18 @@ def _check_layer(plan: Plan, ours: nn.Module, theirs: nn.Module, where: str) -> 
     """The zoo layer computes what the timm layer computes (same op, sizes and settings)."""
     if isinstance(ours, ElasticConv2d):
         groups = theirs.in_channels if ours.depthwise else 1
-        same = _is(theirs, nn.Conv2d) and theirs.padding_mode == "zeros" and (theirs.kernel_size, theirs.stride, theirs.padding, theirs.dilation, theirs.groups) == (
+        same = is_type(theirs, nn.Conv2d) and theirs.padding_mode == "zeros" and (theirs.kernel_size, theirs.stride, theirs.padding, theirs.dilation, theirs.groups) == (
             (ours.kernel_size,) * 2, (ours.stride,) * 2, (ours.padding,) * 2, (1, 1), groups)  # fmt: skip
-        _require(same, plan.name, f"the convolution {where} ({theirs})")
+        require(same, plan.name, f"the convolution {where} ({theirs})")
     elif isinstance(ours, ElasticLinear):
-        _require(_is(theirs, nn.Linear), plan.name, f"the layer {where} ({_act(theirs)})")
+        require(is_type(theirs, nn.Linear), plan.name, f"the layer {where} ({kind(theirs)})")
     elif isinstance(ours, ElasticBatchNorm2d):
-        _require(
+        require(
             isinstance(theirs, nn.BatchNorm2d) and theirs.affine and theirs.track_running_stats,
             plan.name,
-            f"the normalisation {where} ({_act(theirs)})",
+            f"the normalisation {where} ({kind(theirs)})",
         )
-        _require(
+        require(
             math.isclose(theirs.eps, ours.eps),
             plan.name,
             f"the batch-norm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})",
@@ -386,12 +150,12 @@ def _check_layer(plan: Plan, ours: nn.Module, theirs: nn.Module, where: str) -> 
     elif isinstance(ours, nn.LayerNorm):
         from timm.layers import LayerNorm  # timm's own computes F.layer_norm too
 
-        _require(
+        require(
             type(theirs) in (nn.LayerNorm, LayerNorm) and theirs.elementwise_affine,
             plan.name,
-            f"the normalisation {where} ({_act(theirs)})",
+            f"the normalisation {where} ({kind(theirs)})",
         )
-        _require(
+        require(
             math.isclose(theirs.eps, ours.eps),
             plan.name,
             f"the LayerNorm eps {theirs.eps:g} of {where} (zoo uses {ours.eps:g})",
@@ -409,7 +173,7 @@ def _copy(plan: Plan, source: nn.Module, family: ElasticModel) -> None:
         if tensor is None:  # a bias timm's layer does not have: zero computes the same
             target.zero_()
         else:
-            _require(
+            require(
                 tuple(tensor.shape) == tuple(target.shape),
                 plan.name,
                 f"{theirs} of shape {tuple(tensor.shape)} (zoo's {ours} is {tuple(target.shape)})",
@@ -431,7 +195,7 @@ def _copy(plan: Plan, source: nn.Module, family: ElasticModel) -> None:
     for ours_name, theirs_name in plan.tensors:
         put(ours_name, source.get_parameter(theirs_name), theirs_name)
     left = [k for k in source.state_dict() if k not in used]
-    _require(not left, plan.name, f"the part {left[0] if left else ''} (no zoo layer computes it)")
+    require(not left, plan.name, f"the part {left[0] if left else ''} (no zoo layer computes it)")
     unfilled = [k for k in family.state_dict() if k not in filled]
     if unfilled:
         raise ValueError(f"converting {plan.name}: zoo's {unfilled[0]} was not filled (a bug in zoo.convert)")

@@ -21,6 +21,7 @@ rather than mixing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -31,13 +32,9 @@ from .header import CONFIG_NAME, WEIGHTS_NAME
 from .members import recorded
 from .weights import FORMAT_VERSION, save
 
-_GLOBAL_POOL = {"vit": "token", "gpt": None}
-
 
 def hub_config(model: ElasticModel, metadata: dict) -> dict:
     """The ``config.json`` of a family (timm's fields, then zoo's record)."""
-    from .registry import family_of
-
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("architecture", "file", "tag", "source")}
     for key in ("mean", "std"):
         if recorded(metadata, key) is not None:
@@ -45,14 +42,14 @@ def hub_config(model: ElasticModel, metadata: dict) -> dict:
     if model.input_kind == "image":
         cfg.setdefault("interpolation", "bilinear")
         cfg.setdefault("crop_pct", 1.0)
-        cfg["fixed_input_size"] = family_of(model.arch) == "vit"  # the position embedding fixes it
+        cfg["fixed_input_size"] = model.fixed_input_size  # a ViT's position embedding fixes it
     cfg["num_classes"] = model.num_classes
     config = {
         "architecture": model.arch,
         "num_classes": model.num_classes,
         "num_features": int(model.num_features) if hasattr(model, "num_features") else None,
     }
-    pool = _GLOBAL_POOL.get(family_of(model.arch), "avg")
+    pool = _default_global_pool(model)
     if pool:
         config["global_pool"] = pool
     labels = recorded(metadata, "labels")
@@ -68,6 +65,12 @@ def hub_config(model: ElasticModel, metadata: dict) -> dict:
         "converted_from": metadata.get("converted_from"),
     }
     return json.loads(json.dumps(config))  # plain JSON types (tuples become lists)
+
+
+def _default_global_pool(model: ElasticModel) -> str | None:
+    """The family's default pooling (its constructor's ``global_pool``); None for a family without."""
+    parameter = inspect.signature(type(model)).parameters.get("global_pool")
+    return None if parameter is None else parameter.default
 
 
 def save_pretrained(model: ElasticModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:

@@ -8,18 +8,8 @@ parameters and statistics that follow them, the columns of the layers that read 
 its units and permutes all of those axes by one permutation, which leaves the full network's
 function unchanged.
 
-Couplings per family:
-
-* ResNet: a stage's residual channels (every block's last conv and batch norm, the stage's
-  downsampling shortcut, and for basic blocks in stage 0 the stem: they are added together) are
-  one coupling, read by every block's first conv, the next stage's shortcut and the classifier;
-  each block's inner channels are their own (two in a bottleneck).
-* MobileNetV2: the stream between residual additions (a stage's blocks after the first add to
-  it), and each block's expanded channels (the expansion conv, the depthwise conv and their batch
-  norms, read by the projection).
-* ViT and GPT: each block's attention heads as whole heads (the head's rows in q, k and v, its
-  columns of the output projection) and its MLP hidden units (rows of fc1, columns of fc2). The
-  residual width is not elastic in zoo's Transformers, so it is never permuted.
+Each family finds its own couplings (``ElasticModel.couplings``, in its module under
+:mod:`zoo.models`); this module scores and permutes them, knowing no family.
 
 Criteria (``order=``):
 
@@ -42,6 +32,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .base import ElasticModel
 from .layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
 
 ORDERS = ("weight", "activation", "none")
@@ -66,95 +57,16 @@ class Coupling:
 
 
 def couplings(model: nn.Module) -> list[Coupling]:
-    """Every elastic dimension of a zoo family with what is coupled to it (see module doc)."""
-    from .models.gpt import SlimGPT
-    from .models.mobilenetv2 import SlimMobileNetV2
-    from .models.resnet import SlimResNet
-    from .models.vit import SlimVisionTransformer
-
-    if isinstance(model, SlimResNet):
-        return _resnet(model)
-    if isinstance(model, SlimMobileNetV2):
-        return _mobilenetv2(model)
-    if isinstance(model, (SlimVisionTransformer, SlimGPT)):
-        return _transformer(model)
-    raise ValueError(f"no importance ordering for {type(model).__name__}")
+    """Every elastic dimension of a zoo family with what is coupled to it: the family's own
+    ``couplings()``."""
+    if not isinstance(model, ElasticModel):
+        raise ValueError(f"no importance ordering for {type(model).__name__}")
+    return model.couplings()
 
 
-def _out(layer: Layer) -> int:
+def out_units(layer: Layer) -> int:
+    """A writer's output units (per chunk of a fused projection)."""
     return getattr(layer, "out_channels", None) or layer.out_features // layer.chunks
-
-
-def _resnet(model) -> list[Coupling]:
-    stem_conv, stem_bn = model.stem[0], model.stem[1]
-    stream = Coupling("stem", _out(stem_conv), writers=[stem_conv], norms=[stem_bn])
-    found = [stream]
-    for i, stage in enumerate(model.stages):
-        for j, block in enumerate(stage.values()):
-            convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
-            bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
-            for k, (conv, bn) in enumerate(zip(convs[:-1], bns[:-1])):
-                found.append(
-                    Coupling(
-                        f"stages.{i}.{j} inner {k + 1}", _out(conv), writers=[conv], norms=[bn], readers=[convs[k + 1]]
-                    )
-                )
-            stream.readers.append(block.conv1)
-            if block.shortcut is not None:
-                stream.readers.append(block.shortcut[0])
-                stream = Coupling(
-                    f"stages.{i} residual",
-                    _out(block.shortcut[0]),
-                    writers=[block.shortcut[0]],
-                    norms=[block.shortcut[1]],
-                )
-                found.append(stream)
-            elif stream.name == "stem":
-                stream.name = f"stem and stages.{i} residual"
-            stream.writers.append(convs[-1])
-            stream.norms.append(bns[-1])
-    stream.readers.append(model.fc)
-    return found
-
-
-def _mobilenetv2(model) -> list[Coupling]:
-    stem_conv, stem_bn = model.stem[0], model.stem[1]
-    stream = Coupling("stem", _out(stem_conv), writers=[stem_conv], norms=[stem_bn])
-    found = [stream]
-    for i, stage in enumerate(model.blocks):
-        for j, block in enumerate(stage.values()):
-            dw_conv, dw_bn = block.depthwise[0], block.depthwise[1]
-            if block.expand is None:  # the depthwise conv filters the stream itself
-                hidden = stream
-            else:
-                stream.readers.append(block.expand[0])
-                hidden = Coupling(
-                    f"blocks.{i}.{j} expanded",
-                    _out(block.expand[0]),
-                    writers=[block.expand[0]],
-                    norms=[block.expand[1]],
-                )
-                found.append(hidden)
-            hidden.depthwise.append(dw_conv)
-            hidden.norms.append(dw_bn)
-            hidden.readers.append(block.project)
-            if not block.use_residual:
-                stream = Coupling(f"blocks.{i}.{j} output", _out(block.project))
-                found.append(stream)
-            stream.writers.append(block.project)
-            stream.norms.append(block.bn)
-    stream.readers.append(model.final_conv[0])
-    return found
-
-
-def _transformer(model) -> list[Coupling]:
-    found = []
-    for index, block in model.blocks.items():
-        attn, mlp = block.attn, block.mlp
-        heads = _out(attn.qkv) // attn.head_dim
-        found.append(Coupling(f"blocks.{index} heads", heads, attn.head_dim, writers=[attn.qkv], readers=[attn.proj]))
-        found.append(Coupling(f"blocks.{index} mlp", _out(mlp.fc1), writers=[mlp.fc1], readers=[mlp.fc2]))
-    return found
 
 
 # ----- scores --------------------------------------------------------------------------------

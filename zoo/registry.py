@@ -1,192 +1,70 @@
-"""The catalogue: family entrypoints, registered with zoo and, for image families, with timm.
+"""The catalogue as built: every registered variant, and building one by name.
 
-Each family file ends with small ``@register_family`` functions, one per variant, that call
-:func:`build` with the variant's fixed arguments. The user's own arguments are recorded as
-``model.model_args`` so that the model can be rebuilt from a weights file alone.
-
-timm's registry is a registry of image models: its tools and tests feed every model images.
-The byte-level GPTs read token ids, so they are registered with zoo only
-(``register_family(..., timm=False)``); ``zoo.create_model`` and the CLI build them the same way.
+A variant is one catalogue name: its family, its class and the arguments it fixes (the layout
+that makes ``slim_resnet50`` a ResNet-50), plus the defaults it gives the user's arguments.
+The family modules register their variants when imported (``zoo/__init__.py`` imports
+:mod:`zoo.models`; see :mod:`zoo.models._builder` for ``register_family``), so this module
+knows no family, no file format and no timm: what builds, loads and converts a family
+imports it, never the other way round.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import sys
+import fnmatch
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .base import ElasticModel
-from .catalogue import MODELS, PRETRAINED, pretrained_file, shipped_path, unknown_model
-
-_ENTRYPOINTS: dict[str, Callable[..., ElasticModel]] = {}
-_FAMILY: dict[str, str] = {}
-
-# Arguments timm's create_model passes to every entrypoint that zoo's families do not take.
-# ``pretrained_model_args``: what timm read from a ``local-dir:``/``hf-hub:`` config (also passed as arguments).
-_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "pretrained_model_args", "cache_dir", "device", "dtype")
-# timm's features_only arguments (popped when features_only is given, as timm's builder does).
-_FEATURES = ("features_only", "out_indices", "feature_cls")
+from .catalogue import unknown_model
 
 
-class UnknownArgument(TypeError, ValueError):
-    """An argument the family does not take: a ``TypeError``, as for any timm model (and any
-    Python call), and a ``ValueError``, zoo's user error that the CLI prints as one line."""
+@dataclass(frozen=True)
+class Variant:
+    """One catalogue name: how its entrypoint builds it."""
+
+    name: str
+    family: str
+    cls: type[ElasticModel]
+    fixed_args: dict  # what the variant fixes: the user cannot pass these
+    defaults: dict = field(default_factory=dict)  # user arguments' defaults, except for shipped weights
+    entrypoint: Callable[..., ElasticModel] | None = None
 
 
-def register_family(
-    family: str, timm: bool = True
-) -> Callable[[Callable[..., ElasticModel]], Callable[..., ElasticModel]]:
-    """Register an entrypoint under its function name, in zoo and (``timm=True``: image
-    families) in timm."""
-
-    def decorator(fn: Callable[..., ElasticModel]) -> Callable[..., ElasticModel]:
-        name = fn.__name__
-        _ENTRYPOINTS[name] = fn
-        _FAMILY[name] = family
-        if timm:
-            _register_with_timm(fn)
-        return fn
-
-    return decorator
+_VARIANTS: dict[str, Variant] = {}
 
 
-def _register_with_timm(fn: Callable[..., ElasticModel]) -> None:
-    """Register with timm, with the shipped weights as pretrained tags (``slim_resnet20.digits``).
-
-    timm reads an entrypoint's pretrained cfgs from ``default_cfgs`` in the entrypoint's module.
-    """
-    from timm.models import register_model
-    from timm.models._builder import resolve_pretrained_cfg
-
-    name = fn.__name__
-    if name in PRETRAINED:
-        module = sys.modules[fn.__module__]
-        module.__dict__.setdefault("default_cfgs", {})[name] = _timm_default_cfgs()[name]
-
-    @functools.wraps(fn)
-    def timm_entrypoint(pretrained: bool = False, **kwargs) -> ElasticModel:
-        device, dtype = kwargs.get("device"), kwargs.get("dtype")
-        given, overlay = kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
-        args = {k: v for k, v in kwargs.items() if k not in _TIMM_ONLY}
-        if pretrained:  # the file comes from the resolved cfg, so pretrained_cfg_overlay=dict(file=...) works
-            if name not in PRETRAINED and not given and not overlay:
-                pretrained_file(name)  # raises: no weights are shipped for this model
-            cfg = resolve_pretrained_cfg(name, given, overlay)
-            if not cfg.file:
-                raise ValueError(f"the pretrained cfg of {name} names no local file; zoo loads weights from files only")
-            from .weights import load_pretrained
-
-            features = _features_args(args)
-            model = load_pretrained(name, cfg.file, **args)
-            _reject_unknown(type(model), name, {}, args)
-            model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name, "tag": cfg.tag, "file": str(cfg.file)}
-            model = _as_features(model, features)
-        else:
-            if name in PRETRAINED:  # as timm's builder: classes and input from the pretrained cfg
-                _cfg_defaults(resolve_pretrained_cfg(name, given, overlay), args)
-            model = fn(pretrained=False, **args)
-        return model.to(device=device, dtype=dtype) if device or dtype else model
-
-    register_model(timm_entrypoint)
+def add_variant(variant: Variant) -> None:
+    if variant.name in _VARIANTS:
+        raise ValueError(f"{variant.name} is registered twice")
+    _VARIANTS[variant.name] = variant
 
 
-@functools.lru_cache(maxsize=None)
-def _timm_default_cfgs() -> dict:
-    """timm's pretrained cfgs of the shipped weights: local files, no network."""
-    from timm.models import generate_default_cfgs
-
-    cfgs = {}
-    for name, facts in PRETRAINED.items():
-        if MODELS[name]["input"] != "image":
-            continue  # timm's registry holds image models (see the module docstring)
-        cfgs[f"{name}.{facts['tag']}"] = dict(
-            file=str(shipped_path(name)),
-            license="apache-2.0",
-            fixed_input_size=MODELS[name]["family"] == "vit",  # a ViT takes its img_size only; a CNN any size
-            description=f"zoo's shipped {name} family, trained on {facts['tag']} (weights/README.md)",
-            **{k: v for k, v in facts.items() if k != "tag" and v is not None},  # input size, classes, mean, std
-        )
-    return generate_default_cfgs(cfgs)
+def variant(name: str) -> Variant:
+    if name not in _VARIANTS:
+        raise ValueError(unknown_model(name, sorted(_VARIANTS)))
+    return _VARIANTS[name]
 
 
-def _cfg_defaults(cfg, args: dict) -> None:
-    """What timm's builder does for its own models: a model built by name takes its classes,
-    input channels (and, for a fixed input size, the image size) from its pretrained cfg
-    unless given."""
-    args.setdefault("num_classes", cfg.num_classes)
-    args.setdefault("in_chans", cfg.input_size[0])
-    if cfg.fixed_input_size:
-        args.setdefault("img_size", cfg.input_size[-1])
-
-
-def build(cls: type[ElasticModel], arch: str, pretrained: bool, fixed_args: dict, user_args: dict) -> ElasticModel:
-    """Construct ``cls``; record how to rebuild it; load shipped weights if asked; wrap it
-    as a ``features_only`` backbone if asked."""
-    user_args = {k: v for k, v in user_args.items() if k not in _TIMM_ONLY}
-    features = _features_args(user_args)
-    _reject_unknown(cls, arch, fixed_args, user_args)
-    if pretrained:
-        from .weights import load_pretrained
-
-        return _as_features(load_pretrained(arch, **user_args), features)
-    model = cls(**fixed_args, **user_args)
-    model.arch = arch
-    model.model_args = {**_jsonable(user_args), **model.model_args}
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": arch}
-    return _as_features(model, features)
-
-
-def _reject_unknown(cls: type[ElasticModel], arch: str, fixed_args: dict, args: dict) -> None:
-    """``UnknownArgument`` for an argument ``cls`` does not take or the variant fixes."""
-    takes = inspect.signature(cls).parameters
-    for name in args:
-        if name not in takes or name in fixed_args:
-            raise UnknownArgument(f"{arch}: got an unexpected keyword argument {name!r}")
-
-
-def _features_args(args: dict) -> dict | None:
-    """Pop timm's features_only arguments from ``args``: None unless ``features_only``."""
-    if not args.pop("features_only", False):
-        return None
-    return {k: args.pop(k) for k in _FEATURES[1:] if k in args}
-
-
-def _as_features(model: ElasticModel, features: dict | None):
-    if features is None:
-        return model
-    from .features import features_only
-
-    return features_only(model, **features)
-
-
-def _jsonable(args: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+def variants(cls: type[ElasticModel]) -> list[Variant]:
+    """The registered variants of one family class, in registration order."""
+    return [v for v in _VARIANTS.values() if v.cls is cls]
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Catalogue names, sorted; ``pattern`` is an fnmatch filter like timm's."""
-    import fnmatch
-
-    _import_families()
-    names = sorted(_ENTRYPOINTS)
-    return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern)]
+    return [n for n in sorted(_VARIANTS) if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
 def family_of(name: str) -> str:
-    _import_families()
-    return _FAMILY[name]
+    return variant(name).family
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> ElasticModel:
     """Build a catalogue model. ``pretrained=True`` loads the weights shipped in ``weights/``;
     ``features_only=True`` (``out_indices``) returns it as a backbone (``zoo.features.FeatureNet``)."""
-    _import_families()
-    if name not in _ENTRYPOINTS:
-        raise ValueError(unknown_model(name, sorted(_ENTRYPOINTS)))
-    return _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
+    return variant(name).entrypoint(pretrained=pretrained, **kwargs)
 
 
 def create_uninitialized(name: str, device: str | torch.device = "cpu", **kwargs) -> ElasticModel:
@@ -195,8 +73,3 @@ def create_uninitialized(name: str, device: str | torch.device = "cpu", **kwargs
     with torch.device("meta"):
         model = create_model(name, **kwargs)
     return model.to_empty(device=device)
-
-
-def _import_families() -> None:
-    if "zoo.models" not in sys.modules:
-        import zoo.models  # noqa: F401  (registers every family)

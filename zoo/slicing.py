@@ -15,6 +15,7 @@ import torch
 
 from .base import ElasticModel
 from .layers import ElasticBatchNorm2d, take_rows
+from .registry import create_uninitialized
 from .subnet import Subnet
 
 
@@ -26,8 +27,6 @@ def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tenso
 def _build_member(model: ElasticModel, subnet: Subnet, device: torch.device | str) -> ElasticModel:
     """The family's architecture at one member's sizes (and blocks), uninitialised: every
     tensor is copied. Its one trained member is ``subnet``."""
-    from .registry import create_uninitialized
-
     member = subnet.to_dict()
     args = {**model.model_args, "max_member": member, "widths": [], "ranks": [], "extra_subnets": [member]}
     return create_uninitialized(model.arch, device, **args)

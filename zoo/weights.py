@@ -21,6 +21,7 @@ from .base import ElasticModel
 from .catalogue import pretrained_file
 from .fileio import atomic_path
 from .header import WeightsFileError, read_header, weights_path
+from .registry import create_uninitialized
 
 FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,8 +54,6 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> ElasticModel:
     """Rebuild the model stored in ``path`` (a weights file, or a family folder written by
     ``zoo.save_pretrained``); its metadata is in ``model.zoo_metadata``."""
-    from .registry import create_uninitialized
-
     header = read_header(path)
     path = weights_path(path)
     try:

@@ -1,8 +1,17 @@
-"""Model families; importing this module registers them with zoo and timm."""
+"""Model families, one module each; importing this package registers them with zoo and timm.
 
-from . import (
-    gpt,  # noqa: F401
-    mobilenetv2,  # noqa: F401
-    resnet,  # noqa: F401
-    vit,  # noqa: F401
-)
+Every public module here is imported, so a new family is one new file (plus its catalogue
+lines in ``zoo/catalogue.py``); modules whose names start with ``_`` are shared machinery.
+"""
+
+import importlib
+import pkgutil
+
+
+def _import_families() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_families()

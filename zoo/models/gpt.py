@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from ..base import ElasticModel
+from ..importance import Coupling
 from ..layers import ElasticBlocks
-from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Space, fixed
-from .transformer import Block, trunc_normal
+from ._builder import build, register_family
+from .transformer import Block, block_couplings, trunc_normal
 
 VOCAB_SIZE = 256  # one token per byte
 
@@ -104,6 +105,10 @@ class SlimGPT(ElasticModel):
     def _name(self) -> str:
         return self.arch or type(self).__name__
 
+    def couplings(self) -> list[Coupling]:
+        """Each block's heads and MLP units (see ``transformer.block_couplings``)."""
+        return block_couplings(self.blocks)
+
     def get_classifier(self) -> nn.Module:
         return self.lm_head
 
@@ -119,18 +124,17 @@ class SlimGPT(ElasticModel):
         self.set_subnet(self.active_subnet)
 
 
-def _create(arch: str, embed_dim: int, depth: int, num_heads: int, pretrained: bool, kwargs: dict) -> SlimGPT:
-    fixed_args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
-    return build(SlimGPT, arch, pretrained, fixed_args, kwargs)
+def _shape(embed_dim: int, depth: int, num_heads: int) -> dict:
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
 
 
-@register_family("gpt", timm=False)  # byte ids, not images: zoo only (see zoo.registry)
+@register_family("gpt", SlimGPT, _shape(128, 4, 4), timm=False)  # byte ids, not images: zoo only (see _builder)
 def slim_gpt_nano(pretrained: bool = False, **kwargs) -> SlimGPT:
     """Byte GPT-nano: dim 128, 4 blocks, 4 heads (0.89 M parameters at context 256)."""
-    return _create("slim_gpt_nano", 128, 4, 4, pretrained, kwargs)
+    return build("slim_gpt_nano", pretrained, kwargs)
 
 
-@register_family("gpt", timm=False)  # byte ids, not images: zoo only (see zoo.registry)
+@register_family("gpt", SlimGPT, _shape(384, 6, 6), timm=False)  # byte ids, not images: zoo only (see _builder)
 def slim_gpt_small(pretrained: bool = False, **kwargs) -> SlimGPT:
     """Byte GPT-small: dim 384, 6 blocks, 6 heads (10.9 M parameters at context 256)."""
-    return _create("slim_gpt_small", 384, 6, 6, pretrained, kwargs)
+    return build("slim_gpt_small", pretrained, kwargs)

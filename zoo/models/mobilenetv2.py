@@ -23,13 +23,19 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.layers import BatchNormAct2d
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+from timm.models._efficientnet_blocks import InvertedResidual as TimmInvertedResidual
 from timm.models._features import feature_take_indices
+from timm.models.efficientnet import EfficientNet
 from torch import nn
 
 from ..base import ImageModel, check_nchw, image_cfg
+from ..convert import Plan, converts, is_type, kind, refuse, require, require_avg_pool, require_linear_head
+from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..registry import build, register_family
 from ..subnet import DEFAULT_GRID, Dim, Space, fixed
+from ._builder import build, register_family
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
 INVERTED_RESIDUAL_SETTINGS = (
@@ -196,6 +202,34 @@ class SlimMobileNetV2(ImageModel):
             self.reset_classifier(0, "")
         return take
 
+    def couplings(self) -> list[Coupling]:
+        """The stream between residual additions (a stage's blocks after the first add to it),
+        and each block's expanded channels (the expansion conv, the depthwise conv and their
+        batch norms, read by the projection)."""
+        stem_conv, stem_bn = self.stem[0], self.stem[1]
+        stream = Coupling("stem", out_units(stem_conv), writers=[stem_conv], norms=[stem_bn])
+        found = [stream]
+        for i, stage in enumerate(self.blocks):
+            for j, block in enumerate(stage.values()):
+                dw_conv, dw_bn = block.depthwise[0], block.depthwise[1]
+                if block.expand is None:  # the depthwise conv filters the stream itself
+                    hidden = stream
+                else:
+                    expand, norm = block.expand[0], block.expand[1]
+                    stream.readers.append(expand)
+                    hidden = Coupling(f"blocks.{i}.{j} expanded", out_units(expand), writers=[expand], norms=[norm])
+                    found.append(hidden)
+                hidden.depthwise.append(dw_conv)
+                hidden.norms.append(dw_bn)
+                hidden.readers.append(block.project)
+                if not block.use_residual:
+                    stream = Coupling(f"blocks.{i}.{j} output", out_units(block.project))
+                    found.append(stream)
+                stream.writers.append(block.project)
+                stream.norms.append(block.bn)
+        stream.readers.append(self.final_conv[0])
+        return found
+
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
@@ -204,7 +238,100 @@ class SlimMobileNetV2(ImageModel):
         self._replace_classifier("classifier", self._new_classifier(num_classes), num_classes)
 
 
-@register_family("mobilenetv2")
+@register_family("mobilenetv2", SlimMobileNetV2)
 def slim_mobilenetv2(pretrained: bool = False, **kwargs) -> SlimMobileNetV2:
     """MobileNetV2 1.0 (3.50 M parameters with 1000 classes, as torchvision's)."""
-    return build(SlimMobileNetV2, "slim_mobilenetv2", pretrained, {}, kwargs)
+    return build("slim_mobilenetv2", pretrained, kwargs)
+
+
+# ----- conversion from timm's MobileNetV2s (zoo.from_timm) ------------------------------------
+@converts(EfficientNet, "MobileNetV2")
+def plan_from_timm(model: nn.Module, name: str) -> Plan:
+    """How timm's MobileNetV2 (an ``EfficientNet`` of depthwise-separable and inverted
+    residual blocks) becomes zoo's; refuses the first part zoo's does not compute."""
+    require(is_type(model, EfficientNet), name, f"the {kind(model)} architecture")
+    require(
+        is_type(model.conv_stem, nn.Conv2d)
+        and model.conv_stem.kernel_size == (3, 3)
+        and model.conv_stem.stride == (2, 2),
+        name,
+        "a stem other than a 3x3 stride-2 conv",
+    )
+    _require_bn_act(model.bn1, nn.ReLU6, "bn1", name)
+    require(is_type(model.conv_head, nn.Conv2d), name, f"the head {kind(model.conv_head)}")
+    _require_bn_act(model.bn2, nn.ReLU6, "bn2", name)
+    require_avg_pool(model, name)
+    require_linear_head(model, name, "classifier")
+    plan = Plan(name, "slim_mobilenetv2", {}, [("stem.0", "conv_stem"), ("stem.1", "bn1")])
+    settings, in_chs = [], model.conv_stem.out_channels
+    for i, stage in enumerate(model.blocks):
+        rows = []
+        for j, b in enumerate(stage):
+            expansion, out = _plan_block(plan, b, f"blocks.{i}.{j}", in_chs, name)
+            # zoo adds where a stage's width feeds itself: stride 1, same width, inside a stage (or the stem's)
+            adds = b.conv_dw.stride == (1, 1) and in_chs == out and (j > 0 or i == 0)
+            require(b.has_skip == adds, name, f"the residual connection of blocks.{i}.{j}")
+            rows.append((expansion, out, b.conv_dw.stride[0]))
+            in_chs = out
+        first = rows[0]
+        require(
+            all(r[:2] == first[:2] and r[2] == 1 for r in rows[1:]),
+            name,
+            f"stage {i}, whose blocks differ in expansion, width or stride",
+        )
+        settings.append((first[0], first[1], len(rows), first[2]))
+    plan.modules += [("final_conv.0", "conv_head"), ("final_conv.1", "bn2"), ("classifier", "classifier")]
+    plan.args = {
+        "num_classes": model.num_classes,
+        "in_chans": model.conv_stem.in_channels,
+        "drop_rate": float(model.drop_rate),
+    }
+    shape = {
+        "stem_channels": (model.conv_stem.out_channels, STEM_CHANNELS),
+        "settings": (tuple(settings), INVERTED_RESIDUAL_SETTINGS),
+        "head_features": (model.conv_head.out_channels, HEAD_FEATURES),
+    }
+    plan.args.update(
+        {k: ([list(s) for s in v] if k == "settings" else v) for k, (v, default) in shape.items() if v != default}
+    )
+    return plan
+
+
+def _require_bn_act(bn: nn.Module, act: type, where: str, name: str) -> None:
+    require(is_type(bn, BatchNormAct2d), name, f"the normalisation {kind(bn)} ({where})")
+    require(is_type(bn.act, act) and is_type(bn.drop, nn.Identity), name, f"the activation {kind(bn.act)} ({where})")
+
+
+def _plan_block(plan: Plan, b: nn.Module, at: str, in_chs: int, name: str) -> tuple[int, int]:
+    """Add the (zoo, timm) module pairs of block ``at`` (the same name in both) to ``plan``;
+    returns its expansion and output channels."""
+    require(is_type(b.se, nn.Identity), name, f"squeeze-excitation ({at}.se)")
+    require(is_type(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
+    kernel = b.conv_dw.kernel_size
+    require(
+        kernel == (3, 3) and b.conv_dw.dilation == (1, 1),
+        name,
+        f"the {kernel[0]}x{kernel[1]} depthwise kernel of {at} (MobileNetV2 uses 3x3)",
+    )
+    if is_type(b, DepthwiseSeparableConv):
+        _require_bn_act(b.bn1, nn.ReLU6, f"{at}.bn1", name)
+        _require_bn_act(b.bn2, nn.Identity, f"{at}.bn2", name)
+        parts = [("depthwise.0", "conv_dw"), ("depthwise.1", "bn1"), ("project", "conv_pw"), ("bn", "bn2")]
+        plan.modules += [(f"{at}.{ours}", f"{at}.{theirs}") for ours, theirs in parts]
+        return 1, b.conv_pw.out_channels
+    if is_type(b, TimmInvertedResidual):
+        _require_bn_act(b.bn1, nn.ReLU6, f"{at}.bn1", name)
+        _require_bn_act(b.bn2, nn.ReLU6, f"{at}.bn2", name)
+        _require_bn_act(b.bn3, nn.Identity, f"{at}.bn3", name)
+        mid, out = b.conv_pw.out_channels, b.conv_pwl.out_channels
+        expansion = mid // in_chs
+        require(
+            mid == in_chs * expansion,
+            name,
+            f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)",
+        )
+        parts = [("expand.0", "conv_pw"), ("expand.1", "bn1"), ("depthwise.0", "conv_dw"), ("depthwise.1", "bn2"),
+                 ("project", "conv_pwl"), ("bn", "bn3")]  # fmt: skip
+        plan.modules += [(f"{at}.{ours}", f"{at}.{theirs}") for ours, theirs in parts]
+        return expansion, out
+    raise refuse(name, f"the block type {kind(b)} ({at})")

@@ -16,13 +16,17 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from timm.models import resnet as timm_resnet
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..base import ImageModel, check_nchw, image_cfg
+from ..convert import Plan, converts, is_type, kind, require, require_avg_pool, require_linear_head
+from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..registry import build, register_family
+from ..registry import variants
 from ..subnet import DEFAULT_GRID, Dim, Space, fixed
+from ._builder import build, register_family
 
 
 class BasicBlock(nn.Module):
@@ -183,6 +187,34 @@ class SlimResNet(ImageModel):
             self.reset_classifier(0, "")
         return take
 
+    def couplings(self) -> list[Coupling]:
+        """A stage's residual channels (every block's last conv and batch norm, the stage's
+        downsampling shortcut, and for basic blocks in stage 0 the stem: they are added together)
+        are one coupling, read by every block's first conv, the next stage's shortcut and the
+        classifier; each block's inner channels are their own (two in a bottleneck)."""
+        stem_conv, stem_bn = self.stem[0], self.stem[1]
+        stream = Coupling("stem", out_units(stem_conv), writers=[stem_conv], norms=[stem_bn])
+        found = [stream]
+        for i, stage in enumerate(self.stages):
+            for j, block in enumerate(stage.values()):
+                convs = [block.conv1, block.conv2] + ([block.conv3] if hasattr(block, "conv3") else [])
+                bns = [block.bn1, block.bn2] + ([block.bn3] if hasattr(block, "bn3") else [])
+                for k, (conv, bn) in enumerate(zip(convs[:-1], bns[:-1])):
+                    name = f"stages.{i}.{j} inner {k + 1}"
+                    found.append(Coupling(name, out_units(conv), writers=[conv], norms=[bn], readers=[convs[k + 1]]))
+                stream.readers.append(block.conv1)
+                if block.shortcut is not None:
+                    stream.readers.append(block.shortcut[0])
+                    shortcut, norm = block.shortcut[0], block.shortcut[1]
+                    stream = Coupling(f"stages.{i} residual", out_units(shortcut), writers=[shortcut], norms=[norm])
+                    found.append(stream)
+                elif stream.name == "stem":
+                    stream.name = f"stem and stages.{i} residual"
+                stream.writers.append(convs[-1])
+                stream.norms.append(bns[-1])
+        stream.readers.append(self.fc)
+        return found
+
     def get_classifier(self) -> nn.Module:
         return self.fc
 
@@ -191,55 +223,146 @@ class SlimResNet(ImageModel):
         self._replace_classifier("fc", self._classifier(self._feature_dim, num_classes), num_classes)
 
 
-def _cifar(arch: str, depth: int, pretrained: bool, kwargs: dict) -> SlimResNet:
+def _cifar(depth: int) -> dict:
     n = (depth - 2) // 6
-    fixed_args = dict(block="basic", layers=(n, n, n), channels=(16, 32, 64), stem="cifar")
-    defaults = {} if pretrained else {"num_classes": 10, "img_size": 32}  # shipped weights carry their own
-    return build(SlimResNet, arch, pretrained, fixed_args, {**defaults, **kwargs})
+    return dict(block="basic", layers=(n, n, n), channels=(16, 32, 64), stem="cifar")
 
 
-def _imagenet(arch: str, block: str, layers: tuple[int, ...], pretrained: bool, kwargs: dict) -> SlimResNet:
-    fixed_args = dict(block=block, layers=layers, channels=(64, 128, 256, 512), stem="imagenet")
-    return build(SlimResNet, arch, pretrained, fixed_args, kwargs)
+def _imagenet(block: str, layers: tuple[int, ...]) -> dict:
+    return dict(block=block, layers=layers, channels=(64, 128, 256, 512), stem="imagenet")
 
 
-@register_family("resnet")
+_CIFAR_DEFAULTS = {"num_classes": 10, "img_size": 32}
+
+
+@register_family("resnet", SlimResNet, _cifar(20), _CIFAR_DEFAULTS)
 def slim_resnet20(pretrained: bool = False, **kwargs) -> SlimResNet:
     """CIFAR ResNet-20 (0.27 M parameters at width 1.0)."""
-    return _cifar("slim_resnet20", 20, pretrained, kwargs)
+    return build("slim_resnet20", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _cifar(56), _CIFAR_DEFAULTS)
 def slim_resnet56(pretrained: bool = False, **kwargs) -> SlimResNet:
     """CIFAR ResNet-56 (0.85 M parameters at width 1.0)."""
-    return _cifar("slim_resnet56", 56, pretrained, kwargs)
+    return build("slim_resnet56", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _imagenet("basic", (2, 2, 2, 2)))
 def slim_resnet18(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-18 with basic blocks."""
-    return _imagenet("slim_resnet18", "basic", (2, 2, 2, 2), pretrained, kwargs)
+    return build("slim_resnet18", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _imagenet("bottleneck", (3, 4, 6, 3)))
 def slim_resnet50(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-50 with bottleneck blocks."""
-    return _imagenet("slim_resnet50", "bottleneck", (3, 4, 6, 3), pretrained, kwargs)
+    return build("slim_resnet50", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _imagenet("basic", (3, 4, 6, 3)))
 def slim_resnet34(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-34 with basic blocks (timm's ``resnet34``)."""
-    return _imagenet("slim_resnet34", "basic", (3, 4, 6, 3), pretrained, kwargs)
+    return build("slim_resnet34", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _imagenet("bottleneck", (3, 4, 23, 3)))
 def slim_resnet101(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-101 with bottleneck blocks (timm's ``resnet101``)."""
-    return _imagenet("slim_resnet101", "bottleneck", (3, 4, 23, 3), pretrained, kwargs)
+    return build("slim_resnet101", pretrained, kwargs)
 
 
-@register_family("resnet")
+@register_family("resnet", SlimResNet, _imagenet("bottleneck", (3, 8, 36, 3)))
 def slim_resnet152(pretrained: bool = False, **kwargs) -> SlimResNet:
     """ImageNet ResNet-152 with bottleneck blocks (timm's ``resnet152``)."""
-    return _imagenet("slim_resnet152", "bottleneck", (3, 8, 36, 3), pretrained, kwargs)
+    return build("slim_resnet152", pretrained, kwargs)
+
+
+# ----- conversion from timm's ResNets (zoo.from_timm) -----------------------------------------
+def _imagenet_layouts() -> dict[tuple[str, tuple[int, ...]], str]:
+    """(block, layers) -> the ImageNet variant zoo has with that layout."""
+    found = {}
+    for v in variants(SlimResNet):
+        if v.fixed_args["stem"] == "imagenet":
+            found[(v.fixed_args["block"], tuple(v.fixed_args["layers"]))] = v.name
+    return found
+
+
+@converts(timm_resnet.ResNet, "ResNets with basic or bottleneck blocks and the plain stem")
+def plan_from_timm(model: nn.Module, name: str) -> Plan:
+    """How timm's ResNet becomes a zoo ResNet; refuses the first part zoo's does not compute."""
+    require(is_type(model, timm_resnet.ResNet), name, f"the {kind(model)} architecture")
+    convs_in_stem = sum(isinstance(m, nn.Conv2d) for m in model.conv1.modules())
+    require(
+        is_type(model.conv1, nn.Conv2d),
+        name,
+        f"the deep stem ({kind(model.conv1)} of {convs_in_stem} convs, as in resnet*d/t/s)",
+    )
+    require(
+        model.conv1.kernel_size == (7, 7) and model.conv1.out_channels == 64,
+        name,
+        f"a {model.conv1.kernel_size[0]}x{model.conv1.kernel_size[1]} stem of {model.conv1.out_channels} channels",
+    )
+    require(is_type(model.act1, nn.ReLU), name, f"the activation {kind(model.act1)}")
+    require(is_type(model.maxpool, nn.MaxPool2d), name, f"the stem pooling {kind(model.maxpool)}")
+    require_avg_pool(model, name)
+    require_linear_head(model, name, "fc")
+    stages = [model.layer1, model.layer2, model.layer3, model.layer4]
+    kinds = {type(b) for s in stages for b in s}
+    require(
+        kinds in ({timm_resnet.BasicBlock}, {timm_resnet.Bottleneck}),
+        name,
+        f"the block type {', '.join(sorted(k.__name__ for k in kinds))}",
+    )
+    block = "basic" if kinds == {timm_resnet.BasicBlock} else "bottleneck"
+    layers = tuple(len(s) for s in stages)
+    layouts = _imagenet_layouts()
+    arch = layouts.get((block, layers))
+    require(
+        arch is not None, name, f"the layout {layers} of {block} blocks (zoo has {', '.join(sorted(layouts.values()))})"
+    )
+    plan = Plan(
+        name,
+        arch,
+        {"num_classes": model.num_classes, "in_chans": model.conv1.in_channels},
+        [("stem.0", "conv1"), ("stem.1", "bn1")],
+    )
+    for i, stage in enumerate(stages):
+        for j, b in enumerate(stage):
+            plan.modules += _plan_block(b, block, f"layer{i + 1}.{j}", f"stages.{i}.{j}", name)
+    plan.modules.append(("fc", "fc"))
+    return plan
+
+
+def _plan_block(b: nn.Module, block: str, at: str, ours: str, name: str) -> list[tuple[str, str]]:
+    """(zoo module, timm module) pairs of one timm block ``at``, zoo's ``ours``."""
+    require(b.se is None, name, f"squeeze-excitation ({at}.se)")
+    require(is_type(b.aa, nn.Identity), name, f"anti-aliased downsampling ({at}.aa)")
+    acts = [b.act1, b.act2] + ([b.act3] if block == "bottleneck" else [])
+    require(
+        all(is_type(a, nn.ReLU) for a in acts),
+        name,
+        lambda: f"the activation {kind(next(a for a in acts if not is_type(a, nn.ReLU)))} in {at}",
+    )
+    convs = ["conv1", "conv2"] + (["conv3"] if block == "bottleneck" else [])
+    if block == "bottleneck":
+        planes = b.conv3.out_channels // 4
+        require(
+            b.conv2.groups == 1, name, f"grouped convolutions ({at}.conv2 has {b.conv2.groups} groups, as in ResNeXt)"
+        )
+        require(
+            b.conv1.out_channels == planes,
+            name,
+            f"the bottleneck width {b.conv1.out_channels} of {at} (wide ResNets; zoo's is {planes})",
+        )
+    modules = []
+    if b.downsample is not None:
+        ds = b.downsample
+        require(
+            isinstance(ds, nn.Sequential) and len(ds) == 2 and is_type(ds[0], nn.Conv2d),
+            name,
+            f"the downsampling shortcut of {at} ({' + '.join(kind(m) for m in ds)}, e.g. average-pool downsampling)",
+        )
+        modules += [(f"{ours}.shortcut.0", f"{at}.downsample.0"), (f"{ours}.shortcut.1", f"{at}.downsample.1")]
+    for k, conv in enumerate(convs, 1):
+        modules += [(f"{ours}.{conv}", f"{at}.{conv}"), (f"{ours}.bn{k}", f"{at}.bn{k}")]
+    return modules

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LayerFactory
+from ..importance import Coupling, out_units
+from ..layers import ElasticBlocks, LayerFactory
 from ..subnet import Dim, fixed
 
 
@@ -88,3 +89,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+def block_couplings(blocks: ElasticBlocks) -> list[Coupling]:
+    """The elastic dimensions of Transformer blocks: each block's attention heads as whole heads
+    (the head's rows in q, k and v, its columns of the output projection) and its MLP hidden
+    units (rows of fc1, columns of fc2). The residual width is not elastic, so it is never
+    permuted."""
+    found = []
+    for index, block in blocks.items():
+        attn, mlp = block.attn, block.mlp
+        heads = out_units(attn.qkv) // attn.head_dim
+        found.append(Coupling(f"blocks.{index} heads", heads, attn.head_dim, writers=[attn.qkv], readers=[attn.proj]))
+        found.append(Coupling(f"blocks.{index} mlp", out_units(mlp.fc1), writers=[mlp.fc1], readers=[mlp.fc2]))
+    return found

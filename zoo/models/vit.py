@@ -22,15 +22,19 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.models import vision_transformer as timm_vit
 from timm.models._features import feature_take_indices
 from torch import nn
 
 from ..base import ImageModel, image_cfg
+from ..convert import Plan, converts, is_type, kind, refuse, require, require_linear_head
+from ..importance import Coupling
 from ..layers import ElasticBlocks
-from ..registry import build, register_family
+from ..registry import variants
 from ..subnet import DEFAULT_GRID, Space, fixed
-from .transformer import Block, trunc_normal
+from ._builder import build, register_family
+from .transformer import Block, block_couplings, trunc_normal
 
 POOLS = ("token", "avg", "")  # the class token, the mean of the patch tokens, or all tokens
 
@@ -55,6 +59,7 @@ class SlimVisionTransformer(ImageModel):
     """A ViT whose heads and MLP units (and, if low-rank, block matrices' ranks) are elastic."""
 
     features_out_indices = 3  # features_only's default, as timm's ViTs: the last three blocks
+    fixed_input_size = True  # the position embedding fixes the image size (unless dynamic_img_size)
 
     def __init__(
         self,
@@ -193,6 +198,10 @@ class SlimVisionTransformer(ImageModel):
         self.set_subnet(self.active_subnet, for_training=True)  # the blocks it still holds
         return take
 
+    def couplings(self) -> list[Coupling]:
+        """Each block's heads and MLP units (see ``transformer.block_couplings``)."""
+        return block_couplings(self.blocks)
+
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -202,32 +211,118 @@ class SlimVisionTransformer(ImageModel):
         self._replace_classifier("head", self._new_head(num_classes), num_classes)
 
 
-def _create(
-    arch: str, embed_dim: int, num_heads: int, pretrained: bool, kwargs: dict, depth: int = 12
-) -> SlimVisionTransformer:
-    fixed_args = dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=4.0)
-    return build(SlimVisionTransformer, arch, pretrained, fixed_args, kwargs)
+MLP_RATIO = 4.0  # every zoo ViT's (timm's standard)
 
 
-@register_family("vit")
+def _shape(embed_dim: int, num_heads: int, depth: int = 12) -> dict:
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=MLP_RATIO)
+
+
+@register_family("vit", SlimVisionTransformer, _shape(192, 3))
 def slim_vit_tiny(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
     """ViT-Tiny: dim 192, 12 blocks, 3 heads (5.72 M parameters at 224 px, 1000 classes)."""
-    return _create("slim_vit_tiny", 192, 3, pretrained, kwargs)
+    return build("slim_vit_tiny", pretrained, kwargs)
 
 
-@register_family("vit")
+@register_family("vit", SlimVisionTransformer, _shape(384, 6))
 def slim_vit_small(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
     """ViT-Small: dim 384, 12 blocks, 6 heads (22.05 M parameters at 224 px, 1000 classes)."""
-    return _create("slim_vit_small", 384, 6, pretrained, kwargs)
+    return build("slim_vit_small", pretrained, kwargs)
 
 
-@register_family("vit")
+@register_family("vit", SlimVisionTransformer, _shape(768, 12))
 def slim_vit_base(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
     """ViT-Base: dim 768, 12 blocks, 12 heads (86.57 M parameters at 224 px, 1000 classes)."""
-    return _create("slim_vit_base", 768, 12, pretrained, kwargs)
+    return build("slim_vit_base", pretrained, kwargs)
 
 
-@register_family("vit")
+@register_family("vit", SlimVisionTransformer, _shape(1024, 16, depth=24))
 def slim_vit_large(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
     """ViT-Large: dim 1024, 24 blocks, 16 heads (304.33 M parameters at 224 px, 1000 classes)."""
-    return _create("slim_vit_large", 1024, 16, pretrained, kwargs, depth=24)
+    return build("slim_vit_large", pretrained, kwargs)
+
+
+# ----- conversion from timm's ViTs (zoo.from_timm) --------------------------------------------
+def _shapes() -> dict[tuple[int, int, int], str]:
+    """(embed_dim, depth, heads) -> the variant zoo has with that shape."""
+    return {(v.fixed_args["embed_dim"], v.fixed_args["depth"], v.fixed_args["num_heads"]): v.name
+            for v in variants(SlimVisionTransformer)}  # fmt: skip
+
+
+@converts(timm_vit.VisionTransformer, "ViT/DeiT with standard blocks")
+def plan_from_timm(model: nn.Module, name: str) -> Plan:
+    """How timm's ViT becomes zoo's; refuses the first part zoo's does not compute."""
+    if not is_type(model, timm_vit.VisionTransformer):
+        raise refuse(name, "the distillation token" if hasattr(model, "dist_token") else f"the {kind(model)} variant")
+    require(
+        model.global_pool == "token" and model.attn_pool is None,
+        name,
+        f"global pooling {model.global_pool!r} (zoo's ViTs read the class token)",
+    )
+    require(model.cls_token is not None, name, "a ViT without a class token")
+    require(model.num_reg_tokens == 0, name, f"{model.num_reg_tokens} register tokens")
+    require(
+        not model.no_embed_class,
+        name,
+        "a position embedding without the class token's (no_embed_class, as in DeiT III)",
+    )
+    require(not model.dynamic_img_size, name, "a dynamic image size")
+    require(is_type(model.norm_pre, nn.Identity), name, "a norm before the blocks (pre_norm)")
+    require(is_type(model.fc_norm, nn.Identity), name, "a norm after pooling (fc_norm)")
+    require_linear_head(model, name, "head")
+    pe = model.patch_embed
+    require(
+        is_type(pe, PatchEmbed) and is_type(pe.proj, nn.Conv2d) and is_type(pe.norm, nn.Identity),
+        name,
+        f"the patch embedding {kind(pe)} (with {kind(getattr(pe, 'norm', nn.Identity()))})",
+    )
+    require(
+        pe.img_size[0] == pe.img_size[1] and pe.patch_size[0] == pe.patch_size[1],
+        name,
+        f"non-square images or patches ({pe.img_size}, {pe.patch_size})",
+    )
+    embed_dim, depth = model.embed_dim, len(model.blocks)
+    heads = model.blocks[0].attn.num_heads if depth else 0
+    modules = [("patch_embed", "patch_embed.proj")]
+    for i, b in enumerate(model.blocks):
+        _require_block(b, f"blocks.{i}", embed_dim, heads, name)
+        parts = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        modules += [(f"blocks.{i}.{part}", f"blocks.{i}.{part}") for part in parts]
+    shapes = _shapes()
+    arch = shapes.get((embed_dim, depth, heads))
+    require(
+        arch is not None,
+        name,
+        f"the shape (dim {embed_dim}, {depth} blocks, {heads} heads; zoo has {', '.join(shapes.values())})",
+    )
+    args = {
+        "num_classes": model.num_classes,
+        "in_chans": pe.proj.in_channels,
+        "img_size": pe.img_size[0],
+        "patch_size": pe.patch_size[0],
+        "drop_rate": float(model.head_drop.p),
+    }
+    plan = Plan(name, arch, args, [*modules, ("norm", "norm"), ("head", "head")])
+    plan.tensors = [("cls_token", "cls_token"), ("pos_embed", "pos_embed")]
+    return plan
+
+
+def _require_block(b: nn.Module, at: str, embed_dim: int, heads: int, name: str) -> None:
+    """timm's block ``at`` computes what zoo's Transformer block computes."""
+    attn, mlp = b.attn, b.mlp
+    require(is_type(b, timm_vit.Block), name, f"the block type {kind(b)} ({at})")
+    require(is_type(attn, timm_vit.Attention) and attn.num_heads == heads, name, f"the attention {kind(attn)} of {at}")
+    require(is_type(attn.q_norm, nn.Identity) and is_type(attn.k_norm, nn.Identity), name, f"qk-norm ({at}.attn)")
+    require(
+        is_type(getattr(attn, "norm", nn.Identity()), nn.Identity), name, f"a norm inside attention ({at}.attn.norm)"
+    )
+    require(is_type(b.ls1, nn.Identity) and is_type(b.ls2, nn.Identity), name, f"layer scale ({at}.ls1, init_values)")
+    require(is_type(mlp, Mlp) and is_type(mlp.norm, nn.Identity), name, f"the MLP {kind(mlp)} of {at}")
+    require(
+        is_type(mlp.act, nn.GELU) and mlp.act.approximate == "none", name, f"the MLP activation {kind(mlp.act)} of {at}"
+    )
+    require(
+        mlp.fc1.out_features == MLP_RATIO * embed_dim,
+        name,
+        f"the MLP ratio {mlp.fc1.out_features / embed_dim:g} (zoo's ViTs use {MLP_RATIO:g})",
+    )
