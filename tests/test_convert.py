@@ -21,7 +21,7 @@ import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
 from zoo import importance
-from zoo.convert import read_checkpoint
+from zoo.convert import plan_for, read_checkpoint
 from zoo.layers import ElasticConv2d, ElasticLinear
 
 IMG = 32
@@ -213,6 +213,41 @@ def test_unsupported_parts_are_refused_by_name(name, kwargs, part):
         zoo.from_timm(model)
     message = str(err.value)
     assert "\n" not in message and f"cannot convert {name}: {part}" in message
+
+
+@pytest.mark.parametrize(
+    "name, arch",
+    [
+        ("resnet18", "slim_resnet18"),
+        ("resnet34", "slim_resnet34"),
+        ("resnet50", "slim_resnet50"),
+        ("resnet101", "slim_resnet101"),
+        ("resnet152", "slim_resnet152"),
+        ("mobilenetv2_100", "slim_mobilenetv2"),
+        ("vit_tiny_patch16_224", "slim_vit_tiny"),
+        ("vit_small_patch16_224", "slim_vit_small"),
+        ("vit_base_patch16_224", "slim_vit_base"),
+        ("vit_large_patch16_224", "slim_vit_large"),
+    ],
+)
+def test_every_timm_counterpart_plans_to_the_registered_variant_of_its_shape(name, arch):
+    with torch.device("meta"):  # only the structure is read
+        model = timm.create_model(name)
+    assert plan_for(model, name).arch == arch
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, zoo_has",
+    [
+        ("resnet26", {}, "slim_resnet18, slim_resnet34, slim_resnet50, slim_resnet101, slim_resnet152"),
+        ("vit_tiny_patch16_224", dict(depth=6), "slim_vit_tiny, slim_vit_small, slim_vit_base, slim_vit_large"),
+    ],
+)
+def test_a_layout_zoo_lacks_is_refused_naming_the_registered_variants(name, kwargs, zoo_has):
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    with pytest.raises(zoo.UnsupportedModel, match=f"zoo has {zoo_has}"):
+        plan_for(model, name)
 
 
 # ----- checkpoints ---------------------------------------------------------------------------

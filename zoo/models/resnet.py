@@ -287,6 +287,10 @@ def _imagenet_layouts() -> dict[tuple[str, tuple[int, ...]], str]:
     return found
 
 
+def _by_depth(layouts: dict[tuple[str, tuple[int, ...]], str]) -> list[str]:
+    return [name for _, name in sorted(layouts.items(), key=lambda kv: (sum(kv[0][1]), kv[0][0]))]
+
+
 @converts(timm_resnet.ResNet, "ResNets with basic or bottleneck blocks and the plain stem")
 def plan_from_timm(model: nn.Module, name: str) -> Plan:
     """How timm's ResNet becomes a zoo ResNet; refuses the first part zoo's does not compute."""
@@ -317,9 +321,7 @@ def plan_from_timm(model: nn.Module, name: str) -> Plan:
     layers = tuple(len(s) for s in stages)
     layouts = _imagenet_layouts()
     arch = layouts.get((block, layers))
-    require(
-        arch is not None, name, f"the layout {layers} of {block} blocks (zoo has {', '.join(sorted(layouts.values()))})"
-    )
+    require(arch is not None, name, f"the layout {layers} of {block} blocks (zoo has {', '.join(_by_depth(layouts))})")
     plan = Plan(
         name,
         arch,
