@@ -131,8 +131,9 @@ def _check_layer(plan: Plan, ours: nn.Module, theirs: nn.Module, where: str) -> 
     """The zoo layer computes what the timm layer computes (same op, sizes and settings)."""
     if isinstance(ours, ElasticConv2d):
         groups = theirs.in_channels if ours.depthwise else 1
-        same = is_type(theirs, nn.Conv2d) and theirs.padding_mode == "zeros" and (theirs.kernel_size, theirs.stride, theirs.padding, theirs.dilation, theirs.groups) == (
-            (ours.kernel_size,) * 2, (ours.stride,) * 2, (ours.padding,) * 2, (1, 1), groups)  # fmt: skip
+        settings = (theirs.kernel_size, theirs.stride, theirs.padding, theirs.dilation, theirs.groups)
+        expected = ((ours.kernel_size,) * 2, (ours.stride,) * 2, (ours.padding,) * 2, (1, 1), groups)
+        same = is_type(theirs, nn.Conv2d) and theirs.padding_mode == "zeros" and settings == expected
         require(same, plan.name, f"the convolution {where} ({theirs})")
     elif isinstance(ours, ElasticLinear):
         require(is_type(theirs, nn.Linear), plan.name, f"the layer {where} ({kind(theirs)})")
@@ -392,8 +393,9 @@ def from_timm(
     """A zoo family made from a timm model (a name, with an optional checkpoint, or the model).
 
     ``order``: ``weight``, ``activation`` (needs ``calibration``: input batches, or a function
-    of the input size ``(C, H, W)`` that returns them) or ``none``. ``widths`` (and ``ranks`` with ``low_rank=True``) are the family's members (the
-    full one is always added; defaults as ``zoo train``'s). Batch-norm families need
+    of the input size ``(C, H, W)`` that returns them) or ``none``. ``widths`` (and ``ranks``
+    with ``low_rank=True``) are the family's members (the full one is always added; defaults as
+    ``zoo train``'s). Batch-norm families need
     ``calibration`` for members below full width (their statistics are estimated on it);
     without it only the full member is kept. The full member computes what the timm model
     computes: checked here on random inputs, the difference recorded in
@@ -431,7 +433,8 @@ def from_timm(
     if dense.uses_batchnorm and batches is None and below_full:
         if widths is not None or ranks is not None:
             raise ValueError(
-                f"{plan.arch}: members below full width or rank need batch-norm statistics; give calibration data (--calibrate DATA)"
+                f"{plan.arch}: members below full width or rank need batch-norm statistics; "
+                "give calibration data (--calibrate DATA)"
             )
         family_widths, family_ranks = [1.0], ([1.0] if low_rank else None)
     family = create_uninitialized(plan.arch, **plan.args, low_rank=low_rank, widths=family_widths, ranks=family_ranks)
@@ -445,7 +448,8 @@ def from_timm(
     difference, scale = max_difference(model, family)
     if not difference <= TOLERANCE * max(1.0, scale):
         raise ValueError(
-            f"converting {name} is not exact: max abs difference {difference:.3g} at full width (logits up to {scale:.3g}); please report this"
+            f"converting {name} is not exact: max abs difference {difference:.3g} at full width "
+            f"(logits up to {scale:.3g}); please report this"
         )
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("mean") and len(cfg["mean"]) == family.in_chans:

@@ -205,7 +205,8 @@ def permute(coupling: Coupling, order: torch.Tensor) -> None:
         for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
             if tensor.shape[0] != len(index):
                 raise ValueError(
-                    f"cannot reorder {coupling.name}: {name} belongs to a narrower member; reorder before recalibrating members"
+                    f"cannot reorder {coupling.name}: {name} belongs to a narrower member; "
+                    "reorder before recalibrating members"
                 )
             tensor.copy_(tensor[index])
 

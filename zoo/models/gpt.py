@@ -88,7 +88,8 @@ class SlimGPT(ElasticModel):
         """Byte ids (B, T) -> normalised hidden states (B, T, embed_dim)."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
-                f"{self._name} takes integer byte ids of shape (batch, seq_len), got {tokens.dtype} {tuple(tokens.shape)}"
+                f"{self._name} takes integer byte ids of shape (batch, seq_len), "
+                f"got {tokens.dtype} {tuple(tokens.shape)}"
             )
         if tokens.shape[1] > self.context_length:
             raise ValueError(
@@ -116,7 +117,8 @@ class SlimGPT(ElasticModel):
         """Re-initialise the lm_head; its outputs are the 256 byte values and cannot change."""
         if num_classes != VOCAB_SIZE:
             raise ValueError(
-                f"{self._name} predicts the next byte: its lm_head has {VOCAB_SIZE} outputs, got num_classes={num_classes}"
+                f"{self._name} predicts the next byte: its lm_head has {VOCAB_SIZE} outputs, "
+                f"got num_classes={num_classes}"
             )
         self.lm_head = self._factory.linear(
             fixed(self.embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal

@@ -330,8 +330,8 @@ def _plan_block(plan: Plan, b: nn.Module, at: str, in_chs: int, name: str) -> tu
             name,
             f"the expanded width {mid} of {at} (not a whole multiple of its {in_chs} inputs)",
         )
-        parts = [("expand.0", "conv_pw"), ("expand.1", "bn1"), ("depthwise.0", "conv_dw"), ("depthwise.1", "bn2"),
-                 ("project", "conv_pwl"), ("bn", "bn3")]  # fmt: skip
+        parts = [("expand.0", "conv_pw"), ("expand.1", "bn1"), ("depthwise.0", "conv_dw")]
+        parts += [("depthwise.1", "bn2"), ("project", "conv_pwl"), ("bn", "bn3")]
         plan.modules += [(f"{at}.{ours}", f"{at}.{theirs}") for ours, theirs in parts]
         return expansion, out
     raise refuse(name, f"the block type {kind(b)} ({at})")

@@ -48,7 +48,8 @@ def _check_images(x: torch.Tensor, name: str, in_chans: int, img_size: int, patc
         raise ValueError(f"{name} takes images of shape (B, {in_chans}, H, W), got {shape}")
     if img_size and (shape[2] != img_size or shape[3] != img_size):
         raise ValueError(
-            f"{name} takes images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape} (build it with dynamic_img_size=True for other sizes)"
+            f"{name} takes images of shape (B, {in_chans}, {img_size}, {img_size}), got {shape} "
+            "(build it with dynamic_img_size=True for other sizes)"
         )
     if shape[2] % patch_size or shape[3] % patch_size:
         raise ValueError(f"{name} takes images whose sides are multiples of its patch size {patch_size}, got {shape}")
@@ -245,8 +246,8 @@ def slim_vit_large(pretrained: bool = False, **kwargs) -> SlimVisionTransformer:
 # ----- conversion from timm's ViTs (zoo.from_timm) --------------------------------------------
 def _shapes() -> dict[tuple[int, int, int], str]:
     """(embed_dim, depth, heads) -> the variant zoo has with that shape."""
-    return {(v.fixed_args["embed_dim"], v.fixed_args["depth"], v.fixed_args["num_heads"]): v.name
-            for v in variants(SlimVisionTransformer)}  # fmt: skip
+    keys = ("embed_dim", "depth", "num_heads")
+    return {tuple(v.fixed_args[k] for k in keys): v.name for v in variants(SlimVisionTransformer)}
 
 
 @converts(timm_vit.VisionTransformer, "ViT/DeiT with standard blocks")
