@@ -91,6 +91,7 @@ def features_only(model: ImageModel, out_indices=None, feature_cls: str | None =
         raise ValueError(f"{model.arch} reads {model.input_kind}, not images: it has no features_only backbone")
     if feature_cls is not None and feature_cls not in FEATURE_CLASSES:
         raise ValueError(
-            f"feature_cls must be one of {', '.join(FEATURE_CLASSES)} for an elastic family (both return a list), got {feature_cls!r}"
+            f"feature_cls must be one of {', '.join(FEATURE_CLASSES)} for an elastic family (both return a list), "
+            f"got {feature_cls!r}"
         )
     return FeatureNet(model, out_indices)

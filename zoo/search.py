@@ -14,6 +14,7 @@ near the budget may fall on either side of it from one run to the next.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 
 from .base import ElasticModel
+from .fileio import atomic_path
 from .subnet import Subnet, Values
 
 COSTS = ("params", "flops", "latency")
@@ -211,7 +213,8 @@ class Evolution:
         if smallest not in members:
             cost = self._costs[smallest][self.budget.kind]
             raise ValueError(
-                f"no member of {self.model.arch} fits the budget {self.budget}: the smallest ({smallest}) has {self.budget.kind} {cost:g}"
+                f"no member of {self.model.arch} fits the budget {self.budget}: "
+                f"the smallest ({smallest}) has {self.budget.kind} {cost:g}"
             )
         self._fill(members, population, self._random)
         n_parents = max(1, int(population * self.parent_ratio))
@@ -223,8 +226,10 @@ class Evolution:
             parents = [c.member for c in scored[:n_parents]]
             best = self.result.ranked()[0]
             self.result.history.append(best.metric)
+            kind = self.budget.kind
             self.progress(
-                f"generation {generation + 1}/{generations}: best {self.result.metric} {best.metric:.4f} at {self.budget.kind} {best.costs[self.budget.kind]:g} ({len(self.result.candidates)} members scored)"
+                f"generation {generation + 1}/{generations}: best {self.result.metric} {best.metric:.4f} "
+                f"at {kind} {best.costs[kind]:g} ({len(self.result.candidates)} members scored)"
             )
             if generation == generations - 1:
                 break
@@ -238,10 +243,6 @@ class Evolution:
 def write_front(path, result: SearchResult, grid: list[Candidate], best: Candidate, record: dict) -> None:
     """``pareto.json``: the front (every member on it with its metric and costs), the uniform
     grid members measured the same way, the chosen member, and ``record`` (how it was run)."""
-    import json
-
-    from .fileio import atomic_path
-
     report = {
         **record,
         "budget": {"kind": result.budget.kind, "limit": result.budget.limit},
@@ -265,8 +266,6 @@ def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .fileio import atomic_path
 
     kind = result.budget.kind
     unit = {"params": "parameters", "flops": "FLOPs per example", "latency": "latency at batch 1 (ms)"}[kind]
