@@ -50,7 +50,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from training.data import _stratified_split, load_data  # noqa: E402
+from training.bundle import stratified_split  # noqa: E402
+from training.data import load_data  # noqa: E402
 from training.evaluate import calibration_batches, evaluate  # noqa: E402
 from training.trainer import TrainConfig, train  # noqa: E402
 from zoo.fileio import atomic_path  # noqa: E402
@@ -93,7 +94,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     targets = torch.tensor(raw.target, dtype=torch.int64)
     common = set(range(len(targets)))
     for seed in SEEDS_SPLIT:
-        common &= set(_stratified_split(targets, 0.1, seed)[0].tolist())
+        common &= set(stratified_split(targets, 0.1, seed)[0].tolist())
     return images, targets, torch.tensor(sorted(common))
 
 
