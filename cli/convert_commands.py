@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import command
+from .common import command
 
 
 class Order(str, Enum):

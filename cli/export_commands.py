@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file, zoo_module
+from .common import PRETRAINED, command, weights_file, zoo_module
 from .members import MEMBER, one_member
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file
+from .common import PRETRAINED, command, weights_file
 
 
 @command("search")
