@@ -1,7 +1,7 @@
 """Update policies vs plain training: the validation metric against steps and wall time, and
 the measured alignment ``cos(m ⊙ g(x + δ), g(x))`` next to how fast each run converges.
 
-Every run is ``training.trainer.train(TrainConfig(...))`` (what ``zoo train`` runs) with
+Every run is ``training.trainer.train(TrainConfig.from_flags(...))`` (what ``zoo train`` runs) with
 ``--strategy separate`` (one network, width 1: the policies alone, no member schedule),
 ``--log-alignment``, and a periodic evaluation on a fixed validation subset.
 
@@ -61,7 +61,7 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
     name = policy.split()[0]
     evals = 10
     low_rank = policy in LOW_RANK
-    config = TrainConfig(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0], steps=steps,
+    config = TrainConfig.from_flags(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0], steps=steps,
                          eval_every=max(1, steps // evals), log_alignment=max(1, steps // evals), seed=seed, update=name,
                          low_rank=low_rank, ranks=[1.0] if low_rank else None, **options, **MODELS[section])  # fmt: skip
     result = train(config)

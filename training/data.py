@@ -17,10 +17,12 @@ training transform); validation splits never do. Augmentation depends only on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import pickle
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .bundle import DataBundle, check_index, item_seed, one_line, stratified_split
+from .flags import at_least_one, non_negative
 from .signals import ignore_stop_signals
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
@@ -56,6 +59,38 @@ _CIFAR_LAYOUT = {
     ),
     "cifar100": (["train"], "test", "meta", b"fine_labels", b"fine_label_names", "cifar-100-python"),
 }
+
+
+@dataclass
+class DataConfig:
+    """The data of a training run and how it is read (``zoo train``'s data flags)."""
+
+    data: str | None = None  # a data spec (KNOWN_SPECS); default: the model's input kind's
+    seq_len: int = 256
+    img_size: int | None = None  # default: the dataset's own; for folders, the model's input size
+    aa: str | None = None  # folders: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # folders: random-erasing probability
+    crop_pct: float | None = None  # folders: evaluation crop (default 0.875)
+    mixup: float = 0.0  # timm Mixup's mixup_alpha (0: off); soft targets
+    cutmix: float = 0.0  # timm Mixup's cutmix_alpha (0: off)
+    workers: int | None = None  # data-loading processes; default: none in memory, a share of the cores for folders
+
+    def check_flags(self) -> None:
+        at_least_one(self, "seq_len", "img_size")
+        non_negative(self, "workers", "mixup", "cutmix")
+
+    def check(self, model_name: str, input_kind: str) -> None:
+        """What depends on the model's input kind: the spec's options, mixing images."""
+        spec = self.data or default_data(input_kind)
+        check_data_options(spec, aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
+        if (self.mixup or self.cutmix) and input_kind != "image":
+            raise ValueError(f"--mixup and --cutmix mix images; {model_name} reads {input_kind}")
+
+    def resolved(self, input_kind: str, model_size: int | None) -> DataConfig:
+        """The spec's default filled in; folders (files of any size) at the model's input size."""
+        data = self.data or default_data(input_kind)
+        folder = data.startswith("folder:") and self.img_size is None
+        return dataclasses.replace(self, data=data, img_size=model_size if folder else self.img_size)
 
 
 def default_data(input_kind: str) -> str:
