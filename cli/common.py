@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Annotated, Callable
 
 import typer
 
@@ -28,6 +29,28 @@ def command(name: str, **options) -> Callable[[Callable], Callable]:
         return fn
 
     return mark
+
+
+def option(name: str, kind: object, default: object, help: str, flag: str | None = None, **typer_options):
+    """One command-line option, declared once: the keyword ``name`` a command receives, its type,
+    default and help; the flag is ``--name`` with dashes unless ``flag`` says otherwise."""
+    flag = flag or f"--{name.replace('_', '-')}"
+    info = typer.Option(flag, help=help, **typer_options)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, info])
+
+
+def takes(*options: inspect.Parameter) -> Callable[[Callable], Callable]:
+    """Give ``fn(..., **flags)`` one keyword parameter per option: Typer reads a command's
+    parameters from its signature, so the options become its flags and arrive in ``flags``."""
+
+    def declare(fn: Callable) -> Callable:
+        signature = inspect.signature(fn, eval_str=True)
+        fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        fn.__signature__ = signature.replace(parameters=[*fixed, *options])
+        fn.__annotations__ = {p.name: p.annotation for p in [*fixed, *options]}
+        return fn
+
+    return declare
 
 
 def zoo_module(name: str) -> ModuleType:

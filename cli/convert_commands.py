@@ -109,16 +109,10 @@ def _calibration(spec: str, bundle: dict):
     """Calibration batches of ``spec`` at the model's input size (known once the model is)."""
 
     def load(input_size: tuple[int, int, int]):
-        from training.data import load_data
         from training.evaluate import calibration_batches
+        from training.model_data import ModelInput, data_for
 
-        data = load_data(spec, img_size=input_size[-1])
-        if data.kind != "image":
-            raise ValueError(f"--calibrate {spec!r} holds {data.kind}, but the model reads images")
-        if data.input_size[0] != input_size[0]:
-            raise ValueError(
-                f"--calibrate {spec!r} has {data.input_size[0]}-channel images, but the model reads {input_size[0]} channels"
-            )
+        data = data_for(ModelInput("the model", "image", input_size), "calibrate", spec)
         bundle["data"] = data
         return calibration_batches(data)
 

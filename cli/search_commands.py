@@ -42,7 +42,8 @@ def search_command(
     """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
     import zoo
     from export.latency import member_latency
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
     from zoo.fileio import locked_folder
     from zoo.search import Budget, Candidate, Evolution, plot_front, write_front
 
@@ -51,7 +52,7 @@ def search_command(
         raise ValueError(f"--out {out} is a file; zoo search writes a folder")
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     model = source.model
-    scorer = MemberScorer(model, data_for(model, data), limit)
+    scorer = MemberScorer(model, data_for(model, "evaluate", data), limit)
 
     def latency(member) -> float:
         scorer.prepare(member)

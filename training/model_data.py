@@ -89,7 +89,8 @@ def _check_fits(model: ModelInput, bundle: DataBundle, spec: str, classes: bool,
         raise ValueError(f"{model.name} reads {model.kind}, but data {spec!r} holds {bundle.kind}")
     if channels and bundle.kind == "image" and bundle.input_size[0] != model.input_size[0]:
         raise ValueError(
-            f"{model.name} reads {model.input_size[0]}-channel images, but data {spec!r} has {bundle.input_size[0]}"
+            f"{model.name} reads {model.input_size[0]}-channel images, but data {spec!r} has "
+            f"{bundle.input_size[0]}-channel images"
         )
     if classes and bundle.num_classes != model.num_classes:
         raise ValueError(f"{model.name} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
