@@ -193,13 +193,8 @@ def export_command(
     require_device(device.value)
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
-    options = dict(
-        opset=opset,
-        device=device.value,
-        verify_output=not no_verify,
-        quantize=quantize.value if quantize else None,
-        fuse=fuse,
-    )
+    quantization = quantize.value if quantize else None
+    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantization, fuse=fuse)
     if all_members:
         options.update(_quantization_data(data, source.model, quantize))
         results, manifest = export_all(source, out, **options)
