@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli.commands  # noqa: F401  (registers the commands)
-import training.setup as setup_module
+import training.setup as run_setup
 import zoo
 from cli.app import app
 from training.checkpoint import load_checkpoint
@@ -262,7 +262,7 @@ def test_a_signal_repeated_at_once_is_one_request(tmp_path):
 
 
 def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = setup_module.save_checkpoint
+    real_save = run_setup.save_checkpoint
 
     def save_with_a_second_signal(path, state):
         if state["step"] == 3:  # the stop's checkpoint (periodic ones are at 2, 4, ...)
@@ -270,7 +270,7 @@ def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previou
             os.kill(os.getpid(), signal.SIGTERM)
         real_save(path, state)
 
-    monkeypatch.setattr(setup_module, "save_checkpoint", save_with_a_second_signal)
+    monkeypatch.setattr(run_setup, "save_checkpoint", save_with_a_second_signal)
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as stop:
         train(TrainConfig.from_flags(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))

@@ -53,7 +53,7 @@ class Setup:
         self.out = Path(config.out)
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         self.started = time.perf_counter()
-        structure = structure or config.check()
+        structure = structure if structure is not None else config.check()
         cfg = config.resolved(structure)
         if not cfg.resume and self.checkpoint_path.exists():
             raise ValueError(
