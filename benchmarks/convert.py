@@ -225,8 +225,9 @@ def scratch_family(section: str, seed: int, work: Path) -> Path:
 def train_run(section: str, method: str, seed: int, init: Path, steps: int, out: Path, **options) -> dict:
     spec = SECTIONS[section]
     lr = spec["scratch_lr"] if method.startswith("scratch") else spec["ft_lr"]
-    config = TrainConfig.from_flags(model=zoo.read_header(init)["arch"], out=str(out), data="digits", img_size=IMG, init=str(init), steps=steps, batch_size=64,
-                         lr=lr, optimizer=spec["optimizer"], eval_every=steps, seed=seed, **options)  # fmt: skip
+    config = TrainConfig.from_flags(model=zoo.read_header(init)["arch"], out=str(out), data="digits", img_size=IMG,
+                                    init=str(init), steps=steps, batch_size=64, lr=lr, optimizer=spec["optimizer"],
+                                    eval_every=steps, seed=seed, **options)  # fmt: skip
     result = train(config)
     if not result.finished:  # stopped by a signal: keep nothing, the run is redone next time
         raise SystemExit(f"{method} (seed {seed}) stopped at step {result.steps} of {result.total_steps}")

@@ -61,9 +61,10 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
     name = policy.split()[0]
     evals = 10
     low_rank = policy in LOW_RANK
-    config = TrainConfig.from_flags(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0], steps=steps,
-                         eval_every=max(1, steps // evals), log_alignment=max(1, steps // evals), seed=seed, update=name,
-                         low_rank=low_rank, ranks=[1.0] if low_rank else None, **options, **MODELS[section])  # fmt: skip
+    config = TrainConfig.from_flags(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0],
+                                    steps=steps, eval_every=max(1, steps // evals),
+                                    log_alignment=max(1, steps // evals), seed=seed, update=name, low_rank=low_rank, ranks=[1.0] if low_rank else None,
+                                    **options, **MODELS[section])  # fmt: skip
     result = train(config)
     records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     metric = result.metric

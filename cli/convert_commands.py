@@ -25,28 +25,42 @@ TIMM_NAME = typer.Argument(
 CHECKPOINT = typer.Option(
     None,
     "--checkpoint",
-    help="Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a ViT's image size are read from its shapes.",
+    help=(
+        "Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a "
+        "ViT's image size are read from its shapes."
+    ),
 )
 ORDER = typer.Option(
     None,
     "--order",
-    help="Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean |activation| on --calibrate data), none. Default: activation with --calibrate, else weight.",
+    help=(
+        "Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean "
+        "|activation| on --calibrate data), none. Default: activation with --calibrate, else weight."
+    ),
 )
 CALIBRATE = typer.Option(
     None,
     "--calibrate",
-    help="Data for activation importance and for the batch-norm statistics of members below full width (digits, cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member.",
+    help=(
+        "Data for activation importance and for the batch-norm statistics of members below full width (digits, "
+        "cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member."
+    ),
 )
 WIDTH = typer.Option(
     None,
     "--width",
-    help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member.",
+    help=(
+        "Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member."
+    ),
 )
 RANK = typer.Option(None, "--rank", help="Member ranks (repeatable, with --low-rank); default 0.25 0.5 0.75 1.")
 LOW_RANK = typer.Option(
     False,
     "--low-rank",
-    help="Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original layer).",
+    help=(
+        "Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original "
+        "layer)."
+    ),
 )
 IMG_SIZE = typer.Option(
     None,
@@ -65,7 +79,10 @@ OUT = typer.Option(None, "--out", help="The family's weights file (.safetensors)
 SAVE_DIR = typer.Option(
     None,
     "--save-dir",
-    help="Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for timm.create_model('local-dir:DIR', pretrained=True).",
+    help=(
+        "Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for "
+        "timm.create_model('local-dir:DIR', pretrained=True)."
+    ),
 )
 
 
@@ -111,7 +128,8 @@ def convert_command(
     if save_dir is not None:
         zoo.save_pretrained(family, save_dir, metadata=metadata)
         typer.echo(
-            f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', pretrained=True) after `import zoo`"
+            f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', "
+            f"pretrained=True) after `import zoo`"
         )
 
 
@@ -136,18 +154,21 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
     c, h, _ = family.pretrained_cfg["input_size"]
     where = f"checkpoint {source['checkpoint']}: " if source.get("checkpoint") else ""
     typer.echo(
-        f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in {seconds:.1f} s"
+        f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in "
+        f"{seconds:.1f} s"
     )
     data = f" on {source['calibration_batches']} batches of {calibrate}" if order == "activation" else ""
     recalibrated = len(source["recalibrated"])
     bn = f"; batch norm recalibrated for {recalibrated} member(s) on {calibrate}" if recalibrated else ""
     typer.echo(f"  order: {order}{data}{bn}")
     typer.echo(
-        f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance {zoo.convert.TOLERANCE:g})"
+        f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance "
+        f"{zoo.convert.TOLERANCE:g})"
     )
     members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.subnets)
     typer.echo(f"  members: {members}")
     if family.uses_batchnorm and not calibrate:
         typer.echo(
-            "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or recalibrate later, e.g. zoo eval --width)"
+            "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or "
+            "recalibrate later, e.g. zoo eval --width)"
         )

@@ -107,17 +107,20 @@ class _Costs:
 def _report_search(budget, result, best, grid, exported: dict, out: Path, higher: bool) -> None:
     """The chosen member, the best uniform member within the budget, the exported file's latency."""
     typer.echo(
-        f"best within {budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms"
+        f"best within {budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} "
+        f"params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms"
     )
     same_cost = [g for g in grid if g.costs[budget.kind] <= budget.limit]
     if same_cost:
         top = max(same_cost, key=lambda g: g.metric if higher else -g.metric)
         typer.echo(f"best uniform member within the budget: {top.member} — {result.metric} {top.metric:.4f}")
     typer.echo(
-        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured {exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
+        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured "
+        f"{exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
     )
     typer.echo(
-        f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} ({len(result.candidates)} members scored, {len(result.front())} on the front)"
+        f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} "
+        f"({len(result.candidates)} members scored, {len(result.front())} on the front)"
     )
 
 
@@ -150,5 +153,6 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
             return best, check
         path.unlink()
     raise ValueError(
-        f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured latency is noisy here: retry, or relax the budget"
+        f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured "
+        f"latency is noisy here: retry, or relax the budget"
     )

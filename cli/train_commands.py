@@ -62,16 +62,53 @@ def _choice(enum: type[Enum]) -> str:
 # Every `zoo train` option, declared once: the keyword is the training configuration's flag
 # (training.config.TrainConfig.from_flags), except the launcher's and --save-dir.
 TRAIN_OPTIONS = [
-    option("data", Optional[str], None, "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib (byte models)."),
-    option("strategy", Strategy, Strategy.alternating, "alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place distillation; all: every member each step; random: one random member per step; separate: one member alone (the baseline)."),
-    option("widths", Optional[List[float]], None, "Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model.", flag="--width"),
-    option("ranks", Optional[List[float]], None, "Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1.", flag="--rank"),
+    option(
+        "data",
+        Optional[str],
+        None,
+        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib "
+        "(byte models).",
+    ),
+    option(
+        "strategy",
+        Strategy,
+        Strategy.alternating,
+        "alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place "
+        "distillation; all: every member each step; random: one random member per step; separate: one member alone "
+        "(the baseline).",
+    ),
+    option(
+        "widths",
+        Optional[List[float]],
+        None,
+        "Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full "
+        "model.",
+        flag="--width",
+    ),
+    option(
+        "ranks",
+        Optional[List[float]],
+        None,
+        "Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1.",
+        flag="--rank",
+    ),
     option("low_rank", bool, False, "Build the family with factorized (low-rank) layers."),
     option("extra_members", Optional[List[str]], None, MEMBER.help, flag="--member", metavar=MEMBER.metavar),
-    option("space", Space, Space.uniform, "random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth independently (layerwise, Once-for-All)."),
+    option(
+        "space",
+        Space,
+        Space.uniform,
+        "random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth "
+        "independently (layerwise, Once-for-All).",
+    ),
     option("steps", Optional[int], None, "Optimizer steps; default 600 (images) or 1000 (byte models)."),
     option("epochs", Optional[int], None, "Train for this many epochs instead of --steps."),
-    option("batch_size", Optional[int], None, "Global batch (split over processes); default 128 (images) or 16 (byte models)."),
+    option(
+        "batch_size",
+        Optional[int],
+        None,
+        "Global batch (split over processes); default 128 (images) or 16 (byte models).",
+    ),
     option("lr", Optional[float], None, "Peak learning rate; default 0.1 (sgd) or 3e-3 (adamw)."),
     option("optimizer", Optional[Optimizer], None, "Default: sgd for images, adamw for byte models."),
     option("weight_decay", Optional[float], None, "Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."),
@@ -82,45 +119,152 @@ TRAIN_OPTIONS = [
     option("label_smoothing", float, 0.0, "Label smoothing of the cross-entropy on labels."),
     option("core_prob", float, 0.5, "alternating: fraction of steps that train a core (0.5: full, core, full, ...)."),
     option("num_random", int, 2, "sandwich: random members per step besides the largest and smallest."),
-    option("update", Update, Update.full, "The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient (δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a random rank prefix, --low-rank)."),
+    option(
+        "update",
+        Update,
+        Update.full,
+        "The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient "
+        "(δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a "
+        "random rank prefix, --low-rank).",
+    ),
     option("rho", Optional[float], None, "sam: perturbation radius; default 0.05."),
     option("eg_lr", Optional[float], None, "extragradient: look-ahead step η; default 0.01."),
-    option("keep", Optional[float], None, "meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: smallest rank fraction drawn (0.25)."),
-    option("meprop_units", bool, False, "meprop: keep the top-k output units (rows by gradient norm) rather than coordinates."),
-    option("nested", bool, False, "unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset."),
-    option("log_alignment", Optional[int], None, "Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time)."),
+    option(
+        "keep",
+        Optional[float],
+        None,
+        "meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: "
+        "smallest rank fraction drawn (0.25).",
+    ),
+    option(
+        "meprop_units",
+        bool,
+        False,
+        "meprop: keep the top-k output units (rows by gradient norm) rather than coordinates.",
+    ),
+    option(
+        "nested",
+        bool,
+        False,
+        "unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset.",
+    ),
+    option(
+        "log_alignment",
+        Optional[int],
+        None,
+        "Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about "
+        "three extra forward/backward passes each time).",
+    ),
     option("seq_len", int, 256, "Byte models: context length trained on."),
-    option("img_size", Optional[int], None, "Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size)."),
-    option("aa", Optional[str], None, "folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2."),
+    option(
+        "img_size",
+        Optional[int],
+        None,
+        "Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size).",
+    ),
+    option(
+        "aa",
+        Optional[str],
+        None,
+        "folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), "
+        "augmix-m5-w4-d2.",
+    ),
     option("reprob", float, 0.0, "folder: random-erasing probability (timm's, per-pixel noise)."),
-    option("crop_pct", Optional[float], None, "folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."),
+    option(
+        "crop_pct",
+        Optional[float],
+        None,
+        "folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875.",
+    ),
     option("mixup", float, 0.0, "Images: timm Mixup's mixup alpha (0: off); trains on soft targets."),
-    option("cutmix", float, 0.0, "Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two."),
-    option("init", Optional[Path], None, "Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model)."),
-    option("save_dir", Optional[Path], None, "Also write the trained family in timm's Hub layout here (config.json + model.safetensors)."),
+    option(
+        "cutmix",
+        float,
+        0.0,
+        "Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two.",
+    ),
+    option(
+        "init",
+        Optional[Path],
+        None,
+        "Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model).",
+    ),
+    option(
+        "save_dir",
+        Optional[Path],
+        None,
+        "Also write the trained family in timm's Hub layout here (config.json + model.safetensors).",
+    ),
     option("resume", bool, False, "Continue from the checkpoint in --out (pass the original flags)."),
     option("ckpt_every", Optional[int], None, "Checkpoint every N steps; default: at every evaluation."),
     option("eval_every", Optional[int], None, "Evaluate every member every N steps; default: 10 times per run."),
-    option("eval_limit", Optional[int], None, "Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all."),
-    option("stop_after", Optional[int], None, "Stop after this step with a checkpoint (for time-limited jobs); continue with --resume."),
+    option(
+        "eval_limit",
+        Optional[int],
+        None,
+        "Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all.",
+    ),
+    option(
+        "stop_after",
+        Optional[int],
+        None,
+        "Stop after this step with a checkpoint (for time-limited jobs); continue with --resume.",
+    ),
     option("seed", int, 0, "Seeds the model, the data order and split, and the member choice."),
     option("device", Device, Device.auto, "auto: CUDA if available. cuda without CUDA is an error."),
-    option("workers", Optional[int], None, "Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders."),
+    option(
+        "workers",
+        Optional[int],
+        None,
+        "Data-loading worker processes per training process; default: 0 for data held in memory, a share of the "
+        "cores for folders.",
+    ),
     # The loop: speed, precision, accumulation, EMA; processes and machines (torch's launcher).
-    option("compile", bool, False, "torch.compile the training step: one graph per member, compiled the first time it trains."),
+    option(
+        "compile",
+        bool,
+        False,
+        "torch.compile the training step: one graph per member, compiled the first time it trains.",
+    ),
     option("compile_backend", str, "inductor", "torch.compile backend (with --compile)."),
     option("channels_last", bool, False, "Image models: NHWC weights and inputs (faster convolutions on GPUs)."),
-    option("amp", Optional[Amp], None, "Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none on CPU."),
-    option("accum_steps", int, 1, "Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory)."),
+    option(
+        "amp",
+        Optional[Amp],
+        None,
+        "Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none "
+        "on CPU.",
+    ),
+    option(
+        "accum_steps",
+        int,
+        1,
+        "Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory).",
+    ),
     option("ema", bool, False, "Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."),
     option("ema_decay", Optional[float], None, "With --ema: the decay, reached after a warmup (default 0.9998)."),
     option("sync_bn", bool, False, "Batch-norm statistics over the global batch, across processes."),
-    option("nproc_per_node", int, 1, "Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run."),
+    option(
+        "nproc_per_node",
+        int,
+        1,
+        "Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
+    ),
     option("nnodes", int, 1, "Machines in the run; run the same command on each."),
-    option("node_rank", Optional[int], None, "This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint)."),
-    option("rdzv_endpoint", Optional[str], None, "HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1."),
+    option(
+        "node_rank",
+        Optional[int],
+        None,
+        "This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint).",
+    ),
+    option(
+        "rdzv_endpoint",
+        Optional[str],
+        None,
+        "HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1.",
+    ),
     option("rdzv_id", str, "zoo", "The run's name in the rendezvous, the same on every machine."),
-]  # fmt: skip
+]
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
 
 
@@ -230,7 +374,8 @@ def eval_command(
     recalibrated = calibrate_members(model, members, calibration_batches(bundle))
     if recalibrated:
         typer.echo(
-            f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} (training split)",
+            f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} "
+            f"(training split)",
             err=True,
         )
     started = time.perf_counter()

@@ -256,7 +256,9 @@ class _Signaller(Reporter):
 
 def test_a_signal_repeated_at_once_is_one_request(tmp_path):
     """Ctrl-C reaches every process of the terminal and the launcher forwards it too."""
-    result = train(TrainConfig.from_flags(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2))
+    result = train(
+        TrainConfig.from_flags(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2)
+    )
     assert result.stopped_by == signal.SIGTERM and result.steps == 3 and not result.finished
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
 

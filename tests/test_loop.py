@@ -165,7 +165,9 @@ def test_compile_builds_one_graph_per_member_and_trains_as_eager(backend, tmp_pa
     torch._dynamo.reset()
     counters.clear()
     case = dict(model="slim_resnet20", widths=[0.5], steps=4, batch_size=16, img_size=8, eval_every=100, lr=0.05)
-    compiled, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case))
+    compiled, _ = _run(
+        TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case)
+    )
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
     eager, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "eager"), **case))
     assert _max_diff(_params(compiled.model), _params(eager.model)) < 1e-4
@@ -209,8 +211,9 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         )  # fmt: skip
         for rank in (0, 1)
     ]
-    single = train(TrainConfig.from_flags(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3, batch_size=16, eval_every=100,
-                               lr=0.05, warmup_steps=0, sync_bn=True))  # fmt: skip
+    config = TrainConfig.from_flags(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3,
+                                    batch_size=16, eval_every=100, lr=0.05, warmup_steps=0, sync_bn=True)  # fmt: skip
+    single = train(config)
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert sum(out.count("wrote") for out, _ in outputs) == 1  # global rank 0 alone writes

@@ -239,7 +239,9 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
         for r in alignment
     )
 
-    full = train(TrainConfig.from_flags(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2}))
+    full = train(
+        TrainConfig.from_flags(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2})
+    )
     records = [json.loads(line) for line in (full.out / "metrics.jsonl").read_text().splitlines()]
     (step0,) = [r for r in records if "alignment_cosine" in r]  # step 0 trains the full model: m ⊙ g(x + δ) = g(x)
     assert step0["alignment_cosine"] == pytest.approx(1.0) and step0["alignment_norm_ratio"] == pytest.approx(1.0)

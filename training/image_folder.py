@@ -80,7 +80,8 @@ def check_augmentation(augmentation: Augmentation) -> None:
         except Exception as err:  # timm asserts on unknown policies and raises on bad numbers
             example = "rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2 or trivial"
             raise ValueError(
-                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy ({one_line(err) or 'unknown'}); e.g. {example}"
+                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy "
+                f"({one_line(err) or 'unknown'}); e.g. {example}"
             ) from None
 
 

@@ -23,8 +23,15 @@ DEFAULT_EMA_DECAY = 0.9998
 # Defaults that depend on what the model reads: (images, byte tokens).
 KIND_DEFAULTS = {
     "image": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "batch_size": 128, "steps": 600, "eval_limit": 2048},
-    "tokens": {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.1, "batch_size": 16, "steps": 1000, "eval_limit": 128},
-}  # fmt: skip
+    "tokens": {
+        "optimizer": "adamw",
+        "lr": 3e-3,
+        "weight_decay": 0.1,
+        "batch_size": 16,
+        "steps": 1000,
+        "eval_limit": 128,
+    },
+}
 
 
 def _fill(config, input_kind: str, **more):
