@@ -83,10 +83,11 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
 def prefix_ranks(path: Path, limit: int) -> dict[str, float]:
     """The trained low-rank model's metric at smaller rank prefixes (never trained as members)."""
     import zoo
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
 
     model = zoo.load(path)
-    scorer = MemberScorer(model, data_for(model, None), limit=limit)
+    scorer = MemberScorer(model, data_for(model, "evaluate"), limit=limit)
     return {str(r): scorer(model.resolve_subnet(rank=r)) for r in PREFIX_RANKS}
 
 
