@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 import zoo
-from training.evaluate import data_for, default_batch_size, evaluate
+from training.evaluate import default_batch_size, evaluate
+from training.model_data import data_for
 from zoo.models.transformer import Attention
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.md"
@@ -106,7 +107,7 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()[0]
     model = zoo.create_model("slim_gpt_nano", pretrained=True).eval()
     members = [zoo.Subnet.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
-    val = data_for(model, None).val
+    val = data_for(model, "evaluate").val
     windows = Subset(val, range(min(args.windows, len(val))))
     tokens = torch.stack([windows[i][0] for i in range(min(8, len(windows)))])
 

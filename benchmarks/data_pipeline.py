@@ -45,7 +45,7 @@ from timm.data import ImageDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data import _item_seed  # noqa: E402
+from training.bundle import item_seed  # noqa: E402
 from training.image_folder import seeded  # noqa: E402
 
 AA = "rand-m9-mstd0.5-inc1"
@@ -174,7 +174,7 @@ class SameDraws(ImageDataset):
         self.zoo_index = [zoo_index[str(path)] for path, _ in self.reader.samples]
 
     def __getitem__(self, index: int):
-        with seeded(_item_seed(0, 0, self.zoo_index[index])):
+        with seeded(item_seed(0, 0, self.zoo_index[index])):
             return super().__getitem__(index)
 
 
@@ -191,7 +191,7 @@ def _per_item_cpu(bundle, timm_dataset) -> dict:
         return bundle.train[i][0]
 
     def timm_item(i: int) -> torch.Tensor:
-        with seeded(_item_seed(0, 0, i)):
+        with seeded(item_seed(0, 0, i)):
             return timm_dataset[where[str(bundle.train.files.path(i))]][0]
 
     for i in range(len(bundle.train)):

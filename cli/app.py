@@ -2,21 +2,20 @@
 
 Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant; `zoo list`
 and `zoo info` read the catalogue's facts and file headers without importing torch or timm
-(see :func:`zoo_module`). Errors a user can cause become one line on stderr and exit code 1
+(see :func:`cli.common.zoo_module`). Errors a user can cause become one line on stderr and exit code 1
 (bad flag values: exit 2).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Callable
 
 import typer
+
+from .commands import COMMANDS
+from .common import zoo_module
 
 app = typer.Typer(
     name="zoo",
@@ -57,52 +56,6 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def command(name: str | None = None, **kwargs) -> Callable[[Callable], Callable]:
-    """Register a command whose user errors are reported as one line."""
-    return lambda fn: app.command(name, **kwargs)(user_errors(fn))
-
-
-def zoo_module(name: str) -> ModuleType:
-    """``zoo.<name>`` for a module that imports only the standard library (``catalogue``,
-    ``header``), loaded without running ``zoo/__init__.py``, which imports torch and timm
-    (seconds): what keeps `zoo list` and `zoo info` fast."""
-    if "zoo" in sys.modules:
-        return importlib.import_module(f"zoo.{name}")
-    key = f"_zoo_light_{name}"  # not "zoo.<name>": the package itself is not loaded
-    if key not in sys.modules:
-        package = importlib.util.find_spec("zoo")  # finds the package without importing it
-        location = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, location)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
-
-
-def weights_file(weights: str | Path, pretrained: bool) -> Path:
-    """The weights file a command reads: a path, or with ``--pretrained`` the shipped weights
-    of a catalogue name (the same for every command that takes a weights file)."""
-    catalogue = zoo_module("catalogue")
-    if pretrained:
-        return catalogue.pretrained_file(str(weights))
-    path = Path(weights)
-    if not path.exists() and str(weights) in catalogue.MODELS:
-        raise ValueError(
-            f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)"
-        )
-    if path.is_dir():  # a family folder (zoo.save_pretrained): its weights, once its config.json agrees
-        header = zoo_module("header")
-        header.read_header(path)
-        return header.weights_path(path)
-    return path
-
-
-PRETRAINED = typer.Option(
-    False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`)."
-)
-
-
-@command("list")
 def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
     """Print the catalogue: name, family, axes, parameter count, shipped weights."""
     from rich.console import Console
@@ -136,9 +89,11 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 
-def main() -> None:
-    from . import commands  # noqa: F401  (registers the commands defined in other modules)
+for name, function, options in [("list", list_command, {}), *COMMANDS]:
+    app.command(name, **options)(user_errors(function))
 
+
+def main() -> None:
     app()
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli.commands  # noqa: F401  (registers the commands)
-import training.trainer as trainer_module
+import training.setup as run_setup
 import zoo
 from cli.app import app
 from training.checkpoint import load_checkpoint
@@ -220,7 +220,7 @@ def _stopped_at(process: subprocess.Popen, signum: int, group: bool = False) -> 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
-    return load_file(train(TrainConfig(out=str(tmp_path_factory.mktemp("whole") / "run"), **RUN)).model_path)
+    return load_file(train(TrainConfig.from_flags(out=str(tmp_path_factory.mktemp("whole") / "run"), **RUN)).model_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -256,13 +256,15 @@ class _Signaller(Reporter):
 
 def test_a_signal_repeated_at_once_is_one_request(tmp_path):
     """Ctrl-C reaches every process of the terminal and the launcher forwards it too."""
-    result = train(TrainConfig(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2))
+    result = train(
+        TrainConfig.from_flags(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2)
+    )
     assert result.stopped_by == signal.SIGTERM and result.steps == 3 and not result.finished
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
 
 
 def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = trainer_module.save_checkpoint
+    real_save = run_setup.save_checkpoint
 
     def save_with_a_second_signal(path, state):
         if state["step"] == 3:  # the stop's checkpoint (periodic ones are at 2, 4, ...)
@@ -270,10 +272,10 @@ def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previou
             os.kill(os.getpid(), signal.SIGTERM)
         real_save(path, state)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_with_a_second_signal)
+    monkeypatch.setattr(run_setup, "save_checkpoint", save_with_a_second_signal)
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as stop:
-        train(TrainConfig(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))
+        train(TrainConfig.from_flags(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert (
         str(stop.value) == f"stopped at once by SIGTERM; {out / 'checkpoint.pt'} is as it was; continue with --resume"

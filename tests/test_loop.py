@@ -37,7 +37,7 @@ def _corpus(tmp_path: Path) -> Path:
 
 def _run(config: TrainConfig) -> tuple[Trainer, list[tuple[int, ...]]]:
     """A run in this process; returns its trainer and the input shape of every training forward."""
-    trainer = Trainer(config, distributed.setup(config.device), Reporter())
+    trainer = Trainer(config, distributed.setup(config.dist.device), Reporter())
     shapes: list[tuple[int, ...]] = []
     hook = trainer.model.register_forward_pre_hook(
         lambda module, args: shapes.append(tuple(args[0].shape)) if module.training else None
@@ -63,8 +63,8 @@ def test_two_accumulated_micro_batches_match_one_batch_of_twice_the_size(tmp_pat
     micro-batch moves the weights by ~1e-3."""
     case = dict(model="slim_gpt_nano", data=f"text:{_corpus(tmp_path)}", strategy="sandwich", widths=[0.5], seq_len=16, steps=3,
                 batch_size=8, optimizer="sgd", lr=0.05, warmup_steps=0, eval_every=100)  # fmt: skip
-    whole, whole_shapes = _run(TrainConfig(out=str(tmp_path / "whole"), **case))
-    accumulated, shapes = _run(TrainConfig(out=str(tmp_path / "accum"), accum_steps=2, **case))
+    whole, whole_shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "whole"), **case))
+    accumulated, shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "accum"), accum_steps=2, **case))
     assert set(whole_shapes) == {(8, 16)} and set(shapes) == {(4, 16)}
     assert len(shapes) == 2 * len(whole_shapes)  # every pass of every step, on each micro-batch
     assert _max_diff(_params(whole.model), _params(accumulated.model)) < 1e-5
@@ -165,9 +165,11 @@ def test_compile_builds_one_graph_per_member_and_trains_as_eager(backend, tmp_pa
     torch._dynamo.reset()
     counters.clear()
     case = dict(model="slim_resnet20", widths=[0.5], steps=4, batch_size=16, img_size=8, eval_every=100, lr=0.05)
-    compiled, _ = _run(TrainConfig(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case))
+    compiled, _ = _run(
+        TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case)
+    )
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
-    eager, _ = _run(TrainConfig(out=str(tmp_path / "eager"), **case))
+    eager, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "eager"), **case))
     assert _max_diff(_params(compiled.model), _params(eager.model)) < 1e-4
 
 
@@ -209,8 +211,9 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         )  # fmt: skip
         for rank in (0, 1)
     ]
-    single = train(TrainConfig(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3, batch_size=16, eval_every=100,
-                               lr=0.05, warmup_steps=0, sync_bn=True))  # fmt: skip
+    config = TrainConfig.from_flags(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3,
+                                    batch_size=16, eval_every=100, lr=0.05, warmup_steps=0, sync_bn=True)  # fmt: skip
+    single = train(config)
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert sum(out.count("wrote") for out, _ in outputs) == 1  # global rank 0 alone writes

@@ -198,13 +198,14 @@ def test_member_flag_in_slice_eval_and_bench(trained, tmp_path):
 
 
 def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
     from zoo.search import Budget, Evolution
 
     runs = []
     for _ in range(2):
         model = zoo.load(trained).eval()
-        scorer = MemberScorer(model, data_for(model, None), limit=32)
+        scorer = MemberScorer(model, data_for(model, "evaluate"), limit=32)
 
         def cost(member, model=model):
             return {"params": float(zoo.count_params(model, member)), "flops": float(zoo.count_flops(model, member))}

@@ -227,8 +227,8 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
         batch_size=32,
         eval_every=2,
     )
-    plain = train(TrainConfig(out=str(tmp_path / "plain"), **case))
-    logged = train(TrainConfig(out=str(tmp_path / "logged"), log_alignment=2, **case))
+    plain = train(TrainConfig.from_flags(out=str(tmp_path / "plain"), **case))
+    logged = train(TrainConfig.from_flags(out=str(tmp_path / "logged"), log_alignment=2, **case))
     expected, got = load_file(plain.model_path), load_file(logged.model_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     records = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
@@ -239,7 +239,9 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
         for r in alignment
     )
 
-    full = train(TrainConfig(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2}))
+    full = train(
+        TrainConfig.from_flags(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2})
+    )
     records = [json.loads(line) for line in (full.out / "metrics.jsonl").read_text().splitlines()]
     (step0,) = [r for r in records if "alignment_cosine" in r]  # step 0 trains the full model: m ⊙ g(x + δ) = g(x)
     assert step0["alignment_cosine"] == pytest.approx(1.0) and step0["alignment_norm_ratio"] == pytest.approx(1.0)
@@ -253,9 +255,9 @@ def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
         if case == "unit-dropout"
         else dict(strategy="separate", low_rank=True, update="rank-dropout", keep=0.5)
     )
-    whole = train(TrainConfig(out=str(tmp_path / "whole"), **config))
-    train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **config))
-    resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **config))
+    whole = train(TrainConfig.from_flags(out=str(tmp_path / "whole"), **config))
+    train(TrainConfig.from_flags(out=str(tmp_path / "parts"), stop_after=3, **config))
+    resumed = train(TrainConfig.from_flags(out=str(tmp_path / "parts"), resume=True, **config))
     expected, got = load_file(whole.model_path), load_file(resumed.model_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 

@@ -90,3 +90,20 @@ def setup(device_name: str) -> DistContext:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+@dataclass
+class DistConfig:
+    """Where a run computes (``zoo train --device``, ``--sync-bn``); torch's launcher starts the processes."""
+
+    device: str = "auto"
+    sync_bn: bool = False  # batch-norm statistics over the global batch (training.sync_bn)
+
+    def check(self, model: torch.nn.Module) -> torch.device:
+        """The device this configuration resolves to; refuses --sync-bn without batch norm."""
+        device = resolve_device(self.device)
+        if self.sync_bn:
+            from .sync_bn import SyncBatchNorm
+
+            SyncBatchNorm(model)
+        return device

@@ -112,31 +112,6 @@ def calibration_batches(bundle, batch_size: int = 64, limit: int = 8) -> list[to
     return list(batches(train, batch_size, limit=limit))
 
 
-def data_for(model: zoo.ElasticModel, spec: str | None):
-    """The validation data a model is evaluated on: ``spec``, else the one recorded in its
-    file (same split seed and sizes as in training), else its family's default."""
-    from .data import default_data, load_data
-
-    train_info = getattr(model, "zoo_metadata", {}).get("train") or {}
-    config = train_info.get("config") or {}
-    spec = spec or train_info.get("data") or default_data(model.input_kind)
-    seed = int(config.get("seed", 0))
-    if model.input_kind == "tokens":
-        bundle = load_data(spec, seq_len=model.context_length, seed=seed)
-    else:
-        crop_pct = config.get("crop_pct") if spec.startswith("folder:") else None
-        bundle = load_data(spec, seed=seed, img_size=model.pretrained_cfg["input_size"][-1], crop_pct=crop_pct)
-    if bundle.kind != model.input_kind:
-        raise ValueError(f"{model.arch} reads {model.input_kind}, but data {spec!r} holds {bundle.kind}")
-    if bundle.kind == "image" and bundle.input_size[0] != model.in_chans:
-        raise ValueError(
-            f"{model.arch} reads {model.in_chans}-channel images, but data {spec!r} has {bundle.input_size[0]} channels"
-        )
-    if bundle.num_classes != model.num_classes:
-        raise ValueError(f"{model.arch} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
-    return bundle
-
-
 class MemberScorer:
     """The metric of one member on a fixed validation subset (for ``zoo search``).
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, DataBundle, _check_index, _item_seed, _one_line, _stratified_split
+from .bundle import IMAGE_EXTENSIONS, DataBundle, check_index, item_seed, one_line, stratified_split
 
 STATS_SAMPLE = 256  # training images decoded at the scan for the mean, std and colour mode
 DEFAULT_CROP_PCT = 0.875  # timm's: evaluation resizes to img_size / 0.875, then centre-crops
@@ -80,7 +80,8 @@ def check_augmentation(augmentation: Augmentation) -> None:
         except Exception as err:  # timm asserts on unknown policies and raises on bad numbers
             example = "rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2 or trivial"
             raise ValueError(
-                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy ({_one_line(err) or 'unknown'}); e.g. {example}"
+                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy "
+                f"({one_line(err) or 'unknown'}); e.g. {example}"
             ) from None
 
 
@@ -152,7 +153,7 @@ def scan(root: Path, val_fraction: float, seed: int) -> tuple[FileTable, FileTab
     files = _class_files(root)
     labels = list(files)
     everything = _table(root, files, labels)
-    train, val = _stratified_split(torch.from_numpy(everything.labels), val_fraction, seed)
+    train, val = stratified_split(torch.from_numpy(everything.labels), val_fraction, seed)
     return everything.take(train.tolist()), everything.take(val.tolist()), labels
 
 
@@ -204,7 +205,7 @@ def decode(path: Path):
             image.load()
             return image
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
-        raise UnreadableImage(f"cannot read image {path}: {_one_line(err)}") from None
+        raise UnreadableImage(f"cannot read image {path}: {one_line(err)}") from None
 
 
 def _transforms(
@@ -276,10 +277,10 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         image = decode(self.files.path(index)).convert(self.mode)
         if self.augment:
-            with seeded(_item_seed(self.seed, self.epoch, index)):
+            with seeded(item_seed(self.seed, self.epoch, index)):
                 pixels = self.train_transform(image)
         else:
             pixels = self.eval_transform(image)

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .data import DataBundle, seed_of
+from .bundle import DataBundle, seed_of
 from .image_folder import seeded
 from .signals import ignore_stop_signals
 

@@ -18,6 +18,7 @@ Random choices come from the policy's own seeded generator, checkpointed with th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -305,3 +306,20 @@ def create_policy(name: str, model: nn.Module, seed: int, *, strategy: str = "se
             f"--update {name}{' --nested' if given.get('nested') else ''} with --strategy {strategy}: {NESTED_NOTE}"
         )
     return _CLASSES[name](model, seed, **given)
+
+
+@dataclass
+class UpdateConfig:
+    """The update policy of a run (``zoo train --update`` and its options)."""
+
+    update: str = "full"  # full | sam | extragradient | meprop | unit-dropout | rank-dropout
+    rho: float | None = None  # sam
+    eg_lr: float | None = None  # extragradient
+    keep: float | None = None  # meprop, unit-dropout, rank-dropout
+    meprop_units: bool = False
+    nested: bool = False  # unit-dropout: a random width prefix
+
+    def create(self, model: nn.Module, seed: int, strategy: str) -> UpdatePolicy:
+        """The policy; refuses options that do not apply to it, or to ``strategy``."""
+        options = dict(rho=self.rho, eg_lr=self.eg_lr, keep=self.keep, units=self.meprop_units, nested=self.nested)
+        return create_policy(self.update, model, seed, strategy=strategy, **options)
