@@ -118,8 +118,10 @@ def convert_command(
     seconds = time.perf_counter() - started
     metadata = dict(family.zoo_metadata)
     if "data" in bundle:  # what the members' statistics (and the activation order) were measured on
+        from training.data import absolute_spec
+
         data = bundle["data"]
-        metadata.update(data=data.spec, labels=data.labels, mean=list(data.mean), std=list(data.std))
+        metadata.update(data=absolute_spec(data.spec), labels=data.labels, mean=list(data.mean), std=list(data.std))
     family.zoo_metadata = metadata
     _report(timm_name, family, chosen, calibrate, seconds)
     if out is not None:

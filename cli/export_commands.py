@@ -70,10 +70,11 @@ CALIBRATE = typer.Option(
 class CalibrationData:
     """The data a command calibrates on, loaded on first use (``training.model_data.data_for``)."""
 
-    def __init__(self, spec: Optional[str], model: "ElasticModel"):
+    def __init__(self, given: Optional[str], model: "ElasticModel"):
         from zoo.members import recorded
 
-        self.spec = spec or recorded(getattr(model, "zoo_metadata", {}), "data")
+        self.given = given  # --calibrate; else data_for reads the file's (and says so if it is gone)
+        self.spec = given or recorded(getattr(model, "zoo_metadata", {}), "data")
         self.model, self._bundle = model, None
 
     def bundle(self, why: str) -> "DataBundle":
@@ -84,7 +85,7 @@ class CalibrationData:
         if self._bundle is None:
             from training.model_data import data_for
 
-            self._bundle = data_for(self.model, "calibrate", self.spec)
+            self._bundle = data_for(self.model, "calibrate", self.given)
         return self._bundle
 
     def bn_batches(self) -> Iterator["torch.Tensor"]:
@@ -133,7 +134,7 @@ def slice_command(
     weights = weights_file(weights, pretrained)
     chosen = one_member(member_json, width, rank)
     spec = calibrate or _recorded_data(weights)
-    calibration = (lambda model: CalibrationData(spec, model).bn_batches()) if spec else None  # loaded only if needed
+    calibration = (lambda model: CalibrationData(calibrate, model).bn_batches()) if spec else None  # loaded if needed
     member = zoo.slice_file(weights, out, chosen, rank, calibration, _bn_note(spec))
     params = sum(p.numel() for p in member.model.parameters())
     typer.echo(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import typer
 from PIL import Image
 
@@ -84,3 +85,62 @@ def test_data_for_each_purpose_reads_the_record_and_shapes_for_the_model(tmp_pat
     gray = zoo.create_model("slim_resnet20", num_classes=2, in_chans=1, img_size=16)
     with pytest.raises(ValueError, match="reads 1-channel images, but data .* has 3-channel images"):
         data_for(gray, "calibrate", spec)
+
+
+def test_grey_data_is_repeated_on_an_rgb_models_channels_and_sized_for_it():
+    """Built-in digits (1 channel, 8 px) for a 3-channel 32-px model: the same image on every
+    channel, normalised as recorded, where refusing would help no one."""
+    model = zoo.create_model("slim_resnet20", num_classes=10, img_size=32, widths=[1.0])
+    for purpose in ("evaluate", "calibrate"):
+        bundle = data_for(model, purpose, "digits")
+        image, label = bundle.val[5]
+        grey, same_label = load_data("digits", img_size=32).val[5]
+        assert bundle.input_size == (3, 32, 32) and image.shape == (3, 32, 32)
+        assert torch.equal(image, grey.expand(3, 32, 32)) and int(label) == int(same_label)
+        assert bundle.mean == (0.5, 0.5, 0.5) and bundle.std == (0.5, 0.5, 0.5)
+    assert data_for(model, "calibrate", "digits").train.augment is False
+
+
+@pytest.mark.parametrize(
+    "purpose, flag, name, model_args",
+    [
+        ("evaluate", "--data", "slim_resnet20", dict(num_classes=7, img_size=8)),
+        ("calibrate", "--calibrate", "slim_gpt_nano", {}),
+    ],
+)
+def test_data_that_does_not_fit_names_the_flag_that_fixes_it(purpose, flag, name, model_args):
+    model = zoo.create_model(name, widths=[1.0], **model_args)
+    with pytest.raises(ValueError, match=f"; pass {flag} DATA with "):
+        data_for(model, purpose, "digits")
+
+
+def test_a_recorded_data_path_that_is_gone_says_where_it_came_from(tmp_path):
+    model = zoo.create_model("slim_resnet20", num_classes=2, img_size=16, widths=[1.0])
+    model.zoo_metadata = {"train": {"data": f"folder:{tmp_path / 'gone'}"}}
+    with pytest.raises(FileNotFoundError, match="recorded in the weights file|the weights file records") as err:
+        data_for(model, "calibrate")
+    assert "pass --calibrate DATA" in str(err.value) and str(tmp_path / "gone") in str(err.value)
+    with pytest.raises(FileNotFoundError) as given:  # a spec the user typed: nothing about the file
+        data_for(model, "evaluate", f"folder:{tmp_path / 'gone'}")
+    assert "weights file" not in str(given.value)
+
+
+def test_a_relative_data_path_is_recorded_absolute_and_found_from_elsewhere(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    _folder(tmp_path / "project" / "shapes")
+    args = ["--steps", "2", "--batch-size", "8", "--width", "0.5", "--img-size", "8", "--eval-limit", "4"]
+    result = CliRunner().invoke(app, ["train", "slim_resnet20", "--data", "folder:shapes", *args, "--out", "run"])
+    assert result.exit_code == 0, result.output
+    weights = tmp_path / "project" / "run" / "model.safetensors"
+    train = zoo.read_header(weights)["metadata"]["train"]
+    assert train["data"] == f"folder:{tmp_path / 'project' / 'shapes'}" and train["config"]["data"] == "folder:shapes"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["eval", str(weights), "--json"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "project" / "shapes").rename(tmp_path / "moved")
+    result = CliRunner().invoke(app, ["eval", str(weights), "--width", "0.25"])
+    assert result.exit_code == 1
+    assert "(the data the weights file records); pass --data DATA" in result.output

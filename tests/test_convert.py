@@ -406,6 +406,23 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     assert trained.model_args["patch_size"] == 16 and trained.pretrained_cfg["input_size"] == (1, IMG, IMG)
 
 
+@pytest.mark.slow
+def test_a_default_timm_resnet18_converts_on_digits_and_evaluates_without_data(tmp_path, monkeypatch):
+    """The README's path for a checkpoint of one's own: RGB timm model, grey built-in data
+    (repeated on three channels, resized to 32 px) for calibration and evaluation."""
+    monkeypatch.chdir(tmp_path)
+    save_file(timm.create_model("resnet18", num_classes=10).state_dict(), "ckpt.safetensors")
+    args = ["resnet18", "--checkpoint", "ckpt.safetensors", "--img-size", "32", "--calibrate", "digits"]
+    result = runner.invoke(app, ["convert", *args, "--width", "0.5", "--out", "family.safetensors"])
+    assert result.exit_code == 0, result.output
+    family = zoo.load("family.safetensors")
+    assert family.zoo_metadata["data"] == "digits" and family.zoo_metadata["mean"] == [0.5, 0.5, 0.5]
+    assert family.pretrained_cfg["input_size"] == (3, 32, 32)
+    result = runner.invoke(app, ["eval", "family.safetensors", "--json", "--limit", "32"])
+    assert result.exit_code == 0, result.output
+    assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -421,8 +438,8 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
             "error: order 'activation' needs calibration batches",
         ),
         (
-            ["resnet18", "--calibrate", "digits", "--out", "x.safetensors"],
-            "error: the model reads 3-channel images, but data 'digits' has 1-channel images",
+            ["resnet18", "--in-chans", "2", "--calibrate", "stdlib", "--out", "x.safetensors"],
+            "error: the model reads image, but data 'stdlib' holds tokens; pass --calibrate DATA with image",
         ),
     ],
 )

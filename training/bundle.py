@@ -7,6 +7,7 @@ shuffle and augment each item under a seed derived from ``(seed, epoch, index)``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -32,6 +33,44 @@ class DataBundle:
     seq_len: int | None  # window length for text
     crop_pct: float | None = None  # evaluation: resize to size / crop_pct, centre crop (folders)
     streamed: bool = False  # items are decoded from files when read: worth worker processes
+
+
+class RepeatedChannels(Dataset):
+    """A grey-image dataset whose items carry their one channel ``channels`` times (what an RGB
+    model reads of a grey image); other attributes are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, channels: int):
+        self.dataset, self.channels = dataset, channels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, target = self.dataset[index]
+        return image.expand(self.channels, *image.shape[1:]).contiguous(), target
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("dataset", "channels"):
+            super().__setattr__(name, value)
+        else:  # e.g. calibration switching augmentation off
+            setattr(self.dataset, name, value)
+
+
+def repeat_channels(bundle: DataBundle, channels: int) -> DataBundle:
+    """``bundle``'s grey images on ``channels`` equal channels, normalised as before."""
+    return dataclasses.replace(
+        bundle,
+        train=RepeatedChannels(bundle.train, channels),
+        val=RepeatedChannels(bundle.val, channels),
+        input_size=(channels, *bundle.input_size[1:]),
+        mean=tuple(bundle.mean) * channels if bundle.mean and len(bundle.mean) == 1 else bundle.mean,
+        std=tuple(bundle.std) * channels if bundle.std and len(bundle.std) == 1 else bundle.std,
+    )
 
 
 def check_index(index: int, length: int) -> int:

@@ -101,6 +101,15 @@ def default_data(input_kind: str) -> str:
     return specs[input_kind]
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its path made absolute: what a weights file records, so that the file's
+    data is found from any working directory."""
+    kind, colon, arg = spec.partition(":")
+    if kind in ("cifar10", "cifar100", "folder", "text") and arg:
+        return f"{kind}:{Path(arg).expanduser().absolute()}"
+    return spec
+
+
 def load_data(
     spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None,
     aa: str | None = None, reprob: float = 0.0, crop_pct: float | None = None,

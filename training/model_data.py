@@ -7,6 +7,9 @@ model that exists: its input size or context length, and the split seed and eval
 file records (:func:`zoo.members.recorded`, top level or under the trainer's ``"train"``).
 ``calibrate`` turns the training split's augmentation off (statistics and activation ranges are
 measured on plain inputs); ``evaluate`` also requires the model's classes.
+
+Data is adapted to a model where that loses nothing (sized to its input, grey images repeated
+on its three channels); where it cannot be, the message names the flag that gives other data.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .bundle import DataBundle
+from .bundle import DataBundle, repeat_channels
 from .data import DataConfig, default_data, load_data
 
 if TYPE_CHECKING:
     import zoo
 
 PURPOSES = ("train", "evaluate", "calibrate")
+FLAG = {"train": "--data", "evaluate": "--data", "calibrate": "--calibrate"}  # what gives other data
 
 
 @dataclass(frozen=True)
@@ -65,32 +69,55 @@ def data_for(
     if purpose not in PURPOSES:
         raise ValueError(f"unknown data purpose {purpose!r}; choose one of {', '.join(PURPOSES)}")
     model = model if isinstance(model, ModelInput) else ModelInput.of(model)
-    spec = spec or recorded(model.metadata, "data") or default_data(model.kind)
-    if purpose == "train":
-        options = options or DataConfig()
-        sizes = dict(seq_len=options.seq_len, img_size=options.img_size, crop_pct=options.crop_pct)
-        bundle = load_data(spec, seed=seed, aa=options.aa, reprob=options.reprob, **sizes)
-    else:
-        config = recorded(model.metadata, "config") or {}
-        seed = int(config.get("seed", 0))
-        if model.kind == "tokens":
-            bundle = load_data(spec, seq_len=model.context_length, seed=seed)
-        else:  # a folder's evaluation crop as trained
-            crop_pct = recorded(model.metadata, "crop_pct") if spec.startswith("folder:") else None
-            bundle = load_data(spec, seed=seed, img_size=model.input_size[-1], crop_pct=crop_pct)
-    _check_fits(model, bundle, spec, classes=purpose == "evaluate", channels=purpose != "train")
+    flag = FLAG[purpose]
+    stored = recorded(model.metadata, "data") if spec is None else None
+    spec = spec or stored or default_data(model.kind)
+    try:
+        bundle = _load(model, purpose, spec, options, seed)
+    except FileNotFoundError as err:
+        if stored is None:
+            raise
+        raise FileNotFoundError(
+            f"{err} (the data the weights file records); pass {flag} DATA to use other data"
+        ) from None
+    grey = bundle.kind == model.kind == "image" and bundle.input_size[0] == 1 < model.input_size[0]
+    if purpose != "train" and grey:
+        bundle = repeat_channels(bundle, model.input_size[0])  # grey on equal channels: lossless
+    _check_fits(model, bundle, spec, flag, classes=purpose == "evaluate", channels=purpose != "train")
     if purpose == "calibrate" and getattr(bundle.train, "augment", False):
         bundle.train.augment = False
     return bundle
 
 
-def _check_fits(model: ModelInput, bundle: DataBundle, spec: str, classes: bool, channels: bool) -> None:
+def _load(model: ModelInput, purpose: str, spec: str, options: DataConfig | None, seed: int) -> DataBundle:
+    from zoo.weights import recorded
+
+    if purpose == "train":
+        options = options or DataConfig()
+        sizes = dict(seq_len=options.seq_len, img_size=options.img_size, crop_pct=options.crop_pct)
+        return load_data(spec, seed=seed, aa=options.aa, reprob=options.reprob, **sizes)
+    config = recorded(model.metadata, "config") or {}
+    seed = int(config.get("seed", 0))
+    if model.kind == "tokens":
+        return load_data(spec, seq_len=model.context_length, seed=seed)
+    # sized to the model's input; a folder's evaluation crop as trained
+    crop_pct = recorded(model.metadata, "crop_pct") if spec.startswith("folder:") else None
+    return load_data(spec, seed=seed, img_size=model.input_size[-1], crop_pct=crop_pct)
+
+
+def _check_fits(model: ModelInput, bundle: DataBundle, spec: str, flag: str, classes: bool, channels: bool) -> None:
     if bundle.kind != model.kind:
-        raise ValueError(f"{model.name} reads {model.kind}, but data {spec!r} holds {bundle.kind}")
+        raise ValueError(
+            f"{model.name} reads {model.kind}, but data {spec!r} holds {bundle.kind}; "
+            f"pass {flag} DATA with {model.kind}"
+        )
     if channels and bundle.kind == "image" and bundle.input_size[0] != model.input_size[0]:
         raise ValueError(
             f"{model.name} reads {model.input_size[0]}-channel images, but data {spec!r} has "
-            f"{bundle.input_size[0]}-channel images"
+            f"{bundle.input_size[0]}-channel images; pass {flag} DATA with {model.input_size[0]}-channel images"
         )
     if classes and bundle.num_classes != model.num_classes:
-        raise ValueError(f"{model.name} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
+        raise ValueError(
+            f"{model.name} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}; "
+            f"pass {flag} DATA with {model.num_classes} classes"
+        )

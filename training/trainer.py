@@ -33,7 +33,7 @@ from . import distributed
 from .bundle import DataBundle
 from .checkpoint import CHECKPOINT_NAME
 from .config import TrainConfig
-from .data import batches
+from .data import absolute_spec, batches
 from .evaluate import default_batch_size, evaluate, metric_name
 from .image_folder import INTERPOLATION
 from .loop import distill_loss
@@ -384,7 +384,7 @@ class Trainer(Setup):
             "members": [s.to_dict() for s in self.members],
             "steps": self.total_steps,
             "epochs": round(self.total_steps / self.steps_per_epoch, 3),
-            "data": data.spec,
+            "data": absolute_spec(data.spec),  # as typed: config["data"]
             "seed": self.cfg.seed,
             "world_size": self.ctx.world_size,
             "device": self.ctx.device.type,
