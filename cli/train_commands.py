@@ -196,6 +196,12 @@ TRAIN_OPTIONS = [
         "Also write the trained family in timm's Hub layout here (config.json + model.safetensors).",
     ),
     option("resume", bool, False, "Continue from the checkpoint in --out (pass the original flags)."),
+    option(
+        "overwrite",
+        bool,
+        False,
+        "Start over in an --out that holds a run: its checkpoint, weights and metrics are removed first.",
+    ),
     option("ckpt_every", Optional[int], None, "Checkpoint every N steps; default: at every evaluation."),
     option("eval_every", Optional[int], None, "Evaluate every member every N steps; default: 10 times per run."),
     option(
@@ -462,6 +468,11 @@ class _Progress:
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+    def note(self, text: str) -> None:
+        from rich.console import Console
+
+        Console().print(text, highlight=False, soft_wrap=True)
 
 
 class _EvalProgress:

@@ -39,3 +39,26 @@ def test_resume_after_the_last_checkpoint_but_before_the_weights_writes_them(tmp
     again = CliRunner().invoke(app, [*ARGS, "--out", str(out), "--resume"])
     assert again.exit_code == 0, again.output
     assert "already finished" not in again.output and (out / "model.safetensors").is_file()
+
+
+def test_training_into_a_finished_run_suggests_a_new_out_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, [*ARGS, "--out", str(out)]).exit_code == 0
+    before = _snapshot(out)
+    again = CliRunner().invoke(app, [*ARGS, "--out", str(out)])
+    assert again.exit_code == 1
+    assert "holds a finished run; choose a new --out, or pass --overwrite" in again.output
+    assert "--resume" not in again.output and _snapshot(out) == before
+
+
+def test_overwrite_starts_over_and_keeps_nothing_of_the_old_run(tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(app, [*ARGS, "--ema", "--out", str(out)]).exit_code == 0
+    assert (out / "model_ema.safetensors").exists()
+    again = CliRunner().invoke(app, [*ARGS, "--seed", "1", "--out", str(out), "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert "--overwrite: removed the old run's checkpoint.pt, model.safetensors, model_ema.safetensors" in again.output
+    assert not (out / "model_ema.safetensors").exists()  # nothing of the old run is kept
+    assert zoo.read_header(out / "model.safetensors")["metadata"]["train"]["seed"] == 1
+    refused = CliRunner().invoke(app, [*ARGS, "--out", str(out), "--overwrite", "--resume"])
+    assert refused.exit_code == 1 and "give one" in refused.output and (out / "model.safetensors").exists()

@@ -268,7 +268,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     )
     assert result.exit_code == 1 and "lr=0.1 (now 0.05)" in result.stderr
     result = _invoke("train", "slim_resnet20", "--steps", "4", "--batch-size", "32", "--out", out)
-    assert result.exit_code == 1 and "already holds a training checkpoint" in result.stderr
+    assert result.exit_code == 1 and "holds an unfinished run; pass --resume to continue it" in result.stderr
 
 
 def test_bad_choices_exit_2_without_traceback(tmp_path):

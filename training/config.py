@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0  # seeds the model, the data order and split, the member choice, the policy
     init: str | None = None  # start from this zoo weights file
     resume: bool = False
+    overwrite: bool = False  # start over in a folder that holds a run (not recorded: an action, not a setting)
     members: MemberConfig = field(default_factory=MemberConfig)
     updates: UpdateConfig = field(default_factory=UpdateConfig)
     inputs: DataConfig = field(default_factory=DataConfig)
@@ -56,7 +57,7 @@ class TrainConfig:
     def from_flags(cls, model: str, out: str, **flags) -> TrainConfig:
         """A config from one keyword per flag (``steps=``, ``widths=``, ``update=`` ...), each
         handed to the part that owns it."""
-        run = {k: flags.pop(k) for k in ("seed", "init", "resume") if k in flags}
+        run = {k: flags.pop(k) for k in ("seed", "init", "resume", "overwrite") if k in flags}
         parts = {}
         for name, part in PARTS.items():
             names = {f.name for f in dataclasses.fields(part)}

@@ -35,6 +35,8 @@ from .sync_bn import SyncBatchNorm
 
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"  # --ema: the averaged weights, evaluated and saved beside the model
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (CHECKPOINT_NAME, MODEL_FILE, EMA_FILE, METRICS_FILE)  # what a run writes: --overwrite removes them
 CALIBRATION_BATCHES = 20  # training batches (unaugmented) per member for final BN statistics
 
 
@@ -55,9 +57,18 @@ class Setup:
         self.started = time.perf_counter()
         structure = structure if structure is not None else config.check()
         cfg = config.resolved(structure)
+        if cfg.resume and cfg.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
+        self.overwritten = self._overwrite() if cfg.overwrite else []
         if not cfg.resume and self.checkpoint_path.exists():
+            if (self.out / MODEL_FILE).exists():
+                raise ValueError(
+                    f"{self.out} holds a finished run; choose a new --out, or pass --overwrite to replace it "
+                    "(nothing of the old run is kept)"
+                )
             raise ValueError(
-                f"{self.out} already holds a training checkpoint; pass --resume to continue it, or choose another --out"
+                f"{self.out} holds an unfinished run; pass --resume to continue it, --overwrite to start over, or "
+                "choose a new --out"
             )
         if cfg.resume and not self.checkpoint_path.exists():
             raise ValueError(f"--resume: no checkpoint in {self.out} (expected {self.checkpoint_path})")
@@ -67,6 +78,16 @@ class Setup:
         if checkpoint is not None:
             self.cfg.check_same_run(checkpoint["config"])
         self._build(structure, checkpoint)
+
+    def _overwrite(self) -> list[str]:
+        """``--overwrite``: rank 0 removes every file an earlier run wrote into the folder; the
+        others wait, so none of them sees the old checkpoint."""
+        removed = [name for name in RUN_FILES if (self.out / name).exists()]
+        if self.ctx.is_main:
+            for name in removed:
+                (self.out / name).unlink()
+        self.ctx.barrier()
+        return removed
 
     def _load_data(self, cfg: TrainConfig, structure: zoo.ElasticModel) -> TrainConfig:
         """The data, its loader, and the config with the schedule the data decides."""

@@ -37,12 +37,11 @@ from .data import absolute_spec, batches
 from .evaluate import default_batch_size, evaluate, metric_name
 from .image_folder import INTERPOLATION
 from .loop import distill_loss
-from .setup import CALIBRATION_BATCHES, EMA_FILE, MODEL_FILE, Setup
+from .setup import CALIBRATION_BATCHES, EMA_FILE, METRICS_FILE, MODEL_FILE, Setup
 from .signals import Interrupted, StopSignals, signal_name
 from .strategies import Pass
 from .updates import partial_gradient
 
-METRICS_FILE = "metrics.jsonl"
 PERIODIC_CALIBRATION_BATCHES = 5  # the same before each periodic evaluation of a layerwise run
 
 
@@ -76,6 +75,9 @@ class Reporter:
     def evaluated(self, step: int, records: list[dict]) -> None: ...
 
     def finish(self) -> None: ...
+
+    def note(self, text: str) -> None:
+        """A line about the run itself (e.g. what --overwrite removed)."""
 
 
 class TrainingDiverged(ValueError):
@@ -135,6 +137,11 @@ class Trainer(Setup):
             return self._already_finished()
         self.signals.deferring = True  # from here a signal lets the step finish, then checkpoints
         if self.ctx.is_main:
+            if self.overwritten:
+                self.reporter.note(
+                    f"--overwrite: removed the old run's {', '.join(self.overwritten)} from {self.out}; "
+                    "nothing of it is kept"
+                )
             self.reporter.start(self.total_steps, self.step, described, cfg.loop.batch_size)
             self._write_metrics()
         self.model.train()
