@@ -88,6 +88,28 @@ def weights_file(weights: str | Path, pretrained: bool) -> Path:
     return path
 
 
+def readable_weights(weights: str | Path, pretrained: bool, command: str) -> Path:
+    """:func:`weights_file`, checked before any heavy import (a typo answers at once): it exists,
+    is not an ONNX file (those are run with `zoo run`), and holds a zoo header naming a known
+    architecture."""
+    path = weights_file(weights, pretrained)
+    if path.suffix.lower() == ".onnx":
+        raise ValueError(
+            f"zoo {command} takes a weights file (.safetensors) or a family (folder, or a catalogue name with "
+            f"--pretrained); {path} is an exported ONNX file: run it with `zoo run {path} INPUTS...`"
+        )
+    header = zoo_module("header").read_header(path)  # one line for a missing, foreign or corrupt file
+    zoo_module("catalogue").check_name(header["arch"])
+    return path
+
+
+def check_data_path(spec: str | None, flag: str) -> None:
+    """A data spec's path exists (checked before torch loads; the data layer checks the rest)."""
+    kind, _, arg = (spec or "").partition(":")
+    if kind in ("cifar10", "cifar100", "folder", "text") and arg and not Path(arg).expanduser().exists():
+        raise FileNotFoundError(f"{flag} {spec}: data path not found: {Path(arg).expanduser()}")
+
+
 PRETRAINED = typer.Option(
     False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`)."
 )

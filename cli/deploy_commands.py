@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .common import PRETRAINED, command, weights_file
+from .common import PRETRAINED, check_data_path, command, readable_weights
 from .members import MEMBER, parse_members
 
 
@@ -106,6 +106,9 @@ def bench_command(
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime."""
+    path = readable_weights(weights, pretrained, "bench")
+    chosen_members = parse_members(member)
+    check_data_path(calibrate, "--calibrate")
     import torch
 
     from export.benchmark import bench_family, check_plot_path, plot_results
@@ -114,9 +117,9 @@ def bench_command(
 
     from .export_commands import CalibrationData
 
-    source = WeightsSource.open(weights_file(weights, pretrained))
+    source = WeightsSource.open(path)
     model = source.model
-    subnets = select_members(model, width, rank, parse_members(member))
+    subnets = select_members(model, width, rank, chosen_members)
     data = CalibrationData(calibrate, model)
     calibrate_members(model, subnets, data.bn_batches() if data.spec else None)
     threads = threads or torch.get_num_threads()

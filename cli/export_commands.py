@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
-from .common import PRETRAINED, command, weights_file, zoo_module
+from .common import PRETRAINED, check_data_path, command, readable_weights, weights_file, zoo_module
 from .members import MEMBER, one_member
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
@@ -128,11 +128,12 @@ def slice_command(
     out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
 ) -> None:
     """Write one member as a standalone, physically smaller weights file."""
+    weights = readable_weights(weights, pretrained, "slice")
+    check_data_path(calibrate, "--calibrate")
+    chosen = one_member(member_json, width, rank)
     import zoo
     from zoo.weights import file_sha256
 
-    weights = weights_file(weights, pretrained)
-    chosen = one_member(member_json, width, rank)
     spec = calibrate or _recorded_data(weights)
     calibration = (lambda model: CalibrationData(calibrate, model).bn_batches()) if spec else None  # loaded if needed
     member = zoo.slice_file(weights, out, chosen, rank, calibration, _bn_note(spec))
@@ -184,15 +185,17 @@ def export_command(
     ),
 ) -> None:
     """Export a member to a self-contained ONNX file, verified against PyTorch."""
+    if all_members and (width is not None or rank is not None or member_json):
+        raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
+    path = readable_weights(weights, pretrained, "export")
+    check_data_path(calibrate, "--calibrate")
+    chosen = one_member(member_json, width, rank)
     import zoo
     from export.onnx_export import export_all, export_member
     from export.verify import require_device
 
-    if all_members and (width is not None or rank is not None or member_json):
-        raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
-    chosen = one_member(member_json, width, rank)
     require_device(device.value)
-    source = zoo.WeightsSource.open(weights_file(weights, pretrained))
+    source = zoo.WeightsSource.open(path)
     data = CalibrationData(calibrate, source.model)
     quantization = quantize.value if quantize else None
     options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantization, fuse=fuse)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .common import PRETRAINED, command, weights_file
+from .common import PRETRAINED, check_data_path, command, readable_weights
 
 
 @command("search")
@@ -40,6 +40,10 @@ def search_command(
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the exported member against PyTorch."),
 ) -> None:
     """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
+    path = readable_weights(weights, pretrained, "search")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; zoo search writes a folder")
+    check_data_path(data, "--data")
     import zoo
     from training.evaluate import MemberScorer
     from training.model_data import data_for
@@ -47,9 +51,7 @@ def search_command(
     from zoo.search import Budget, Candidate, Evolution, plot_front, write_front
 
     chosen_budget = Budget.parse(budget)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; zoo search writes a folder")
-    source = zoo.WeightsSource.open(weights_file(weights, pretrained))
+    source = zoo.WeightsSource.open(path)
     model = source.model
     scorer = MemberScorer(model, data_for(model, "evaluate", data), limit)
 

@@ -12,7 +12,7 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from .common import PRETRAINED, command, option, takes, weights_file
+from .common import PRETRAINED, check_data_path, command, option, readable_weights, takes, zoo_module
 from .members import MEMBER, parse_members
 
 
@@ -284,6 +284,7 @@ def train_command(
     **options,
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
+    _check_before_torch(model, options)
     from training.launch import Launch, launch
     from training.signals import Interrupted
     from training.trainer import TrainConfig, train
@@ -308,6 +309,16 @@ def train_command(
         raise typer.Exit(128 + result.stopped_by)
     if main:
         _report_run(model, out, result, save_dir)
+
+
+def _check_before_torch(model: str, options: dict) -> None:
+    """What a typo gets wrong, checked before torch and timm load (seconds): the model's name,
+    the files and data paths named, the members' JSON."""
+    zoo_module("catalogue").check_name(model)
+    if options["init"] is not None:
+        zoo_module("header").read_header(options["init"])
+    check_data_path(options["data"], "--data")
+    parse_members(options["extra_members"])
 
 
 def _config_flags(options: dict) -> dict:
@@ -367,6 +378,9 @@ def eval_command(
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
     """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
+    path = readable_weights(weights, pretrained, "eval")
+    chosen_members = parse_members(member)
+    check_data_path(data, "--data")
     import zoo
     from training.distributed import resolve_device
     from training.evaluate import calibration_batches, default_batch_size, evaluate, metric_name
@@ -374,8 +388,8 @@ def eval_command(
     from zoo.members import calibrate_members, select_members
 
     torch_device = resolve_device(device.value)
-    model = zoo.load(weights_file(weights, pretrained)).to(torch_device)
-    members = select_members(model, width, rank, parse_members(member))
+    model = zoo.load(path).to(torch_device)
+    members = select_members(model, width, rank, chosen_members)
     bundle = data_for(model, "evaluate", data)
     recalibrated = calibrate_members(model, members, calibration_batches(bundle))
     if recalibrated:
