@@ -132,6 +132,19 @@ def _data_spec(model, data: Optional[str]) -> Optional[str]:
     return data or recorded(getattr(model, "zoo_metadata", {}), "data")
 
 
+def search_file_name(arch: str, member, kind: str, costs: dict[str, float]) -> str:
+    """The chosen member's file: what it keeps and what it costs, readable (no digest), e.g.
+    ``slim_resnet20_depth1-2-3_width0p5-1-1_41p2k-params.onnx``."""
+    from zoo.search import short_count
+
+    def numbers(value) -> str:
+        return "-".join(f"{v:g}".replace(".", "p") for v in (value if isinstance(value, list) else [value]))
+
+    parts = [f"{field}{numbers(value)}" for field, value in sorted(member.to_dict().items())] or ["largest"]
+    cost = f"{costs[kind]:.3g}ms" if kind == "latency" else f"{short_count(costs[kind])}-{kind}"
+    return f"{arch}_{'_'.join(parts)}_{cost.replace('.', 'p')}.onnx"
+
+
 def _export_best(result, source, out: Path, threads: int, verify: bool, latency):
     """Export the best member; under a latency budget, re-measure the exported file on its own
     and fall back to the next best (up to three) if it does not meet the budget."""
@@ -141,7 +154,9 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
     ranked = result.ranked()
     for best in ranked[:3]:
         best.costs.setdefault("latency", latency(best.member))
-        results, _ = export_members(source, out, [best.member], verify_output=verify)
+        scored = {best.member.key: {result.metric: best.metric}}  # on the search's validation items
+        name = {best.member.key: search_file_name(source.model.arch, best.member, result.budget.kind, best.costs)}
+        results, _ = export_members(source, out, [best.member], name, scored, verify_output=verify)
         path = results[0].path
         example = source.model.example_input(1).numpy()
         measured = session_latency(path, example, threads)

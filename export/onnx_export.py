@@ -384,13 +384,24 @@ def export_all(
 
 
 def export_members(
-    source: WeightsSource, out_dir: Path, members: list[Subnet], **options
+    source: WeightsSource,
+    out_dir: Path,
+    members: list[Subnet],
+    names: dict[str, str] | None = None,
+    metrics: dict[str, dict] | None = None,
+    **options,
 ) -> tuple[list[ExportResult], Path]:
-    """``export_all`` for a caller that already holds ``out_dir``'s lock (``zoo search``)."""
+    """``export_all`` for a caller that already holds ``out_dir``'s lock (``zoo search``).
+
+    ``names``: file names by member key (default ``ARCH_KEY.onnx``); ``metrics``: by member key,
+    what the caller measured for a member the weights file has no metrics for (a searched one)."""
     results = []
     for subnet in members:
         member = source.member(subnet)
-        results.append(export_member(member, out_dir / f"{source.model.arch}_{subnet.key}.onnx", **options))
+        if not member.metadata.get("metrics") and subnet.key in (metrics or {}):
+            member.metadata["metrics"] = [{"subnet": subnet.to_dict(), **metrics[subnet.key]}]
+        name = (names or {}).get(subnet.key, f"{source.model.arch}_{subnet.key}.onnx")
+        results.append(export_member(member, out_dir / name, **options))
     manifest = {
         "arch": source.model.arch,
         "family": zoo.family_of(source.model.arch),

@@ -253,6 +253,18 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert [g["member"] for g in report["grid"]] == [{"width": w} for w in (0.25, 0.5, 0.75, 1.0)]
     assert report["latency_check"]["exported_ms"] > 0
     assert manifest["members"][0]["max_abs_diff"] <= 1e-4  # verified against PyTorch
+    assert manifest["members"][0]["metric"] == {"accuracy": report["best"]["metric"]}  # what the search measured
+    from cli.search_commands import search_file_name
+
+    chosen = Subnet.from_dict(report["best"]["member"])
+    assert manifest["members"][0]["file"] == search_file_name("slim_resnet20", chosen, "params", report["best"])
+    assert chosen.key not in manifest["members"][0]["file"] and "-params.onnx" in manifest["members"][0]["file"]
+    for value, expected in ((out / "pareto.json", report["best"]), (f"{out / 'pareto.json'}#0", report["front"][0])):
+        sliced = _zoo("slice", str(trained), "--member", str(value), "--out", str(tmp_path / "m.safetensors"))
+        assert sliced.returncode == 0, sliced.stderr
+        assert zoo.load(tmp_path / "m.safetensors").subnets == [Subnet.from_dict(expected["member"])]
+    missing = _zoo("slice", str(trained), "--member", f"{out / 'pareto.json'}#99", "--out", str(tmp_path / "n"))
+    assert missing.returncode == 1 and f"the front has {len(report['front'])} entries" in missing.stderr
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
     assert (
         bad.returncode == 1
@@ -290,3 +302,37 @@ def test_the_front_holds_the_best_member_even_among_ties():
         Budget("flops", 20.0), "accuracy", True, [Candidate(Subnet(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0
     )
     assert result.ranked()[0] in result.front() and [c.metric for c in result.front()] == [0.5, 0.9]
+
+
+def test_the_pareto_plot_zooms_to_the_budget_in_plain_units_with_labels_apart():
+    """Under flops=250k the front fills the plot (not 5% of an axis running to the largest
+    uniform member), ticks read 100k not 1e6 offsets, and no label covers another or the star."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+
+    from zoo.search import Budget, Candidate, SearchResult, draw_front
+
+    generator = torch.Generator().manual_seed(0)
+    flops = (torch.rand(30, generator=generator) * 0.2e6 + 0.05e6).tolist()
+    scored = [Candidate(Subnet(width=0.25, depth=[1, 2, 3]), 0.6 + f / 1e6, {"flops": f}, 1) for f in flops]
+    grid = [Candidate(Subnet(width=w), 0.8 + w / 10, {"flops": w * w * 5e6}, -1) for w in (0.25, 0.5, 0.75, 1.0)]
+    grid[0].costs["flops"], grid[0].metric = 0.24e6, 0.84  # next to the chosen member
+    result = SearchResult(Budget("flops", 0.25e6), "accuracy", True, scored, 0)
+    best = result.ranked()[0]
+    fig = draw_front(result, grid, best, f"search under {result.budget}")
+    ax = fig.axes[0]
+    assert 0.25e6 < ax.get_xlim()[1] <= 1.6 * 0.25e6
+    fig.canvas.draw()
+    ticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "100k" in ticks and ax.xaxis.get_offset_text().get_text() == "" and "250k" in str(result.budget)
+    renderer = fig.canvas.get_renderer()
+    notes = {a.get_text(): a.get_window_extent(renderer) for a in ax.get_children() if isinstance(a, Annotation)}
+    assert set(notes) == {"w=0.25", "w=0.5 (1.25M)", "w=0.75 (2.81M)", "w=1 (5M)"}  # beyond the zoom: with cost
+    frame = ax.get_window_extent(renderer)
+    star = ax.transData.transform((best.costs["flops"], best.metric))
+    boxes = list(notes.values())
+    for i, box in enumerate(boxes):
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+        assert not box.contains(*star)
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+    plt.close(fig)

@@ -52,7 +52,11 @@ class Budget:
         return cls(match.group(1), limit)
 
     def __str__(self) -> str:
-        return f"{self.kind} <= {self.limit:g}" + (" ms" if self.kind == "latency" else "")
+        return (
+            f"{self.kind} <= {self.limit:g} ms"
+            if self.kind == "latency"
+            else f"{self.kind} <= {short_count(self.limit, 6)}"
+        )
 
 
 @dataclass
@@ -259,54 +263,117 @@ def write_front(path, result: SearchResult, grid: list[Candidate], best: Candida
         tmp.write_text(json.dumps(report, indent=2) + "\n")
 
 
+def short_count(n: float, digits: int = 3) -> str:
+    """A count in plain units: 412345 -> '412k', 2.5e6 -> '2.5M' (``digits`` significant)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}g}{unit}"
+    return f"{n:.{digits}g}"
+
+
+ZOOM = 1.6  # the plot shows costs up to this multiple of the budget (or of the front's largest)
+LABEL_OFFSETS = [(6, 6), (6, -8), (-6, 6), (-6, -8), (6, 16), (6, -18), (-6, 16), (-6, -18), (14, 0), (-14, 0)]
+
+
 def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidate, title: str) -> None:
-    """Metric against the budget's cost: every scored member, the front, the uniform grid
-    members (marked) and the budget."""
+    """``pareto.png``: :func:`draw_front` written as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_front(result, grid, best, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def draw_front(result: SearchResult, grid: list[Candidate], best: Candidate, title: str):
+    """Metric against the budget's cost, zoomed to the budget's neighbourhood: every scored
+    member, the front, the uniform grid members (those beyond the zoom drawn at its edge, with
+    their cost) and the budget; costs in plain units (k, M), labels placed apart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     kind = result.budget.kind
     unit = {"params": "parameters", "flops": "FLOPs per example", "latency": "latency at batch 1 (ms)"}[kind]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter(
-        [c.costs[kind] for c in result.candidates],
-        [c.metric for c in result.candidates],
-        s=12,
-        color="0.75",
-        label="scored members",
-    )
     front = result.front()
+    right = ZOOM * max([result.budget.limit, best.costs[kind], *(c.costs[kind] for c in front)])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shown = [c for c in result.candidates if c.costs[kind] <= right]
+    ax.scatter([c.costs[kind] for c in shown], [c.metric for c in shown], s=12, color="0.75", label="scored members")
     ax.plot(
         [c.costs[kind] for c in front], [c.metric for c in front], "o-", color="tab:blue", label="front found by search"
     )
     measured = [c for c in grid if kind in c.costs]
-    ax.scatter(
-        [c.costs[kind] for c in measured],
-        [c.metric for c in measured],
-        marker="X",
-        s=70,
-        color="tab:red",
-        label="uniform members",
-        zorder=3,
-    )
-    for c in measured:
-        label = f"w={c.member.width:g}" + ("" if c.member.rank is None else f" r={c.member.rank:g}")
-        ax.annotate(
-            label, (c.costs[kind], c.metric), textcoords="offset points", xytext=(4, -12), fontsize=8, color="tab:red"
-        )
+    inside = [c for c in measured if c.costs[kind] <= right]
+    beyond = [c for c in measured if c.costs[kind] > right]
+    ax.scatter([c.costs[kind] for c in inside], [c.metric for c in inside], marker="X", s=70, color="tab:red",
+               label="uniform members", zorder=3)  # fmt: skip
+    edge = 0.985 * right
+    if beyond:
+        ax.scatter([edge] * len(beyond), [c.metric for c in beyond], marker=">", s=60, color="tab:red", zorder=3,
+                   label="uniform members beyond the zoom")  # fmt: skip
     ax.scatter([best.costs[kind]], [best.metric], marker="*", s=180, color="tab:green", label="chosen", zorder=4)
     ax.axvline(result.budget.limit, color="0.3", linestyle="--", linewidth=1, label=f"budget {result.budget}")
+    metrics = [c.metric for c in shown + inside + beyond + [best]]
+    low, high = min(metrics), max(metrics)
+    pad = 0.08 * (high - low or abs(high) or 1.0)
+    ax.set_xlim(0, right)
+    ax.set_ylim(low - pad, high + pad)
+    if kind != "latency":
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_count(x)))
     ax.set_xlabel(unit)
     ax.set_ylabel(
         result.metric.replace("_", " ") + (" (higher is better)" if result.higher_is_better else " (lower is better)")
     )
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.margins(x=0.08, y=0.08)  # room for the labels of the outermost members
     ax.legend(fontsize=8, loc="lower right" if result.higher_is_better else "upper right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+
+    def cost_text(c: Candidate) -> str:
+        return f"{c.costs[kind]:.3g} ms" if kind == "latency" else short_count(c.costs[kind])
+
+    def name(c: Candidate) -> str:
+        return f"w={c.member.width:g}" + ("" if c.member.rank is None else f" r={c.member.rank:g}")
+
+    points = [(c.costs[kind], c.metric) for c in inside] + [(edge, c.metric) for c in beyond]
+    labels = [name(c) for c in inside] + [f"{name(c)} ({cost_text(c)})" for c in beyond]
+    markers = points + [(best.costs[kind], best.metric)] + [(c.costs[kind], c.metric) for c in front]
+    _place_labels(fig, ax, points, labels, markers)
+    return fig
+
+
+def _place_labels(fig, ax, points, labels, markers) -> None:
+    """Each label at the first offset where it overlaps no placed label and no marker and stays
+    inside the axes (else where it overlaps least)."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+
+    def overlap(a, b) -> float:
+        return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+    taken = []
+    for x, y in markers:
+        px, py = ax.transData.transform((x, y))
+        taken.append(Bbox([[px - 7, py - 7], [px + 7, py + 7]]))
+    for (x, y), text in zip(points, labels):
+        chosen, chosen_cost, chosen_box = None, None, None
+        for dx, dy in LABEL_OFFSETS:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, color="tab:red",
+                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")  # fmt: skip
+            box = note.get_window_extent(renderer).padded(2)
+            outside = box.width * box.height - overlap(box, frame)
+            cost = sum(overlap(box, other) for other in taken) + 10 * outside
+            if chosen_cost is None or cost < chosen_cost:
+                if chosen is not None:
+                    chosen.remove()
+                chosen, chosen_cost, chosen_box = note, cost, box
+            else:
+                note.remove()
+            if cost == 0:
+                break
+        taken.append(chosen_box)
