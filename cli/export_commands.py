@@ -241,17 +241,25 @@ def info_command(
         ..., help="A weights file (.safetensors) or an exported .onnx file; a catalogue name with --pretrained."
     ),
     pretrained: bool = PRETRAINED,
+    json_output: bool = typer.Option(False, "--json", help="Print the file's whole record as JSON."),
 ) -> None:
-    """Describe a weights file (architecture, members, metrics) or an exported ONNX file.
+    """Describe a weights file (architecture, members, metrics, data, training configuration) or an
+    exported ONNX file.
 
     Reads headers only (no torch, no timm), so it answers at once on any file size.
+
+    Example: zoo info runs/resnet20/model.safetensors --json
     """
     file = weights_file(file, pretrained)
     if not file.exists():
         raise FileNotFoundError(f"no such file: {file}")
     if file.is_dir():
         raise IsADirectoryError(f"{file} is a folder, not a weights or ONNX file")
-    lines = _onnx_info(file) if file.suffix.lower() == ".onnx" else _weights_info(file)
+    onnx = file.suffix.lower() == ".onnx"
+    if json_output:
+        typer.echo(json.dumps(_info_record(file, onnx), indent=2))
+        return
+    lines = _onnx_info(file) if onnx else _weights_info(file)
     for name, value in lines:
         typer.echo(f"{name:<13}{value}")
 
@@ -296,12 +304,72 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         )
     if meta.get("bn_recalibration"):
         lines.append(("batch norm", f"recalibrated on {meta['bn_recalibration'].get('data')}"))
-    data = meta.get("data") or (meta.get("train") or {}).get("data")
-    if data:
-        lines.append(("data", str(data)))
+    lines += _recorded_lines(meta)
     metrics = meta.get("metrics") or []
     lines += [("metrics", _metric_text(entry)) for entry in metrics] or [("metrics", "none recorded")]
     return lines
+
+
+def _recorded_lines(meta: dict) -> list[tuple[str, str]]:
+    """What the run (or conversion) recorded about its data and itself: data, labels, input
+    size, normalisation, the training run and its whole configuration."""
+    train = meta.get("train") if isinstance(meta.get("train"), dict) else {}
+
+    def recorded(key: str):
+        return meta[key] if meta.get(key) is not None else train.get(key)
+
+    lines = []
+    if recorded("data"):
+        typed = (train.get("config") or {}).get("data")
+        lines.append(
+            ("data", str(recorded("data")) + (f" (given as {typed})" if typed not in (None, recorded("data")) else ""))
+        )
+    labels = recorded("labels")
+    if labels:
+        lines.append(
+            ("labels", f"{len(labels)}: " + ", ".join(map(str, labels[:20])) + (" ..." if len(labels) > 20 else ""))
+        )
+    if recorded("input_size"):
+        lines.append(("input", " x ".join(map(str, recorded("input_size"))) + " (channels x height x width)"))
+    if recorded("seq_len"):
+        lines.append(("input", f"{recorded('seq_len')} bytes per window ({recorded('vocab') or 'bytes'})"))
+    if recorded("mean") and recorded("std"):
+        lines.append(("normalise", f"mean {_numbers(recorded('mean'))}, std {_numbers(recorded('std'))}"))
+    if train.get("steps"):
+        where = f"{train.get('world_size', 1)} process(es) on {train.get('device', '?')}"
+        lines.append(("training", f"{train['steps']} steps ({train.get('epochs')} epochs), {train.get('strategy')}, "
+                                  f"seed {train.get('seed')}, {where}, {train.get('wall_time_s')} s"))  # fmt: skip
+    config = train.get("config") or {}
+    hidden = ("model", "out", "resume")  # not given: None, off, empty (zeros are settings: seed=0)
+    shown = {
+        k: v for k, v in config.items() if k not in hidden and v is not None and v is not False and v not in ([], "")
+    }
+    if shown:
+        lines.append(("config", ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())))
+    return lines
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _info_record(path: Path, onnx: bool) -> dict:
+    """`zoo info --json`: the file's whole record (a weights file's zoo header, an ONNX file's
+    zoo metadata and graph signature)."""
+    file = {"file": str(path), "size_bytes": path.stat().st_size}
+    if not onnx:
+        return {**file, "sha256": _sha256(path), **zoo_module("header").read_header(path)}
+    from export.onnx_header import read_onnx_header, zoo_record
+
+    header = read_onnx_header(path)
+    return {
+        **file,
+        "producer": f"{header.producer_name} {header.producer_version}".strip(),
+        "opsets": {domain or "ai.onnx": version for domain, version in header.opsets},
+        "inputs": [str(v) for v in header.inputs],
+        "outputs": [str(v) for v in header.outputs],
+        "zoo": zoo_record(header, path),
+    }
 
 
 def _sha256(path: Path) -> str:

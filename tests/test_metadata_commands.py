@@ -78,7 +78,9 @@ def test_metadata_commands_import_no_torch(tmp_path):
         (["list"], "slim_resnet20.digits"),
         (["info", zoo.weights.pretrained_path("slim_gpt_nano")], "bits_per_byte"),
         (["info", "slim_resnet20", "--pretrained"], "accuracy"),
+        (["info", "slim_resnet20", "--pretrained", "--json"], '"labels"'),
         (["info", onnx_path], "input float32 [batch, 10]"),
+        (["info", onnx_path, "--json"], '"inputs": [\n    "input float32 [batch, 10]"'),
     ]:
         result, output = probe(*args)
         assert result == {"code": 0, "heavy": []}, (args, output)
@@ -136,3 +138,20 @@ def test_onnx_header_reader_matches_onnx(tmp_path):
     assert header.metadata == {p.key: p.value for p in proto.metadata_props}
     assert [str(v) for v in header.inputs] == ["input float32 [batch, 4]"]
     assert [str(v) for v in header.outputs] == ["logits float32 [batch, 3]"]
+
+
+def test_info_shows_what_the_run_recorded_and_json_gives_all_of_it():
+    path = zoo.weights.pretrained_path("slim_resnet20")
+    result = CliRunner().invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    lines = dict(line.split(None, 1) for line in result.output.splitlines())
+    train = zoo.read_header(path)["metadata"]["train"]
+    assert lines["labels"] == "10: " + ", ".join(train["labels"])
+    assert lines["input"] == "1 x 8 x 8 (channels x height x width)" and lines["normalise"] == "mean (0.5), std (0.5)"
+    assert lines["training"].startswith(f"{train['steps']} steps") and f"seed {train['seed']}" in lines["training"]
+    assert f"strategy={json.dumps(train['config']['strategy'])}" in lines["config"] and "seed=0" in lines["config"]
+    as_json = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    record = json.loads(as_json.stdout)
+    assert record["metadata"]["train"] == train and record["arch"] == "slim_resnet20"
+    assert record["size_bytes"] == path.stat().st_size and len(record["sha256"]) == 64
