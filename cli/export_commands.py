@@ -322,7 +322,7 @@ def _recorded_lines(meta: dict) -> list[tuple[str, str]]:
     if recorded("data"):
         typed = (train.get("config") or {}).get("data")
         lines.append(
-            ("data", str(recorded("data")) + (f" (given as {typed})" if typed not in (None, recorded("data")) else ""))
+            ("data", f"{recorded('data')}" + (f" (given as {typed})" if typed not in (None, recorded("data")) else ""))
         )
     labels = recorded("labels")
     if labels:
