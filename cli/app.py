@@ -15,7 +15,7 @@ from typing import Callable
 import typer
 
 from .commands import COMMANDS
-from .common import zoo_module
+from .common import WORKFLOW, zoo_module
 
 app = typer.Typer(
     name="zoo",
@@ -57,7 +57,10 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
-    """Print the catalogue: name, family, axes, parameter count, shipped weights."""
+    """Print the catalogue: name, family, axes, parameter count, shipped weights.
+
+    Example: zoo list 'slim_resnet*'
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -89,7 +92,7 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 
-for name, function, options in [("list", list_command, {}), *COMMANDS]:
+for name, function, options in sorted([("list", list_command, {}), *COMMANDS], key=lambda c: WORKFLOW.index(c[0])):
     app.command(name, **options)(user_errors(function))
 
 

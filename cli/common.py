@@ -19,6 +19,34 @@ from typing import Annotated, Callable
 import typer
 
 COMMANDS: list[tuple[str, Callable, dict]] = []  # (name, function, Typer options), in definition order
+WORKFLOW = (
+    "train",
+    "eval",
+    "search",
+    "slice",
+    "export",
+    "run",
+    "bench",
+    "info",
+    "list",
+    "convert",
+)  # `zoo --help`'s order
+
+
+def _flags_show_no_type() -> None:
+    """Typer's help writes ``<bool>`` beside an on/off flag, which takes no value (``--pretrained
+    true`` is an error): show no type there, as click does."""
+    from typer.core import TyperOption
+
+    typed = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else typed(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 
 
 def command(name: str, **options) -> Callable[[Callable], Callable]:

@@ -80,8 +80,8 @@ SAVE_DIR = typer.Option(
     None,
     "--save-dir",
     help=(
-        "Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for "
-        "timm.create_model('local-dir:DIR', pretrained=True)."
+        "Also (or instead) write timm's Hub layout here: config.json + model.safetensors, which "
+        "timm.create_model loads as local-dir:DIR with pretrained=True."
     ),
 )
 
@@ -101,7 +101,11 @@ def convert_command(
     out: Optional[Path] = OUT,
     save_dir: Optional[Path] = SAVE_DIR,
 ) -> None:
-    """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes."""
+    """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes.
+
+    Example: zoo convert resnet18 --checkpoint ckpt.safetensors --img-size 32 --calibrate digits
+    --out family.safetensors
+    """
     if out is None and save_dir is None:
         raise ValueError("give --out FAMILY.safetensors, --save-dir DIR, or both")
     if out is not None and out.is_dir():

@@ -34,7 +34,10 @@ def run_command(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
 ) -> None:
-    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt."""
+    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt.
+
+    Example: zoo run small.onnx photo.png
+    """
     from export.runtime import Predictor
 
     predictor = Predictor(file, device=device.value)
@@ -105,7 +108,10 @@ def bench_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write metric (or FLOPs) against latency to this PNG."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
-    """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime."""
+    """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime.
+
+    Example: zoo bench runs/resnet20/model.safetensors --plot bench.png
+    """
     path = readable_weights(weights, pretrained, "bench")
     chosen_members = parse_members(member)
     check_data_path(calibrate, "--calibrate")

@@ -127,7 +127,10 @@ def slice_command(
     calibrate: Optional[str] = CALIBRATE,
     out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
 ) -> None:
-    """Write one member as a standalone, physically smaller weights file."""
+    """Write one member as a standalone, physically smaller weights file.
+
+    Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors
+    """
     weights = readable_weights(weights, pretrained, "slice")
     check_data_path(calibrate, "--calibrate")
     chosen = one_member(member_json, width, rank)
@@ -184,7 +187,10 @@ def export_command(
         help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels (onnxruntime only; slower on CPU, see export/fusion.py).",
     ),
 ) -> None:
-    """Export a member to a self-contained ONNX file, verified against PyTorch."""
+    """Export a member to a self-contained ONNX file, verified against PyTorch.
+
+    Example: zoo export runs/resnet20/model.safetensors --width 0.5 --out small.onnx
+    """
     if all_members and (width is not None or rank is not None or member_json):
         raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
     path = readable_weights(weights, pretrained, "export")
@@ -243,8 +249,7 @@ def info_command(
     pretrained: bool = PRETRAINED,
     json_output: bool = typer.Option(False, "--json", help="Print the file's whole record as JSON."),
 ) -> None:
-    """Describe a weights file (architecture, members, metrics, data, training configuration) or an
-    exported ONNX file.
+    """Describe a weights file (members, metrics, data, training run) or an exported ONNX file.
 
     Reads headers only (no torch, no timm), so it answers at once on any file size.
 

@@ -39,7 +39,10 @@ def search_command(
     seed: int = typer.Option(0, "--seed", help="Seeds every choice of the search."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the exported member against PyTorch."),
 ) -> None:
-    """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
+    """Evolutionary search (Once-for-All) for the best member within a budget; exports it.
+
+    Example: zoo search runs/resnet20/model.safetensors --budget flops=250k --out runs/search
+    """
     path = readable_weights(weights, pretrained, "search")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; zoo search writes a folder")

@@ -146,7 +146,7 @@ TRAIN_OPTIONS = [
         "nested",
         bool,
         False,
-        "unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset.",
+        "unit-dropout: keep a random width prefix of units (in \\[keep, 1]) rather than a random subset.",
     ),
     option(
         "log_alignment",
@@ -272,6 +272,26 @@ TRAIN_OPTIONS = [
     option("rdzv_id", str, "zoo", "The run's name in the rendezvous, the same on every machine."),
 ]
 LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
+# `zoo train --help` in panels (Typer's rich_help_panel); an option in none is listed under "Options".
+PANELS = {
+    "Members": ("strategy", "widths", "ranks", "low_rank", "extra_members", "space", "core_prob", "num_random"),
+    "Update rule": ("update", "rho", "eg_lr", "keep", "meprop_units", "nested", "log_alignment"),
+    "Data": ("data", "seq_len", "img_size", "aa", "reprob", "crop_pct", "mixup", "cutmix", "workers"),
+    "Loop": ("steps", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "nesterov", "warmup_steps",
+             "clip_grad", "label_smoothing", "seed", "device", "compile", "compile_backend", "channels_last", "amp",
+             "accum_steps", "ema", "ema_decay"),
+    "Distributed": ("sync_bn", *LAUNCH_OPTIONS),
+    "Output": ("init", "save_dir", "resume", "overwrite", "ckpt_every", "eval_every", "eval_limit", "stop_after"),
+}  # fmt: skip
+
+
+def _panel(name: str) -> str | None:
+    return next((panel for panel, names in PANELS.items() if name in names), None)
+
+
+for _option in TRAIN_OPTIONS:  # listed panel by panel, those in none first
+    _option.annotation.__metadata__[0].rich_help_panel = _panel(_option.name)
+TRAIN_OPTIONS.sort(key=lambda o: list(PANELS).index(_panel(o.name)) if _panel(o.name) else -1)
 
 
 @command("train")
@@ -283,7 +303,10 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt.")],
     **options,
 ) -> None:
-    """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
+    """Train a family: the full model jointly with its members, masked so a core step moves only the core.
+
+    Example: zoo train slim_resnet20 --out runs/resnet20
+    """
     _check_before_torch(model, options)
     from training.launch import Launch, launch
     from training.signals import Interrupted
@@ -377,7 +400,10 @@ def eval_command(
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
+    """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models).
+
+    Example: zoo eval runs/resnet20/model.safetensors --width 0.5
+    """
     path = readable_weights(weights, pretrained, "eval")
     chosen_members = parse_members(member)
     check_data_path(data, "--data")
