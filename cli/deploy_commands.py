@@ -131,7 +131,8 @@ def bench_command(
     threads = threads or torch.get_num_threads()
     if plot is not None:
         check_plot_path(plot)  # before minutes of measuring, not after
-    results = bench_family(source, subnets, batch_size=batch_size, repeats=repeats, threads=threads)
+    with _BenchProgress(f"benchmarking {model.arch} ({len(subnets)} members)") as progress:
+        results = bench_family(source, subnets, batch_size, repeats, threads, progress)
     if plot is not None:
         plot_results(results, plot, f"{model.arch} (threads={threads})")
     if json_output:
@@ -149,6 +150,33 @@ def bench_command(
     _print_table(model.arch, results, batch_size, threads, repeats)
     if plot is not None:
         typer.echo(f"plot: {plot}")
+
+
+class _BenchProgress:
+    """A bar on stderr while `zoo bench` exports and times (a terminal only: logs stay as they were)."""
+
+    def __init__(self, description: str):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(stderr=True)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        self.bar = Progress(*columns, console=console, transient=True) if console.is_terminal else None
+        self.description = description
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        self.task = self.bar.add_task(self.description, total=None)
+        self.bar.start()
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int) -> None:

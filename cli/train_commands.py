@@ -460,7 +460,13 @@ def _print_members(title: str, records: list[dict], metric: str, params: dict[st
 
 
 class _Progress:
-    """A live progress bar (loss, samples/s) on a terminal; one line per evaluation otherwise."""
+    """A live progress bar (loss, samples/s) on a terminal; one line per evaluation otherwise.
+
+    On a narrow terminal the description and the bar give way: the step count, loss, speed and
+    times keep their width."""
+
+    def __init__(self, console=None):
+        self.console = console
 
     def start(self, total_steps: int, done: int, description: str, batch_size: int) -> None:
         from rich.console import Console
@@ -472,15 +478,24 @@ class _Progress:
             TimeElapsedColumn,
             TimeRemainingColumn,
         )
+        from rich.table import Column
 
-        self.console = Console()
+        self.console = self.console or Console()
         self.batch_size, self.last_time, self.rate = batch_size, time.perf_counter(), None
         self.progress = None
         if done:
             self.console.print(f"resumed at step {done} of {total_steps}")
         if self.console.is_terminal:
-            columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                       TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn()]  # fmt: skip
+            give_way = Column(no_wrap=True, overflow="ellipsis", max_width=max(8, self.console.width - 60))
+            columns = [
+                TextColumn("{task.description}", table_column=give_way),
+                BarColumn(None, table_column=Column(ratio=1)),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[rate]}/s"),  # samples per second
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            ]
             self.progress = Progress(*columns, console=self.console, transient=False)
             self.task = self.progress.add_task(description, total=total_steps, completed=done, loss="-", rate="-")
             self.progress.start()

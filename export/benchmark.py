@@ -57,24 +57,30 @@ class MemberResult:
 
 
 def time_interleaved(
-    runs: dict[Hashable, Callable[[], object]], repeats: int, warmup: int = 2
+    runs: dict[Hashable, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[Hashable, float]:
     """Median milliseconds of each callable.
 
     Each callable is first warmed up on its own, ``warmup`` runs back to back (its first runs
     pay for allocation and cold caches); then every callable runs once per repeat, in turn, so
     that a slow spell of a shared machine hits all of them alike instead of whichever ran then.
+    ``progress(r)`` is told each finished repeat.
     """
     for run in runs.values():
         for _ in range(warmup):
             run()
     samples: dict[Hashable, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, run in runs.items():
             time.sleep(PAUSE_S)
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)
+        if progress is not None:
+            progress(repeat + 1)
     return {name: 1000.0 * statistics.median(times) for name, times in samples.items()}
 
 
@@ -127,13 +133,21 @@ def bench_family(
     batch_size: int = 8,
     repeats: int = 10,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[MemberResult]:
     """Measure every member in ``subnets`` of the family in ``source`` at batch 1 and ``batch_size``.
 
     Every member is exported first; then all members, runtimes and batch sizes are timed in
     one interleaved series (:func:`time_interleaved`), so that no member is measured during a
-    quieter or busier spell than another.
+    quieter or busier spell than another. ``progress(done, total)`` counts the exports and the
+    repeats.
     """
+    total = len(subnets) + repeats
+
+    def tell(done: int) -> None:
+        if progress is not None:
+            progress(done, total)
+
     if repeats < 1 or batch_size < 1:
         raise ValueError("repeats and batch size must be at least 1")
     threads = threads or torch.get_num_threads()
@@ -141,13 +155,13 @@ def bench_family(
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory(prefix="zoo-bench-") as workdir:
-            prepared = [
-                prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir))
-                for subnet in subnets
-            ]
+            prepared = []
+            for subnet in subnets:
+                prepared.append(prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir)))
+                tell(len(prepared))
             runs = {(i, *key): run for i, (_, member_runs) in enumerate(prepared) for key, run in member_runs.items()}
             with torch.inference_mode():
-                medians = time_interleaved(runs, repeats)
+                medians = time_interleaved(runs, repeats, progress=lambda r: tell(len(subnets) + r))
     finally:
         torch.set_num_threads(previous_threads)
     results = [result for result, _ in prepared]

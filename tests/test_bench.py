@@ -90,3 +90,20 @@ def test_bench_errors_are_one_line(weights, tmp_path):
     missing = runner.invoke(app, ["bench", str(tmp_path / "missing.safetensors")])
     assert missing.exit_code == 1 and missing.stderr.startswith("error: no such weights file")
     assert runner.invoke(app, ["bench", str(weights), "--repeats", "0"]).exit_code == 2
+
+
+def test_bench_reports_progress_through_exports_and_repeats(weights):
+    from export.benchmark import bench_family
+
+    calls = []
+    source = zoo.WeightsSource.open(weights)
+    bench_family(source, source.model.subnets, 2, 3, 1, lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 2 + 3) for done in range(1, 6)]  # 2 members exported, then 3 repeats
+
+
+def test_zoo_bench_draws_a_bar_on_a_terminal(weights):
+    result = CliRunner().invoke(
+        app, ["bench", str(weights), "--width", "0.5", "--repeats", "1", "--threads", "1"], env={"FORCE_COLOR": "1"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "benchmarking slim_resnet20 (1 members)" in result.stderr and "w0.5" in result.stdout

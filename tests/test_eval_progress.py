@@ -51,3 +51,29 @@ def test_zoo_eval_prints_progress_on_stderr_and_keeps_stdout_clean():
     lines = result.stderr.strip().splitlines()
     assert len(lines) >= 5 and all(line.startswith("evaluating slim_gpt_nano (4 members): ") for line in lines)
     assert lines[-1].split(": ")[1].startswith("100% after ")
+
+
+def test_the_training_bar_keeps_steps_loss_and_times_at_80_columns():
+    """On a narrow terminal the description gives way, not the step count or the ETA."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from cli.train_commands import _Progress
+
+    lines = {}
+    for width in (80, 120):
+        buffer = io.StringIO()
+        progress = _Progress(Console(file=buffer, width=width, force_terminal=True, color_system=None))
+        progress.start(600, 0, "slim_resnet20 alternating (5 members)", 128)
+        for step in (1, 2, 3):
+            progress.step(step, 1.2345, 0.1)
+        progress.progress.refresh()
+        progress.finish()
+        lines[width] = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).replace("\r", "\n").splitlines()[-1]
+    for width, line in lines.items():
+        assert len(line) <= width and re.search(r" 3/600 loss 1\.2345 [\d,]+/s \d+:\d\d:\d\d \d+:\d\d:\d\d$", line), (
+            line
+        )
+    assert lines[120].startswith("slim_resnet20 alternating (5 members)") and "…" in lines[80]
