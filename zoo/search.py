@@ -272,7 +272,7 @@ def short_count(n: float, digits: int = 3) -> str:
 
 
 ZOOM = 1.6  # the plot shows costs up to this multiple of the budget (or of the front's largest)
-LABEL_OFFSETS = [(6, 6), (6, -8), (-6, 6), (-6, -8), (6, 16), (6, -18), (-6, 16), (-6, -18), (14, 0), (-14, 0)]
+LABEL_OFFSETS = [(dx, dy) for dy in (6, -8, 18, -20, 30, -32) for dx in (6, -6)]  # points: right/left, up/down
 
 
 def plot_front(path, result: SearchResult, grid: list[Candidate], best: Candidate, title: str) -> None:
@@ -356,7 +356,7 @@ def _place_labels(fig, ax, points, labels, markers) -> None:
     def overlap(a, b) -> float:
         return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
-    taken = []
+    taken = [ax.get_legend().get_window_extent(renderer)]
     for x, y in markers:
         px, py = ax.transData.transform((x, y))
         taken.append(Bbox([[px - 7, py - 7], [px + 7, py + 7]]))
@@ -365,7 +365,7 @@ def _place_labels(fig, ax, points, labels, markers) -> None:
         for dx, dy in LABEL_OFFSETS:
             note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, color="tab:red",
                                ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")  # fmt: skip
-            box = note.get_window_extent(renderer).padded(2)
+            box = note.get_window_extent(renderer).padded(3)  # a little air between labels
             outside = box.width * box.height - overlap(box, frame)
             cost = sum(overlap(box, other) for other in taken) + 10 * outside
             if chosen_cost is None or cost < chosen_cost:
