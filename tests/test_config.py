@@ -144,3 +144,17 @@ def test_a_relative_data_path_is_recorded_absolute_and_found_from_elsewhere(tmp_
     result = CliRunner().invoke(app, ["eval", str(weights), "--width", "0.25"])
     assert result.exit_code == 1
     assert "(the data the weights file records); pass --data DATA" in result.output
+
+
+def test_an_rgb_init_file_trains_on_grey_data_repeated_on_its_channels(tmp_path):
+    """`zoo train --init` of a converted RGB model on the built-in digits, as the README shows."""
+    from typer.testing import CliRunner
+
+    rgb = zoo.create_model("slim_resnet20", num_classes=10, in_chans=3, img_size=8, widths=[0.5, 1.0])
+    zoo.save(rgb, tmp_path / "rgb.safetensors")
+    args = ["--steps", "2", "--batch-size", "8", "--width", "0.5", "--eval-limit", "8", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, ["train", "slim_resnet20", "--init", str(tmp_path / "rgb.safetensors"), *args])
+    assert result.exit_code == 0, result.output
+    trained = zoo.load(tmp_path / "run" / "model.safetensors")
+    assert trained.pretrained_cfg["input_size"] == (3, 8, 8)
+    assert trained.zoo_metadata["train"]["mean"] == [0.5, 0.5, 0.5]

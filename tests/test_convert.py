@@ -421,6 +421,9 @@ def test_a_default_timm_resnet18_converts_on_digits_and_evaluates_without_data(t
     result = runner.invoke(app, ["eval", "family.safetensors", "--json", "--limit", "32"])
     assert result.exit_code == 0, result.output
     assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
+    train = ["--img-size", "32", "--steps", "2", "--batch-size", "8", "--width", "0.5", "--eval-limit", "8"]
+    result = runner.invoke(app, ["train", "slim_resnet18", "--init", "family.safetensors", *train, "--out", "run"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(

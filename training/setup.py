@@ -21,7 +21,7 @@ import zoo
 from zoo.subnet import grid
 
 from . import distributed
-from .bundle import seed_of
+from .bundle import repeat_channels, seed_of
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
 from .compiled import compile_model
 from .config import TrainConfig
@@ -92,6 +92,8 @@ class Setup:
     def _load_data(self, cfg: TrainConfig, structure: zoo.ElasticModel) -> TrainConfig:
         """The data, its loader, and the config with the schedule the data decides."""
         self.data = data_for(structure, "train", cfg.inputs.data, cfg.inputs, seed=cfg.seed)
+        if cfg.init and self.data.kind == "image" and self.data.input_size[0] == 1 < structure.in_chans:
+            self.data = repeat_channels(self.data, structure.in_chans)  # grey data for an RGB --init: lossless
         self.steps_per_epoch = cfg.loop.check_split(self.ctx.world_size, len(self.data.train))
         self.workers = default_workers(self.data) if cfg.inputs.workers is None else cfg.inputs.workers
         self.loader = TrainLoader(self.data, cfg.loop.batch_size, seed=cfg.seed, rank=self.ctx.rank,
