@@ -201,15 +201,15 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
         (["slim_gpt_nano", "--mixup", "0.8"], "mix images; slim_gpt_nano reads tokens"),
         (["slim_resnet20", "--mixup", "0.8", "--batch-size", "31", "--steps", "2"], "must be even, got 31"),
         (["slim_resnet20", "--aa", "rand-m9"], "configure timm's transforms of folder:PATH images; 'digits' is not"),
-        (["slim_resnet20", "--data", "folder:/x", "--aa", "fancy"], "--aa 'fancy' is not a timm auto-augment policy"),
+        (["slim_resnet20", "--data", "folder:/", "--aa", "fancy"], "--aa 'fancy' is not a timm auto-augment policy"),
         (
-            ["slim_resnet20", "--data", "folder:/x", "--aa", "rand-z9"],
+            ["slim_resnet20", "--data", "folder:/", "--aa", "rand-z9"],
             "--aa 'rand-z9' is not a timm auto-augment policy",
         ),
-        (["slim_resnet20", "--data", "folder:/x", "--reprob", "1.5"], "--reprob must be in [0, 1], got 1.5"),
-        (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
-        (["slim_resnet20", "--data", "folder:/x", "--crop-pct", "1.2"], "--crop-pct must be in (0, 1], got 1.2"),
-        (["slim_resnet20", "--data", "cifar10:/x", "--reprob", "0.2"], "'cifar10:/x' is not an image folder"),
+        (["slim_resnet20", "--data", "folder:/", "--reprob", "1.5"], "--reprob must be in [0, 1], got 1.5"),
+        (["slim_resnet20", "--data", "folder:/", "--crop-pct", "0"], "--crop-pct must be in (0, 1], got 0.0"),
+        (["slim_resnet20", "--data", "folder:/", "--crop-pct", "1.2"], "--crop-pct must be in (0, 1], got 1.2"),
+        (["slim_resnet20", "--data", "cifar10:/", "--reprob", "0.2"], "'cifar10:/' is not an image folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(args, message, tmp_path):
