@@ -244,7 +244,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert report["best"]["params"] <= 60_000 and all(
         c["params"] <= 60_000 and c["latency"] > 0 for c in report["front"]
     )
-    assert report["best"] in report["front"] or report["best"]["metric"] <= max(c["metric"] for c in report["front"])
+    assert report["best"] == report["front"][-1]  # the best member is the front's most accurate end
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["members"][0]["member"] == report["best"]["member"]
     assert manifest["members"][0]["parameters"] == report["best"]["params"]
