@@ -1,7 +1,8 @@
 """Faults of the machine: a full disk, an unwritable folder, a signal, a second run, kill -9.
 
 Real faults where the test can make them: a small tmpfs is a real full disk (mounting one
-needs root; the tests that need it skip otherwise), a read-only tmpfs (or, without root, a
+needs root; the tests that need it skip otherwise, and tests/test_full_disk.py makes the same
+refusals for any user with the OS's file-size limit), a read-only tmpfs (or, without root, a
 folder without write permission) an unwritable one, and signals go to real `zoo train`
 processes.
 """
@@ -176,7 +177,7 @@ def test_atomic_path_names_the_target_when_a_writer_wraps_the_os_error(tmp_path)
             raise ValueError("not an OS failure")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the export past a file-size limit in test_full_disk.py runs in CI
 def test_export_to_a_full_disk_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("disk", "size=64k")
     family = _family(tmp_path / "family.safetensors")
