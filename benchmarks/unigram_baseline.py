@@ -1,0 +1,62 @@
+"""The byte unigram baseline of the GPT comparison (``compare.py``'s low-rank GPT rows): the
+bits per byte of a model that ignores context, fitted on the training split (byte counts plus
+one, so no byte has probability 0) and scored on exactly the bytes the members are scored on
+(the targets of every validation window). A trained byte model that does not beat it has
+learnt nothing beyond byte frequencies.
+
+    python benchmarks/unigram_baseline.py   # writes benchmarks/results/unigram.json
+
+The corpus is ``compare.py``'s: the first 1 MiB of the training split of zoo's ``stdlib``
+corpus (this Python's standard library, so the number belongs to the Python version recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compare import GPT_ARGS, GPT_CORPUS_BYTES, write_corpus  # noqa: E402
+
+from training.data import load_data  # noqa: E402
+from zoo.fileio import atomic_path  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "unigram.json"
+
+
+def bits_per_byte(counts: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean -log2 p(byte) of ``targets`` under the distribution ``counts / counts.sum()``."""
+    log_p = torch.log2(counts.double() / counts.sum())
+    return float(-log_p[targets.long()].mean())
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="zoo-unigram-") as folder:
+        spec = write_corpus(Path(folder), GPT_CORPUS_BYTES)
+        bundle = load_data(spec, seq_len=GPT_ARGS["seq_len"])
+    train = bundle.train.read(0, bundle.train.size).long()
+    targets = torch.cat([bundle.val[i][1] for i in range(len(bundle.val))])
+    fitted = torch.bincount(train, minlength=256) + 1  # add-one: bytes unseen in training stay possible
+    report = {
+        "corpus": f"first {GPT_CORPUS_BYTES} bytes of the stdlib corpus's training split (compare.py's GPT rows)",
+        "python": platform.python_version(),
+        "seq_len": GPT_ARGS["seq_len"],
+        "train_bytes": int(train.numel()),
+        "scored_bytes": int(targets.numel()),
+        "unigram_bits_per_byte": round(bits_per_byte(fitted, targets), 4),
+        "validation_entropy_bits_per_byte": round(bits_per_byte(torch.bincount(targets, minlength=256), targets), 4),
+    }
+    text = json.dumps(report, indent=1) + "\n"
+    print(text, end="")
+    with atomic_path(RESULTS) as tmp:
+        tmp.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
