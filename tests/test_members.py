@@ -131,7 +131,7 @@ def test_invalid_transformer_members():
         small.set_subnet({"blocks": [0, 1]})  # a sliced member holds only its own blocks
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI exports the same kind of member of a smaller GPT: tests/test_small_exports.py
 @torch.no_grad()
 def test_a_structured_member_exports_to_a_verified_onnx_file(tmp_path):
     from export.onnx_export import export_member
@@ -263,7 +263,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert worse.returncode == 1 and "--budget must be params=N" in worse.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI: structured members of small GPT, ViT and MobileNetV2 in tests/test_small_exports.py
 @pytest.mark.parametrize("name", sorted(SMALL))
 @torch.no_grad()
 def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
