@@ -294,7 +294,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # 30-50 s: two processes and a launcher; the single-process signal tests run in CI
+@pytest.mark.slow  # 30-50 s; CI runs a shorter two-process SIGTERM and resume: tests/test_two_processes.py
 def test_sigterm_stops_every_process_of_a_two_process_run_at_one_step(tmp_path):
     out = tmp_path / "ddp"
     process = _start(out, *MODEL_ARGS, "--steps", "40", "--batch-size", "16", "--nproc-per-node", "2")
