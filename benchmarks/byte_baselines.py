@@ -1,13 +1,15 @@
-"""The byte unigram baseline of the GPT comparison (``compare.py``'s low-rank GPT rows): the
-bits per byte of a model that ignores context, fitted on the training split (byte counts plus
+"""Byte baselines of the GPT results. The byte unigram model of the GPT comparison (``compare.py``'s
+low-rank GPT rows): the bits per byte of a model that ignores context, fitted on the training split (byte counts plus
 one, so no byte has probability 0) and scored on exactly the bytes the members are scored on
 (the targets of every validation window). A trained byte model that does not beat it has
 learnt nothing beyond byte frequencies.
 
-    python benchmarks/unigram_baseline.py   # writes benchmarks/results/unigram.json
+    python benchmarks/byte_baselines.py   # writes benchmarks/results/byte_baselines.json
 
 The corpus is ``compare.py``'s: the first 1 MiB of the training split of zoo's ``stdlib``
 corpus (this Python's standard library, so the number belongs to the Python version recorded).
+Also the byte bigram model (counts of byte pairs plus one) on the whole ``stdlib`` corpus at
+``zoo train``'s default context (256), the baseline of the README's training table.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from compare import GPT_ARGS, GPT_CORPUS_BYTES, write_corpus  # noqa: E402
 from training.data import load_data  # noqa: E402
 from zoo.fileio import atomic_path  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "unigram.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "byte_baselines.json"
 
 
 def bits_per_byte(counts: torch.Tensor, targets: torch.Tensor) -> float:
@@ -36,8 +38,19 @@ def bits_per_byte(counts: torch.Tensor, targets: torch.Tensor) -> float:
     return float(-log_p[targets.long()].mean())
 
 
+def bigram_bits_per_byte(bundle) -> float:
+    """A byte bigram model fitted on the training split, scored on every (input, target) pair
+    of the validation windows."""
+    train = bundle.train.read(0, bundle.train.size).long()
+    counts = torch.bincount(train[:-1] * 256 + train[1:], minlength=256 * 256).view(256, 256) + 1
+    log_p = torch.log2(counts.double() / counts.sum(1, keepdim=True))
+    pairs = [bundle.val[i] for i in range(len(bundle.val))]
+    inputs, targets = torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+    return float(-log_p[inputs, targets].mean())
+
+
 def main() -> None:
-    with tempfile.TemporaryDirectory(prefix="zoo-unigram-") as folder:
+    with tempfile.TemporaryDirectory(prefix="zoo-byte-baselines-") as folder:
         spec = write_corpus(Path(folder), GPT_CORPUS_BYTES)
         bundle = load_data(spec, seq_len=GPT_ARGS["seq_len"])
     train = bundle.train.read(0, bundle.train.size).long()
@@ -52,6 +65,9 @@ def main() -> None:
         "unigram_bits_per_byte": round(bits_per_byte(fitted, targets), 4),
         "validation_entropy_bits_per_byte": round(bits_per_byte(torch.bincount(targets, minlength=256), targets), 4),
     }
+    stdlib = load_data("stdlib", seq_len=256)
+    report["stdlib_bigram_bits_per_byte"] = round(bigram_bits_per_byte(stdlib), 4)
+    report["stdlib_bigram_scored_bytes"] = len(stdlib.val) * 256
     text = json.dumps(report, indent=1) + "\n"
     print(text, end="")
     with atomic_path(RESULTS) as tmp:
