@@ -1,7 +1,7 @@
-"""Members given on the command line, and the latency budget of `zoo search`, end to end in CI:
-`zoo train --member`, `zoo export --member`, `zoo bench --member`, and `zoo search --budget
-latency=MS` with its fall-back to the next-best member when the exported file measures over
-the budget (the measurement is noisy; the test makes the exported file's measurement high)."""
+"""Members given on the command line, and the latency budget of `zoo search`, in CI: `zoo train
+--member`, `zoo export --member`, `zoo bench --member`, and `zoo search --budget latency=MS` end
+to end, then its last step alone: the fall-back to the next-best member when the exported file
+measures over the budget (the measurement is noisy; the tests make the exported file's high)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ import cli.commands  # noqa: F401  (registers the commands)
 import export.latency
 import zoo
 from cli.app import app
+from cli.search_commands import _export_best
 from zoo import Subnet
+from zoo.search import Budget, Candidate, SearchResult
 
 MEMBER = {"width": [0.25, 0.5, 1.0], "depth": [1, 2, 3]}
 
@@ -113,13 +115,11 @@ def test_search_under_a_latency_budget_measures_every_member(family, tmp_path):
 
 
 def _exported_files_measure(monkeypatch, out: Path, over: int) -> list[Path]:
-    """The first ``over`` exported files in ``out`` measure 2 s; the search's own measurements
-    (of temporary files elsewhere) and later exported files are measured for real."""
+    """The first ``over`` exported files in ``out`` measure 2 s; later ones are measured for real."""
     measured, real = [], export.latency.session_latency
 
     def session_latency(path, example, threads=1, repeats=20):
-        if Path(path).parent != out:
-            return real(path, example, threads, repeats)
+        assert Path(path).parent == out
         measured.append(Path(path))
         return 2000.0 if len(measured) <= over else real(path, example, threads, repeats)
 
@@ -127,27 +127,41 @@ def _exported_files_measure(monkeypatch, out: Path, over: int) -> list[Path]:
     return measured
 
 
-def test_search_falls_back_to_the_next_best_member_when_the_exported_file_is_over_budget(family, tmp_path, monkeypatch):
+def _not_measured_again(member):
+    raise AssertionError(f"{member}'s latency was measured by the search already")
+
+
+def _two_found(budget: str) -> SearchResult:
+    """What a search under ``budget`` found: width 0.25 ranked first, width 0.5 second."""
+    found = [Candidate(Subnet(0.5), 0.5, {"latency": 0.2}, 0), Candidate(Subnet(0.25), 0.75, {"latency": 0.1}, 0)]
+    return SearchResult(Budget.parse(budget), "accuracy", True, found, 0)
+
+
+def test_the_next_best_member_is_exported_when_the_first_measures_over_budget(family, tmp_path, monkeypatch):
+    """The last step of `zoo search --budget latency=MS` (the command runs it above)."""
     out = tmp_path / "search"
+    out.mkdir()
     measured = _exported_files_measure(monkeypatch, out, over=1)
-    done = _invoke("search", str(family), "--budget", "latency=1000", *SEARCH, "--out", str(out))
-    assert done.exit_code == 0, done.output
+    result = _two_found("latency=1000")
+    best, check = _export_best(result, zoo.WeightsSource.open(family), out, 1, False, latency=_not_measured_again)
     first, second = measured
-    assert first != second and not first.exists() and second.exists()  # the first choice's file is removed
-    report = json.loads((out / "pareto.json").read_text())
+    assert [result.ranked()[0].member, best.member] == [Subnet(0.25), Subnet(0.5)]
+    assert not first.exists() and second.exists() and check["file"] == str(second)  # the first file is removed
+    assert check["search_ms"] == 0.2 and 0 < check["exported_ms"] <= 1000
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [m["file"] for m in manifest["members"]] == [second.name]
-    assert manifest["members"][0]["member"] == report["best"]["member"] != report["front"][-1]["member"]
-    assert report["latency_check"]["file"] == str(second) and report["latency_check"]["exported_ms"] < 1000
+    assert [(m["file"], m["member"]) for m in manifest["members"]] == [(second.name, {"width": 0.5})]
 
 
-def test_search_fails_in_one_line_when_every_exported_choice_is_over_budget(family, tmp_path, monkeypatch):
+def test_every_choice_over_budget_is_one_error_and_leaves_no_file(family, tmp_path, monkeypatch):
     out = tmp_path / "search"
+    out.mkdir()
     measured = _exported_files_measure(monkeypatch, out, over=3)
-    line = _one_error_line(_invoke("search", str(family), "--budget", "latency=1000", *SEARCH, "--out", str(out)))
-    assert line == (
-        "error: the best members found measured over latency <= 1000 ms once exported (last: 2000.000 ms); "
+    found = _two_found("latency=1000")
+    found.candidates = found.candidates[1:]  # one member found: the error comes after one export
+    with pytest.raises(ValueError) as error:
+        _export_best(found, zoo.WeightsSource.open(family), out, 1, False, _not_measured_again)
+    assert str(error.value) == (
+        "the best members found measured over latency <= 1000 ms once exported (last: 2000.000 ms); "
         "measured latency is noisy here: retry, or relax the budget"
     )
-    assert len(measured) == 2  # a population of 2: both members were tried
-    assert not out.exists()  # no file of a member over the budget, no manifest, no empty folder
+    assert len(measured) == 1 and list(out.iterdir()) == []  # no member file, no manifest
