@@ -173,7 +173,7 @@ def trained(tmp_path_factory):
     return zoo.save(model, tmp_path_factory.mktemp("family") / "model.safetensors", metadata={"data": "digits"})
 
 
-def test_member_flag_in_slice_eval_and_bench(trained, tmp_path):
+def test_member_flag_in_slice_and_eval(trained, tmp_path):  # `zoo bench --member`: tests/test_member_commands.py
     member = '{"width": [0.25, 0.5, 1], "depth": [1, 2, 3]}'
     sliced = tmp_path / "m.safetensors"
     done = _zoo("slice", str(trained), "--member", member, "--out", str(sliced))
