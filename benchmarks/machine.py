@@ -16,7 +16,7 @@ VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "am
 
 
 def cpu() -> dict:
-    """``{"model": ..., "vector_extensions": [...], "logical_cores": N}``, from /proc/cpuinfo
+    """The model, vector extensions, logical and usable cores, from /proc/cpuinfo
     where there is one (Linux), else what ``platform`` knows."""
     model, flags = platform.processor() or platform.machine(), set()
     info = Path("/proc/cpuinfo")
