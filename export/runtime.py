@@ -50,8 +50,8 @@ def _providers(device: str) -> list:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         raise ValueError(
-            f"CUDA was requested but this onnxruntime has no CUDA execution provider "
-            f"(it has {', '.join(available)}); install onnxruntime-gpu or use device cpu"
+            f"CUDA was requested but onnxruntime's CUDA provider is not installed "
+            f"(this onnxruntime has {', '.join(available)}); install onnxruntime-gpu or use device cpu"
         )
     return [("CUDAExecutionProvider", {"device_id": int(match.group(1) or 0)}), "CPUExecutionProvider"]
 
