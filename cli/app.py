@@ -3,7 +3,8 @@
 Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant; `zoo list`
 and `zoo info` read the catalogue's facts and file headers without importing torch or timm
 (see :func:`zoo_module`). Errors a user can cause become one line on stderr and exit code 1
-(bad flag values: exit 2).
+(bad flag values: exit 2); any other exception is a bug in zoo, also one line (exit 1) naming
+the command and where to report it, with the traceback when ``ZOO_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import sys
+import traceback
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+import click
 import typer
 
 app = typer.Typer(
@@ -37,12 +41,17 @@ def root(version: bool = typer.Option(False, "--version", help="Print zoo's vers
         raise typer.Exit()
 
 
+DEBUG_ENV = "ZOO_DEBUG"  # set to 1: an unexpected error prints its traceback
+BUG_REPORTS = "zoo's issue tracker"
+
+
 class UserError(Exception):
     """An error the user caused, reported as one line."""
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn errors a user can cause into one line on stderr and exit code 1."""
+def user_errors(fn: Callable, name: str | None = None) -> Callable:
+    """Turn errors a user can cause into one line on stderr and exit code 1, and any other
+    exception into one line naming the command ``name`` (see :func:`internal_error`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,15 +60,37 @@ def user_errors(fn: Callable) -> Callable:
         # zoo.WeightsFileError is a ValueError and zoo.fileio's WriteError (a full disk, a
         # read-only folder) an OSError: not importing them keeps `zoo run` free of torch.
         except (UserError, ValueError, OSError) as err:
-            typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
+            typer.echo(f"error: {_first_line(err)}", err=True)
+            raise typer.Exit(1) from None
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # exits and flag errors (exit 2) that the command chose
+        except Exception as err:  # a bug: the last line of defence
+            internal_error(name or fn.__name__.removesuffix("_command"), err)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
+def internal_error(name: str, err: Exception) -> None:
+    """One line for an exception no command expected; the traceback too with ``ZOO_DEBUG=1``."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    hint = "" if debug else f" (rerun with {DEBUG_ENV}=1 for the traceback)"
+    typer.echo(
+        f"internal error in `zoo {name}`: {type(err).__name__}: {_first_line(err)} -- a bug in zoo: "
+        f"please report it to {BUG_REPORTS} with the command line{hint}",
+        err=True,
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def command(name: str | None = None, **kwargs) -> Callable[[Callable], Callable]:
     """Register a command whose user errors are reported as one line."""
-    return lambda fn: app.command(name, **kwargs)(user_errors(fn))
+    return lambda fn: app.command(name, **kwargs)(user_errors(fn, name))
 
 
 def zoo_module(name: str) -> ModuleType:
@@ -68,15 +99,14 @@ def zoo_module(name: str) -> ModuleType:
     (seconds): what keeps `zoo list` and `zoo info` fast."""
     if "zoo" in sys.modules:
         return importlib.import_module(f"zoo.{name}")
-    key = f"_zoo_light_{name}"  # not "zoo.<name>": the package itself is not loaded
-    if key not in sys.modules:
-        package = importlib.util.find_spec("zoo")  # finds the package without importing it
-        location = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, location)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    if LIGHT_PACKAGE not in sys.modules:  # zoo's folder as a package whose __init__ never runs,
+        package = ModuleType(LIGHT_PACKAGE)  # so that these modules' relative imports (.schema) work
+        package.__path__ = list(importlib.util.find_spec("zoo").submodule_search_locations)  # not imported
+        sys.modules[LIGHT_PACKAGE] = package
+    return importlib.import_module(f"{LIGHT_PACKAGE}.{name}")
+
+
+LIGHT_PACKAGE = "_zoo_light"  # not "zoo": the package itself is not loaded
 
 
 def weights_file(weights: str | Path, pretrained: bool) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from zoo.fileio import atomic_path
+from zoo.schema import CHECKPOINT, check
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable zoo checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a zoo training checkpoint (format version {FORMAT_VERSION})")
-    return state
+    return check(state, CHECKPOINT, f"{path} is a damaged zoo training checkpoint")
 
 
 def rng_states() -> dict:
