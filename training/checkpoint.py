@@ -44,6 +44,18 @@ def load_checkpoint(path: Path) -> dict:
     return check(state, CHECKPOINT, f"{path} is a damaged zoo training checkpoint")
 
 
+# What restoring a checkpoint's states raises when they do not fit the run (torch's
+# load_state_dict, the generators' set_state): a damaged checkpoint, or another run's.
+RESTORE_ERRORS = (RuntimeError, KeyError, TypeError, IndexError, ValueError)
+
+
+def unfit_checkpoint(path: Path, err: Exception) -> ValueError:
+    """The one-line error for a checkpoint whose states do not fit the run restoring them."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # load_state_dict: the first problem
+    return ValueError(f"{path} does not fit this run ({reason[:200]})")
+
+
 def rng_states() -> dict:
     """Every global random state, as tensors and plain Python values."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()

@@ -42,7 +42,15 @@ from zoo.fileio import atomic_path, locked_folder
 from zoo.subnet import DEFAULT_GRID, check_fraction, grid
 
 from . import distributed
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    RESTORE_ERRORS,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+    unfit_checkpoint,
+)
 from .compiled import check_backend, compile_model
 from .data import DataBundle, batches, check_data_options, default_data, load_data
 from .evaluate import default_batch_size, evaluate, metric_name
@@ -487,7 +495,10 @@ class Trainer:
         self.alignment_batch = self._alignment_batch() if cfg.log_alignment else None
         self.step, self.history, self.previous_wall_s, self.checkpoint_step = 0, [], 0.0, None
         if checkpoint is not None:
-            self._restore(checkpoint)
+            try:
+                self._restore(checkpoint)
+            except RESTORE_ERRORS as err:
+                raise unfit_checkpoint(self.checkpoint_path, err) from None
         elif cfg.init:
             _load_init(self.model, cfg.init)
         self.ema = self._create_ema(checkpoint)

@@ -370,7 +370,7 @@ CHECKPOINT = Object(
         "model": Object(rest=TENSOR),
         "optimizer": STATE,
         "scheduler": STATE,
-        "strategy": STATE,
+        "strategy": Object(required={"generator": TENSOR}, rest=ANY),
         "rng": Object(
             required={
                 "torch": TENSOR,
@@ -386,6 +386,6 @@ CHECKPOINT = Object(
         "history": ListOf(ANY),
         "wall_time_s": NUMBER,
     },
-    optional={"update": STATE, "precision": STATE, "ema": STATE},
+    optional={"update": Object(required={"generator": TENSOR}, rest=ANY), "precision": STATE, "ema": STATE},
     rest=ANY,
 )
