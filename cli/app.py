@@ -41,6 +41,16 @@ def root(version: bool = typer.Option(False, "--version", help="Print zoo's vers
         raise typer.Exit()
 
 
+# Exits and flag errors (typer.BadParameter: exit 2) that commands raise on purpose, from click
+# or from the copy of click that newer Typers carry.
+_CLI_EXITS = (
+    typer.Exit,
+    typer.Abort,
+    click.exceptions.Exit,
+    click.exceptions.Abort,
+    click.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+)
 DEBUG_ENV = "ZOO_DEBUG"  # set to 1: an unexpected error prints its traceback
 BUG_REPORTS = "zoo's issue tracker"
 
@@ -62,7 +72,7 @@ def user_errors(fn: Callable, name: str | None = None) -> Callable:
         except (UserError, ValueError, OSError) as err:
             typer.echo(f"error: {_first_line(err)}", err=True)
             raise typer.Exit(1) from None
-        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except _CLI_EXITS:
             raise  # exits and flag errors (exit 2) that the command chose
         except Exception as err:  # a bug: the last line of defence
             internal_error(name or fn.__name__.removesuffix("_command"), err)
