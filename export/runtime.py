@@ -166,6 +166,18 @@ class Predictor:
                 f"(inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; expected 'input' -> 'logits')"
             )
         self._input_type = inputs[0].type
+        spec, graph = self.metadata["input"], inputs[0]
+        if spec["kind"] == "tokens":
+            fits = graph.type == "tensor(int64)"
+        else:  # an image's channels and size, where the graph fixes them
+            dims = list(graph.shape[1:])
+            fits = graph.type in _NUMPY_TYPES and len(dims) == 3
+            fits = fits and all(not isinstance(d, int) or d == s for d, s in zip(dims, spec["shape"]))
+        if not fits:
+            described = "byte ids" if spec["kind"] == "tokens" else f"images of shape {spec['shape']}"
+            raise ValueError(
+                f"{self.path}: its zoo metadata describes {described}, but its graph takes {graph.type} {graph.shape}"
+            )
 
     @property
     def kind(self) -> str:
