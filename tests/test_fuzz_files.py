@@ -66,31 +66,35 @@ KEYS = st.sampled_from(
 )  # fmt: skip
 
 
-def _paths(doc, prefix=()):
-    yield prefix
-    if isinstance(doc, dict):
-        for key, value in doc.items():
-            yield from _paths(value, (*prefix, key))
-    elif isinstance(doc, list):
-        for i, value in enumerate(doc):
-            yield from _paths(value, (*prefix, i))
+def _field(draw, doc) -> tuple:
+    """A field of ``doc``, every key of a level as likely as another (a nested document's many
+    fields would otherwise crowd out the top level's); () for an empty document."""
+    path, node = (), doc
+    while isinstance(node, (dict, list)) and node:
+        key = draw(st.sampled_from(list(node) if isinstance(node, dict) else range(len(node))))
+        path, node = (*path, key), node[key]
+        if draw(st.booleans()):
+            break
+    return path
 
 
 @st.composite
 def mutations(draw, doc):
-    """``doc`` with one to three fields deleted, replaced by another JSON value, or added."""
+    """``doc`` with one to three fields deleted, made null, replaced by another JSON value, or added."""
     doc = copy.deepcopy(doc)
     for _ in range(draw(st.integers(1, 3))):
-        path = draw(st.sampled_from(list(_paths(doc))))
+        path = _field(draw, doc)
         if not path:
             return draw(JSON)
         parent = doc
         for step in path[:-1]:
             parent = parent[step]
         target = parent[path[-1]]
-        action = draw(st.sampled_from(["replace", "delete", "add"]))
+        action = draw(st.sampled_from(["replace", "null", "delete", "add"]))
         if action == "delete":
             del parent[path[-1]]
+        elif action == "null":
+            parent[path[-1]] = None
         elif action == "add" and isinstance(target, dict):
             target[draw(KEYS | st.text(max_size=4))] = draw(JSON)
         elif action == "add" and isinstance(target, list):

@@ -275,7 +275,7 @@ WEIGHTS_METADATA = Object(
                     "timm": nullable(STRING),
                     "checkpoint": nullable(STRING),
                     "order": nullable(STRING),
-                    "max_abs_diff": nullable(NUMBER),
+                    "max_abs_diff": NUMBER,
                 },
                 rest=ANY,
             )
@@ -320,34 +320,26 @@ TOKENS_INPUT = Object(
     required={"kind": OneOf("tokens"), "context_length": POSITIVE}, optional={"vocab_size": POSITIVE}, rest=ANY
 )
 INPUT = Tagged("kind", {"image": IMAGE_INPUT, "tokens": TOKENS_INPUT})
-RECORD_METRICS = Object(rest=ANY)
+# Fields an export always writes hold their type; those it may leave empty are nullable.
 ONNX_RECORD_FIELDS = {
     "arch": STRING,
-    "family": nullable(STRING),
-    "subnet": nullable(MEMBER),
+    "family": STRING,
+    "subnet": MEMBER,
     "input": INPUT,
     "labels": nullable(ListOf(STRING | NUMBER)),
-    "metrics": nullable(RECORD_METRICS),
-    "num_params": nullable(COUNT),
-    "flops": nullable(NUMBER),
-    "source_sha256": nullable(STRING),
-    "opset": nullable(INTEGER),
+    "metrics": nullable(METRICS),
+    "num_params": COUNT,
+    "flops": NUMBER,
+    "source_sha256": STRING,
+    "opset": INTEGER,
     "quantized": nullable(STRING),
-    "quantization": nullable(
-        Object(
-            optional={
-                "method": nullable(STRING),
-                "fp32": nullable(RECORD_METRICS),
-                "int8": nullable(RECORD_METRICS),
-                "validation_samples": nullable(COUNT),
-            },
-            rest=ANY,
-        )
+    "quantization": Object(
+        optional={"method": STRING, "fp32": METRICS, "int8": METRICS, "validation_samples": COUNT}, rest=ANY
     ),
-    "low_rank_layers": nullable(Object(optional={"merged": COUNT, "factorized": COUNT}, rest=ANY)),
+    "low_rank_layers": Object(optional={"merged": COUNT, "factorized": COUNT}, rest=ANY),
     "fusions": nullable(Object(rest=COUNT)),
     "kv_cache": nullable(COUNT),
-    "zoo_version": nullable(STRING),
+    "zoo_version": STRING,
 }
 # `zoo info` describes any record with an architecture; running one needs its input spec too.
 ONNX_RECORD = Object(
