@@ -16,6 +16,7 @@ importing torch (see ``cli.app.zoo_module``).
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Callable
 
 
@@ -182,9 +183,9 @@ def _plural(name: str) -> str:
 def _shown(value: Any) -> str:
     if value is _ABSENT:
         return "nothing"
+    if isinstance(value, (list, dict)):  # reprlib: a checkpoint's state is never printed whole
+        return f"{'a list' if isinstance(value, list) else 'an object'} {_clip(reprlib.repr(value))}"
     text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    if isinstance(value, (list, dict)):
-        text = f"{'a list' if isinstance(value, list) else 'an object'} {_clip(repr(value))}"
     return _clip(text)
 
 
@@ -292,7 +293,7 @@ ZOO_HEADER = Object(
         "subnets": ListOf(MEMBER),
         "num_params": COUNT,
         "dtype": OneOf("float32", "float16", "bfloat16"),
-        "metadata": nullable(WEIGHTS_METADATA),
+        "metadata": WEIGHTS_METADATA,
     },
     rest=ANY,
 )
@@ -380,4 +381,7 @@ CHECKPOINT = Object(
     },
     optional={"update": Object(required={"generator": TENSOR}, rest=ANY), "precision": STATE, "ema": STATE},
     rest=ANY,
+)
+CHECKPOINT = Where(
+    CHECKPOINT, lambda state: "ema" in state or not state["config"].get("ema"), "a checkpoint with the EMA its run kept"
 )
