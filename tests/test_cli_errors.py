@@ -5,7 +5,11 @@ traceback)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 from test_fuzz_files import RECORD, SHIPPED, _onnx_file, _safetensors, _split
 from typer.testing import CliRunner
@@ -34,6 +38,18 @@ def test_info_on_the_files_of_issue_22_is_one_line(tmp_path):
     ]:
         result = invoke("info", path)
         assert result.exit_code == 1 and result.stderr == line + "\n", result.output
+
+
+def test_the_installed_command_line_prints_the_one_line_too(tmp_path):
+    """Through ``python -m cli`` (the `zoo` script's entry point), not Typer's test runner."""
+    path = _onnx_file(tmp_path, [])
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_DEBUG"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "info", str(path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"error: {path}: zoo metadata: must be an object, got a list []\n"
 
 
 def test_run_refuses_a_record_without_its_input_spec(tmp_path):
@@ -102,3 +118,15 @@ def test_flag_errors_still_exit_2(tmp_path):
     """The last line of defence leaves Typer's own errors alone (a bad flag value: exit 2)."""
     result = invoke("export", SHIPPED, "--all", "--width", "0.5", "--out", tmp_path)
     assert result.exit_code == 2 and "--all exports every trained member" in result.output
+
+
+def test_run_refuses_a_record_that_contradicts_its_graph(tmp_path):
+    """The graph takes 3 x 8 x 8 floats; onnxruntime's own error was a traceback."""
+    tokens = _onnx_file(tmp_path, {**RECORD, "input": {"kind": "tokens", "context_length": 8}})
+    result = invoke("run", tokens, "a prompt")
+    assert result.exit_code == 1 and result.stderr == (
+        f"error: {tokens}: its zoo metadata describes byte ids, but its graph takes tensor(float) ['batch', 3, 8, 8]\n"
+    )
+    larger = _onnx_file(tmp_path, {**RECORD, "input": {**RECORD["input"], "shape": [3, 16, 16]}})
+    result = invoke("run", larger, SHIPPED)
+    assert result.exit_code == 1 and "describes images of shape [3, 16, 16], but its graph takes" in result.stderr
