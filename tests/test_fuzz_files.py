@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
@@ -29,7 +29,9 @@ from typer.testing import CliRunner
 import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
+from training import text_cache
 from training.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from training.data import load_data
 from zoo.header import safetensors_header
 
 
@@ -292,6 +294,31 @@ def test_fuzzed_members_through_slice(tmp_path_factory, member, as_file):
         value = str(folder / "member.json")
     result = invoke("slice", "slim_resnet20", "--pretrained", "--member", value, "--out", folder / "m.safetensors")
     assert_answered(result)
+
+
+# ----- text caches -------------------------------------------------------------------------------
+@fuzzed(15)
+@given(keep=st.integers(0, 1699) | st.none(), junk=st.binary(max_size=16))
+def test_damaged_text_caches_are_rebuilt(tmp_path_factory, monkeypatch, keep, junk):
+    """A text cache is raw bytes: its name records its size, and one cut short or grown is
+    built again from the sources, never read as the corpus."""
+    folder = tmp_path_factory.mktemp("text")
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(folder / "cache"))
+    (folder / "corpus").mkdir()
+    (folder / "corpus" / "a.txt").write_bytes(b"alpha beta\n" * 100)
+    (folder / "corpus" / "b.txt").write_bytes(b"gamma delta\n" * 50)
+    corpus = b"alpha beta\n" * 100 + b"gamma delta\n" * 50  # 1,700 bytes
+    load_data(f"text:{folder / 'corpus' / 'a.txt'}", seq_len=16)  # another source's cache stays
+    load_data(f"text:{folder / 'corpus'}", seq_len=16)
+    [cache] = text_cache.cache_folder().glob("corpus-*.u8")
+    assert cache.name.endswith("-1700.u8") and cache.read_bytes() == corpus
+    damaged = corpus[:keep] + junk if keep is not None else corpus + junk
+    assume(len(damaged) != len(corpus))  # a cache's size is all that raw bytes can be checked by
+    cache.write_bytes(damaged)
+    bundle = load_data(f"text:{folder / 'corpus'}", seq_len=16)
+    [rebuilt] = text_cache.cache_folder().glob("corpus-*.u8")
+    assert rebuilt.read_bytes() == corpus and bundle.train.size + bundle.val.size == len(corpus)
+    assert len(list(text_cache.cache_folder().glob("*.u8"))) == 2
 
 
 # ----- training checkpoints ------------------------------------------------------------------------
