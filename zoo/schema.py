@@ -5,8 +5,8 @@ folder's ``config.json``, an exported file's zoo record, ``--member`` JSON, a tr
 checkpoint's top level), so code further on may index it without guarding every access, and a
 foreign or damaged file is one line naming the file, the field and what it should hold:
 
-    check(header, ZOO_HEADER, f"{path}: its zoo header")
-    # SchemaError: m.safetensors: its zoo header: metadata.metrics[0] must be an object, got 'bad'
+    check(header, ZOO_HEADER, f"{path} has a corrupt zoo header", WeightsFileError)
+    # m.safetensors has a corrupt zoo header: metadata.metrics[0] must be an object, got 'bad'
 
 Schemas are plain values built from a few node types (:class:`Object`, :class:`ListOf`,
 :class:`Either`, ...). Unknown keys are accepted where a later version may add fields.
@@ -42,13 +42,13 @@ class Node:
 
 
 class Type(Node):
-    """A JSON scalar of one of ``types`` (``bool`` is not a number here)."""
+    """A JSON scalar of one of ``types`` (never a boolean: ``True`` is not a number here)."""
 
     def __init__(self, name: str, *types: type):
         self.name, self.types = name, types
 
     def check(self, value: Any, where: str) -> None:
-        if isinstance(value, bool) != (bool in self.types) or not isinstance(value, self.types):
+        if isinstance(value, bool) or not isinstance(value, self.types):
             raise _Mismatch(where, self.name, value)
 
 
@@ -206,24 +206,14 @@ def check(value: Any, schema: Node, what: str, error: type[Exception] = SchemaEr
     return value
 
 
-def is_valid(value: Any, schema: Node) -> bool:
-    try:
-        schema.check(value, "")
-    except _Mismatch:
-        return False
-    return True
-
-
 # ----- the building blocks --------------------------------------------------------------------
 ANY = Node()
 STRING = Type("a string", str)
 INTEGER = Type("an integer", int)
 NUMBER = Type("a number", int, float)
-BOOLEAN = Type("a boolean", bool)
 NULL = Type("null", type(None))
 COUNT = Where(INTEGER, lambda v: v >= 0, "an integer >= 0")
 POSITIVE = Where(INTEGER, lambda v: v > 0, "an integer > 0")
-SCALAR = STRING | NUMBER | BOOLEAN | NULL
 NUMBERS = ListOf(NUMBER)
 
 
