@@ -16,10 +16,11 @@ import zoo
 from cli.app import app
 from export.onnx_export import export_member, read_record
 from zoo import registry
+from zoo.models._builder import build
 from zoo.models.gpt import SlimGPT
 from zoo.models.mobilenetv2 import SlimMobileNetV2
 from zoo.models.vit import SlimVisionTransformer
-from zoo.registry import build
+from zoo.registry import Variant
 
 # name -> (family, class, the variant's fixed arguments): small networks of the families' classes
 SMALL = {
@@ -38,11 +39,10 @@ def small_variants(monkeypatch):
     rebuild a model by its name), not in timm's; removed afterwards."""
     for name, (family, cls, fixed) in SMALL.items():
 
-        def entrypoint(pretrained=False, cls=cls, name=name, fixed=fixed, **kwargs):
-            return build(cls, name, pretrained, fixed, kwargs)
+        def entrypoint(pretrained=False, name=name, **kwargs):
+            return build(name, pretrained, kwargs)
 
-        monkeypatch.setitem(registry._ENTRYPOINTS, name, entrypoint)
-        monkeypatch.setitem(registry._FAMILY, name, family)
+        monkeypatch.setitem(registry._VARIANTS, name, Variant(name, family, cls, fixed, {}, entrypoint))
 
 
 def _small(name: str) -> zoo.ElasticModel:
