@@ -339,6 +339,7 @@ def eval_command(
     import zoo
     from training.distributed import resolve_device
     from training.evaluate import calibration_batches, data_for, default_batch_size, evaluate, metric_name
+    from training.loader import default_workers
     from zoo.members import calibrate_members, select_members
 
     torch_device = resolve_device(device.value)
@@ -360,6 +361,7 @@ def eval_command(
             batch_size=batch_size or default_batch_size(model),
             limit=limit,
             progress=progress,
+            workers=default_workers(bundle),  # image folders: decoded in worker processes
         )
     if json_output:
         typer.echo(json.dumps(records))

@@ -29,9 +29,9 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from .signals import ignore_stop_signals
+from .workers import iterate, loader
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
@@ -58,6 +58,20 @@ _CIFAR_LAYOUT = {
     ),
     "cifar100": (["train"], "test", "meta", b"fine_labels", b"fine_label_names", "cifar-100-python"),
 }
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as expected; the message names it, on one line.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``DataError("Caught ... Original Traceback ...")``; the constructor keeps only the original
+    line, so the user still sees which file is bad.
+    """
+
+    def __init__(self, message: str):
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        lines = [line[len(prefix) :] for line in message.splitlines() if line.startswith(prefix)]
+        super().__init__(lines[-1] if lines else message)
 
 
 @dataclass
@@ -250,7 +264,13 @@ class FileTokenWindows(TokenWindows):
         self.file = open(self.path, "rb", buffering=0)
 
     def read(self, start: int, count: int) -> torch.Tensor:
-        chunk = os.pread(self.file.fileno(), min(count, self.size - start), self.offset + start)
+        count = min(count, self.size - start)
+        chunk = os.pread(self.file.fileno(), count, self.offset + start)
+        if len(chunk) < count:
+            raise DataError(
+                f"cannot read text cache {self.path}: it ends before byte {self.offset + start + count} "
+                "(cut short while this run read it); delete it and run again to rebuild it"
+            )
         return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
 
 
@@ -286,9 +306,7 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in DataLoader(
-        Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals
-    ):
+    for inputs, _ in iterate(loader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers)):
         yield inputs
 
 

@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 import zoo
 from zoo import Subnet
 
-from .signals import ignore_stop_signals
+from .workers import iterate, loader
 
 EVAL_IMAGES = 256  # images per evaluation batch
 # Byte positions per evaluation batch (32 windows of 256): a batch's activations then stay in
@@ -70,9 +70,7 @@ def evaluate(
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
-        for inputs, targets in DataLoader(
-            data, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals
-        ):
+        for inputs, targets in iterate(loader(data, batch_size=batch_size, shuffle=False, num_workers=workers)):
             inputs, targets = inputs.to(device), targets.to(device).flatten()
             count += targets.numel()
             for i, subnet in enumerate(subnets):

@@ -39,14 +39,6 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of data-loading workers: leave SIGTERM and SIGINT (Ctrl-C reaches the
-    workers too) to the main process, which finishes its step and then closes them; a worker
-    that died of the signal would fail the step it feeds."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-
-
 class StopSignals:
     """Handle SIGTERM and SIGINT for the duration of a ``with`` block (main thread only).
 
