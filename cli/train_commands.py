@@ -237,7 +237,9 @@ def train_command(
         "--nproc-per-node",
         help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
     ),
-    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run; run the same command on each."),
+    nnodes: str = typer.Option(
+        "1", "--nnodes", help="Machines in the run, N or MIN:MAX (elastic); run the same command on each."
+    ),
     node_rank: Optional[int] = typer.Option(
         None,
         "--node-rank",
@@ -250,6 +252,15 @@ def train_command(
     ),
     rdzv_id: str = typer.Option(
         "zoo", "--rdzv-id", help="The run's name in the rendezvous, the same on every machine."
+    ),
+    # A lost process or node: how long the others wait, and torchrun's restarts (training/launch.py).
+    dist_timeout: float = typer.Option(
+        300.0, "--dist-timeout", help="Seconds a collective waits for a lost process before every survivor exits."
+    ),
+    max_restarts: int = typer.Option(
+        0,
+        "--max-restarts",
+        help="Restart every process up to N times after a failure or a node lost or joining; they resume from the last checkpoint.",
     ),
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
@@ -268,9 +279,9 @@ def train_command(
         init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
         eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
         compile=compile, compile_backend=compile_backend, channels_last=channels_last, amp=amp.value if amp else None,
-        accum_steps=accum_steps, ema=ema, ema_decay=ema_decay, sync_bn=sync_bn,
+        accum_steps=accum_steps, ema=ema, ema_decay=ema_decay, sync_bn=sync_bn, dist_timeout=dist_timeout,
     )  # fmt: skip
-    where = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    where = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts)
     where.check()
     if where.needed:  # not yet inside the launched processes
         config.check()

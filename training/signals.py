@@ -15,12 +15,16 @@ workers as well.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
+import sys
 import threading
 import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 DUPLICATE_WINDOW_S = 1.0
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Interrupted(Exception):
@@ -37,6 +41,15 @@ class Interrupted(Exception):
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
+
+
+def die_with_parent(parent: int) -> None:
+    """Have Linux kill this process (SIGKILL) when the thread that started it ends; exit now if
+    ``parent``, whose child this is, already ended. Elsewhere, nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 class StopSignals:

@@ -88,6 +88,7 @@ _NOT_TRAJECTORY = {
     "compile",
     "compile_backend",
     "channels_last",
+    "dist_timeout",
 }
 
 
@@ -150,6 +151,7 @@ class TrainConfig:
     ema: bool = False  # timm's ModelEmaV3 of the weights, evaluated and saved as model_ema.safetensors
     ema_decay: float | None = None  # default DEFAULT_EMA_DECAY (reached after timm's decay warmup)
     sync_bn: bool = False  # batch-norm statistics over the global batch (training.sync_bn)
+    dist_timeout: float = distributed.DEFAULT_TIMEOUT_S  # seconds a collective waits for a lost process
 
     def check(self) -> None:
         """Validate everything that needs no data, so bad flags fail in a second."""
@@ -174,7 +176,7 @@ class TrainConfig:
             "log_alignment",
         ):
             _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
-        for name in ("lr", "clip_grad"):
+        for name in ("lr", "clip_grad", "dist_timeout"):
             _check(name, getattr(self, name), lambda v: v > 0, "positive")
         for name in ("weight_decay", "warmup_steps", "workers", "momentum", "num_random", "mixup", "cutmix"):
             _check(name, getattr(self, name), lambda v: v >= 0, "non-negative")
@@ -332,14 +334,26 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     :class:`~training.signals.Interrupted` and leaves the previous checkpoint.
     """
     config.check()
-    ctx = distributed.setup(config.device)
+    ctx = distributed.setup(config.device, config.dist_timeout)
+    if ctx.restart and (Path(config.out) / CHECKPOINT_NAME).exists():
+        config = dataclasses.replace(config, resume=True)  # torchrun restarted the job (--max-restarts)
+    lost = None
     try:
         with (
             StopSignals() as signals,
             locked_folder(config.out, "zoo train") if ctx.is_main else contextlib.nullcontext(),
         ):
+            trainer = None
             try:
-                return Trainer(config, ctx, reporter or Reporter(), signals).run()
+                trainer = Trainer(config, ctx, reporter or Reporter(), signals)
+                return trainer.run()
+            except RuntimeError as err:  # a collective failed: another process is gone?
+                lost = ctx.lost(err)
+                if lost is None:
+                    raise
+                where = f" at step {trainer.step + 1}" if trainer is not None else ""
+                kept = trainer.last_checkpoint_note() if trainer is not None else "no checkpoint was read"
+                raise distributed.LostProcess(f"{lost}{where} ({lost.cause}); {kept}", lost.cause) from None
             except Interrupted as stop:
                 checkpoint = Path(config.out) / CHECKPOINT_NAME
                 kept = (
@@ -349,7 +363,7 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 )
                 raise Interrupted(stop.signum, f"stopped at once by {signal_name(stop.signum)}; {kept}") from None
     finally:
-        ctx.close()
+        ctx.close(failed=lost is not None)
 
 
 def _with_schedule(cfg: TrainConfig, steps_per_epoch: int, default_steps: int) -> TrainConfig:
@@ -490,6 +504,10 @@ class Trainer:
             self._restore(checkpoint)
         elif cfg.init:
             _load_init(self.model, cfg.init)
+        self.attempts = [  # every start of the run: after a resume, torchrun's restarts, on fewer processes
+            *(checkpoint or {}).get("attempts", []),
+            {"from_step": self.step, "world_size": ctx.world_size, "restart": ctx.restart},
+        ]
         self.ema = self._create_ema(checkpoint)
         self.sync_bn = SyncBatchNorm(self.model) if cfg.sync_bn else None
         self.net = self._wrap_ddp()
@@ -596,6 +614,7 @@ class Trainer:
                 "rng": rng_states(),
                 "history": self.history,
                 "wall_time_s": self.wall_time_s,
+                "attempts": self.attempts,
             },
         )
 
@@ -775,6 +794,11 @@ class Trainer:
         if self.ctx.is_main:
             self._write_metrics()
 
+    def last_checkpoint_note(self) -> str:
+        if self.checkpoint_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint is {self.checkpoint_path} (step {self.checkpoint_step})"
+
     def _last_checkpoint(self) -> str:
         if self.checkpoint_step is None:
             return "no checkpoint was written yet; lower --lr or add --clip-grad"
@@ -876,6 +900,7 @@ class Trainer:
             "data": data.spec,
             "seed": self.cfg.seed,
             "world_size": self.ctx.world_size,
+            "attempts": self.attempts,
             "device": self.ctx.device.type,
             "amp": self.precision.amp,
             "wall_time_s": round(self.wall_time_s, 2),

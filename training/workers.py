@@ -20,19 +20,15 @@ leaving the main process waiting on one after it printed its error:
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
-import sys
 import threading
 from typing import Iterable, Iterator
 
 from torch.utils.data import DataLoader
 
-from .signals import STOP_SIGNALS
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from .signals import STOP_SIGNALS, die_with_parent
 
 
 def worker_init(parent: int) -> functools.partial:
@@ -62,10 +58,7 @@ def shut_down(iterator) -> None:
 
 
 def _start_worker(parent: int, worker_id: int) -> None:
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the line above
-        os._exit(1)
+    die_with_parent(parent)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread below takes them instead
     threading.Thread(target=_stop_when_parent_asks, args=(parent,), name="zoo-stop-signals", daemon=True).start()
 
