@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .workers import iterate, loader
+from .workers import loader, running
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
@@ -306,8 +306,9 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in iterate(loader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers)):
-        yield inputs
+    with running(loader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers)) as items:
+        for inputs, _ in items:
+            yield inputs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ leaving the main process waiting on one after it printed its error:
   reading a file. A worker that ignored it outright kept its parent in that join forever.
 - A worker dies with the thread that started it (Linux's parent-death signal): a main process
   killed outright (SIGKILL, a lost machine, SIGTERM in a command without handlers) leaves none.
-- A loop over a loader shuts its workers down when it ends, by an error too (:func:`iterate`),
+- A loop over a loader shuts its workers down when it ends, by an error too (:func:`running`),
   not when the iterator is collected: an exception's traceback keeps the iterator alive until
   the interpreter exits, and torch's own shutdown does nothing once exit has begun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -41,12 +42,13 @@ def loader(dataset, **options) -> DataLoader:
     return DataLoader(dataset, worker_init_fn=worker_init(os.getpid()), **options)
 
 
-def iterate(batches: Iterable) -> Iterator:
-    """The items of ``batches`` (a DataLoader); its workers are shut down when the loop ends,
-    however it ends."""
+@contextlib.contextmanager
+def running(batches: Iterable) -> Iterator[Iterator]:
+    """An iterator over ``batches`` (a DataLoader) whose workers are shut down when the block
+    ends, however it ends."""
     iterator = iter(batches)
     try:
-        yield from iterator
+        yield iterator
     finally:
         shut_down(iterator)
 
