@@ -83,7 +83,8 @@ class Heartbeat:
         return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
 
     def where(self, rank: int) -> str:
-        return self.store.get(f"where/{rank}").decode()
+        key = f"where/{rank}"
+        return self.store.get(key).decode() if self.store.check([key]) else "not yet started"
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,7 +137,7 @@ class DistContext:
             if not silent:
                 return None
             lost = ", ".join(f"rank {r} ({self.heartbeat.where(r)})" for r in silent)
-        except Exception:  # noqa: BLE001  (the store's own failure is the answer)
+        except Exception:  # the store's own failure is the answer
             return LostProcess(f"lost the job's store at {self.heartbeat.address} (the rendezvous host)", cause)
         return LostProcess(f"lost {lost} of {self.world_size} processes", cause)
 

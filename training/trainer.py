@@ -352,18 +352,18 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
                 if lost is None:
                     raise
                 where = f" at step {trainer.step + 1}" if trainer is not None else ""
-                kept = trainer.last_checkpoint_note() if trainer is not None else "no checkpoint was read"
+                kept = trainer.last_checkpoint_note() if trainer is not None else _kept_note(config)
                 raise distributed.LostProcess(f"{lost}{where} ({lost.cause}); {kept}", lost.cause) from None
             except Interrupted as stop:
-                checkpoint = Path(config.out) / CHECKPOINT_NAME
-                kept = (
-                    f"{checkpoint} is as it was; continue with --resume"
-                    if checkpoint.exists()
-                    else "no checkpoint was written"
-                )
+                kept = _kept_note(config)
                 raise Interrupted(stop.signum, f"stopped at once by {signal_name(stop.signum)}; {kept}") from None
     finally:
         ctx.close(failed=lost is not None)
+
+
+def _kept_note(config: TrainConfig) -> str:
+    checkpoint = Path(config.out) / CHECKPOINT_NAME
+    return f"{checkpoint} is as it was; continue with --resume" if checkpoint.exists() else "no checkpoint was written"
 
 
 def _with_schedule(cfg: TrainConfig, steps_per_epoch: int, default_steps: int) -> TrainConfig:
