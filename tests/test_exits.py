@@ -10,6 +10,7 @@ The communicate() timeouts only catch a hang; no test measures how long anything
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,9 +23,25 @@ import pytest
 from PIL import Image
 
 import zoo
+from training.workers import loader, running
 
 HANG = 240  # seconds after which a command that should have exited is declared hung
 SMALL = ["--img-size", "16", "--width", "0.5", "--batch-size", "4"]
+
+
+def test_a_worker_leaves_stop_signals_from_others_to_its_parent_and_ends_on_the_parents_own():
+    """The scheduler's SIGTERM and Ctrl-C's SIGINT (here from `kill`, another process) must not
+    kill a worker mid-epoch; the parent's SIGTERM (torch's shutdown, Python's exit handler)
+    must end it, even when it is busy."""
+    with running(loader(list(range(64)), batch_size=1, num_workers=1)) as batches:
+        assert next(batches).tolist() == [0]
+        (worker,) = multiprocessing.active_children()
+        for name in ("TERM", "INT"):
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+        assert [next(batches).item() for _ in range(40)] == list(range(1, 41))  # it lived on
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.join(timeout=HANG)
+        assert worker.exitcode == 0
 
 
 def _tree(root: Path, per_class: dict[str, int]) -> Path:

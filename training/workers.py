@@ -10,7 +10,8 @@ leaving the main process waiting on one after it printed its error:
   would fail the step it feeds. The same signal sent by the main process itself ends the worker:
   it is how torch's shutdown and Python's exit handler (``multiprocessing``'s, which terminates
   daemon children, then joins them) stop a worker that did not stop when asked, e.g. one blocked
-  reading a file. A worker that ignored it outright kept its parent in that join forever.
+  reading a file. A worker that ignored it outright kept its parent in that join forever. (The
+  sender is known on Linux, from ``sigwaitinfo``; elsewhere workers ignore both signals.)
 - A worker dies with the thread that started it (Linux's parent-death signal): a main process
   killed outright (SIGKILL, a lost machine, SIGTERM in a command without handlers) leaves none.
 - A loop over a loader shuts its workers down when it ends, by an error too (:func:`running`),
@@ -61,6 +62,10 @@ def shut_down(iterator) -> None:
 
 def _start_worker(parent: int, worker_id: int) -> None:
     die_with_parent(parent)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; leave them all to the parent
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread below takes them instead
     threading.Thread(target=_stop_when_parent_asks, args=(parent,), name="zoo-stop-signals", daemon=True).start()
 
@@ -69,4 +74,4 @@ def _stop_when_parent_asks(parent: int) -> None:
     while True:
         received = signal.sigwaitinfo(STOP_SIGNALS)
         if received.si_pid == parent:
-            os._exit(128 + received.si_signo)
+            os._exit(0)  # as a worker told to stop by its queue does: torch takes another code for a crash
