@@ -173,7 +173,7 @@ def test_a_restarted_process_resumes_from_the_last_checkpoint_and_records_it(tmp
     assert _naming(str(out)) == []
 
 
-@pytest.mark.slow  # ~75 s: two nodes, a timeout, torchrun's last call and a restart; the CI tests above split it
+@pytest.mark.slow  # ~100 s here: two nodes, a timeout, torchrun's last call, a restart; the CI tests above split it
 def test_a_frozen_node_times_out_and_the_survivor_resumes_alone_from_the_last_checkpoint(tmp_path):
     """Both at once: a 5 s --dist-timeout, torchrun's last call cut to 10 s, 30 steps."""
     out = tmp_path / "run"
@@ -200,7 +200,7 @@ def test_a_frozen_node_times_out_and_the_survivor_resumes_alone_from_the_last_ch
     assert _naming(str(out)) == []
 
 
-@pytest.mark.slow  # ~60 s: two nodes and a long run; the CI test above freezes a node instead
+@pytest.mark.slow  # ~45 s here, two nodes; the CI test above freezes a node of a shorter run instead
 def test_a_killed_node_makes_the_survivor_exit_with_one_line_and_keep_the_checkpoint(tmp_path):
     """The issue's case: node 1 of a 400-step run killed outright, no restarts."""
     out = tmp_path / "run"
