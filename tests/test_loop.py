@@ -245,7 +245,10 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         ),
         (["slim_gpt_nano", "--sync-bn"], "--sync-bn: this family has no batch norm"),
         (["slim_resnet20", "--nproc-per-node", "0"], "--nproc-per-node must be at least 1, got 0"),
-        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+        (["slim_resnet20", "--nnodes", "2:1"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
+        (["slim_resnet20", "--max-restarts", "-1"], "--max-restarts must be at least 0, got -1"),
+        (["slim_resnet20", "--dist-timeout", "0"], "--dist-timeout must be positive"),
         (["slim_resnet20", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
         (
             ["slim_resnet20", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"],

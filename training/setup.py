@@ -108,6 +108,10 @@ class Setup:
                 raise unfit_checkpoint(self.checkpoint_path, err) from None
         elif cfg.init:
             _load_init(self.model, cfg.init)
+        self.attempts = [  # every start of the run: after a resume, torchrun's restarts, on fewer processes
+            *(checkpoint or {}).get("attempts", []),
+            {"from_step": self.step, "world_size": ctx.world_size, "restart": ctx.restart},
+        ]
         self.ema = self._create_ema(checkpoint)
         self.sync_bn = SyncBatchNorm(self.model) if cfg.dist.sync_bn else None
         self.net = self._wrap_ddp()
@@ -203,6 +207,7 @@ class Setup:
             "rng": rng_states(),
             "history": self.history,
             "wall_time_s": self.wall_time_s,
+            "attempts": self.attempts,
         }
         save_checkpoint(self.checkpoint_path, state)
 
