@@ -2,16 +2,20 @@
 
 Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant; `zoo list`
 and `zoo info` read the catalogue's facts and file headers without importing torch or timm
-(see :func:`cli.common.zoo_module`). Errors a user can cause become one line on stderr and exit code 1
-(bad flag values: exit 2).
+(see :func:`cli.common.zoo_module`). Errors a user can cause become one line on stderr and exit
+code 1 (bad flag values: exit 2); any other exception is a bug in zoo, also one line (exit 1)
+naming the command and where to report it, with the traceback when ``ZOO_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import traceback
 from typing import Callable
 
+import click
 import typer
 
 from .commands import COMMANDS
@@ -36,12 +40,27 @@ def root(version: bool = typer.Option(False, "--version", help="Print zoo's vers
         raise typer.Exit()
 
 
+# Exits and flag errors (typer.BadParameter: exit 2) that commands raise on purpose, from click
+# or from the copy of click that newer Typers carry.
+_CLI_EXITS = (
+    typer.Exit,
+    typer.Abort,
+    click.exceptions.Exit,
+    click.exceptions.Abort,
+    click.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+)
+DEBUG_ENV = "ZOO_DEBUG"  # set to 1: an unexpected error prints its traceback
+BUG_REPORTS = "zoo's issue tracker"
+
+
 class UserError(Exception):
     """An error the user caused, reported as one line."""
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn errors a user can cause into one line on stderr and exit code 1."""
+def user_errors(fn: Callable, name: str | None = None) -> Callable:
+    """Turn errors a user can cause into one line on stderr and exit code 1, and any other
+    exception into one line naming the command ``name`` (see :func:`internal_error`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,10 +69,32 @@ def user_errors(fn: Callable) -> Callable:
         # zoo.WeightsFileError is a ValueError and zoo.fileio's WriteError (a full disk, a
         # read-only folder) an OSError: not importing them keeps `zoo run` free of torch.
         except (UserError, ValueError, OSError) as err:
-            typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
+            typer.echo(f"error: {_first_line(err)}", err=True)
+            raise typer.Exit(1) from None
+        except _CLI_EXITS:
+            raise  # exits and flag errors (exit 2) that the command chose
+        except Exception as err:  # a bug: the last line of defence
+            internal_error(name or fn.__name__.removesuffix("_command"), err)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def internal_error(name: str, err: Exception) -> None:
+    """One line for an exception no command expected; the traceback too with ``ZOO_DEBUG=1``."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    hint = "" if debug else f" (rerun with {DEBUG_ENV}=1 for the traceback)"
+    typer.echo(
+        f"internal error in `zoo {name}`: {type(err).__name__}: {_first_line(err)} -- a bug in zoo: "
+        f"please report it to {BUG_REPORTS} with the command line{hint}",
+        err=True,
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
@@ -93,7 +134,7 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
 
 
 for name, function, options in sorted([("list", list_command, {}), *COMMANDS], key=lambda c: WORKFLOW.index(c[0])):
-    app.command(name, **options)(user_errors(function))
+    app.command(name, **options)(user_errors(function, name))
 
 
 def main() -> None:

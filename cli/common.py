@@ -87,15 +87,14 @@ def zoo_module(name: str) -> ModuleType:
     (seconds): what keeps `zoo list` and `zoo info` fast."""
     if "zoo" in sys.modules:
         return importlib.import_module(f"zoo.{name}")
-    key = f"_zoo_light_{name}"  # not "zoo.<name>": the package itself is not loaded
-    if key not in sys.modules:
-        package = importlib.util.find_spec("zoo")  # finds the package without importing it
-        location = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, location)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+    if LIGHT_PACKAGE not in sys.modules:  # zoo's folder as a package whose __init__ never runs,
+        package = ModuleType(LIGHT_PACKAGE)  # so that these modules' relative imports (.schema) work
+        package.__path__ = list(importlib.util.find_spec("zoo").submodule_search_locations)  # not imported
+        sys.modules[LIGHT_PACKAGE] = package
+    return importlib.import_module(f"{LIGHT_PACKAGE}.{name}")
+
+
+LIGHT_PACKAGE = "_zoo_light"  # not "zoo": the package itself is not loaded
 
 
 def weights_file(weights: str | Path, pretrained: bool) -> Path:

@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from .common import zoo_module
+
 MEMBER = typer.Option(
     None,
     "--member",
@@ -32,13 +34,10 @@ def parse_members(values: Optional[List[str]]) -> list[dict]:
             parsed = _from_search(value, parsed)
         elif not value.strip().startswith(("{", "[")) and _split_entry(value)[1] is not None:
             raise ValueError(f"--member {value!r}: FILE#N picks entry N of a zoo search's pareto.json front")
+        schema = zoo_module("schema")
+        schema.check(parsed, schema.MEMBER_ARGUMENT, f"--member {value!r}")
         for item in parsed if isinstance(parsed, list) else [parsed]:
-            item = item.get("member", item) if isinstance(item, dict) and isinstance(item.get("member"), dict) else item
-            if not isinstance(item, dict):
-                raise ValueError(
-                    f'--member {value!r}: a member is a JSON object such as {{"width": 0.5}}, got {item!r}'
-                )
-            members.append(item)
+            members.append(item["member"] if isinstance(item.get("member"), dict) else item)
     return members
 
 

@@ -256,7 +256,7 @@ TRAIN_OPTIONS = [
         1,
         "Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
     ),
-    option("nnodes", int, 1, "Machines in the run; run the same command on each."),
+    option("nnodes", str, "1", "Machines in the run, N or MIN:MAX (elastic); run the same command on each."),
     option(
         "node_rank",
         Optional[int],
@@ -270,8 +270,17 @@ TRAIN_OPTIONS = [
         "HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1.",
     ),
     option("rdzv_id", str, "zoo", "The run's name in the rendezvous, the same on every machine."),
+    # A lost process or node: how long the others wait, and torchrun's restarts (training/launch.py).
+    option("dist_timeout", float, 300.0, "Seconds a collective waits for a lost process before every survivor exits."),
+    option(
+        "max_restarts",
+        int,
+        0,
+        "Restart every process up to N times after a failure or a node lost or joining; they resume from the last "
+        "checkpoint.",
+    ),
 ]
-LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id")
+LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 # `zoo train --help` in panels (Typer's rich_help_panel); an option in none is listed under "Options".
 PANELS = {
     "Members": ("strategy", "widths", "ranks", "low_rank", "extra_members", "space", "core_prob", "num_random"),
@@ -280,7 +289,7 @@ PANELS = {
     "Loop": ("steps", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum", "nesterov", "warmup_steps",
              "clip_grad", "label_smoothing", "seed", "device", "compile", "compile_backend", "channels_last", "amp",
              "accum_steps", "ema", "ema_decay"),
-    "Distributed": ("sync_bn", *LAUNCH_OPTIONS),
+    "Distributed": ("sync_bn", "dist_timeout", *LAUNCH_OPTIONS),
     "Output": ("init", "save_dir", "resume", "overwrite", "ckpt_every", "eval_every", "eval_limit", "stop_after"),
 }  # fmt: skip
 
@@ -410,6 +419,7 @@ def eval_command(
     import zoo
     from training.distributed import resolve_device
     from training.evaluate import calibration_batches, default_batch_size, evaluate, metric_name
+    from training.loader import default_workers
     from training.model_data import data_for
     from zoo.members import calibrate_members, select_members
 
@@ -433,6 +443,7 @@ def eval_command(
             batch_size=batch_size or default_batch_size(model),
             limit=limit,
             progress=progress,
+            workers=default_workers(bundle),  # image folders: decoded in worker processes
         )
     if json_output:
         typer.echo(json.dumps(records))

@@ -25,7 +25,7 @@ RECORDED_KEYS = {
     "label_smoothing", "core_prob", "num_random", "update", "rho", "eg_lr", "keep", "meprop_units", "nested",
     "log_alignment", "seq_len", "img_size", "aa", "reprob", "crop_pct", "mixup", "cutmix", "init", "resume",
     "ckpt_every", "eval_every", "eval_limit", "stop_after", "seed", "device", "workers", "compile", "compile_backend",
-    "channels_last", "amp", "accum_steps", "ema", "ema_decay", "sync_bn",
+    "channels_last", "amp", "accum_steps", "ema", "ema_decay", "sync_bn", "dist_timeout",
 }  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Faults of the machine: a full disk, an unwritable folder, a signal, a second run, kill -9.
 
 Real faults where the test can make them: a small tmpfs is a real full disk (mounting one
-needs root; the tests that need it skip otherwise), a read-only tmpfs (or, without root, a
+needs root; the tests that need it skip otherwise, and tests/test_full_disk.py makes the same
+refusals for any user with the OS's file-size limit), a read-only tmpfs (or, without root, a
 folder without write permission) an unwritable one, and signals go to real `zoo train`
 processes.
 """
@@ -176,7 +177,7 @@ def test_atomic_path_names_the_target_when_a_writer_wraps_the_os_error(tmp_path)
             raise ValueError("not an OS failure")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the export past a file-size limit in test_full_disk.py runs in CI
 def test_export_to_a_full_disk_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("disk", "size=64k")
     family = _family(tmp_path / "family.safetensors")
@@ -295,7 +296,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # 30-50 s: two processes and a launcher; the single-process signal tests run in CI
+@pytest.mark.slow  # 30-50 s; CI runs a shorter two-process SIGTERM and resume: tests/test_two_processes.py
 def test_sigterm_stops_every_process_of_a_two_process_run_at_one_step(tmp_path):
     out = tmp_path / "ddp"
     process = _start(out, *MODEL_ARGS, "--steps", "40", "--batch-size", "16", "--nproc-per-node", "2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -244,7 +245,10 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         ),
         (["slim_gpt_nano", "--sync-bn"], "--sync-bn: this family has no batch norm"),
         (["slim_resnet20", "--nproc-per-node", "0"], "--nproc-per-node must be at least 1, got 0"),
-        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+        (["slim_resnet20", "--nnodes", "2:1"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
+        (["slim_resnet20", "--max-restarts", "-1"], "--max-restarts must be at least 0, got -1"),
+        (["slim_resnet20", "--dist-timeout", "0"], "--dist-timeout must be positive"),
         (["slim_resnet20", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
         (
             ["slim_resnet20", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"],
@@ -270,19 +274,22 @@ def test_an_unknown_amp_is_a_usage_error(tmp_path):
 
 @pytest.mark.slow  # about 5 minutes on 2 cores
 def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the real
-    `zoo train`, `zoo export` and the Predictor, on the CPU at tiny sizes."""
+    """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the
+    exactness tests, the real `zoo train`, `zoo export` and the Predictor, on the CPU at tiny
+    sizes (tests/test_gpu_check.py runs its --tiny version in CI)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out-dir", str(tmp_path)],
         cwd=root,
+        env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "summary.md").read_text().count("| ok |") == 8
-    for name, unit in (("resnet50", "images_per_s"), ("gpt_small", "tokens_per_s")):
+    assert (tmp_path / "summary.md").read_text().count("| ok |") == 9
+    assert len(list(tmp_path.iterdir())) <= 8
+    for name, unit in (("image_loops", "images_per_s"), ("text_loops", "tokens_per_s")):
         loops = json.loads((tmp_path / f"{name}.json").read_text())["loops"]
         assert set(loops) == {"timm", "zoo", "zoo-compiled"} and all(v[unit] > 0 for v in loops.values())
     report = json.loads((tmp_path / "predictor.json").read_text())

@@ -111,8 +111,8 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["resnet", "layerwise", "augmented", "gpt"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path):
-    case = _resume_case(kind, tmp_path)
+def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path, exactness_device):
+    case = {**_resume_case(kind, tmp_path), "device": exactness_device}  # ZOO_TEST_DEVICE, see conftest.py
     whole = train(TrainConfig.from_flags(out=str(tmp_path / "whole"), **case))
     workers = {"workers": 2} if kind == "augmented" else {}
     interrupted = train(TrainConfig.from_flags(out=str(tmp_path / "parts"), stop_after=3, **{**case, **workers}))

@@ -21,6 +21,7 @@ from training.updates import create_policy, partial_gradient
 from zoo import Subnet
 
 LR = 0.1
+ON_DEVICE = pytest.mark.usefixtures("on_exactness_device")  # ZOO_TEST_DEVICE (default cpu), see conftest.py
 
 
 def _model(low_rank: bool = False) -> zoo.ElasticModel:
@@ -33,7 +34,7 @@ def _model(low_rank: bool = False) -> zoo.ElasticModel:
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=torch.get_default_device()).manual_seed(1)  # on the exactness device
     return torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 5, (6,), generator=generator)
 
 
@@ -88,6 +89,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["full", "sam", "extragradient"])
+@ON_DEVICE
 def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
     model = _model()
     x = _weights(model)
@@ -103,6 +105,7 @@ def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
     _assert_close(model, _expected(x, perturbed, {}))
 
 
+@ON_DEVICE
 def test_a_core_step_with_sam_is_the_rule_with_the_cores_mask_and_perturbation():
     model = _model()
     core = Subnet(0.5)
@@ -119,6 +122,7 @@ def test_a_core_step_with_sam_is_the_rule_with_the_cores_mask_and_perturbation()
             assert torch.equal(p.detach()[~m[n]], x[n][~m[n]])
 
 
+@ON_DEVICE
 def test_sam_equals_a_reference_two_pass_implementation():
     """The common two-pass SAM (ascend to x + ρ g/‖g‖, take the gradient there, go back, step
     the base optimizer), with momentum and weight decay, over three steps."""
@@ -145,6 +149,7 @@ def test_sam_equals_a_reference_two_pass_implementation():
 
 
 @pytest.mark.parametrize("units", [False, True], ids=["coordinates", "units"])
+@ON_DEVICE
 def test_meprop_moves_exactly_the_top_k_gradient_coordinates(units):
     model = _model()
     x = _weights(model)
@@ -170,6 +175,7 @@ def test_meprop_moves_exactly_the_top_k_gradient_coordinates(units):
 
 
 @pytest.mark.parametrize("name", ["unit-dropout", "rank-dropout"])
+@ON_DEVICE
 def test_structured_dropout_is_the_rule_with_delta_minus_one_minus_m_times_x(name):
     model = _model(low_rank=name == "rank-dropout")
     x = _weights(model)
@@ -191,6 +197,7 @@ def test_structured_dropout_is_the_rule_with_delta_minus_one_minus_m_times_x(nam
 @pytest.mark.parametrize(
     "name, optimizer", [("unit-dropout", "sgd"), ("unit-dropout", "adamw"), ("rank-dropout", "sgd")]
 )
+@ON_DEVICE
 def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
     model = _model(low_rank=name == "rank-dropout")
     opt = (
@@ -217,9 +224,10 @@ def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
     assert moved_inside >= len(mask) // 2
 
 
-def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(tmp_path):
+def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(tmp_path, exactness_device):
     case = dict(
         model="slim_resnet20",
+        device=exactness_device,
         strategy="alternating",
         widths=[0.5],
         update="unit-dropout",
@@ -248,8 +256,8 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
 
 
 @pytest.mark.parametrize("case", ["unit-dropout", "rank-dropout"])
-def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
-    config = dict(model="slim_resnet20", steps=6, batch_size=32, eval_every=2, log_alignment=3)
+def test_resume_with_random_policies_is_bit_identical(case, tmp_path, exactness_device):
+    config = dict(model="slim_resnet20", device=exactness_device, steps=6, batch_size=32, eval_every=2, log_alignment=3)
     config |= (
         dict(strategy="random", widths=[0.5], update="unit-dropout")
         if case == "unit-dropout"
@@ -298,3 +306,9 @@ def test_meaningless_combinations_and_bad_values_are_one_line(args, message, tmp
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+@ON_DEVICE
+def test_batches_and_models_are_made_on_the_exactness_device(exactness_device):
+    x, y = _batch()
+    assert x.device == y.device == next(_model().parameters()).device == torch.device(exactness_device)

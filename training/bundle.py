@@ -17,6 +17,20 @@ from torch.utils.data import Dataset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
+class DataError(ValueError):
+    """A data file that cannot be read as expected; the message names it, on one line.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``DataError("Caught ... Original Traceback ...")``; the constructor keeps only the original
+    line, so the user still sees which file is bad.
+    """
+
+    def __init__(self, message: str):
+        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
+        lines = [line[len(prefix) :] for line in message.splitlines() if line.startswith(prefix)]
+        super().__init__(lines[-1] if lines else message)
+
+
 @dataclass
 class DataBundle:
     """A loaded dataset: both splits plus what a model and an export need to know about it."""

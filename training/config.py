@@ -33,7 +33,7 @@ PARTS = {"members": MemberConfig, "updates": UpdateConfig, "inputs": DataConfig,
          "loop": LoopConfig, "dist": DistConfig}  # fmt: skip
 # Flags that do not decide a run's trajectory: a resumed run may change them.
 NOT_TRAJECTORY = {"out", "resume", "stop_after", "device", "workers", "ckpt_every", "eval_every", "eval_limit",
-                  "compile", "compile_backend", "channels_last"}  # fmt: skip
+                  "compile", "compile_backend", "channels_last", "dist_timeout"}  # fmt: skip
 
 
 @dataclass

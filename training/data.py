@@ -29,11 +29,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from .bundle import DataBundle, check_index, item_seed, one_line, stratified_split
+from .bundle import DataBundle, DataError, check_index, item_seed, one_line, stratified_split
 from .flags import at_least_one, non_negative
-from .signals import ignore_stop_signals
+from .workers import loader, running
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
@@ -274,7 +274,13 @@ class FileTokenWindows(TokenWindows):
         self.file = open(self.path, "rb", buffering=0)
 
     def read(self, start: int, count: int) -> torch.Tensor:
-        chunk = os.pread(self.file.fileno(), min(count, self.size - start), self.offset + start)
+        count = min(count, self.size - start)
+        chunk = os.pread(self.file.fileno(), count, self.offset + start)
+        if len(chunk) < count:
+            raise DataError(
+                f"cannot read text cache {self.path}: it ends before byte {self.offset + start + count} "
+                "(cut short while this run read it); delete it and run again to rebuild it"
+            )
         return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
 
 
@@ -291,10 +297,9 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in DataLoader(
-        Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals
-    ):
-        yield inputs
+    with running(loader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers)) as items:
+        for inputs, _ in items:
+            yield inputs
 
 
 # ---------------------------------------------------------------------------------------------

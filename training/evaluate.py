@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 import zoo
 from zoo import Subnet
 
-from .signals import ignore_stop_signals
+from .workers import loader, running
 
 EVAL_IMAGES = 256  # images per evaluation batch
 # Byte positions per evaluation batch (32 windows of 256): a batch's activations then stay in
@@ -70,21 +70,20 @@ def evaluate(
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
-        for inputs, targets in DataLoader(
-            data, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals
-        ):
-            inputs, targets = inputs.to(device), targets.to(device).flatten()
-            count += targets.numel()
-            for i, subnet in enumerate(subnets):
-                model.set_subnet(subnet)
-                with autocast(device):
-                    logits = model(inputs)
-                logits = logits.float().flatten(0, -2)
-                loss_sums[i] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
-                correct[i] += (logits.argmax(-1) == targets).sum().cpu()
-                done += len(inputs)
-                if progress is not None:
-                    progress(done, total)
+        with running(loader(data, batch_size=batch_size, shuffle=False, num_workers=workers)) as batches:
+            for inputs, targets in batches:
+                inputs, targets = inputs.to(device), targets.to(device).flatten()
+                count += targets.numel()
+                for i, subnet in enumerate(subnets):
+                    model.set_subnet(subnet)
+                    with autocast(device):
+                        logits = model(inputs)
+                    logits = logits.float().flatten(0, -2)
+                    loss_sums[i] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+                    correct[i] += (logits.argmax(-1) == targets).sum().cpu()
+                    done += len(inputs)
+                    if progress is not None:
+                        progress(done, total)
     finally:
         model.set_subnet(previous, for_training=True)
         model.train(was_training)

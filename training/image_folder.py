@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .bundle import IMAGE_EXTENSIONS, DataBundle, check_index, item_seed, one_line, stratified_split
+from .bundle import IMAGE_EXTENSIONS, DataBundle, DataError, check_index, item_seed, one_line, stratified_split
 
 STATS_SAMPLE = 256  # training images decoded at the scan for the mean, std and colour mode
 DEFAULT_CROP_PCT = 0.875  # timm's: evaluation resizes to img_size / 0.875, then centre-crops
@@ -41,18 +41,8 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # what Pillow raises for a bad file
 
 
-class UnreadableImage(ValueError):
-    """An image file that cannot be decoded; the message names it, on one line.
-
-    Raised in a DataLoader worker, torch re-raises it in the main process as
-    ``UnreadableImage("Caught ... Original Traceback ...")``; the constructor keeps only the
-    original line, so the user still sees which file is bad.
-    """
-
-    def __init__(self, message: str):
-        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
-        lines = [line[len(prefix) :] for line in message.splitlines() if line.startswith(prefix)]
-        super().__init__(lines[-1] if lines else message)
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (one line naming it, from a worker too)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,15 @@ from zoo.subnet import grid
 
 from . import distributed
 from .bundle import repeat_channels, seed_of
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    RESTORE_ERRORS,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+    unfit_checkpoint,
+)
 from .compiled import compile_model
 from .config import TrainConfig
 from .loader import TrainLoader, default_workers
@@ -117,9 +125,16 @@ class Setup:
         self.alignment_batch = self._alignment_batch() if cfg.loop.log_alignment else None
         self.step, self.history, self.previous_wall_s, self.checkpoint_step = 0, [], 0.0, None
         if checkpoint is not None:
-            self._restore(checkpoint)
+            try:
+                self._restore(checkpoint)
+            except RESTORE_ERRORS as err:
+                raise unfit_checkpoint(self.checkpoint_path, err) from None
         elif cfg.init:
             _load_init(self.model, cfg.init)
+        self.attempts = [  # every start of the run: after a resume, torchrun's restarts, on fewer processes
+            *(checkpoint or {}).get("attempts", []),
+            {"from_step": self.step, "world_size": ctx.world_size, "restart": ctx.restart},
+        ]
         self.ema = self._create_ema(checkpoint)
         self.sync_bn = SyncBatchNorm(self.model) if cfg.dist.sync_bn else None
         self.net = self._wrap_ddp()
@@ -215,6 +230,7 @@ class Setup:
             "rng": rng_states(),
             "history": self.history,
             "wall_time_s": self.wall_time_s,
+            "attempts": self.attempts,
         }
         save_checkpoint(self.checkpoint_path, state)
 

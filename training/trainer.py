@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -93,24 +94,36 @@ def train(config: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     :class:`~training.signals.Interrupted` and leaves the previous checkpoint.
     """
     structure = config.check()
-    ctx = distributed.setup(config.dist.device)
+    ctx = distributed.setup(config.dist.device, config.dist.dist_timeout)
+    if ctx.restart and (Path(config.out) / CHECKPOINT_NAME).exists():
+        config = dataclasses.replace(config, resume=True, overwrite=False)  # torchrun restarted it (--max-restarts)
+    lost = None
     try:
         with (
             StopSignals() as signals,
             locked_folder(config.out, "zoo train") if ctx.is_main else contextlib.nullcontext(),
         ):
+            trainer = None
             try:
-                return Trainer(config, ctx, reporter or Reporter(), signals, structure).run()
+                trainer = Trainer(config, ctx, reporter or Reporter(), signals, structure)
+                return trainer.run()
+            except RuntimeError as err:  # a collective failed: another process is gone?
+                lost = ctx.lost(err)
+                if lost is None:
+                    raise
+                where = f" at step {trainer.step + 1}" if trainer is not None else ""
+                kept = trainer.last_checkpoint_note() if trainer is not None else _kept_note(config)
+                raise distributed.LostProcess(f"{lost}{where} ({lost.cause}); {kept}", lost.cause) from None
             except Interrupted as stop:
-                checkpoint = Path(config.out) / CHECKPOINT_NAME
-                kept = (
-                    f"{checkpoint} is as it was; continue with --resume"
-                    if checkpoint.exists()
-                    else "no checkpoint was written"
-                )
+                kept = _kept_note(config)
                 raise Interrupted(stop.signum, f"stopped at once by {signal_name(stop.signum)}; {kept}") from None
     finally:
-        ctx.close()
+        ctx.close(failed=lost is not None)
+
+
+def _kept_note(config: TrainConfig) -> str:
+    checkpoint = Path(config.out) / CHECKPOINT_NAME
+    return f"{checkpoint} is as it was; continue with --resume" if checkpoint.exists() else "no checkpoint was written"
 
 
 class Trainer(Setup):
@@ -300,6 +313,11 @@ class Trainer(Setup):
         if self.ctx.is_main:
             self._write_metrics()
 
+    def last_checkpoint_note(self) -> str:
+        if self.checkpoint_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint is {self.checkpoint_path} (step {self.checkpoint_step})"
+
     def _last_checkpoint(self) -> str:
         if self.checkpoint_step is None:
             return "no checkpoint was written yet; lower --lr or add --clip-grad"
@@ -394,6 +412,7 @@ class Trainer(Setup):
             "data": absolute_spec(data.spec),  # as typed: config["data"]
             "seed": self.cfg.seed,
             "world_size": self.ctx.world_size,
+            "attempts": self.attempts,
             "device": self.ctx.device.type,
             "amp": self.precision.amp,
             "wall_time_s": round(self.wall_time_s, 2),
