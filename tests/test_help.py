@@ -38,6 +38,7 @@ def test_train_options_are_grouped_in_panels():
     sections = dict(zip(panels, re.split(r"╭─ [\w ]+? ─", text)[1:]))
     assert "--width" in sections["Members"] and "--nproc-per-node" in sections["Distributed"]
     assert "--data" in sections["Data"] and "--steps" in sections["Loop"] and "--resume" in sections["Output"]
+    assert set(re.findall(r"(--[\w-]+)", sections["Options"])) == {"--out", "--help"}  # every other in a panel
 
 
 def test_flags_show_no_value_type_and_brackets_survive():
