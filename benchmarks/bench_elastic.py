@@ -177,7 +177,8 @@ def main() -> None:
     context = (
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"CPU ms per forward+backward step (train mode), median of {args.repeats} after {args.warmup} warm-up; "
-        f"configurations interleaved, ratios are medians of per-repeat ratios; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        "configurations interleaved, ratios are medians of per-repeat ratios; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
     skipped_text = f"\nNot registered, skipped: {', '.join(skipped)}.\n" if skipped else ""
     text = f"# Elastic family vs sliced member: training-step time\n\n{context}\n\n{table}\n{skipped_text}"

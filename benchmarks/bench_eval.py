@@ -140,9 +140,11 @@ def main() -> None:
     lines = [
         "# Byte-model evaluation against its FLOP bound",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} by `python benchmarks/bench_eval.py --windows {args.windows} "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} "
+        f"by `python benchmarks/bench_eval.py --windows {args.windows} "
         f"--threads {args.threads} --repeats {args.repeats}` in {time.time() - started:.0f} s. Machine: {describe()}, "
-        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, "
+        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; "
+        f"torch {torch.__version__}, "
         f"{args.threads} thread(s).",
         "",
         f"slim_gpt_nano (shipped), {len(windows)} validation windows of 256 bytes, its {len(members)} trained members. "

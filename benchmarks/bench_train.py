@@ -145,13 +145,15 @@ def main() -> None:
     lines = [
         "# Training speed",
         "",
-        f"`python benchmarks/bench_train.py` ({MODEL}, digits at {args.img_size}x{args.img_size}, batch {args.batch_size}, SGD; "
+        f"`python benchmarks/bench_train.py` ({MODEL}, digits at {args.img_size}x{args.img_size}, "
+        f"batch {args.batch_size}, SGD; "
         f"median of {args.repeats} interleaved runs of {args.steps} steps, the first {args.skip} untimed; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "",
         "| loop | ms / step | samples / s | ratio |",
         "|---|---:|---:|---:|",
-        f"| hand-written PyTorch loop (width 1.0) | {1000 * seconds['hand-written loop']:.1f} | {args.batch_size / seconds['hand-written loop']:.0f} | 1.00 |",
+        f"| hand-written PyTorch loop (width 1.0) | {1000 * seconds['hand-written loop']:.1f} | "
+        f"{args.batch_size / seconds['hand-written loop']:.0f} | 1.00 |",
         f"| `zoo train` loop, full steps only (width 1.0) | {1000 * full:.1f} | {args.batch_size / full:.0f} | "
         f"**{seconds['hand-written loop'] / full:.2f}** (throughput vs hand-written; target >= 0.9) |",
         "",
