@@ -227,16 +227,21 @@ def gpt_framings(table: Table) -> list[str]:
         paired = {run["seed"]: run["metrics"][member.key] for run in base.runs}
         seeds = [run for run in joint.runs if run["seed"] in paired]
         wins = sum(run["metrics"][member.key] < paired[run["seed"]] for run in seeds)
-        return f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; lower in {wins} of {len(seeds)} seeds)"
+        return (
+            f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; "
+            f"lower in {wins} of {len(seeds)} seeds)"
+        )
 
     core_vs_n, full_vs_n = compare(sep_core_n, core), compare(sep_full_n, full)
     data = sep_core_n.config["data"]
     return [
-        f'`{data_label(data)}` is the first {data_label(data).split("-")[-1].removesuffix(".txt")} of the training split of zoo\'s `stdlib` corpus (`load_data("stdlib").train`), written to a file by this '
+        f"`{data_label(data)}` is the first {data_label(data).split('-')[-1].removesuffix('.txt')} "
+        'of the training split of zoo\'s `stdlib` corpus (`load_data("stdlib").train`), written to a file by this '
         "script; its last 10% is the validation split. Every row uses the same hyper-parameters (the commands below); "
         "rows differ in strategy, trained rank and steps. Learning-rate schedules run over each row's own steps.",
         "",
-        "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; lower bits per byte is better):",
+        "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; "
+        "lower bits per byte is better):",
         "",
         f"- **Equal updates per member** (alternating 2N vs separate N: each member got N updates): core "
         f"{core_vs_n}; full {full_vs_n}.",
@@ -253,8 +258,9 @@ def image_notes(table: Table) -> list[str]:
     total = sum(mean_std([run["wall_s"] for run in row.runs])[0] for row in separate)
     notes = [
         f"Every row takes the same number of optimizer steps; forward/backward passes per step: separate and "
-        f"alternating 1, all {len(table.members)}, sandwich {min(len(table.members), 2 + 2)} (the largest on the labels, "
-        "then the smallest and up to 2 random others on its soft outputs: here every width, the smaller ones distilled).",
+        f"alternating 1, all {len(table.members)}, sandwich {min(len(table.members), 2 + 2)} "
+        "(the largest on the labels, then the smallest and up to 2 random others on its soft outputs: "
+        "here every width, the smaller ones distilled).",
         "Each seed also draws its own train/validation split of digits (shared by every row of that seed).",
         f"Training the {len(separate)} widths separately takes {total:.0f} s in all (sum of the separate rows).",
     ]
@@ -263,7 +269,8 @@ def image_notes(table: Table) -> list[str]:
             continue
         better = [s for s in table.members if _mean(row, s) > _mean(_separate_row(table, s), s)]
         notes.append(
-            f"- {row.label}: one run of {mean_std([r['wall_s'] for r in row.runs])[0]:.0f} s; beats the separate model at "
+            f"- {row.label}: one run of {mean_std([r['wall_s'] for r in row.runs])[0]:.0f} s; "
+            "beats the separate model at "
             f"{', '.join(f'{s.width:g}' for s in better) or 'no width'} (of {len(table.members)})."
         )
     return notes
@@ -398,13 +405,15 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
     for table in tables:
         table.notes = gpt_framings(table) if table.name == "gpt" else image_notes(table)
     measured_by = "; ".join(
-        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; {c['threads']} torch thread(s))"
+        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; "
+        f"{c['threads']} torch thread(s))"
         for c in commands
     )
     head = [
         "# Joint training vs separate training",
         "",
-        f"Measured with {measured_by}: mean ± std over seeds. torch {', '.join(sorted({c.get('torch', '(not recorded)') for c in commands}))}, {platform.machine()} CPU "
+        f"Measured with {measured_by}: mean ± std over seeds. "
+        f"torch {', '.join(sorted({c.get('torch', '(not recorded)') for c in commands}))}, {platform.machine()} CPU "
         "shared with other jobs, so wall times are rough. Wall time covers training, batch-norm recalibration and "
         "the final evaluation of every trained member on the whole validation split.",
         "",

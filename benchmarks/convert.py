@@ -320,7 +320,8 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
     lines = []
     for s in standins:
         lines.append(
-            f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s."
+            f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, "
+            f"accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s."
         )
     lines.append("")
     for section in SECTIONS:
@@ -355,8 +356,15 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
                     if section == "resnet"
                     else ""
                 )
-                lines += [f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, mean ± sd over seeds{note}; wall s: conversion, or training per seed)", "",
-                          f"| method | K | seeds | {' | '.join(keys)} | wall s per seed |", "|---|---|---|---|---|---|---|---|", *table, ""]  # fmt: skip
+                lines += [
+                    f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, "
+                    f"mean ± sd over seeds{note}; wall s: conversion, or training per seed)",
+                    "",
+                    f"| method | K | seeds | {' | '.join(keys)} | wall s per seed |",
+                    "|---|---|---|---|---|---|---|---|",
+                    *table,
+                    "",
+                ]
     with atomic_path(out / "convert.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "convert.json") as tmp:
