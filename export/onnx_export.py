@@ -77,8 +77,10 @@ class ExportResult:
         """A few lines for the terminal."""
         record = self.metadata
         lines = [
-            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, {self.export_seconds:.1f} s to export)",
-            f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, {self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
+            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, "
+            f"{self.export_seconds:.1f} s to export)",
+            f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, "
+            f"{self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
             "verification: "
             + (
                 "skipped (--no-verify)"
@@ -89,7 +91,8 @@ class ExportResult:
         ]
         if record.get("kv_cache"):
             lines.append(
-                f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value for {record['kv_cache']} blocks"
+                f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value "
+                f"for {record['kv_cache']} blocks"
             )
         if record.get("fusions") is not None:
             lines.append(describe_fusions(record["fusions"]))
@@ -292,7 +295,8 @@ def export_member(
         raise ValueError(f"the output {out} is a folder; give a file name (or export every member with --all)")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(
-            f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}"
+            f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) "
+            f"and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}"
         )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
