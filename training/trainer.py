@@ -227,7 +227,8 @@ class Trainer(Setup):
         for part, value in zip(plan, values):
             if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}"
+                    f"loss is {value} at step {self.step + 1} (member {part.subnet}); "
+                    f"stopped, {self._last_checkpoint()}"
                 )
         self.precision.step(self.optimizer, mask, self.cfg.optim.clip_grad, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
@@ -314,7 +315,10 @@ class Trainer(Setup):
     def _last_checkpoint(self) -> str:
         if self.checkpoint_step is None:
             return "no checkpoint was written yet; lower --lr or add --clip-grad"
-        return f"the last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step}); lower --lr or add --clip-grad"
+        return (
+            f"the last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step}); "
+            "lower --lr or add --clip-grad"
+        )
 
     # ----- evaluation and the end -------------------------------------------------------------
     def _periodic_evaluation(self, throughput: float) -> None:

@@ -287,9 +287,13 @@ def partial_gradient(
 
 
 _CLASSES = {cls.name: cls for cls in (UpdatePolicy, SAM, Extragradient, MeProp, UnitDropout, RankDropout)}
-_OPTIONS = {"rho": ("sam", "--rho"), "eg_lr": ("extragradient", "--eg-lr"), "keep": (("meprop", "unit-dropout", "rank-dropout"), "--keep"),
+_OPTIONS = {"rho": ("sam", "--rho"), "eg_lr": ("extragradient", "--eg-lr"),
+            "keep": (("meprop", "unit-dropout", "rank-dropout"), "--keep"),
             "units": ("meprop", "--meprop-units"), "nested": ("unit-dropout", "--nested")}  # fmt: skip
-NESTED_NOTE = "it draws a nested sub-network per step, itself a member schedule: use it with --strategy separate, or train members with --strategy random"
+NESTED_NOTE = (
+    "it draws a nested sub-network per step, itself a member schedule: "
+    "use it with --strategy separate, or train members with --strategy random"
+)
 
 
 def create_policy(name: str, model: nn.Module, seed: int, *, strategy: str = "separate", **options) -> UpdatePolicy:
