@@ -399,8 +399,10 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
 
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "slim_vit_tiny", "--init", str(out), "--img-size", str(IMG), "--steps", "2", "--batch-size", "16",
-                                 "--width", "0.5", "--optimizer", "adamw", "--lr", "1e-4", "--eval-limit", "16", "--out", str(run), "--save-dir", str(tmp_path / "trained")])  # fmt: skip
+    result = runner.invoke(app, ["train", "slim_vit_tiny", "--init", str(out), "--img-size", str(IMG), "--steps", "2",
+                                 "--batch-size", "16", "--width", "0.5", "--optimizer", "adamw", "--lr", "1e-4",
+                                 "--eval-limit", "16", "--out", str(run),
+                                 "--save-dir", str(tmp_path / "trained")])  # fmt: skip
     assert result.exit_code == 0, result.output
     trained = zoo.load(tmp_path / "trained")
     assert trained.model_args["patch_size"] == 16 and trained.pretrained_cfg["input_size"] == (1, IMG, IMG)

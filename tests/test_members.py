@@ -256,7 +256,8 @@ def test_search_command_end_to_end(trained, tmp_path):
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
     assert (
         bad.returncode == 1
-        and "no member of slim_resnet20 fits the budget params <= 10: the smallest (depth=[1,1,1], width=0.25) has params 5142"
+        and "no member of slim_resnet20 fits the budget params <= 10: "
+        "the smallest (depth=[1,1,1], width=0.25) has params 5142"
         in bad.stderr
     )
     assert not (tmp_path / "c").exists()  # nothing half-written
