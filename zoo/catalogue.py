@@ -32,6 +32,14 @@ MODELS: dict[str, dict] = {
         "params": 891_648,
         "params_low_rank": 1_153_792,
     },
+    "slim_gpt2": {
+        "family": "causal_lm",
+        "input": "tokens",
+        **_TRANSFORMER,
+        "groups": (4, "block"),
+        "params": 858_880,
+        "params_low_rank": 1_252_096,
+    },
     "slim_gpt_small": {
         "family": "gpt",
         "input": "tokens",
@@ -39,6 +47,14 @@ MODELS: dict[str, dict] = {
         "groups": (6, "block"),
         "params": 10_942_464,
         "params_low_rank": 14_481_408,
+    },
+    "slim_llama": {
+        "family": "causal_lm",
+        "input": "tokens",
+        **_TRANSFORMER,
+        "groups": (4, "block"),
+        "params": 803_968,
+        "params_low_rank": 1_164_416,
     },
     "slim_mobilenetv2": {
         "family": "mobilenetv2",
