@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import ElasticModel
+from ..convert_lm import LMPlan, Source, converts_transformers, require, require_class
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..subnet import DEFAULT_GRID, Space, fixed
@@ -329,7 +330,7 @@ class SlimCausalLM(ElasticModel):
 
 
 _LLAMA = dict(norm="rms", position="rope", gated_mlp=True)
-_GPT2 = dict(norm="layer", position="learned", gated_mlp=False, activation="gelu_tanh", num_kv_heads=None)
+_GPT2 = dict(norm="layer", position="learned", gated_mlp=False, num_kv_heads=None)
 _GPT2.update(qkv_bias=True, o_bias=True, mlp_bias=True, head_dim=None)
 
 
@@ -340,7 +341,179 @@ def slim_llama(pretrained: bool = False, **kwargs) -> SlimCausalLM:
     return build("slim_llama", pretrained, kwargs)
 
 
-@register_family("causal_lm", SlimCausalLM, _GPT2, dict(norm_eps=1e-5, tie_embeddings=True), timm=False)
+@register_family(
+    "causal_lm", SlimCausalLM, _GPT2, dict(norm_eps=1e-5, activation="gelu_tanh", tie_embeddings=True), timm=False
+)
 def slim_gpt2(pretrained: bool = False, **kwargs) -> SlimCausalLM:
     """GPT-2's layout: by default dim 128, 4 blocks, 4 heads, a 256-token vocabulary (bytes)."""
     return build("slim_gpt2", pretrained, kwargs)
+
+
+# ----- conversion from transformers ---------------------------------------------------------
+# transformers' activation names -> the ones this family computes (gelu_new is GELU's tanh form)
+HF_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+}
+_LLAMA_PREFIX = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2"}
+
+
+def _activation(source: Source, name: str) -> str:
+    require(name in HF_ACTIVATIONS, source, f"the activation {name!r}")
+    return HF_ACTIVATIONS[name]
+
+
+def _has_bias(layers, source: Source, *paths: str) -> bool:
+    """Whether the linear layers at ``paths`` (in every block) have biases: all of them or none."""
+    found = {layer.get_submodule(p).bias is not None for layer in layers for p in paths}
+    require(len(found) == 1, source, f"biases on some of {', '.join(paths)} but not others")
+    return found.pop()
+
+
+def _tied(source: Source, head: str, embedding: str) -> bool:
+    state = source.state
+    return head not in state or state[head].data_ptr() == state[embedding].data_ptr()
+
+
+def _context(source: Source, positions: int) -> int:
+    """The context this family takes: the positions the model was configured for. A sliding window
+    at least that long never hides a token (a query at i sees keys j > i - window), so it cannot
+    matter; a shorter one would, and is refused."""
+    config = source.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:  # Qwen2: the window applies to the sliding layers only
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        require(not unknown, source, f"the attention types {unknown}")
+        window = getattr(config, "sliding_window", None) if "sliding_attention" in layer_types else None
+    else:  # Mistral: to every layer
+        window = getattr(config, "sliding_window", None)
+    require(window is None or window >= positions, source, f"a sliding window of {window} tokens (context {positions})")
+    return positions
+
+
+@converts_transformers("LlamaForCausalLM", "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+@converts_transformers("MistralForCausalLM", "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+@converts_transformers("Qwen2ForCausalLM", "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+def _plan_llama(source: Source) -> LMPlan:
+    """Llama, Mistral and Qwen2: the same decoder, told apart by biases and sliding windows."""
+    model, config = source.model, source.config
+    prefix = _LLAMA_PREFIX[type(model).__name__]
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    require(rope_type == "default", source, f"rope scaling of type {rope_type!r}")
+    require(model.lm_head.bias is None, source, "an lm_head with a bias")
+    layers = list(model.model.layers)
+    for i, layer in enumerate(layers):
+        at = f"model.layers.{i}"
+        require_class(layer, f"{prefix}DecoderLayer", source, at)
+        require_class(layer.self_attn, f"{prefix}Attention", source, f"{at}.self_attn")
+        require_class(layer.mlp, f"{prefix}MLP", source, f"{at}.mlp")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            require_class(getattr(layer, norm), f"{prefix}RMSNorm", source, f"{at}.{norm}")
+    require_class(model.model.norm, f"{prefix}RMSNorm", source, "model.norm")
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    args = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        context_length=_context(source, config.max_position_embeddings),
+        norm_eps=float(config.rms_norm_eps),
+        rope_theta=float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))),
+        activation=_activation(source, config.hidden_act),
+        qkv_bias=_has_bias(layers, source, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        o_bias=_has_bias(layers, source, "self_attn.o_proj"),
+        mlp_bias=_has_bias(layers, source, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+        tie_embeddings=_tied(source, "lm_head.weight", "model.embed_tokens.weight"),
+    )
+    names = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj"}
+    names.update({"attn.o_proj": "self_attn.o_proj", "norm1": "input_layernorm", "norm2": "post_attention_layernorm"})
+    names.update({f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")})
+    tensors = {
+        "tok_embed.weight": source.take("model.embed_tokens.weight"),
+        "norm.weight": source.take("model.norm.weight"),
+    }
+    if not args["tie_embeddings"]:
+        tensors["lm_head.weight"] = source.take("lm_head.weight")
+    for i in range(len(layers)):
+        for ours, theirs in names.items():
+            for p in ("weight", "bias"):
+                if f"model.layers.{i}.{theirs}.{p}" in source.state:
+                    tensors[f"blocks.{i}.{ours}.{p}"] = source.take(f"model.layers.{i}.{theirs}.{p}")
+    return LMPlan("slim_llama", args, tensors)
+
+
+@converts_transformers("GPT2LMHeadModel", "GPT2LMHeadModel")
+def _plan_gpt2(source: Source) -> LMPlan:
+    """GPT-2: its Conv1D layers hold weights as (in, out), transposed here; c_attn is split into q, k, v."""
+    model, config = source.model, source.config
+    require(config.scale_attn_weights, source, "attention without scaling (scale_attn_weights=False)")
+    require(
+        not config.scale_attn_by_inverse_layer_idx,
+        source,
+        "attention scaled by layer (scale_attn_by_inverse_layer_idx)",
+    )
+    require(not config.add_cross_attention, source, "cross-attention")
+    require(model.lm_head.bias is None, source, "an lm_head with a bias")
+    layers = list(model.transformer.h)
+    for i, layer in enumerate(layers):
+        at = f"transformer.h.{i}"
+        require_class(layer, "GPT2Block", source, at)
+        require_class(layer.attn, "GPT2Attention", source, f"{at}.attn")
+        require_class(layer.mlp, "GPT2MLP", source, f"{at}.mlp")
+        for part in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            require_class(layer.get_submodule(part), "Conv1D", source, f"{at}.{part}")
+        for norm in ("ln_1", "ln_2"):
+            require_class(getattr(layer, norm), "LayerNorm", source, f"{at}.{norm}")
+    require_class(model.transformer.ln_f, "LayerNorm", source, "transformer.ln_f")
+    hidden = config.n_embd
+    args = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        num_layers=config.n_layer,
+        num_heads=config.n_head,
+        intermediate_size=config.n_inner or 4 * hidden,
+        context_length=config.n_positions,
+        norm_eps=float(config.layer_norm_epsilon),
+        activation=_activation(source, config.activation_function),
+        tie_embeddings=_tied(source, "lm_head.weight", "transformer.wte.weight"),
+    )
+    t = {
+        "tok_embed.weight": source.take("transformer.wte.weight"),
+        "pos_embed.weight": source.take("transformer.wpe.weight"),
+    }
+    t.update({"norm.weight": source.take("transformer.ln_f.weight"), "norm.bias": source.take("transformer.ln_f.bias")})
+    if not args["tie_embeddings"]:
+        t["lm_head.weight"] = source.take("lm_head.weight")
+    for i in range(len(layers)):
+        h, b = f"transformer.h.{i}", f"blocks.{i}"
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            t.update({f"{b}.{ours}.{p}": source.take(f"{h}.{theirs}.{p}") for p in ("weight", "bias")})
+        qkv, qkv_bias = (
+            source.take(f"{h}.attn.c_attn.weight").T.split(hidden),
+            source.take(f"{h}.attn.c_attn.bias").split(hidden),
+        )
+        for part, weight, bias in zip(("q_proj", "k_proj", "v_proj"), qkv, qkv_bias):
+            t.update({f"{b}.attn.{part}.weight": weight, f"{b}.attn.{part}.bias": bias})
+        for ours, theirs in (
+            ("attn.o_proj", "attn.c_proj"),
+            ("mlp.up_proj", "mlp.c_fc"),
+            ("mlp.down_proj", "mlp.c_proj"),
+        ):
+            t.update(
+                {
+                    f"{b}.{ours}.weight": source.take(f"{h}.{theirs}.weight").T,
+                    f"{b}.{ours}.bias": source.take(f"{h}.{theirs}.bias"),
+                }
+            )
+    return LMPlan("slim_gpt2", args, t)
