@@ -229,7 +229,9 @@ def test_bad_folders_are_refused_in_one_line(tmp_path):
     gpt2().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "n_inner": 64}))
-    _refusal(folder, "do not match its config.json|cannot load")
+    _refusal(
+        folder, r"do not match its config.json: transformer.h.0.mlp.c_fc.bias has shape \(128,\), .* asks for \(64,\)"
+    )
     _refusal(llama(), "order must be one of", order="magnitude")
     _refusal(llama(), "needs calibration", order="activation")
     _refusal(llama(), "calibration tokens must lie in", calibration=[torch.tensor([[VOCAB]])])
@@ -246,3 +248,29 @@ def test_importing_zoo_does_not_import_transformers():
     code = "import sys, zoo; assert 'transformers' not in sys.modules and 'tokenizers' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@torch.no_grad()
+def test_zoo_convert_takes_a_transformers_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli.commands  # noqa: F401  (registers the commands)
+    from cli.app import app
+
+    model = gpt2()
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    text = tmp_path / "calibration.txt"
+    text.write_text(" ".join(_tokenizer_json(folder)) * 50)
+    out = tmp_path / "family.safetensors"
+    args = ["convert", str(folder), "--calibrate", f"text:{text}", "--width", "0.5", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "into slim_gpt2" in result.output and "order: activation on 2 pieces" in result.output
+    family = zoo.load(out)
+    assert [s.to_dict() for s in family.subnets] == [{"width": 0.5}, {"width": 1.0}]
+    assert _difference(model, family) <= 1e-4
+
+    bad = CliRunner().invoke(app, ["convert", str(folder), "--calibrate", "digits", "--out", str(tmp_path / "b.st")])
+    assert bad.exit_code == 1 and "takes text:PATH" in bad.stderr and bad.stderr.count("\n") == 1
+    assert not (tmp_path / "b.st").exists()

@@ -136,20 +136,38 @@ def _read_folder(folder: Path) -> tuple[nn.Module, dict]:
         raise ValueError(f'{config_path} names no single architecture ("architectures": {architectures!r})')
     _planner(architectures[0], str(folder))  # refuse before reading any weights
     transformers = require_transformers()
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()  # its load report and progress bars: the problems are reported below
+    logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, output_loading_info=True, local_files_only=True
+            str(folder),
+            dtype=torch.float32,
+            output_loading_info=True,
+            local_files_only=True,
+            ignore_mismatched_sizes=True,  # listed in info, refused below by name
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"transformers cannot load {folder}: {first}") from None
-    problems = [f"missing {k}" for k in info.get("missing_keys", [])]
-    problems += [f"unexpected {k}" for k in info.get("unexpected_keys", [])]
-    problems += [f"{k[0] if isinstance(k, tuple) else k} has another shape" for k in info.get("mismatched_keys", [])]
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+    problems = [f"missing {k}" for k in sorted(info.get("missing_keys", []))]
+    problems += [f"unexpected {k}" for k in sorted(info.get("unexpected_keys", []))]
+    problems += [_mismatch(k) for k in sorted(info.get("mismatched_keys", []), key=str)]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ValueError(f"the weights in {folder} do not match its config.json: {'; '.join(problems[:3])}{more}")
     return model, {"transformers": architectures[0], "folder": str(folder)}
+
+
+def _mismatch(entry) -> str:
+    if isinstance(entry, (tuple, list)) and len(entry) == 3:  # (name, checkpoint shape, model shape)
+        return f"{entry[0]} has shape {tuple(entry[1])}, the config asks for {tuple(entry[2])}"
+    return f"{entry} has another shape than the config asks for"
 
 
 # ----- calibration -----------------------------------------------------------------------------
