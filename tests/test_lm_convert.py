@@ -59,8 +59,12 @@ def qwen2(**overrides):  # q/k/v biases, no o bias; tied embeddings
     return _randomised(transformers.Qwen2ForCausalLM(config))
 
 
-def mistral(**overrides):  # a sliding window as long as the context cannot matter
-    config = transformers.MistralConfig(**{**SMALL, "sliding_window": CONTEXT, "head_dim": 8, **overrides})
+def llama_biased(**overrides):  # attention_bias: q, k, v and o; mlp_bias: gate, up, down
+    return llama(attention_bias=True, mlp_bias=True, **overrides)
+
+
+def mistral(**overrides):  # a sliding window as long as the context cannot matter; heads wider than dim / heads
+    config = transformers.MistralConfig(**{**SMALL, "sliding_window": CONTEXT, "head_dim": 16, **overrides})
     return _randomised(transformers.MistralForCausalLM(config))
 
 
@@ -69,7 +73,7 @@ def gpt2(**overrides):
     return _randomised(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config, **overrides})))
 
 
-BUILDERS = {"llama": llama, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2}
+BUILDERS = {"llama": llama, "llama_biased": llama_biased, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2}
 
 
 def tokens(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
@@ -235,6 +239,10 @@ def test_bad_folders_are_refused_in_one_line(tmp_path):
     _refusal(llama(), "order must be one of", order="magnitude")
     _refusal(llama(), "needs calibration", order="activation")
     _refusal(llama(), "calibration tokens must lie in", calibration=[torch.tensor([[VOCAB]])])
+    _refusal(llama(), "texts need the model folder's tokenizer.json", calibration=["no tokenizer for this"])
+    without_tokenizer = tmp_path / "llama"
+    llama().save_pretrained(without_tokenizer)
+    _refusal(without_tokenizer, "tokenizer.json", order="activation", calibration=["text"])
 
 
 def test_without_the_extra_the_conversion_says_how_to_install_it(tmp_path, monkeypatch):
