@@ -177,10 +177,11 @@ def _token_batches(calibration, family: ElasticModel, folder: Path | None) -> li
     if calibration is None:
         return None
     items = list(calibration)
+    tokenizer = _tokenizer(folder) if any(isinstance(item, str) for item in items) else None
     batches = []
     for item in items:
         if isinstance(item, str):
-            item = _tokenize(item, folder, family.context_length)
+            item = torch.tensor(tokenizer.encode(item).ids[: family.context_length], dtype=torch.long)
         if not isinstance(item, torch.Tensor) or item.is_floating_point() or item.dim() not in (1, 2):
             raise ValueError("calibration takes texts or integer token batches of shape (batch, seq_len)")
         item = item[None] if item.dim() == 1 else item
@@ -195,15 +196,20 @@ def _token_batches(calibration, family: ElasticModel, folder: Path | None) -> li
     return batches
 
 
-def _tokenize(text: str, folder: Path | None, context: int) -> torch.Tensor:
+def _tokenizer(folder: Path | None):
+    """The folder's ``tokenizer.json`` (the tokenizers library)."""
     if folder is None or not (folder / "tokenizer.json").is_file():
         raise ValueError("calibration texts need the model folder's tokenizer.json; give token batches instead")
     try:
         from tokenizers import Tokenizer
     except ImportError:
         raise ValueError(INSTALL) from None
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids[:context]
-    return torch.tensor(ids, dtype=torch.long)
+    try:
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as err:  # the Rust library raises its own Exception type for a bad file
+        raise ValueError(
+            f"{folder / 'tokenizer.json'} is not a readable tokenizer ({str(err).splitlines()[0]})"
+        ) from None
 
 
 # ----- the conversion --------------------------------------------------------------------------
@@ -279,8 +285,8 @@ def from_transformers(
         if not hasattr(model, "config") or not isinstance(model, nn.Module):
             raise ValueError(f"from_transformers takes a model folder or a transformers model, got {name}")
         origin = {"transformers": name}
-    architecture = type(model).__name__
-    plan = _planner(architecture, name)(reader := Source(model, name))
+    reader = Source(model, name)
+    plan = _planner(type(model).__name__, name)(reader)
 
     dense = create_uninitialized(plan.arch, **plan.args, widths=[1.0])
     _fill(plan, reader, dense)
