@@ -243,6 +243,8 @@ def test_bad_folders_are_refused_in_one_line(tmp_path):
     without_tokenizer = tmp_path / "llama"
     llama().save_pretrained(without_tokenizer)
     _refusal(without_tokenizer, "tokenizer.json", order="activation", calibration=["text"])
+    (without_tokenizer / "tokenizer.json").write_text("{not json")
+    _refusal(without_tokenizer, "tokenizer.json is not a readable tokenizer", calibration=["text"])
 
 
 def test_without_the_extra_the_conversion_says_how_to_install_it(tmp_path, monkeypatch):

@@ -207,9 +207,8 @@ def _tokenizer(folder: Path | None):
     try:
         return Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as err:  # the Rust library raises its own Exception type for a bad file
-        raise ValueError(
-            f"{folder / 'tokenizer.json'} is not a readable tokenizer ({str(err).splitlines()[0]})"
-        ) from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer ({first})") from None
 
 
 # ----- the conversion --------------------------------------------------------------------------
