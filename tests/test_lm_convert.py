@@ -39,8 +39,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """Every tensor off its initialisation (norm scales near 1, biases nonzero): all of them matter."""
+def _randomised(cls, config) -> torch.nn.Module:
+    """``cls(config)`` with every tensor off its initialisation (norm scales near 1, biases nonzero:
+    all of them matter), the same whichever tests ran before."""
+    torch.manual_seed(0)
+    model = cls(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -51,12 +54,12 @@ def _randomised(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def llama(**overrides):
-    return _randomised(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**SMALL, **overrides})))
+    return _randomised(transformers.LlamaForCausalLM, transformers.LlamaConfig(**{**SMALL, **overrides}))
 
 
 def qwen2(**overrides):  # q/k/v biases, no o bias; tied embeddings
     config = transformers.Qwen2Config(**{**SMALL, "tie_word_embeddings": True, **overrides})
-    return _randomised(transformers.Qwen2ForCausalLM(config))
+    return _randomised(transformers.Qwen2ForCausalLM, config)
 
 
 def llama_biased(**overrides):  # attention_bias: q, k, v and o; mlp_bias: gate, up, down
@@ -65,12 +68,12 @@ def llama_biased(**overrides):  # attention_bias: q, k, v and o; mlp_bias: gate,
 
 def mistral(**overrides):  # a sliding window as long as the context cannot matter; heads wider than dim / heads
     config = transformers.MistralConfig(**{**SMALL, "sliding_window": CONTEXT, "head_dim": 16, **overrides})
-    return _randomised(transformers.MistralForCausalLM(config))
+    return _randomised(transformers.MistralForCausalLM, config)
 
 
 def gpt2(**overrides):
     config = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=CONTEXT, bos_token_id=0, eos_token_id=0)
-    return _randomised(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config, **overrides})))
+    return _randomised(transformers.GPT2LMHeadModel, transformers.GPT2Config(**{**config, **overrides}))
 
 
 BUILDERS = {"llama": llama, "llama_biased": llama_biased, "qwen2": qwen2, "mistral": mistral, "gpt2": gpt2}
@@ -103,8 +106,13 @@ def test_the_full_member_computes_what_transformers_computes(arch, order):
 @torch.no_grad()
 def test_reordering_moves_whole_key_value_groups_with_their_query_heads():
     model = llama()
-    family = zoo.from_transformers(model, order="weight")
     head_dim, per_group = 8, 2  # 4 query heads in 2 key/value groups
+    weak = model.model.layers[0].self_attn  # block 0's first group written and read weakly: it must go last
+    for proj in (weak.q_proj, weak.k_proj, weak.v_proj):
+        proj.weight[: proj.weight.shape[0] // 2] *= 0.1
+    weak.o_proj.weight[:, : per_group * head_dim] *= 0.1
+    family = zoo.from_transformers(model, order="weight")
+    assert _difference(model, family) <= 1e-4
     moved = 0
     for i, layer in enumerate(model.model.layers):
         attn, ours = layer.self_attn, family.blocks[i].attn
@@ -121,7 +129,7 @@ def test_reordering_moves_whole_key_value_groups_with_their_query_heads():
             moved += g != j
         mlp_rows = {tuple(r.tolist()) for r in layer.mlp.up_proj.weight}
         assert {tuple(r.tolist()) for r in family.blocks[i].mlp.up_proj.weight} == mlp_rows
-    assert moved > 0, "weight order kept every group in place: the test would not see a wrong permutation"
+    assert moved >= 2, "the weak group of block 0 was not moved behind the other one"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
@@ -284,3 +292,11 @@ def test_zoo_convert_takes_a_transformers_folder(tmp_path):
     bad = CliRunner().invoke(app, ["convert", str(folder), "--calibrate", "digits", "--out", str(tmp_path / "b.st")])
     assert bad.exit_code == 1 and "takes text:PATH" in bad.stderr and bad.stderr.count("\n") == 1
     assert not (tmp_path / "b.st").exists()
+
+
+@torch.no_grad()
+def test_a_bfloat16_model_converts_to_float32_and_is_left_as_it_was():
+    model = qwen2().to(torch.bfloat16)
+    family = zoo.from_transformers(model, order="weight")
+    assert next(model.parameters()).dtype == torch.bfloat16 and next(family.parameters()).dtype == torch.float32
+    assert _difference(model.float(), family) <= 1e-4
