@@ -295,8 +295,9 @@ def test_zoo_convert_takes_a_transformers_folder(tmp_path):
 
 
 @torch.no_grad()
-def test_a_bfloat16_model_converts_to_float32_and_is_left_as_it_was():
-    model = qwen2().to(torch.bfloat16)
+def test_a_bfloat16_model_converts_to_float32_and_is_left_as_it_was(tmp_path):
+    qwen2().save_pretrained(tmp_path)  # loaded as transformers loads bfloat16 (rotary frequencies kept in float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     family = zoo.from_transformers(model, order="weight")
     assert next(model.parameters()).dtype == torch.bfloat16 and next(family.parameters()).dtype == torch.float32
     assert _difference(model.float(), family) <= 1e-4
