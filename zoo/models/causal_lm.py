@@ -169,6 +169,7 @@ class SlimCausalLM(ElasticModel):
     """A causal decoder whose key/value groups, MLP units, blocks (and ranks) are elastic."""
 
     input_kind = "tokens"
+    cached_decoding = False  # export/kv_cache.py's decoder is the byte GPT's; this layout's is not written yet
 
     def __init__(
         self,
