@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import describe  # benchmarks/machine.py: the CPU for the results file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "cli.md"
@@ -69,7 +70,7 @@ def main() -> None:
         "# Metadata commands against importing torch",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} by `python benchmarks/bench_cli.py --repeats {args.repeats}` "
-        f"in {time.time() - started:.0f} s. Machine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load average "
+        f"in {time.time() - started:.0f} s. Machine: {describe()}, 1-minute load average "
         f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after. Each command a fresh process, median of {args.repeats} "
         f"interleaved runs after one warm-up. Target: metadata commands under {TARGET_S} s.",
         "",

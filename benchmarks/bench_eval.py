@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import describe  # benchmarks/machine.py: the CPU for the results file
 from torch.utils.data import DataLoader, Subset
 
 import zoo
-from training.evaluate import data_for, default_batch_size, evaluate
+from training.evaluate import default_batch_size, evaluate
+from training.model_data import data_for
 from zoo.models.transformer import Attention
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.md"
@@ -106,7 +107,7 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()[0]
     model = zoo.create_model("slim_gpt_nano", pretrained=True).eval()
     members = [zoo.Subnet.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
-    val = data_for(model, None).val
+    val = data_for(model, "evaluate").val
     windows = Subset(val, range(min(args.windows, len(val))))
     tokens = torch.stack([windows[i][0] for i in range(min(8, len(windows)))])
 
@@ -140,8 +141,8 @@ def main() -> None:
         "# Byte-model evaluation against its FLOP bound",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} by `python benchmarks/bench_eval.py --windows {args.windows} "
-        f"--threads {args.threads} --repeats {args.repeats}` in {time.time() - started:.0f} s. Machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores, 1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, "
+        f"--threads {args.threads} --repeats {args.repeats}` in {time.time() - started:.0f} s. Machine: {describe()}, "
+        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, "
         f"{args.threads} thread(s).",
         "",
         f"slim_gpt_nano (shipped), {len(windows)} validation windows of 256 bytes, its {len(members)} trained members. "
@@ -153,15 +154,19 @@ def main() -> None:
         "",
         f"FLOP bound for all members: {bound:.2f} s.",
         "",
-        "| loop | median s | / FLOP bound |",
-        "|---|---:|---:|",
-        *[f"| {name} | {statistics.median(t):.2f} | {statistics.median(t) / bound:.2f} |" for name, t in times.items()],
+        "| loop | median s | / FLOP bound | every run: s (/ FLOP bound) |",
+        "|---|---:|---:|---|",
+        *[
+            f"| {name} | {statistics.median(t):.2f} | {statistics.median(t) / bound:.2f} | "
+            + ", ".join(f"{s:.2f} ({s / bound:.2f})" for s in t)
+            + " |"
+            for name, t in times.items()
+        ],
         "",
         f"Where a forward pass of the largest member ({len(batch)} windows) spends its time: "
         + ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
-        + ". The matrix products run near the dense rate; fused causal attention with 32-wide heads and the "
-        "memory-bound elementwise ops are what keeps the whole above the bound.",
-    ]
+        + ".",
+    ]  # what the numbers mean is the author's to write, next to them (README), not fixed text here
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.write_text(text)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import describe  # benchmarks/machine.py: the CPU for the results file
 
 import zoo
 from export.onnx_export import export_member
@@ -99,7 +99,7 @@ def main() -> int:
     notes = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_generate.py --model {args.model} "
         f"--new-bytes {args.new_bytes} --repeats {args.repeats}{' --fuse' if args.fuse else ''}` in {time.time() - started:.0f} s.",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load average {load_before:.1f} before and "
+        f"Machine: {describe()}, 1-minute load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other processes share these cores). torch {torch.__version__}, onnxruntime "
         f"{ort.__version__}, 1 onnxruntime thread.",
         f"{args.model} (random weights, context {context}{', fused' if args.fuse else ''}): a {len(PROMPT)}-byte prompt "

@@ -29,7 +29,6 @@ samples/s / peak`` (full-model loops only).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import statistics
@@ -84,7 +83,7 @@ class Result:
 def _config(args, out: Path, loop: str) -> TrainConfig:
     """The run of ``loop``; it stops after ``--steps`` (before the final evaluation: not timed, and long)."""
     joint = loop.startswith("zoo-joint")
-    return TrainConfig(
+    return TrainConfig.from_flags(
         model=args.model, out=str(out), data=args.data, strategy="alternating" if joint else "separate", widths=[0.5, 1.0] if joint else [1.0],
         steps=args.steps + 1, stop_after=args.steps, batch_size=args.batch_size, img_size=args.img_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
         eval_every=args.steps + 1, ckpt_every=args.steps + 1, device=args.device, workers=args.workers, amp=args.amp,
@@ -127,9 +126,9 @@ def run_timm(args, workdir: Path) -> Sample:
     from timm.scheduler import CosineLRScheduler
 
     config = _config(args, Path(tempfile.mkdtemp(dir=workdir)), "zoo")
-    ctx = distributed.setup(config.device)
+    ctx = distributed.setup(config.dist.device)
     trainer = Trainer(config, ctx, Reporter())  # builds the model and the data, trains nothing
-    model, data, cfg = trainer.model, trainer.data, trainer.cfg
+    model, data, cfg = trainer.model, trainer.data, trainer.cfg.optim
     del trainer
     device = ctx.device
     precision = Precision(resolve_amp(args.amp, device), device)
@@ -168,9 +167,8 @@ def run_timm(args, workdir: Path) -> Sample:
 def probe(args, workdir: Path) -> tuple[str, int]:
     """The data's kind and the forward FLOPs of one training sample of the full model (counted
     on CPU: the count needs no device)."""
-    config = dataclasses.replace(
-        _config(args, Path(tempfile.mkdtemp(dir=workdir)), "zoo"), device="cpu", amp=None, channels_last=False
-    )
+    config = _config(args, Path(tempfile.mkdtemp(dir=workdir)), "zoo")
+    config.dist.device, config.loop.amp, config.loop.channels_last = "cpu", None, False
     trainer = Trainer(config, distributed.setup("cpu"), Reporter())
     return trainer.data.kind, zoo.count_flops(trainer.model)
 

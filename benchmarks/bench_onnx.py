@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from machine import describe  # benchmarks/machine.py: the CPU for the results file
 from onnx import TensorProto, helper, numpy_helper
 
 import zoo
@@ -145,15 +145,6 @@ def product_rates(threads: int, size: int = 1024, repeats: int = 20) -> dict[str
     return {runtime: 2 * size**3 / (t / 1000) / 1e9 for runtime, t in ms.items()}
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), or the platform's processor string."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def rows(results: list[dict]) -> list[list[str]]:
     table = []
     for r in results:
@@ -237,7 +228,7 @@ def main() -> int:
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_onnx.py "
         f"--threads {args.threads} --repeats {args.repeats} --image-size {args.image_size}` "
         f"in {time.time() - started:.0f} s.",
-        f"Machine: {platform.machine()} ({cpu_name()}), {os.cpu_count()} cores, 1-minute load average {load_before:.1f} before "
+        f"Machine: {describe()}, 1-minute load average {load_before:.1f} before "
         f"and {os.getloadavg()[0]:.1f} after (other processes share these cores). "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} intra-op thread(s) in both runtimes.",
         f"Random weights, batch 1, median of {args.repeats} interleaved runs after 3 warm-up runs; "

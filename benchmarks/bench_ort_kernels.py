@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from machine import describe  # benchmarks/machine.py: the CPU for the results file
 from onnx import TensorProto, helper, numpy_helper
 
 from export.benchmark import time_interleaved
@@ -190,7 +190,7 @@ def main() -> int:
         "# onnxruntime kernels behind zoo's Transformer exports",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_ort_kernels.py --repeats {args.repeats}` "
-        f"in {time.time() - started:.0f} s. Machine: {platform.machine()}, {os.cpu_count()} cores, 1-minute load average "
+        f"in {time.time() - started:.0f} s. Machine: {describe()}, 1-minute load average "
         f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after; onnxruntime {ort.__version__}, torch {torch.__version__}, "
         f"one thread. Single-op graphs, no graph optimisation, batch 1, median of {args.repeats} interleaved runs; "
         "each group's first line is the reference for its ratios.",

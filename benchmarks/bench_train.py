@@ -53,7 +53,7 @@ def library_seconds_per_step(args, workdir: Path, strategy: str, widths: list[fl
     """Seconds per step of ``zoo train``'s loop, from step ``skip`` to the last."""
     clock = StepClock()
     out = Path(tempfile.mkdtemp(dir=workdir))
-    config = TrainConfig(
+    config = TrainConfig.from_flags(
         model=MODEL, out=str(out), strategy=strategy, widths=widths, steps=args.steps, batch_size=args.batch_size,
         img_size=args.img_size, optimizer="sgd", lr=0.05, warmup_steps=0, eval_every=args.steps + 1,
         ckpt_every=args.steps + 1, seed=0,

@@ -1,6 +1,6 @@
 """Does joint training of a family pay off? The paper's claims, measured with zoo's own trainer.
 
-Every row is one call of ``training.trainer.train(TrainConfig(...))`` (what ``zoo train``
+Every row is one call of ``training.trainer.train(TrainConfig.from_flags(...))`` (what ``zoo train``
 runs; the equivalent command is logged under each table), repeated over ``--seeds`` seeds;
 tables show mean ± std over seeds of the final validation metric of each member, and the
 run's wall time (training, batch-norm recalibration and the final evaluation).
@@ -163,7 +163,7 @@ def run_table(table: Table, seeds: list[int], workdir: Path) -> None:
     for row in table.rows:
         for seed in seeds:
             out = Path(tempfile.mkdtemp(dir=workdir))
-            result = train(TrainConfig(out=str(out), seed=seed, **row.config))
+            result = train(TrainConfig.from_flags(out=str(out), seed=seed, **row.config))
             values = {Subnet.from_dict(r["subnet"]).key: r[table.metric] for r in result.metrics}
             missing = [s for s in row.members if s.key not in values]
             if missing:

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from training.data import _stratified_split, load_data  # noqa: E402
+from training.bundle import stratified_split  # noqa: E402
+from training.data import load_data  # noqa: E402
 from training.evaluate import calibration_batches, evaluate  # noqa: E402
 from training.trainer import TrainConfig, train  # noqa: E402
 from zoo.fileio import atomic_path  # noqa: E402
@@ -93,7 +94,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     targets = torch.tensor(raw.target, dtype=torch.int64)
     common = set(range(len(targets)))
     for seed in SEEDS_SPLIT:
-        common &= set(_stratified_split(targets, 0.1, seed)[0].tolist())
+        common &= set(stratified_split(targets, 0.1, seed)[0].tolist())
     return images, targets, torch.tensor(sorted(common))
 
 
@@ -224,8 +225,9 @@ def scratch_family(section: str, seed: int, work: Path) -> Path:
 def train_run(section: str, method: str, seed: int, init: Path, steps: int, out: Path, **options) -> dict:
     spec = SECTIONS[section]
     lr = spec["scratch_lr"] if method.startswith("scratch") else spec["ft_lr"]
-    config = TrainConfig(model=zoo.read_header(init)["arch"], out=str(out), data="digits", img_size=IMG, init=str(init), steps=steps, batch_size=64,
-                         lr=lr, optimizer=spec["optimizer"], eval_every=steps, seed=seed, **options)  # fmt: skip
+    config = TrainConfig.from_flags(model=zoo.read_header(init)["arch"], out=str(out), data="digits", img_size=IMG,
+                                    init=str(init), steps=steps, batch_size=64, lr=lr, optimizer=spec["optimizer"],
+                                    eval_every=steps, seed=seed, **options)  # fmt: skip
     result = train(config)
     if not result.finished:  # stopped by a signal: keep nothing, the run is redone next time
         raise SystemExit(f"{method} (seed {seed}) stopped at step {result.steps} of {result.total_steps}")

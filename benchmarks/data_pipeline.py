@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,9 @@ from timm.data import ImageDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.data import _item_seed  # noqa: E402
+from machine import describe  # noqa: E402  (benchmarks/machine.py: the CPU for the results file)
+
+from training.bundle import item_seed  # noqa: E402
 from training.image_folder import seeded  # noqa: E402
 
 AA = "rand-m9-mstd0.5-inc1"
@@ -174,7 +175,7 @@ class SameDraws(ImageDataset):
         self.zoo_index = [zoo_index[str(path)] for path, _ in self.reader.samples]
 
     def __getitem__(self, index: int):
-        with seeded(_item_seed(0, 0, self.zoo_index[index])):
+        with seeded(item_seed(0, 0, self.zoo_index[index])):
             return super().__getitem__(index)
 
 
@@ -191,7 +192,7 @@ def _per_item_cpu(bundle, timm_dataset) -> dict:
         return bundle.train[i][0]
 
     def timm_item(i: int) -> torch.Tensor:
-        with seeded(_item_seed(0, 0, i)):
+        with seeded(item_seed(0, 0, i)):
             return timm_dataset[where[str(bundle.train.files.path(i))]][0]
 
     for i in range(len(bundle.train)):
@@ -308,14 +309,26 @@ def train_memory(args, workdir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def report(args, throughput: dict, memory: dict) -> str:
+def record_run(throughput: dict) -> list[dict]:
+    """Append this run's throughput ratios to ``data_pipeline_runs.jsonl`` (every run, never
+    only the best) and return every recorded run: the verdict is on their median."""
+    runs = RESULTS / "data_pipeline_runs.jsonl"
+    keys = ("ratio", "cpu_ratio", "same_draws_ratio", "same_draws_cpu_ratio")
+    entry = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average": round(os.getloadavg()[0], 1)}
+    with runs.open("a") as file:
+        file.write(json.dumps({**entry, **{k: round(throughput[k], 4) for k in keys}}) + "\n")
+    return [json.loads(line) for line in runs.read_text().splitlines()]
+
+
+def report(args, throughput: dict, memory: dict, history: list[dict]) -> str:
     ok = lambda good: "ok" if good else "MISS"  # noqa: E731
     speed, same = throughput["images_per_s"], throughput["same_draws"]
+    median = statistics.median(run["ratio"] for run in history)
     lines = [
         "# Data pipeline",
         "",
         f"`python benchmarks/data_pipeline.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end.",
+        f"{describe()}, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
         f"## Loader throughput ({throughput['images']} JPEGs of 200-320 px -> {'x'.join(map(str, throughput['shape']))}, "
         f"RandAugment {AA}, random erasing {REPROB}, batch {args.batch_size}, {args.workers} workers)",
@@ -326,7 +339,9 @@ def report(args, throughput: dict, memory: dict) -> str:
         f"| timm create_dataset + create_loader | {speed['timm']:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all']['timm'])} |",
         f"| timm, each item seeded as zoo seeds it (zoo's images) | {speed[SAME]:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all'][SAME])} |",
         "",
-        f"zoo / timm: **{throughput['ratio']:.3f}** {ok(throughput['ratio'] >= 0.95)} (target >= 0.95); "
+        f"zoo / timm: **{throughput['ratio']:.3f}** in this run; over the {len(history)} recorded runs "
+        f"(data_pipeline_runs.jsonl) {min(r['ratio'] for r in history):.3f}-{max(r['ratio'] for r in history):.3f}, "
+        f"median **{median:.3f}** {ok(median >= 0.95)} (target >= 0.95); "
         f"zoo / timm with zoo's images: **{throughput['same_draws_ratio']:.3f}**",
         "",
         f"CPU time per image (loader workers plus the consuming process, median): zoo {throughput['cpu_ms_per_image']['zoo']:.2f} ms, "
@@ -387,7 +402,8 @@ def main() -> None:
         if not args.skip_memory:
             memory = train_memory(args, workdir)
             print(json.dumps(memory["ratios"]), flush=True)
-    text = report(args, throughput, memory)
+    history = record_run(throughput) if not args.skip_memory else [throughput]
+    text = report(args, throughput, memory, history)
     print(text)
     if not args.skip_memory:
         from zoo.fileio import atomic_path

@@ -1,8 +1,7 @@
 """Steps of ``benchmarks/gpu_check.sh`` that need Python: the environment, generated data, and
 the exported member run by ``Predictor`` on onnxruntime's CUDA provider.
 
-    python benchmarks/gpu_check.py environment [--require-cuda]
-    python benchmarks/gpu_check.py peak-tflops
+    python benchmarks/gpu_check.py environment [--require-cuda] --out environment.json
     python benchmarks/gpu_check.py images DIR --classes 10 --per-class 100 --size 256
     python benchmarks/gpu_check.py text FILE --megabytes 8
     python benchmarks/gpu_check.py predictor MEMBER.onnx IMAGES --device cuda --out FILE.json
@@ -26,40 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
 
 
-def environment(require_cuda: bool) -> int:
+def environment(require_cuda: bool, out: Path) -> int:
+    """Versions, the GPU and its bf16 peak (``peak_bf16_tflops``, null when unknown: MFU is then
+    not reported), onnxruntime's providers and the CPU, printed and written to ``out``."""
     import onnxruntime as ort
     import torch
+    from machine import cpu
 
     cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name() if cuda else None
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "gpu": name,
         "gpu_memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,
+        "peak_bf16_tflops": next((v for k, v in PEAK_BF16_TFLOPS.items() if name and k in name), None),
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": ort.get_available_providers(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu": cpu(),
     }
-    print(json.dumps(info, indent=1))
+    text = json.dumps(info, indent=1)
+    print(text)
+    out.write_text(text + "\n")
     if require_cuda and not cuda:
         print(
             "error: torch.cuda.is_available() is False: this check needs a CUDA GPU (or --cpu-dry-run)", file=sys.stderr
         )
         return 1
-    return 0
-
-
-def peak_tflops() -> int:
-    """The device's bf16 dense peak, or nothing when unknown (MFU is then not reported)."""
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_BF16_TFLOPS.items():
-            if key in name:
-                print(value)
-                break
     return 0
 
 
@@ -125,7 +118,7 @@ def main() -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     env = sub.add_parser("environment")
     env.add_argument("--require-cuda", action="store_true")
-    sub.add_parser("peak-tflops")
+    env.add_argument("--out", type=Path, required=True)
     img = sub.add_parser("images")
     img.add_argument("folder", type=Path)
     img.add_argument("--classes", type=int, default=10)
@@ -141,9 +134,7 @@ def main() -> int:
     pred.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.step == "environment":
-        return environment(args.require_cuda)
-    if args.step == "peak-tflops":
-        return peak_tflops()
+        return environment(args.require_cuda, args.out)
     if args.step == "images":
         return images(args.folder, args.classes, args.per_class, args.size)
     if args.step == "text":

@@ -84,10 +84,11 @@ def random_members(weights: Path, count: int, seed: int, limit: int | None) -> l
     import torch
 
     import zoo
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
 
     model = zoo.load(weights).eval()
-    scorer = MemberScorer(model, data_for(model, None), limit)
+    scorer = MemberScorer(model, data_for(model, "evaluate"), limit)
     generator = torch.Generator().manual_seed(seed)
     members = [model.resolve_subnet(model.sample_member(generator)) for _ in range(count)]
     return [{"member": m.to_dict(), "metric": scorer(m), "params": zoo.count_params(model, m)} for m in members]

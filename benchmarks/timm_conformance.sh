@@ -13,7 +13,7 @@
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python}"
+python="${PYTHON:-python3}"
 version="$("$python" -c 'import importlib.metadata as m; print(m.version("timm"))')"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

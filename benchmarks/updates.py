@@ -1,7 +1,7 @@
 """Update policies vs plain training: the validation metric against steps and wall time, and
 the measured alignment ``cos(m ⊙ g(x + δ), g(x))`` next to how fast each run converges.
 
-Every run is ``training.trainer.train(TrainConfig(...))`` (what ``zoo train`` runs) with
+Every run is ``training.trainer.train(TrainConfig.from_flags(...))`` (what ``zoo train`` runs) with
 ``--strategy separate`` (one network, width 1: the policies alone, no member schedule),
 ``--log-alignment``, and a periodic evaluation on a fixed validation subset.
 
@@ -61,9 +61,10 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
     name = policy.split()[0]
     evals = 10
     low_rank = policy in LOW_RANK
-    config = TrainConfig(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0], steps=steps,
-                         eval_every=max(1, steps // evals), log_alignment=max(1, steps // evals), seed=seed, update=name,
-                         low_rank=low_rank, ranks=[1.0] if low_rank else None, **options, **MODELS[section])  # fmt: skip
+    config = TrainConfig.from_flags(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0],
+                                    steps=steps, eval_every=max(1, steps // evals),
+                                    log_alignment=max(1, steps // evals), seed=seed, update=name, low_rank=low_rank, ranks=[1.0] if low_rank else None,
+                                    **options, **MODELS[section])  # fmt: skip
     result = train(config)
     records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
     metric = result.metric
@@ -82,10 +83,11 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
 def prefix_ranks(path: Path, limit: int) -> dict[str, float]:
     """The trained low-rank model's metric at smaller rank prefixes (never trained as members)."""
     import zoo
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
 
     model = zoo.load(path)
-    scorer = MemberScorer(model, data_for(model, None), limit=limit)
+    scorer = MemberScorer(model, data_for(model, "evaluate"), limit=limit)
     return {str(r): scorer(model.resolve_subnet(rank=r)) for r in PREFIX_RANKS}
 
 

@@ -2,21 +2,24 @@
 
 Heavy imports (torch, onnx) happen inside commands so that `zoo --help` is instant; `zoo list`
 and `zoo info` read the catalogue's facts and file headers without importing torch or timm
-(see :func:`zoo_module`). Errors a user can cause become one line on stderr and exit code 1
-(bad flag values: exit 2).
+(see :func:`cli.common.zoo_module`). Errors a user can cause become one line on stderr and exit
+code 1 (bad flag values: exit 2); any other exception is a bug in zoo, also one line (exit 1)
+naming the command and where to report it, with the traceback when ``ZOO_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
+import os
 import sys
-from pathlib import Path
-from types import ModuleType
+import traceback
 from typing import Callable
 
+import click
 import typer
+
+from .commands import COMMANDS
+from .common import zoo_module
 
 app = typer.Typer(
     name="zoo",
@@ -37,12 +40,27 @@ def root(version: bool = typer.Option(False, "--version", help="Print zoo's vers
         raise typer.Exit()
 
 
+# Exits and flag errors (typer.BadParameter: exit 2) that commands raise on purpose, from click
+# or from the copy of click that newer Typers carry.
+_CLI_EXITS = (
+    typer.Exit,
+    typer.Abort,
+    click.exceptions.Exit,
+    click.exceptions.Abort,
+    click.ClickException,
+    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+)
+DEBUG_ENV = "ZOO_DEBUG"  # set to 1: an unexpected error prints its traceback
+BUG_REPORTS = "zoo's issue tracker"
+
+
 class UserError(Exception):
     """An error the user caused, reported as one line."""
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn errors a user can cause into one line on stderr and exit code 1."""
+def user_errors(fn: Callable, name: str | None = None) -> Callable:
+    """Turn errors a user can cause into one line on stderr and exit code 1, and any other
+    exception into one line naming the command ``name`` (see :func:`internal_error`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -51,58 +69,34 @@ def user_errors(fn: Callable) -> Callable:
         # zoo.WeightsFileError is a ValueError and zoo.fileio's WriteError (a full disk, a
         # read-only folder) an OSError: not importing them keeps `zoo run` free of torch.
         except (UserError, ValueError, OSError) as err:
-            typer.echo(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", err=True)
+            typer.echo(f"error: {_first_line(err)}", err=True)
+            raise typer.Exit(1) from None
+        except _CLI_EXITS:
+            raise  # exits and flag errors (exit 2) that the command chose
+        except Exception as err:  # a bug: the last line of defence
+            internal_error(name or fn.__name__.removesuffix("_command"), err)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
-def command(name: str | None = None, **kwargs) -> Callable[[Callable], Callable]:
-    """Register a command whose user errors are reported as one line."""
-    return lambda fn: app.command(name, **kwargs)(user_errors(fn))
+def internal_error(name: str, err: Exception) -> None:
+    """One line for an exception no command expected; the traceback too with ``ZOO_DEBUG=1``."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__)
+    hint = "" if debug else f" (rerun with {DEBUG_ENV}=1 for the traceback)"
+    typer.echo(
+        f"internal error in `zoo {name}`: {type(err).__name__}: {_first_line(err)} -- a bug in zoo: "
+        f"please report it to {BUG_REPORTS} with the command line{hint}",
+        err=True,
+    )
 
 
-def zoo_module(name: str) -> ModuleType:
-    """``zoo.<name>`` for a module that imports only the standard library (``catalogue``,
-    ``header``), loaded without running ``zoo/__init__.py``, which imports torch and timm
-    (seconds): what keeps `zoo list` and `zoo info` fast."""
-    if "zoo" in sys.modules:
-        return importlib.import_module(f"zoo.{name}")
-    key = f"_zoo_light_{name}"  # not "zoo.<name>": the package itself is not loaded
-    if key not in sys.modules:
-        package = importlib.util.find_spec("zoo")  # finds the package without importing it
-        location = Path(next(iter(package.submodule_search_locations))) / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(key, location)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        spec.loader.exec_module(module)
-    return sys.modules[key]
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def weights_file(weights: str | Path, pretrained: bool) -> Path:
-    """The weights file a command reads: a path, or with ``--pretrained`` the shipped weights
-    of a catalogue name (the same for every command that takes a weights file)."""
-    catalogue = zoo_module("catalogue")
-    if pretrained:
-        return catalogue.pretrained_file(str(weights))
-    path = Path(weights)
-    if not path.exists() and str(weights) in catalogue.MODELS:
-        raise ValueError(
-            f"no such weights file: {weights} (a catalogue name: add --pretrained for its shipped weights)"
-        )
-    if path.is_dir():  # a family folder (zoo.save_pretrained): its weights, once its config.json agrees
-        header = zoo_module("header")
-        header.read_header(path)
-        return header.weights_path(path)
-    return path
-
-
-PRETRAINED = typer.Option(
-    False, "--pretrained", help="WEIGHTS is a catalogue name: use its shipped weights (see `zoo list`)."
-)
-
-
-@command("list")
 def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
     """Print the catalogue: name, family, axes, parameter count, shipped weights."""
     from rich.console import Console
@@ -136,9 +130,11 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 
-def main() -> None:
-    from . import commands  # noqa: F401  (registers the commands defined in other modules)
+for name, function, options in [("list", list_command, {}), *COMMANDS]:
+    app.command(name, **options)(user_errors(function, name))
 
+
+def main() -> None:
     app()
 
 

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import command
+from .common import command
 
 
 class Order(str, Enum):
@@ -18,62 +18,91 @@ class Order(str, Enum):
     none = "none"
 
 
+TIMM_NAME = typer.Argument(
+    ...,
+    help=(
+        "A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation); "
+        "or a transformers causal LM's folder (Llama, Mistral, Qwen2, GPT-2; pip install 'zoo[lm]')."
+    ),
+)
+CHECKPOINT = typer.Option(
+    None,
+    "--checkpoint",
+    help=(
+        "Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a "
+        "ViT's image size are read from its shapes."
+    ),
+)
+ORDER = typer.Option(
+    None,
+    "--order",
+    help=(
+        "Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean "
+        "|activation| on --calibrate data), none. Default: activation with --calibrate, else weight."
+    ),
+)
+CALIBRATE = typer.Option(
+    None,
+    "--calibrate",
+    help=(
+        "Data for activation importance and for the batch-norm statistics of members below full width (digits, "
+        "cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member."
+    ),
+)
+WIDTH = typer.Option(
+    None,
+    "--width",
+    help=(
+        "Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member."
+    ),
+)
+RANK = typer.Option(None, "--rank", help="Member ranks (repeatable, with --low-rank); default 0.25 0.5 0.75 1.")
+LOW_RANK = typer.Option(
+    False,
+    "--low-rank",
+    help=(
+        "Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original "
+        "layer)."
+    ),
+)
+IMG_SIZE = typer.Option(
+    None,
+    "--img-size",
+    min=1,
+    help="Input size; default: what the checkpoint says (ViTs), else timm's default for the model.",
+)
+NUM_CLASSES = typer.Option(
+    None,
+    "--num-classes",
+    min=1,
+    help="Classes without a checkpoint (default: timm's, 1000); a checkpoint's classifier decides otherwise.",
+)
+IN_CHANS = typer.Option(None, "--in-chans", min=1, help="Input channels without a checkpoint (default 3).")
+OUT = typer.Option(None, "--out", help="The family's weights file (.safetensors).")
+SAVE_DIR = typer.Option(
+    None,
+    "--save-dir",
+    help=(
+        "Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for "
+        "timm.create_model('local-dir:DIR', pretrained=True)."
+    ),
+)
+
+
 @command("convert")
 def convert_command(
-    timm_name: str = typer.Argument(
-        ...,
-        help="A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation); "
-        "or a transformers causal LM's folder (Llama, Mistral, Qwen2, GPT-2; pip install 'zoo[lm]').",
-    ),
-    checkpoint: Optional[Path] = typer.Option(
-        None,
-        "--checkpoint",
-        help="Its weights: safetensors, or a PyTorch state dict (read with weights_only=True). Classes, channels and a ViT's image size are read from its shapes.",
-    ),
-    order: Optional[Order] = typer.Option(
-        None,
-        "--order",
-        help="Importance order of every elastic dimension before nesting: weight (magnitudes), activation (mean |activation| on --calibrate data), none. Default: activation with --calibrate, else weight.",
-    ),
-    calibrate: Optional[str] = typer.Option(
-        None,
-        "--calibrate",
-        help="Data for activation importance and for the batch-norm statistics of members below full width (digits, cifar10:PATH, folder:PATH...). Without it a batch-norm family keeps only its full member.",
-    ),
-    width: Optional[List[float]] = typer.Option(
-        None,
-        "--width",
-        help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). The full model is always a member.",
-    ),
-    rank: Optional[List[float]] = typer.Option(
-        None, "--rank", help="Member ranks (repeatable, with --low-rank); default 0.25 0.5 0.75 1."
-    ),
-    low_rank: bool = typer.Option(
-        False,
-        "--low-rank",
-        help="Factorize the layers zoo's family factorizes, from the SVD of each pretrained matrix (rank 1 is the original layer).",
-    ),
-    img_size: Optional[int] = typer.Option(
-        None,
-        "--img-size",
-        min=1,
-        help="Input size; default: what the checkpoint says (ViTs), else timm's default for the model.",
-    ),
-    num_classes: Optional[int] = typer.Option(
-        None,
-        "--num-classes",
-        min=1,
-        help="Classes without a checkpoint (default: timm's, 1000); a checkpoint's classifier decides otherwise.",
-    ),
-    in_chans: Optional[int] = typer.Option(
-        None, "--in-chans", min=1, help="Input channels without a checkpoint (default 3)."
-    ),
-    out: Optional[Path] = typer.Option(None, "--out", help="The family's weights file (.safetensors)."),
-    save_dir: Optional[Path] = typer.Option(
-        None,
-        "--save-dir",
-        help="Also (or instead) write timm's Hub layout here: config.json + model.safetensors, for timm.create_model('local-dir:DIR', pretrained=True).",
-    ),
+    timm_name: str = TIMM_NAME,
+    checkpoint: Optional[Path] = CHECKPOINT,
+    order: Optional[Order] = ORDER,
+    calibrate: Optional[str] = CALIBRATE,
+    width: Optional[List[float]] = WIDTH,
+    rank: Optional[List[float]] = RANK,
+    low_rank: bool = LOW_RANK,
+    img_size: Optional[int] = IMG_SIZE,
+    num_classes: Optional[int] = NUM_CLASSES,
+    in_chans: Optional[int] = IN_CHANS,
+    out: Optional[Path] = OUT,
+    save_dir: Optional[Path] = SAVE_DIR,
 ) -> None:
     """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes."""
     if out is None and save_dir is None:
@@ -106,7 +135,8 @@ def convert_command(
     if save_dir is not None:
         zoo.save_pretrained(family, save_dir, metadata=metadata)
         typer.echo(
-            f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', pretrained=True) after `import zoo`"
+            f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', "
+            f"pretrained=True) after `import zoo`"
         )
 
 
@@ -150,16 +180,10 @@ def _calibration(spec: str, bundle: dict):
     """Calibration batches of ``spec`` at the model's input size (known once the model is)."""
 
     def load(input_size: tuple[int, int, int]):
-        from training.data import load_data
         from training.evaluate import calibration_batches
+        from training.model_data import ModelInput, data_for
 
-        data = load_data(spec, img_size=input_size[-1])
-        if data.kind != "image":
-            raise ValueError(f"--calibrate {spec!r} holds {data.kind}, but the model reads images")
-        if data.input_size[0] != input_size[0]:
-            raise ValueError(
-                f"--calibrate {spec!r} has {data.input_size[0]}-channel images, but the model reads {input_size[0]} channels"
-            )
+        data = data_for(ModelInput("the model", "image", input_size), "calibrate", spec)
         bundle["data"] = data
         return calibration_batches(data)
 
@@ -173,18 +197,21 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
     c, h, _ = family.pretrained_cfg["input_size"]
     where = f"checkpoint {source['checkpoint']}: " if source.get("checkpoint") else ""
     typer.echo(
-        f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in {seconds:.1f} s"
+        f"converted {name} ({where}{family.num_classes} classes, {c} channel(s), {h} px) into {family.arch} in "
+        f"{seconds:.1f} s"
     )
     data = f" on {source['calibration_batches']} batches of {calibrate}" if order == "activation" else ""
     recalibrated = len(source["recalibrated"])
     bn = f"; batch norm recalibrated for {recalibrated} member(s) on {calibrate}" if recalibrated else ""
     typer.echo(f"  order: {order}{data}{bn}")
     typer.echo(
-        f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance {zoo.convert.TOLERANCE:g})"
+        f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance "
+        f"{zoo.convert.TOLERANCE:g})"
     )
     members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.subnets)
     typer.echo(f"  members: {members}")
     if family.uses_batchnorm and not calibrate:
         typer.echo(
-            "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or recalibrate later, e.g. zoo eval --width)"
+            "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or "
+            "recalibrate later, e.g. zoo eval --width)"
         )

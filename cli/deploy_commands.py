@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file
+from .common import PRETRAINED, command, weights_file
 from .members import MEMBER, parse_members
 
 

@@ -1,7 +1,7 @@
 """`zoo slice`, `zoo info` and `zoo export`: from a family's weights file to a deployable member.
 
 The library does the work (``zoo.slice_file``, ``zoo.WeightsSource``, ``export.onnx_export``);
-this module parses flags, loads calibration data with ``training.data`` (the export library
+this module parses flags, loads calibration data with ``training.model_data`` (the export library
 never imports training) and prints.
 
 Data for calibration comes from ``--calibrate DATA`` or else the data spec the training run
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file, zoo_module
+from .common import PRETRAINED, command, weights_file, zoo_module
 from .members import MEMBER, one_member
 
 if TYPE_CHECKING:  # heavy imports stay inside the commands
@@ -68,7 +68,7 @@ CALIBRATE = typer.Option(
 
 
 class CalibrationData:
-    """The data a command calibrates on, loaded on first use and shaped for the model."""
+    """The data a command calibrates on, loaded on first use (``training.model_data.data_for``)."""
 
     def __init__(self, spec: Optional[str], model: "ElasticModel"):
         from zoo.members import recorded
@@ -82,31 +82,9 @@ class CalibrationData:
                 f"{why} needs data, and the weights file records none: pass --calibrate DATA (e.g. digits or stdlib)"
             )
         if self._bundle is None:
-            from training.data import load_data
+            from training.model_data import data_for
 
-            model = self.model
-            if model.input_kind == "tokens":
-                bundle = load_data(self.spec, seq_len=model.context_length)
-            else:
-                from zoo.members import recorded
-
-                channels, height, _ = model.pretrained_cfg["input_size"]
-                crop_pct = (
-                    recorded(getattr(model, "zoo_metadata", {}), "crop_pct")
-                    if self.spec.startswith("folder:")
-                    else None
-                )
-                bundle = load_data(
-                    self.spec, img_size=height, crop_pct=crop_pct
-                )  # a folder's evaluation crop as trained
-                if bundle.kind != "image" or bundle.input_size[0] != channels:
-                    got = f"{bundle.input_size[0]}-channel images" if bundle.kind == "image" else "text"
-                    raise ValueError(f"{model.arch} takes {channels}-channel images, but data {self.spec!r} is {got}")
-            if bundle.kind != model.input_kind:
-                raise ValueError(f"{model.arch} takes {model.input_kind}, but data {self.spec!r} is {bundle.kind}")
-            if getattr(bundle.train, "augment", False):
-                bundle.train.augment = False  # calibration must see plain inputs
-            self._bundle = bundle
+            self._bundle = data_for(self.model, "calibrate", self.spec)
         return self._bundle
 
     def bn_batches(self) -> Iterator["torch.Tensor"]:
@@ -215,13 +193,8 @@ def export_command(
     require_device(device.value)
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     data = CalibrationData(calibrate, source.model)
-    options = dict(
-        opset=opset,
-        device=device.value,
-        verify_output=not no_verify,
-        quantize=quantize.value if quantize else None,
-        fuse=fuse,
-    )
+    quantization = quantize.value if quantize else None
+    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantization, fuse=fuse)
     if all_members:
         options.update(_quantization_data(data, source.model, quantize))
         results, manifest = export_all(source, out, **options)

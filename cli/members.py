@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import typer
 
+from .common import zoo_module
+
 MEMBER = typer.Option(
     None,
     "--member",
@@ -35,13 +37,10 @@ def parse_members(values: Optional[List[str]]) -> list[dict]:
             parsed = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"--member {value!r} is not valid JSON ({err.msg} at character {err.pos})") from None
+        schema = zoo_module("schema")
+        schema.check(parsed, schema.MEMBER_ARGUMENT, f"--member {value!r}")
         for item in parsed if isinstance(parsed, list) else [parsed]:
-            item = item.get("member", item) if isinstance(item, dict) and isinstance(item.get("member"), dict) else item
-            if not isinstance(item, dict):
-                raise ValueError(
-                    f'--member {value!r}: a member is a JSON object such as {{"width": 0.5}}, got {item!r}'
-                )
-            members.append(item)
+            members.append(item["member"] if isinstance(item.get("member"), dict) else item)
     return members
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file
+from .common import PRETRAINED, command, weights_file
 
 
 @command("search")
@@ -41,8 +41,8 @@ def search_command(
 ) -> None:
     """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
     import zoo
-    from export.latency import member_latency
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
     from zoo.fileio import locked_folder
     from zoo.search import Budget, Candidate, Evolution, plot_front, write_front
 
@@ -51,65 +51,76 @@ def search_command(
         raise ValueError(f"--out {out} is a file; zoo search writes a folder")
     source = zoo.WeightsSource.open(weights_file(weights, pretrained))
     model = source.model
-    scorer = MemberScorer(model, data_for(model, data), limit)
+    scorer = MemberScorer(model, data_for(model, "evaluate", data), limit)
 
-    def latency(member) -> float:
-        scorer.prepare(member)
-        return member_latency(model, member, threads)
-
-    def cost(member) -> dict[str, float]:
-        costs = {"params": float(zoo.count_params(model, member)), "flops": float(zoo.count_flops(model, member))}
-        if chosen_budget.kind == "latency":
-            costs["latency"] = latency(member)
-        return costs
-
+    costs = _Costs(model, scorer, chosen_budget, threads)
     higher = scorer.metric == "accuracy"
     with locked_folder(out, "zoo search"):
-        evolution = Evolution(
-            model,
-            scorer,
-            cost,
-            chosen_budget,
-            metric=scorer.metric,
-            higher_is_better=higher,
-            seed=seed,
-            progress=typer.echo,
-        )
+        options = dict(metric=scorer.metric, higher_is_better=higher, seed=seed, progress=typer.echo)
+        evolution = Evolution(model, scorer, costs, chosen_budget, **options)
         uniform = [s for s in model.subnets if s.is_uniform]
         result = evolution.run(population, generations, seeds=uniform)
         for candidate in result.front():  # every member on the front gets its latency too
-            candidate.costs.setdefault("latency", latency(candidate.member))
-        grid = []
-        for member in uniform:  # the trained uniform members, measured the same way
-            costs = cost(member)
-            costs.setdefault("latency", latency(member))
-            grid.append(Candidate(member, scorer(member), costs, -1))
-        best, exported = _export_best(result, source, out, threads, not no_verify, latency)
-        record = {
-            "arch": model.arch,
-            "weights": str(source.path),
-            "data": _data_spec(model, data),
-            "validation_items": min(len(scorer.val), limit or len(scorer.val)),
-            "seed": seed,
-            "population": population,
-            "generations": generations,
-            "threads": threads,
-            "latency_check": exported,
-        }
+            candidate.costs.setdefault("latency", costs.latency(candidate.member))
+        grid = [
+            Candidate(m, scorer(m), costs.measured(m), -1) for m in uniform
+        ]  # the trained ones, measured the same way
+        best, exported = _export_best(result, source, out, threads, not no_verify, costs.latency)
+        items = min(len(scorer.val), limit or len(scorer.val))
+        record = dict(arch=model.arch, weights=str(source.path), data=_data_spec(model, data), validation_items=items)
+        record.update(seed=seed, population=population, generations=generations, threads=threads)
+        record.update(latency_check=exported)
         write_front(out / "pareto.json", result, grid, best, record)
         plot_front(out / "pareto.png", result, grid, best, f"{model.arch}: search under {chosen_budget}")
+    _report_search(chosen_budget, result, best, grid, exported, out, higher)
+
+
+class _Costs:
+    """A member's costs: parameters and FLOPs, and its latency when the budget is one (measured
+    once the scorer gave it batch-norm statistics)."""
+
+    def __init__(self, model, scorer, budget, threads: int):
+        self.model, self.scorer, self.budget, self.threads = model, scorer, budget, threads
+
+    def latency(self, member) -> float:
+        from export.latency import member_latency
+
+        self.scorer.prepare(member)
+        return member_latency(self.model, member, self.threads)
+
+    def __call__(self, member) -> dict[str, float]:
+        import zoo
+
+        model = self.model
+        costs = {"params": float(zoo.count_params(model, member)), "flops": float(zoo.count_flops(model, member))}
+        if self.budget.kind == "latency":
+            costs["latency"] = self.latency(member)
+        return costs
+
+    def measured(self, member) -> dict[str, float]:
+        """Every cost, latency included."""
+        costs = self(member)
+        costs.setdefault("latency", self.latency(member))
+        return costs
+
+
+def _report_search(budget, result, best, grid, exported: dict, out: Path, higher: bool) -> None:
+    """The chosen member, the best uniform member within the budget, the exported file's latency."""
     typer.echo(
-        f"best within {chosen_budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms"
+        f"best within {budget}: {best.member} — {result.metric} {best.metric:.4f}, {best.costs['params']:,.0f} "
+        f"params, {best.costs['flops'] / 1e6:.2f} MFLOPs, {best.costs['latency']:.3f} ms"
     )
-    same_cost = [g for g in grid if g.costs[chosen_budget.kind] <= chosen_budget.limit]
+    same_cost = [g for g in grid if g.costs[budget.kind] <= budget.limit]
     if same_cost:
         top = max(same_cost, key=lambda g: g.metric if higher else -g.metric)
         typer.echo(f"best uniform member within the budget: {top.member} — {result.metric} {top.metric:.4f}")
     typer.echo(
-        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured {exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
+        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured "
+        f"{exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
     )
     typer.echo(
-        f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} ({len(result.candidates)} members scored, {len(result.front())} on the front)"
+        f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} "
+        f"({len(result.candidates)} members scored, {len(result.front())} on the front)"
     )
 
 
@@ -127,8 +138,9 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
 
     ranked = result.ranked()
     for best in ranked[:3]:
-        best.costs.setdefault("latency", latency(best.member))
-        results, _ = export_members(source, out, [best.member], verify_output=verify)
+        if "latency" not in best.costs:  # measured once: setdefault would measure it again for nothing
+            best.costs["latency"] = latency(best.member)
+        results, manifest = export_members(source, out, [best.member], verify_output=verify)
         path = results[0].path
         example = source.model.example_input(1).numpy()
         measured = session_latency(path, example, threads)
@@ -140,7 +152,9 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
         }
         if result.budget.kind != "latency" or measured <= result.budget.limit:
             return best, check
-        path.unlink()
+        path.unlink()  # with its manifest: a member over the budget leaves no file behind
+        manifest.unlink()
     raise ValueError(
-        f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured latency is noisy here: retry, or relax the budget"
+        f"the best members found measured over {result.budget} once exported (last: {measured:.3f} ms); measured "
+        f"latency is noisy here: retry, or relax the budget"
     )

@@ -8,11 +8,11 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
-from .app import PRETRAINED, command, weights_file
+from .common import PRETRAINED, command, option, takes, weights_file
 from .members import MEMBER, parse_members
 
 
@@ -55,222 +55,245 @@ class Amp(str, Enum):
     none = "none"
 
 
-@command("train")
-def train_command(
-    model: str = typer.Argument(..., help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano."),
-    out: Path = typer.Option(..., "--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt."),
-    data: Optional[str] = typer.Option(
+def _choice(enum: type[Enum]) -> str:
+    return " | ".join(m.value for m in enum)
+
+
+# Every `zoo train` option, declared once: the keyword is the training configuration's flag
+# (training.config.TrainConfig.from_flags), except the launcher's and --save-dir.
+TRAIN_OPTIONS = [
+    option(
+        "data",
+        Optional[str],
         None,
-        "--data",
-        help="digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib (byte models).",
+        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib "
+        "(byte models).",
     ),
-    strategy: Strategy = typer.Option(
+    option(
+        "strategy",
+        Strategy,
         Strategy.alternating,
-        "--strategy",
-        help="alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place distillation; all: every member each step; random: one random member per step; separate: one member alone (the baseline).",
+        "alternating: full and core steps in turn (the paper); sandwich: largest+smallest+random, in-place "
+        "distillation; all: every member each step; random: one random member per step; separate: one member alone "
+        "(the baseline).",
     ),
-    width: Optional[List[float]] = typer.Option(
+    option(
+        "widths",
+        Optional[List[float]],
         None,
-        "--width",
-        help="Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full model.",
+        "Member widths (repeatable); default 0.25 0.5 0.75 1 (dense), 1 (low-rank). Joint strategies add the full "
+        "model.",
+        flag="--width",
     ),
-    rank: Optional[List[float]] = typer.Option(
-        None, "--rank", help="Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1."
+    option(
+        "ranks",
+        Optional[List[float]],
+        None,
+        "Member ranks (repeatable; needs --low-rank); default 0.25 0.5 0.75 1.",
+        flag="--rank",
     ),
-    low_rank: bool = typer.Option(False, "--low-rank", help="Build the family with factorized (low-rank) layers."),
-    member: Optional[List[str]] = MEMBER,
-    space: Space = typer.Option(
+    option("low_rank", bool, False, "Build the family with factorized (low-rank) layers."),
+    option("extra_members", Optional[List[str]], None, MEMBER.help, flag="--member", metavar=MEMBER.metavar),
+    option(
+        "space",
+        Space,
         Space.uniform,
-        "--space",
-        help="random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth independently (layerwise, Once-for-All).",
+        "random/sandwich: draw from the trained members (uniform), or each stage's/block's width, rank and depth "
+        "independently (layerwise, Once-for-All).",
     ),
-    steps: Optional[int] = typer.Option(
-        None, "--steps", help="Optimizer steps; default 600 (images) or 1000 (byte models)."
+    option("steps", Optional[int], None, "Optimizer steps; default 600 (images) or 1000 (byte models)."),
+    option("epochs", Optional[int], None, "Train for this many epochs instead of --steps."),
+    option(
+        "batch_size",
+        Optional[int],
+        None,
+        "Global batch (split over processes); default 128 (images) or 16 (byte models).",
     ),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Train for this many epochs instead of --steps."),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", help="Global batch (split over processes); default 128 (images) or 16 (byte models)."
-    ),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate; default 0.1 (sgd) or 3e-3 (adamw)."),
-    optimizer: Optional[Optimizer] = typer.Option(
-        None, "--optimizer", help="Default: sgd for images, adamw for byte models."
-    ),
-    weight_decay: Optional[float] = typer.Option(
-        None, "--weight-decay", help="Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."
-    ),
-    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum."),
-    nesterov: bool = typer.Option(False, "--nesterov", help="Nesterov momentum (sgd)."),
-    warmup_steps: Optional[int] = typer.Option(
-        None, "--warmup-steps", help="Linear warmup before the cosine decay; default 5% of the steps."
-    ),
-    clip_grad: Optional[float] = typer.Option(
-        None, "--clip-grad", help="Clip the gradient's global norm to this value."
-    ),
-    label_smoothing: float = typer.Option(
-        0.0, "--label-smoothing", help="Label smoothing of the cross-entropy on labels."
-    ),
-    core_prob: float = typer.Option(
-        0.5, "--core-prob", help="alternating: fraction of steps that train a core (0.5: full, core, full, ...)."
-    ),
-    num_random: int = typer.Option(
-        2, "--num-random", help="sandwich: random members per step besides the largest and smallest."
-    ),
-    update: Update = typer.Option(
+    option("lr", Optional[float], None, "Peak learning rate; default 0.1 (sgd) or 3e-3 (adamw)."),
+    option("optimizer", Optional[Optimizer], None, "Default: sgd for images, adamw for byte models."),
+    option("weight_decay", Optional[float], None, "Default 5e-4 (sgd) or 0.1 (adamw); never on biases and norms."),
+    option("momentum", float, 0.9, "SGD momentum."),
+    option("nesterov", bool, False, "Nesterov momentum (sgd)."),
+    option("warmup_steps", Optional[int], None, "Linear warmup before the cosine decay; default 5% of the steps."),
+    option("clip_grad", Optional[float], None, "Clip the gradient's global norm to this value."),
+    option("label_smoothing", float, 0.0, "Label smoothing of the cross-entropy on labels."),
+    option("core_prob", float, 0.5, "alternating: fraction of steps that train a core (0.5: full, core, full, ...)."),
+    option("num_random", int, 2, "sandwich: random members per step besides the largest and smallest."),
+    option(
+        "update",
+        Update,
         Update.full,
-        "--update",
-        help="The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient (δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a random rank prefix, --low-rank).",
+        "The step's mask m and perturbation δ in x ← x - lr·m⊙g(x+δ): full (plain); sam (δ = ρg/‖g‖); extragradient "
+        "(δ = -ηg); meprop (m: top-k gradient coordinates); unit-dropout (a random subset of units); rank-dropout (a "
+        "random rank prefix, --low-rank).",
     ),
-    rho: Optional[float] = typer.Option(None, "--rho", help="sam: perturbation radius; default 0.05."),
-    eg_lr: Optional[float] = typer.Option(None, "--eg-lr", help="extragradient: look-ahead step η; default 0.01."),
-    keep: Optional[float] = typer.Option(
+    option("rho", Optional[float], None, "sam: perturbation radius; default 0.05."),
+    option("eg_lr", Optional[float], None, "extragradient: look-ahead step η; default 0.01."),
+    option(
+        "keep",
+        Optional[float],
         None,
-        "--keep",
-        help="meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: smallest rank fraction drawn (0.25).",
+        "meprop: fraction of gradient coordinates kept (default 0.1); unit-dropout: of units (0.5); rank-dropout: "
+        "smallest rank fraction drawn (0.25).",
     ),
-    meprop_units: bool = typer.Option(
+    option(
+        "meprop_units",
+        bool,
         False,
-        "--meprop-units",
-        help="meprop: keep the top-k output units (rows by gradient norm) rather than coordinates.",
+        "meprop: keep the top-k output units (rows by gradient norm) rather than coordinates.",
     ),
-    nested: bool = typer.Option(
+    option(
+        "nested",
+        bool,
         False,
-        "--nested",
-        help="unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset.",
+        "unit-dropout: keep a random width prefix of units (in [keep, 1]) rather than a random subset.",
     ),
-    log_alignment: Optional[int] = typer.Option(
+    option(
+        "log_alignment",
+        Optional[int],
         None,
-        "--log-alignment",
-        help="Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about three extra forward/backward passes each time).",
+        "Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about "
+        "three extra forward/backward passes each time).",
     ),
-    seq_len: int = typer.Option(256, "--seq-len", help="Byte models: context length trained on."),
-    img_size: Optional[int] = typer.Option(
+    option("seq_len", int, 256, "Byte models: context length trained on."),
+    option(
+        "img_size",
+        Optional[int],
         None,
-        "--img-size",
-        help="Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size).",
+        "Images: train and evaluate at this size; default: the dataset's own (folders: the model's input size).",
     ),
-    aa: Optional[str] = typer.Option(
+    option(
+        "aa",
+        Optional[str],
         None,
-        "--aa",
-        help="folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), augmix-m5-w4-d2.",
+        "folder: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), original (AutoAugment), "
+        "augmix-m5-w4-d2.",
     ),
-    reprob: float = typer.Option(0.0, "--reprob", help="folder: random-erasing probability (timm's, per-pixel noise)."),
-    crop_pct: Optional[float] = typer.Option(
-        None, "--crop-pct", help="folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875."
+    option("reprob", float, 0.0, "folder: random-erasing probability (timm's, per-pixel noise)."),
+    option(
+        "crop_pct",
+        Optional[float],
+        None,
+        "folder: evaluation resizes to img-size / crop-pct and centre-crops; default 0.875.",
     ),
-    mixup: float = typer.Option(
-        0.0, "--mixup", help="Images: timm Mixup's mixup alpha (0: off); trains on soft targets."
-    ),
-    cutmix: float = typer.Option(
+    option("mixup", float, 0.0, "Images: timm Mixup's mixup alpha (0: off); trains on soft targets."),
+    option(
+        "cutmix",
+        float,
         0.0,
-        "--cutmix",
-        help="Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two.",
+        "Images: timm Mixup's cutmix alpha (0: off); with --mixup, each batch uses one of the two.",
     ),
-    init: Optional[Path] = typer.Option(
-        None, "--init", help="Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model)."
-    ),
-    save_dir: Optional[Path] = typer.Option(
+    option(
+        "init",
+        Optional[Path],
         None,
-        "--save-dir",
-        help="Also write the trained family in timm's Hub layout here (config.json + model.safetensors).",
+        "Start from this zoo weights file (same architecture; e.g. a `zoo convert`ed timm model).",
     ),
-    resume: bool = typer.Option(
-        False, "--resume", help="Continue from the checkpoint in --out (pass the original flags)."
-    ),
-    ckpt_every: Optional[int] = typer.Option(
-        None, "--ckpt-every", help="Checkpoint every N steps; default: at every evaluation."
-    ),
-    eval_every: Optional[int] = typer.Option(
-        None, "--eval-every", help="Evaluate every member every N steps; default: 10 times per run."
-    ),
-    eval_limit: Optional[int] = typer.Option(
+    option(
+        "save_dir",
+        Optional[Path],
         None,
-        "--eval-limit",
-        help="Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all.",
+        "Also write the trained family in timm's Hub layout here (config.json + model.safetensors).",
     ),
-    stop_after: Optional[int] = typer.Option(
+    option("resume", bool, False, "Continue from the checkpoint in --out (pass the original flags)."),
+    option("ckpt_every", Optional[int], None, "Checkpoint every N steps; default: at every evaluation."),
+    option("eval_every", Optional[int], None, "Evaluate every member every N steps; default: 10 times per run."),
+    option(
+        "eval_limit",
+        Optional[int],
         None,
-        "--stop-after",
-        help="Stop after this step with a checkpoint (for time-limited jobs); continue with --resume.",
+        "Validation items per periodic evaluation (default 2048 images or 128 byte windows); the final one uses all.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seeds the model, the data order and split, and the member choice."),
-    device: Device = typer.Option(
-        Device.auto, "--device", help="auto: CUDA if available. cuda without CUDA is an error."
-    ),
-    workers: Optional[int] = typer.Option(
+    option(
+        "stop_after",
+        Optional[int],
         None,
-        "--workers",
-        help="Data-loading worker processes per training process; default: 0 for data held in memory, a share of the cores for folders.",
+        "Stop after this step with a checkpoint (for time-limited jobs); continue with --resume.",
+    ),
+    option("seed", int, 0, "Seeds the model, the data order and split, and the member choice."),
+    option("device", Device, Device.auto, "auto: CUDA if available. cuda without CUDA is an error."),
+    option(
+        "workers",
+        Optional[int],
+        None,
+        "Data-loading worker processes per training process; default: 0 for data held in memory, a share of the "
+        "cores for folders.",
     ),
     # The loop: speed, precision, accumulation, EMA; processes and machines (torch's launcher).
-    compile: bool = typer.Option(
+    option(
+        "compile",
+        bool,
         False,
-        "--compile",
-        help="torch.compile the training step: one graph per member, compiled the first time it trains.",
+        "torch.compile the training step: one graph per member, compiled the first time it trains.",
     ),
-    compile_backend: str = typer.Option(
-        "inductor", "--compile-backend", help="torch.compile backend (with --compile)."
-    ),
-    channels_last: bool = typer.Option(
-        False, "--channels-last", help="Image models: NHWC weights and inputs (faster convolutions on GPUs)."
-    ),
-    amp: Optional[Amp] = typer.Option(
+    option("compile_backend", str, "inductor", "torch.compile backend (with --compile)."),
+    option("channels_last", bool, False, "Image models: NHWC weights and inputs (faster convolutions on GPUs)."),
+    option(
+        "amp",
+        Optional[Amp],
         None,
-        "--amp",
-        help="Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none on CPU.",
+        "Autocast precision of the forward: bf16, fp16 (with a gradient scaler) or none; default bf16 on CUDA, none "
+        "on CPU.",
     ),
-    accum_steps: int = typer.Option(
+    option(
+        "accum_steps",
+        int,
         1,
-        "--accum-steps",
-        help="Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory).",
+        "Run each process's share of the --batch-size batch in this many micro-batches (same step, less memory).",
     ),
-    ema: bool = typer.Option(
-        False, "--ema", help="Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."
-    ),
-    ema_decay: Optional[float] = typer.Option(
-        None, "--ema-decay", help="With --ema: the decay, reached after a warmup (default 0.9998)."
-    ),
-    sync_bn: bool = typer.Option(
-        False, "--sync-bn", help="Batch-norm statistics over the global batch, across processes."
-    ),
-    nproc_per_node: int = typer.Option(
+    option("ema", bool, False, "Keep timm's EMA of the weights; evaluate it and save it as model_ema.safetensors."),
+    option("ema_decay", Optional[float], None, "With --ema: the decay, reached after a warmup (default 0.9998)."),
+    option("sync_bn", bool, False, "Batch-norm statistics over the global batch, across processes."),
+    option(
+        "nproc_per_node",
+        int,
         1,
-        "--nproc-per-node",
-        help="Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
+        "Data-parallel processes on this machine (gloo on CPU, NCCL on CUDA), started by torch.distributed.run.",
     ),
-    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run; run the same command on each."),
-    node_rank: Optional[int] = typer.Option(
+    option("nnodes", str, "1", "Machines in the run, N or MIN:MAX (elastic); run the same command on each."),
+    option(
+        "node_rank",
+        Optional[int],
         None,
-        "--node-rank",
-        help="This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint).",
+        "This machine's node number; node 0 hosts the rendezvous (default: the machine at --rdzv-endpoint).",
     ),
-    rdzv_endpoint: Optional[str] = typer.Option(
+    option(
+        "rdzv_endpoint",
+        Optional[str],
         None,
-        "--rdzv-endpoint",
-        help="HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1.",
+        "HOST:PORT of the rendezvous (node 0's machine, a free port); needed with --nnodes > 1.",
     ),
-    rdzv_id: str = typer.Option(
-        "zoo", "--rdzv-id", help="The run's name in the rendezvous, the same on every machine."
+    option("rdzv_id", str, "zoo", "The run's name in the rendezvous, the same on every machine."),
+    # A lost process or node: how long the others wait, and torchrun's restarts (training/launch.py).
+    option("dist_timeout", float, 300.0, "Seconds a collective waits for a lost process before every survivor exits."),
+    option(
+        "max_restarts",
+        int,
+        0,
+        "Restart every process up to N times after a failure or a node lost or joining; they resume from the last "
+        "checkpoint.",
     ),
+]
+LAUNCH_OPTIONS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
+
+
+@command("train")
+@takes(*TRAIN_OPTIONS)
+def train_command(
+    model: Annotated[
+        str, typer.Argument(help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt.")],
+    **options,
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
     from training.launch import Launch, launch
     from training.signals import Interrupted
     from training.trainer import TrainConfig, train
 
-    config = TrainConfig(
-        model=model, out=str(out), data=data, strategy=strategy.value, widths=width or None, ranks=rank or None,
-        extra_members=parse_members(member) or None, space=space.value, low_rank=low_rank, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
-        optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay, momentum=momentum,
-        nesterov=nesterov, warmup_steps=warmup_steps, clip_grad=clip_grad, label_smoothing=label_smoothing,
-        core_prob=core_prob, num_random=num_random, update=update.value, rho=rho, eg_lr=eg_lr, keep=keep,
-        meprop_units=meprop_units, nested=nested, log_alignment=log_alignment, seq_len=seq_len, img_size=img_size,
-        aa=aa, reprob=reprob, crop_pct=crop_pct, mixup=mixup, cutmix=cutmix,
-        init=str(init) if init else None, resume=resume, ckpt_every=ckpt_every, eval_every=eval_every,
-        eval_limit=eval_limit, stop_after=stop_after, seed=seed, device=device.value, workers=workers,
-        compile=compile, compile_backend=compile_backend, channels_last=channels_last, amp=amp.value if amp else None,
-        accum_steps=accum_steps, ema=ema, ema_decay=ema_decay, sync_bn=sync_bn,
-    )  # fmt: skip
-    where = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+    where = Launch(**{name: options.pop(name) for name in LAUNCH_OPTIONS})
+    save_dir = options.pop("save_dir")
+    config = TrainConfig.from_flags(model, str(out), **_config_flags(options))
     where.check()
     if where.needed:  # not yet inside the launched processes
         config.check()
@@ -286,23 +309,34 @@ def train_command(
         if main:
             typer.echo(f"stopped at step {result.steps} of {result.total_steps}; continue with --resume", err=True)
         raise typer.Exit(128 + result.stopped_by)
-    if not main:
-        return
+    if main:
+        _report_run(model, out, result, save_dir)
+
+
+def _config_flags(options: dict) -> dict:
+    """The training configuration's flags from the parsed options: choices by value, empty
+    lists as "not given", members parsed, paths as strings."""
+    flags = {k: v.value if isinstance(v, Enum) else v for k, v in options.items()}
+    flags.update(widths=flags["widths"] or None, ranks=flags["ranks"] or None)
+    flags["extra_members"] = parse_members(flags["extra_members"]) or None
+    flags["init"] = str(flags["init"]) if flags["init"] else None
+    return flags
+
+
+def _report_run(model: str, out: Path, result, save_dir: Optional[Path]) -> None:
+    """What rank 0 prints at the end of a run (and writes with --save-dir)."""
     if result.already_finished:
         typer.echo(
-            f"{out}: the run is already finished ({result.steps} steps in {result.wall_time_s:.0f} s); nothing was trained or rewritten"
+            f"{out}: the run is already finished ({result.steps} steps in {result.wall_time_s:.0f} s); "
+            "nothing was trained or rewritten"
         )
         _print_members(f"{model}: recorded metrics", result.metrics, result.metric, result.member_params)
         return
     if not result.finished:
         typer.echo(f"stopped after step {result.steps} of {result.total_steps}; continue with --resume")
         return
-    _print_members(
-        f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s",
-        result.metrics,
-        result.metric,
-        result.member_params,
-    )
+    title = f"{model}: {result.steps} steps in {result.wall_time_s:.0f} s"
+    _print_members(title, result.metrics, result.metric, result.member_params)
     if result.ema_path is not None:
         _print_members(f"{model}: EMA weights", result.ema_metrics, result.metric, result.member_params)
     written = [result.model_path, *([result.ema_path] if result.ema_path else []), result.out / "metrics.jsonl"]
@@ -338,17 +372,20 @@ def eval_command(
     """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
     import zoo
     from training.distributed import resolve_device
-    from training.evaluate import calibration_batches, data_for, default_batch_size, evaluate, metric_name
+    from training.evaluate import calibration_batches, default_batch_size, evaluate, metric_name
+    from training.loader import default_workers
+    from training.model_data import data_for
     from zoo.members import calibrate_members, select_members
 
     torch_device = resolve_device(device.value)
     model = zoo.load(weights_file(weights, pretrained)).to(torch_device)
     members = select_members(model, width, rank, parse_members(member))
-    bundle = data_for(model, data)
+    bundle = data_for(model, "evaluate", data)
     recalibrated = calibrate_members(model, members, calibration_batches(bundle))
     if recalibrated:
         typer.echo(
-            f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} (training split)",
+            f"batch-norm statistics recalibrated for {len(recalibrated)} untrained member(s) on {bundle.spec} "
+            f"(training split)",
             err=True,
         )
     started = time.perf_counter()
@@ -360,6 +397,7 @@ def eval_command(
             batch_size=batch_size or default_batch_size(model),
             limit=limit,
             progress=progress,
+            workers=default_workers(bundle),  # image folders: decoded in worker processes
         )
     if json_output:
         typer.echo(json.dumps(records))

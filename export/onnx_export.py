@@ -34,7 +34,7 @@ import torch
 
 import zoo
 from zoo import ElasticModel, Member, Subnet, WeightsSource
-from zoo.fileio import atomic_path, locked_folder
+from zoo.fileio import WriteError, atomic_path, locked_folder
 from zoo.members import recorded
 from zoo.models.transformer import Attention
 
@@ -262,7 +262,10 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
         raise ValueError(
             f"{record['arch']} is too large ({proto.ByteSize() / 2**30:.1f} GiB) to embed its weights in one ONNX file"
         )
-    onnx.save_model(proto, str(path))
+    try:
+        onnx.save_model(proto, str(path))
+    except OSError as err:  # the work folder's disk (the system's temporary folder) refused the write
+        raise WriteError(Path(path), err) from None
 
 
 def export_member(

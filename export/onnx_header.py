@@ -4,15 +4,21 @@ Importing ``onnx`` costs about 1.7 s (its ml_dtypes extension) and onnxruntime w
 session; the few fields `zoo info` needs (producer, opsets, metadata, graph inputs and outputs)
 sit in a handful of protobuf fields, so this module reads them with the standard library,
 skipping nodes and weights without decoding them. Field numbers are those of onnx.proto.
+The zoo record is checked against its declared schema (``zoo/schema.py``, loaded without
+zoo's package, which imports torch).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 METADATA_KEY = "zoo"
 
@@ -152,9 +158,29 @@ def read_onnx_header(path: str | os.PathLike) -> OnnxHeader:
 
 def zoo_record(header: OnnxHeader, path: str | os.PathLike) -> dict:
     """The zoo record of an exported file (ValueError for a foreign or corrupt one)."""
-    if METADATA_KEY not in header.metadata:
+    return checked_record(header.metadata, path, runnable=False)
+
+
+def checked_record(metadata: dict[str, str], path: str | os.PathLike, runnable: bool = True) -> dict:
+    """The zoo record in an ONNX file's metadata, checked against its schema (``runnable``:
+    with the input spec that running it needs); a ValueError naming the file otherwise."""
+    if METADATA_KEY not in metadata:
         raise ValueError(f"{path} is an ONNX file but not a zoo export (no 'zoo' metadata)")
     try:
-        return json.loads(header.metadata[METADATA_KEY])
+        record = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError:
-        raise ValueError(f"{path} has corrupt zoo metadata") from None
+        raise ValueError(f"{path} has corrupt zoo metadata (not JSON)") from None
+    schema = _zoo_schema()
+    return schema.check(record, schema.RUNNABLE_RECORD if runnable else schema.ONNX_RECORD, f"{path}: zoo metadata")
+
+
+def _zoo_schema() -> ModuleType:
+    """``zoo.schema`` (standard library only), loaded as ``cli.app.zoo_module`` loads it when zoo's
+    package (torch, timm) is not imported: `zoo info` and ``export.runtime`` stay light."""
+    if "zoo" in sys.modules:
+        return importlib.import_module("zoo.schema")
+    if "_zoo_light" not in sys.modules:  # zoo's folder as a package whose __init__ never runs
+        package = ModuleType("_zoo_light")
+        package.__path__ = list(importlib.util.find_spec("zoo").submodule_search_locations)
+        sys.modules["_zoo_light"] = package
+    return importlib.import_module("_zoo_light.schema")

@@ -1,4 +1,5 @@
-"""Running an exported member with onnxruntime alone: no torch, no zoo.
+"""Running an exported member with onnxruntime alone: no torch, no zoo package (the record is
+checked by ``zoo/schema.py``, standard library only, loaded on its own).
 
 An exported file carries everything needed to use it (see ``docs/design.md``, export
 contract): one input ``input``, one output ``logits`` and a JSON record under the model
@@ -19,7 +20,6 @@ onnxruntime cannot run it is an error, never a silent fallback to the CPU.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,6 +28,8 @@ from typing import Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
+
+from .onnx_header import checked_record
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
@@ -50,8 +52,8 @@ def _providers(device: str) -> list:
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
         raise ValueError(
-            f"CUDA was requested but this onnxruntime has no CUDA execution provider "
-            f"(it has {', '.join(available)}); install onnxruntime-gpu or use device cpu"
+            f"CUDA was requested but onnxruntime's CUDA provider is not installed "
+            f"(this onnxruntime has {', '.join(available)}); install onnxruntime-gpu or use device cpu"
         )
     return [("CUDAExecutionProvider", {"device_id": int(match.group(1) or 0)}), "CPUExecutionProvider"]
 
@@ -154,17 +156,7 @@ class Predictor:
 
     # ----- the file ---------------------------------------------------------------------
     def _read_metadata(self) -> dict:
-        props = self.session.get_modelmeta().custom_metadata_map
-        if "zoo" not in props:
-            raise ValueError(f"{self.path} is an ONNX model but not a zoo export (no 'zoo' metadata)")
-        try:
-            metadata = json.loads(props["zoo"])
-            kind = metadata["input"]["kind"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{self.path} has corrupt zoo metadata") from None
-        if kind not in ("image", "tokens"):
-            raise ValueError(f"{self.path} has an unknown input kind {kind!r} in its zoo metadata")
-        return metadata
+        return checked_record(self.session.get_modelmeta().custom_metadata_map, self.path)
 
     def _check_signature(self) -> None:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
@@ -174,6 +166,18 @@ class Predictor:
                 f"(inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; expected 'input' -> 'logits')"
             )
         self._input_type = inputs[0].type
+        spec, graph = self.metadata["input"], inputs[0]
+        if spec["kind"] == "tokens":
+            fits = graph.type == "tensor(int64)"
+        else:  # an image's channels and size, where the graph fixes them
+            dims = list(graph.shape[1:])
+            fits = graph.type in _NUMPY_TYPES and len(dims) == 3
+            fits = fits and all(not isinstance(d, int) or d == s for d, s in zip(dims, spec["shape"]))
+        if not fits:
+            described = "byte ids" if spec["kind"] == "tokens" else f"images of shape {spec['shape']}"
+            raise ValueError(
+                f"{self.path}: its zoo metadata describes {described}, but its graph takes {graph.type} {graph.shape}"
+            )
 
     @property
     def kind(self) -> str:

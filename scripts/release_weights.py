@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from training.evaluate import data_for, evaluate  # noqa: E402
+from training.evaluate import evaluate  # noqa: E402
+from training.model_data import data_for  # noqa: E402
 from zoo.members import trained_members  # noqa: E402
 
 EVAL_BATCH_SIZE = 256  # zoo eval's default: the same batches give the same sums
@@ -37,7 +38,7 @@ def release(run_file: Path, command: str, dtype: str, out_dir: Path) -> Path:
     target = out_dir / f"{source.arch}.safetensors"
     with tempfile.TemporaryDirectory() as scratch:
         rounded = zoo.load(zoo.save(source, Path(scratch) / "rounded.safetensors", metadata=metadata, dtype=dtype))
-    val = data_for(rounded, None).val
+    val = data_for(rounded, "evaluate").val
     check_items = CHECK_ITEMS[rounded.input_kind]
     metadata.update(
         train_metrics=metadata.get("metrics", []),

@@ -422,7 +422,7 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
         ),
         (
             ["resnet18", "--calibrate", "digits", "--out", "x.safetensors"],
-            "error: --calibrate 'digits' has 1-channel images, but the model reads 3 channels",
+            "error: the model reads 3-channel images, but data 'digits' has 1-channel images",
         ),
     ],
 )

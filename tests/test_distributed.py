@@ -26,7 +26,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     zoo.save(zoo.create_model("slim_gpt_nano", context_length=16, widths=[0.5, 1.0]), start)
     case = dict(model="slim_gpt_nano", data=f"text:{corpus}", strategy="sandwich", widths=[0.5], seq_len=16, steps=3,
                 batch_size=8, optimizer="sgd", lr=0.05, eval_every=100, clip_grad=1.0, init=str(start))  # fmt: skip
-    single = train(TrainConfig(out=str(tmp_path / "single"), **case))
+    single = train(TrainConfig.from_flags(out=str(tmp_path / "single"), **case))
 
     args = ["train", "slim_gpt_nano", "--data", case["data"], "--strategy", "sandwich", "--width", "0.5", "--seq-len", "16",
             "--steps", "3", "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--eval-every", "100",

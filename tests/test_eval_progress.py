@@ -12,14 +12,15 @@ from typer.testing import CliRunner
 import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
-from training.evaluate import data_for, default_batch_size, evaluate
+from training.evaluate import default_batch_size, evaluate
+from training.model_data import data_for
 
 
 @pytest.fixture(scope="module")
 def gpt():
     model = zoo.create_model("slim_gpt_nano", pretrained=True)
     members = [zoo.Subnet.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
-    return model, members, Subset(data_for(model, None).val, range(12))
+    return model, members, Subset(data_for(model, "evaluate").val, range(12))
 
 
 def test_evaluate_reports_progress_up_to_items_times_members(gpt):

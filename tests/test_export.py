@@ -163,6 +163,7 @@ def assert_cache_continues_the_sequence(path, member):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, atol=1e-4, rtol=0)
 
 
+# the fused export of a smaller ViT runs in CI: tests/test_small_exports.py
 @pytest.mark.parametrize("family", ["gpt", pytest.param("vit", marks=pytest.mark.slow)])
 def test_fused_transformer_is_verified_and_says_which_kernels_it_uses(tmp_path, family):
     weights = family_file(tmp_path, family, **GRID)

@@ -1,7 +1,8 @@
 """Faults of the machine: a full disk, an unwritable folder, a signal, a second run, kill -9.
 
 Real faults where the test can make them: a small tmpfs is a real full disk (mounting one
-needs root; the tests that need it skip otherwise), a read-only tmpfs (or, without root, a
+needs root; the tests that need it skip otherwise, and tests/test_full_disk.py makes the same
+refusals for any user with the OS's file-size limit), a read-only tmpfs (or, without root, a
 folder without write permission) an unwritable one, and signals go to real `zoo train`
 processes.
 """
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cli.commands  # noqa: F401  (registers the commands)
-import training.trainer as trainer_module
+import training.setup as run_setup
 import zoo
 from cli.app import app
 from training.checkpoint import load_checkpoint
@@ -176,7 +177,7 @@ def test_atomic_path_names_the_target_when_a_writer_wraps_the_os_error(tmp_path)
             raise ValueError("not an OS failure")
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the export past a file-size limit in test_full_disk.py runs in CI
 def test_export_to_a_full_disk_is_one_line(tmp_path, tmpfs):
     disk = tmpfs("disk", "size=64k")
     family = _family(tmp_path / "family.safetensors")
@@ -220,7 +221,7 @@ def _stopped_at(process: subprocess.Popen, signum: int, group: bool = False) -> 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict:
-    return load_file(train(TrainConfig(out=str(tmp_path_factory.mktemp("whole") / "run"), **RUN)).model_path)
+    return load_file(train(TrainConfig.from_flags(out=str(tmp_path_factory.mktemp("whole") / "run"), **RUN)).model_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -256,13 +257,15 @@ class _Signaller(Reporter):
 
 def test_a_signal_repeated_at_once_is_one_request(tmp_path):
     """Ctrl-C reaches every process of the terminal and the launcher forwards it too."""
-    result = train(TrainConfig(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2))
+    result = train(
+        TrainConfig.from_flags(out=str(tmp_path / "run"), **{**RUN, "steps": 10}), _Signaller(at_step=3, times=2)
+    )
     assert result.stopped_by == signal.SIGTERM and result.steps == 3 and not result.finished
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
 
 
 def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    real_save = trainer_module.save_checkpoint
+    real_save = run_setup.save_checkpoint
 
     def save_with_a_second_signal(path, state):
         if state["step"] == 3:  # the stop's checkpoint (periodic ones are at 2, 4, ...)
@@ -270,10 +273,10 @@ def test_a_second_signal_while_checkpointing_stops_at_once_and_keeps_the_previou
             os.kill(os.getpid(), signal.SIGTERM)
         real_save(path, state)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_with_a_second_signal)
+    monkeypatch.setattr(run_setup, "save_checkpoint", save_with_a_second_signal)
     out = tmp_path / "run"
     with pytest.raises(Interrupted) as stop:
-        train(TrainConfig(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))
+        train(TrainConfig.from_flags(out=str(out), **{**RUN, "steps": 10, "ckpt_every": 2}), _Signaller(at_step=3))
     assert stop.value.exit_code == 128 + signal.SIGTERM
     assert (
         str(stop.value) == f"stopped at once by SIGTERM; {out / 'checkpoint.pt'} is as it was; continue with --resume"
@@ -293,7 +296,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.slow  # 30-50 s: two processes and a launcher; the single-process signal tests run in CI
+@pytest.mark.slow  # 30-50 s; CI runs a shorter two-process SIGTERM and resume: tests/test_two_processes.py
 def test_sigterm_stops_every_process_of_a_two_process_run_at_one_step(tmp_path):
     out = tmp_path / "ddp"
     process = _start(out, *MODEL_ARGS, "--steps", "40", "--batch-size", "16", "--nproc-per-node", "2")

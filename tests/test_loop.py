@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def _corpus(tmp_path: Path) -> Path:
 
 def _run(config: TrainConfig) -> tuple[Trainer, list[tuple[int, ...]]]:
     """A run in this process; returns its trainer and the input shape of every training forward."""
-    trainer = Trainer(config, distributed.setup(config.device), Reporter())
+    trainer = Trainer(config, distributed.setup(config.dist.device), Reporter())
     shapes: list[tuple[int, ...]] = []
     hook = trainer.model.register_forward_pre_hook(
         lambda module, args: shapes.append(tuple(args[0].shape)) if module.training else None
@@ -63,8 +64,8 @@ def test_two_accumulated_micro_batches_match_one_batch_of_twice_the_size(tmp_pat
     micro-batch moves the weights by ~1e-3."""
     case = dict(model="slim_gpt_nano", data=f"text:{_corpus(tmp_path)}", strategy="sandwich", widths=[0.5], seq_len=16, steps=3,
                 batch_size=8, optimizer="sgd", lr=0.05, warmup_steps=0, eval_every=100)  # fmt: skip
-    whole, whole_shapes = _run(TrainConfig(out=str(tmp_path / "whole"), **case))
-    accumulated, shapes = _run(TrainConfig(out=str(tmp_path / "accum"), accum_steps=2, **case))
+    whole, whole_shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "whole"), **case))
+    accumulated, shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "accum"), accum_steps=2, **case))
     assert set(whole_shapes) == {(8, 16)} and set(shapes) == {(4, 16)}
     assert len(shapes) == 2 * len(whole_shapes)  # every pass of every step, on each micro-batch
     assert _max_diff(_params(whole.model), _params(accumulated.model)) < 1e-5
@@ -165,9 +166,11 @@ def test_compile_builds_one_graph_per_member_and_trains_as_eager(backend, tmp_pa
     torch._dynamo.reset()
     counters.clear()
     case = dict(model="slim_resnet20", widths=[0.5], steps=4, batch_size=16, img_size=8, eval_every=100, lr=0.05)
-    compiled, _ = _run(TrainConfig(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case))
+    compiled, _ = _run(
+        TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case)
+    )
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
-    eager, _ = _run(TrainConfig(out=str(tmp_path / "eager"), **case))
+    eager, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "eager"), **case))
     assert _max_diff(_params(compiled.model), _params(eager.model)) < 1e-4
 
 
@@ -209,8 +212,9 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         )  # fmt: skip
         for rank in (0, 1)
     ]
-    single = train(TrainConfig(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3, batch_size=16, eval_every=100,
-                               lr=0.05, warmup_steps=0, sync_bn=True))  # fmt: skip
+    config = TrainConfig.from_flags(out=str(tmp_path / "single"), model="slim_resnet20", widths=[0.5], steps=3,
+                                    batch_size=16, eval_every=100, lr=0.05, warmup_steps=0, sync_bn=True)  # fmt: skip
+    single = train(config)
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert sum(out.count("wrote") for out, _ in outputs) == 1  # global rank 0 alone writes
@@ -241,7 +245,10 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
         ),
         (["slim_gpt_nano", "--sync-bn"], "--sync-bn: this family has no batch norm"),
         (["slim_resnet20", "--nproc-per-node", "0"], "--nproc-per-node must be at least 1, got 0"),
-        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be at least 1, got 0"),
+        (["slim_resnet20", "--nnodes", "0"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '0'"),
+        (["slim_resnet20", "--nnodes", "2:1"], "--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
+        (["slim_resnet20", "--max-restarts", "-1"], "--max-restarts must be at least 0, got -1"),
+        (["slim_resnet20", "--dist-timeout", "0"], "--dist-timeout must be positive"),
         (["slim_resnet20", "--nnodes", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
         (
             ["slim_resnet20", "--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "127.0.0.1:29400"],
@@ -267,19 +274,22 @@ def test_an_unknown_amp_is_a_usage_error(tmp_path):
 
 @pytest.mark.slow  # about 5 minutes on 2 cores
 def test_the_gpu_check_runs_every_step_in_its_cpu_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the real
-    `zoo train`, `zoo export` and the Predictor, on the CPU at tiny sizes."""
+    """benchmarks/gpu_check.sh --cpu-dry-run: data, the three loops of both models, the
+    exactness tests, the real `zoo train`, `zoo export` and the Predictor, on the CPU at tiny
+    sizes (tests/test_gpu_check.py runs its --tiny version in CI)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu-dry-run", "--out-dir", str(tmp_path)],
         cwd=root,
+        env={**os.environ, "PYTHON": sys.executable},
         capture_output=True,
         text=True,
         timeout=1800,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert (tmp_path / "summary.md").read_text().count("| ok |") == 8
-    for name, unit in (("resnet50", "images_per_s"), ("gpt_small", "tokens_per_s")):
+    assert (tmp_path / "summary.md").read_text().count("| ok |") == 9
+    assert len(list(tmp_path.iterdir())) <= 8
+    for name, unit in (("image_loops", "images_per_s"), ("text_loops", "tokens_per_s")):
         loops = json.loads((tmp_path / f"{name}.json").read_text())["loops"]
         assert set(loops) == {"timm", "zoo", "zoo-compiled"} and all(v[unit] > 0 for v in loops.values())
     report = json.loads((tmp_path / "predictor.json").read_text())

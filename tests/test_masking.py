@@ -10,6 +10,8 @@ import zoo
 from training.masking import MaskCache, masked_step
 from zoo import Subnet
 
+pytestmark = pytest.mark.usefixtures("on_exactness_device")  # ZOO_TEST_DEVICE (default cpu), see conftest.py
+
 
 def _model(low_rank: bool) -> zoo.ElasticModel:
     torch.manual_seed(0)
@@ -149,3 +151,8 @@ def test_a_structured_core_that_skips_blocks_leaves_them_bit_identical(kind):
     assert outside_equal and moved > 0
     assert all(torch.equal(before[f"param:{n}"], after[f"param:{n}"]) for n in skipped)
     assert not torch.equal(before["param:stages.0.2.conv1.weight"], after["param:stages.0.2.conv1.weight"])
+
+
+def test_models_and_batches_are_made_on_the_exactness_device(exactness_device):
+    assert next(_model(low_rank=False).parameters()).device == torch.device(exactness_device)
+    assert torch.randn(2).device == torch.device(exactness_device)

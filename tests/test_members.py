@@ -131,7 +131,7 @@ def test_invalid_transformer_members():
         small.set_subnet({"blocks": [0, 1]})  # a sliced member holds only its own blocks
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI exports the same kind of member of a smaller GPT: tests/test_small_exports.py
 @torch.no_grad()
 def test_a_structured_member_exports_to_a_verified_onnx_file(tmp_path):
     from export.onnx_export import export_member
@@ -173,7 +173,7 @@ def trained(tmp_path_factory):
     return zoo.save(model, tmp_path_factory.mktemp("family") / "model.safetensors", metadata={"data": "digits"})
 
 
-def test_member_flag_in_slice_eval_and_bench(trained, tmp_path):
+def test_member_flag_in_slice_and_eval(trained, tmp_path):  # `zoo bench --member`: tests/test_member_commands.py
     member = '{"width": [0.25, 0.5, 1], "depth": [1, 2, 3]}'
     sliced = tmp_path / "m.safetensors"
     done = _zoo("slice", str(trained), "--member", member, "--out", str(sliced))
@@ -198,13 +198,14 @@ def test_member_flag_in_slice_eval_and_bench(trained, tmp_path):
 
 
 def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
-    from training.evaluate import MemberScorer, data_for
+    from training.evaluate import MemberScorer
+    from training.model_data import data_for
     from zoo.search import Budget, Evolution
 
     runs = []
     for _ in range(2):
         model = zoo.load(trained).eval()
-        scorer = MemberScorer(model, data_for(model, None), limit=32)
+        scorer = MemberScorer(model, data_for(model, "evaluate"), limit=32)
 
         def cost(member, model=model):
             return {"params": float(zoo.count_params(model, member)), "flops": float(zoo.count_flops(model, member))}
@@ -244,7 +245,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert report["best"]["params"] <= 60_000 and all(
         c["params"] <= 60_000 and c["latency"] > 0 for c in report["front"]
     )
-    assert report["best"] in report["front"] or report["best"]["metric"] <= max(c["metric"] for c in report["front"])
+    assert report["best"] == report["front"][-1]  # the best member is the front's most accurate end
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["members"][0]["member"] == report["best"]["member"]
     assert manifest["members"][0]["parameters"] == report["best"]["params"]
@@ -263,7 +264,7 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert worse.returncode == 1 and "--budget must be params=N" in worse.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # CI: structured members of small GPT, ViT and MobileNetV2 in tests/test_small_exports.py
 @pytest.mark.parametrize("name", sorted(SMALL))
 @torch.no_grad()
 def test_a_random_member_of_every_family_exports_verified(name, tmp_path):

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 import zoo
 from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
-from training.evaluate import data_for, evaluate
+from training.evaluate import evaluate
+from training.model_data import data_for
 from zoo.members import trained_members
 
 SHIPPED = ["slim_resnet20", "slim_gpt_nano", "slim_vit_tiny"]
@@ -70,7 +71,7 @@ def test_shipped_file_loads_through_zoo_and_timm(name):
 def test_shipped_file_reproduces_its_recorded_check_metrics(name, one_thread):
     model = zoo.create_model(name, pretrained=True)
     check = model.zoo_metadata["check"]
-    val = data_for(model, None).val
+    val = data_for(model, "evaluate").val
     members = trained_members(model)
     first = evaluate(model, val, members, 256, limit=check["items"])
     again = evaluate(model, val, members, 256, limit=check["items"])

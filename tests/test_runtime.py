@@ -178,7 +178,7 @@ def test_cuda_is_never_a_silent_fallback(resnet):
         except ValueError as err:
             assert "CUDA" in str(err) and "\n" not in str(err)
         return
-    with pytest.raises(ValueError, match="CUDA was requested") as err:
+    with pytest.raises(ValueError, match="CUDA was requested but onnxruntime's CUDA provider is not installed") as err:
         Predictor(resnet[1], device="cuda")
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="device must be"):
@@ -241,7 +241,9 @@ def test_zoo_run_prints_top_k_and_generates(resnet, gpt, tmp_path):
 
     result = runner.invoke(app, ["run", str(resnet[1]), str(png), "--device", "cuda"])
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        assert result.exit_code == 1 and result.stderr.startswith("error: CUDA was requested")
+        assert result.exit_code == 1 and result.stderr.startswith(
+            "error: CUDA was requested but onnxruntime's CUDA provider is not installed"
+        )
         assert len(result.stderr.strip().splitlines()) == 1
     assert runner.invoke(app, ["run", str(tmp_path / "none.onnx"), "x"]).exit_code == 1
     assert runner.invoke(app, ["run", str(resnet[1]), str(tmp_path / "none.png")]).stderr.startswith(

@@ -130,7 +130,7 @@ def test_separate_training_moves_only_its_member(tmp_path):
     torch.manual_seed(1)
     start = zoo.create_model("slim_resnet20", num_classes=10, in_chans=1, img_size=8, widths=[0.5])
     zoo.save(start, tmp_path / "start.safetensors")
-    config = TrainConfig(
+    config = TrainConfig.from_flags(
         model="slim_resnet20",
         out=str(tmp_path / "run"),
         strategy="separate",

@@ -194,7 +194,7 @@ def test_an_export_of_a_folder_model_preprocesses_as_its_evaluation(noise_folder
         assert np.abs((fit(pixels, 12, 12, record["crop_pct"]) - mean) / std - expected).max() < 1.5 / 255 / std.min()
 
 
-@pytest.mark.slow  # three 2-process runs, about a minute; the loader test above checks the shares in CI
+@pytest.mark.slow  # three 2-process runs, about a minute; CI: the loader test above, tests/test_two_processes.py
 def test_two_processes_with_workers_resume_bit_identical(noise_folder, tmp_path):
     import subprocess
     import sys

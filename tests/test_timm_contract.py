@@ -198,7 +198,7 @@ def test_headless_models_return_features_and_rebuild_from_their_arguments(name, 
     assert not any(m.training for m in model.modules())
 
 
-@pytest.mark.slow  # downloads timm's source distribution from the package registry
+@pytest.mark.slow  # downloads timm's source distribution; CI runs the script: tests/test_timm_conformance_script.py
 def test_the_conformance_script_runs_timms_own_tests_end_to_end(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "conformance.md"

@@ -111,15 +111,15 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
 
 
 @pytest.mark.parametrize("kind", ["resnet", "layerwise", "augmented", "gpt"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path):
-    case = _resume_case(kind, tmp_path)
-    whole = train(TrainConfig(out=str(tmp_path / "whole"), **case))
+def test_resume_is_bit_identical_to_an_uninterrupted_run(kind, tmp_path, exactness_device):
+    case = {**_resume_case(kind, tmp_path), "device": exactness_device}  # ZOO_TEST_DEVICE, see conftest.py
+    whole = train(TrainConfig.from_flags(out=str(tmp_path / "whole"), **case))
     workers = {"workers": 2} if kind == "augmented" else {}
-    interrupted = train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **{**case, **workers}))
+    interrupted = train(TrainConfig.from_flags(out=str(tmp_path / "parts"), stop_after=3, **{**case, **workers}))
     assert not interrupted.finished and interrupted.model_path is None
     assert load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["step"] == 3
     workers = {"workers": 1} if kind == "augmented" else {}
-    resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **{**case, **workers}))
+    resumed = train(TrainConfig.from_flags(out=str(tmp_path / "parts"), resume=True, **{**case, **workers}))
     assert resumed.finished and resumed.steps == whole.steps == 6
 
     expected, got = load_file(whole.model_path), load_file(resumed.model_path)
@@ -146,7 +146,7 @@ def test_a_killed_run_resumes_bit_identical(tmp_path):
     resumed = _invoke("train", "slim_resnet20", *args, "--out", str(tmp_path / "killed"), "--resume")
     assert resumed.exit_code == 0, resumed.output
     whole = train(
-        TrainConfig(
+        TrainConfig.from_flags(
             model="slim_resnet20", out=str(tmp_path / "whole"), steps=30, batch_size=16, ckpt_every=1, eval_every=100
         )
     )

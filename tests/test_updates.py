@@ -21,6 +21,7 @@ from training.updates import create_policy, partial_gradient
 from zoo import Subnet
 
 LR = 0.1
+ON_DEVICE = pytest.mark.usefixtures("on_exactness_device")  # ZOO_TEST_DEVICE (default cpu), see conftest.py
 
 
 def _model(low_rank: bool = False) -> zoo.ElasticModel:
@@ -33,7 +34,7 @@ def _model(low_rank: bool = False) -> zoo.ElasticModel:
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=torch.get_default_device()).manual_seed(1)  # on the exactness device
     return torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 5, (6,), generator=generator)
 
 
@@ -88,6 +89,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["full", "sam", "extragradient"])
+@ON_DEVICE
 def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
     model = _model()
     x = _weights(model)
@@ -103,6 +105,7 @@ def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
     _assert_close(model, _expected(x, perturbed, {}))
 
 
+@ON_DEVICE
 def test_a_core_step_with_sam_is_the_rule_with_the_cores_mask_and_perturbation():
     model = _model()
     core = Subnet(0.5)
@@ -119,6 +122,7 @@ def test_a_core_step_with_sam_is_the_rule_with_the_cores_mask_and_perturbation()
             assert torch.equal(p.detach()[~m[n]], x[n][~m[n]])
 
 
+@ON_DEVICE
 def test_sam_equals_a_reference_two_pass_implementation():
     """The common two-pass SAM (ascend to x + ρ g/‖g‖, take the gradient there, go back, step
     the base optimizer), with momentum and weight decay, over three steps."""
@@ -145,6 +149,7 @@ def test_sam_equals_a_reference_two_pass_implementation():
 
 
 @pytest.mark.parametrize("units", [False, True], ids=["coordinates", "units"])
+@ON_DEVICE
 def test_meprop_moves_exactly_the_top_k_gradient_coordinates(units):
     model = _model()
     x = _weights(model)
@@ -170,6 +175,7 @@ def test_meprop_moves_exactly_the_top_k_gradient_coordinates(units):
 
 
 @pytest.mark.parametrize("name", ["unit-dropout", "rank-dropout"])
+@ON_DEVICE
 def test_structured_dropout_is_the_rule_with_delta_minus_one_minus_m_times_x(name):
     model = _model(low_rank=name == "rank-dropout")
     x = _weights(model)
@@ -191,6 +197,7 @@ def test_structured_dropout_is_the_rule_with_delta_minus_one_minus_m_times_x(nam
 @pytest.mark.parametrize(
     "name, optimizer", [("unit-dropout", "sgd"), ("unit-dropout", "adamw"), ("rank-dropout", "sgd")]
 )
+@ON_DEVICE
 def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
     model = _model(low_rank=name == "rank-dropout")
     opt = (
@@ -217,9 +224,10 @@ def test_dropped_units_and_their_optimizer_state_do_not_move(name, optimizer):
     assert moved_inside >= len(mask) // 2
 
 
-def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(tmp_path):
+def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(tmp_path, exactness_device):
     case = dict(
         model="slim_resnet20",
+        device=exactness_device,
         strategy="alternating",
         widths=[0.5],
         update="unit-dropout",
@@ -227,8 +235,8 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
         batch_size=32,
         eval_every=2,
     )
-    plain = train(TrainConfig(out=str(tmp_path / "plain"), **case))
-    logged = train(TrainConfig(out=str(tmp_path / "logged"), log_alignment=2, **case))
+    plain = train(TrainConfig.from_flags(out=str(tmp_path / "plain"), **case))
+    logged = train(TrainConfig.from_flags(out=str(tmp_path / "logged"), log_alignment=2, **case))
     expected, got = load_file(plain.model_path), load_file(logged.model_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     records = [json.loads(line) for line in (tmp_path / "logged" / "metrics.jsonl").read_text().splitlines()]
@@ -239,23 +247,25 @@ def test_alignment_logging_leaves_the_run_unchanged_and_measures_the_condition(t
         for r in alignment
     )
 
-    full = train(TrainConfig(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2}))
+    full = train(
+        TrainConfig.from_flags(out=str(tmp_path / "full"), log_alignment=2, **{**case, "update": "full", "steps": 2})
+    )
     records = [json.loads(line) for line in (full.out / "metrics.jsonl").read_text().splitlines()]
     (step0,) = [r for r in records if "alignment_cosine" in r]  # step 0 trains the full model: m ⊙ g(x + δ) = g(x)
     assert step0["alignment_cosine"] == pytest.approx(1.0) and step0["alignment_norm_ratio"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("case", ["unit-dropout", "rank-dropout"])
-def test_resume_with_random_policies_is_bit_identical(case, tmp_path):
-    config = dict(model="slim_resnet20", steps=6, batch_size=32, eval_every=2, log_alignment=3)
+def test_resume_with_random_policies_is_bit_identical(case, tmp_path, exactness_device):
+    config = dict(model="slim_resnet20", device=exactness_device, steps=6, batch_size=32, eval_every=2, log_alignment=3)
     config |= (
         dict(strategy="random", widths=[0.5], update="unit-dropout")
         if case == "unit-dropout"
         else dict(strategy="separate", low_rank=True, update="rank-dropout", keep=0.5)
     )
-    whole = train(TrainConfig(out=str(tmp_path / "whole"), **config))
-    train(TrainConfig(out=str(tmp_path / "parts"), stop_after=3, **config))
-    resumed = train(TrainConfig(out=str(tmp_path / "parts"), resume=True, **config))
+    whole = train(TrainConfig.from_flags(out=str(tmp_path / "whole"), **config))
+    train(TrainConfig.from_flags(out=str(tmp_path / "parts"), stop_after=3, **config))
+    resumed = train(TrainConfig.from_flags(out=str(tmp_path / "parts"), resume=True, **config))
     expected, got = load_file(whole.model_path), load_file(resumed.model_path)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -296,3 +306,9 @@ def test_meaningless_combinations_and_bad_values_are_one_line(args, message, tmp
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and message in lines[0]
+
+
+@ON_DEVICE
+def test_batches_and_models_are_made_on_the_exactness_device(exactness_device):
+    x, y = _batch()
+    assert x.device == y.device == next(_model().parameters()).device == torch.device(exactness_device)

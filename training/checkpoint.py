@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from zoo.fileio import atomic_path
+from zoo.schema import CHECKPOINT, check
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -40,7 +41,19 @@ def load_checkpoint(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable zoo checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a zoo training checkpoint (format version {FORMAT_VERSION})")
-    return state
+    return check(state, CHECKPOINT, f"{path} is a damaged zoo training checkpoint")
+
+
+# What restoring a checkpoint's states raises when they do not fit the run (torch's
+# load_state_dict, the generators' set_state): a damaged checkpoint, or another run's.
+RESTORE_ERRORS = (RuntimeError, KeyError, TypeError, IndexError, ValueError)
+
+
+def unfit_checkpoint(path: Path, err: Exception) -> ValueError:
+    """The one-line error for a checkpoint whose states do not fit the run restoring them."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # load_state_dict: the first problem
+    return ValueError(f"{path} does not fit this run ({reason[:200]})")
 
 
 def rng_states() -> dict:

@@ -17,7 +17,7 @@ training transform); validation splits never do. Augmentation depends only on
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
 import os
 import pickle
@@ -29,9 +29,11 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
-from .signals import ignore_stop_signals
+from .bundle import DataBundle, DataError, check_index, item_seed, one_line, stratified_split
+from .flags import at_least_one, non_negative
+from .workers import loader, running
 
 KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PATH"
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
@@ -39,7 +41,6 @@ STDLIB_MAX_FILE_BYTES = 2**20  # larger files are generated tables, not represen
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 TEXT_MAX_VAL_BYTES = 2**20  # the held-out tail of a text corpus: val_fraction of it, at most 1 MiB
 DEFAULT_FOLDER_SIZE = 224  # folder images without img_size (the trainer passes the model's size)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 # (mean, std) of the training images per channel, as published with the datasets' baselines
 _CIFAR_STATS = {
@@ -61,21 +62,35 @@ _CIFAR_LAYOUT = {
 
 
 @dataclass
-class DataBundle:
-    """A loaded dataset: both splits plus what a model and an export need to know about it."""
+class DataConfig:
+    """The data of a training run and how it is read (``zoo train``'s data flags)."""
 
-    spec: str  # the spec it was loaded from, e.g. "digits" or "cifar10:/path"
-    kind: str  # "image" or "tokens"
-    train: Dataset
-    val: Dataset
-    num_classes: int  # classes; 256 for byte-level text
-    input_size: tuple[int, int, int] | None  # (C, H, W) for images, None for text
-    labels: list[str] | None  # class names for images, None for text
-    mean: tuple[float, ...] | None  # normalisation applied (images), to record in exports
-    std: tuple[float, ...] | None
-    seq_len: int | None  # window length for text
-    crop_pct: float | None = None  # evaluation: resize to size / crop_pct, centre crop (folders)
-    streamed: bool = False  # items are decoded from files when read: worth worker processes
+    data: str | None = None  # a data spec (KNOWN_SPECS); default: the model's input kind's
+    seq_len: int = 256
+    img_size: int | None = None  # default: the dataset's own; for folders, the model's input size
+    aa: str | None = None  # folders: timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # folders: random-erasing probability
+    crop_pct: float | None = None  # folders: evaluation crop (default 0.875)
+    mixup: float = 0.0  # timm Mixup's mixup_alpha (0: off); soft targets
+    cutmix: float = 0.0  # timm Mixup's cutmix_alpha (0: off)
+    workers: int | None = None  # data-loading processes; default: none in memory, a share of the cores for folders
+
+    def check_flags(self) -> None:
+        at_least_one(self, "seq_len", "img_size")
+        non_negative(self, "workers", "mixup", "cutmix")
+
+    def check(self, model_name: str, input_kind: str) -> None:
+        """What depends on the model's input kind: the spec's options, mixing images."""
+        spec = self.data or default_data(input_kind)
+        check_data_options(spec, aa=self.aa, reprob=self.reprob, crop_pct=self.crop_pct)
+        if (self.mixup or self.cutmix) and input_kind != "image":
+            raise ValueError(f"--mixup and --cutmix mix images; {model_name} reads {input_kind}")
+
+    def resolved(self, input_kind: str, model_size: int | None) -> DataConfig:
+        """The spec's default filled in; folders (files of any size) at the model's input size."""
+        data = self.data or default_data(input_kind)
+        folder = data.startswith("folder:") and self.img_size is None
+        return dataclasses.replace(self, data=data, img_size=model_size if folder else self.img_size)
 
 
 def default_data(input_kind: str) -> str:
@@ -196,14 +211,14 @@ class ImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         image = self.images[index]
         if self.augment:
             image = self._augmented(image, index)
         return (image.float() / self.scale - self.mean) / self.std, self.targets[index]
 
     def _augmented(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        self._generator.manual_seed(_item_seed(self.seed, self.epoch, index))
+        self._generator.manual_seed(item_seed(self.seed, self.epoch, index))
         draws = torch.rand(3, generator=self._generator).tolist()
         pad, (height, width) = self.padding, image.shape[-2:]
         top, left = int(draws[0] * (2 * pad + 1)), int(draws[1] * (2 * pad + 1))
@@ -221,7 +236,7 @@ class TokenWindows(Dataset):
         return max(0, (self.size - self.seq_len - 1) // self.stride + 1)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = _check_index(index, len(self)) * self.stride
+        start = check_index(index, len(self)) * self.stride
         window = self.read(start, self.seq_len + 1).long()
         return window[:-1], window[1:]
 
@@ -250,27 +265,14 @@ class FileTokenWindows(TokenWindows):
         self.file = open(self.path, "rb", buffering=0)
 
     def read(self, start: int, count: int) -> torch.Tensor:
-        chunk = os.pread(self.file.fileno(), min(count, self.size - start), self.offset + start)
+        count = min(count, self.size - start)
+        chunk = os.pread(self.file.fileno(), count, self.offset + start)
+        if len(chunk) < count:
+            raise DataError(
+                f"cannot read text cache {self.path}: it ends before byte {self.offset + start + count} "
+                "(cut short while this run read it); delete it and run again to rebuild it"
+            )
         return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
-
-
-def _check_index(index: int, length: int) -> int:
-    index = int(index)
-    if index < 0:
-        index += length
-    if not 0 <= index < length:
-        raise IndexError(f"index {index} out of range for a dataset of {length} items")
-    return index
-
-
-def seed_of(*parts: object) -> int:
-    """A 63-bit seed from a hash of ``parts`` (``manual_seed`` takes a non-negative 63-bit int)."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _item_seed(seed: int, epoch: int, index: int) -> int:
-    return seed_of(seed, epoch, index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,10 +288,9 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be at least 1, got {batch_size} and {limit}")
     count = len(dataset) if limit is None else min(len(dataset), limit * batch_size)
-    for inputs, _ in DataLoader(
-        Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers, worker_init_fn=ignore_stop_signals
-    ):
-        yield inputs
+    with running(loader(Subset(dataset, range(count)), batch_size=batch_size, num_workers=workers)) as items:
+        for inputs, _ in items:
+            yield inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +333,7 @@ def _load_digits(spec: str, val_fraction: float, seed: int, img_size: int | None
     digits = load_digits()
     images = _resize(torch.tensor(digits.images, dtype=torch.float32).div_(16).unsqueeze(1), img_size or 8)
     targets = torch.tensor(digits.target, dtype=torch.int64)
-    train, val = _stratified_split(targets, val_fraction, seed)
+    train, val = stratified_split(targets, val_fraction, seed)
     labels = [str(d) for d in range(10)]
     return _image_bundle(
         spec,
@@ -344,23 +345,6 @@ def _load_digits(spec: str, val_fraction: float, seed: int, img_size: int | None
         augment=False,
         seed=seed,
     )
-
-
-def _stratified_split(targets: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold out ``val_fraction`` of every class (at least one item where a class has two or
-    more), chosen by a seeded shuffle; indices come back sorted."""
-    generator = torch.Generator().manual_seed(seed)
-    train, val = [], []
-    for label in torch.unique(targets).tolist():
-        members = torch.nonzero(targets == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        held_out = min(len(members) - 1, max(1, round(len(members) * val_fraction)))
-        val.append(members[:held_out])
-        train.append(members[held_out:])
-    val_indices = torch.cat(val).sort().values
-    if len(val_indices) == 0:
-        raise ValueError("too few images to hold out a validation split: every class has a single image")
-    return torch.cat(train).sort().values, val_indices
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -543,10 +527,10 @@ def _unpickle_data(path: Path) -> object:
         try:
             return _DataOnlyUnpickler(file, encoding="bytes").load()
         except _RefusedPickle as err:
-            raise ValueError(f"{path}: refused to load: {_one_line(err)}") from None
+            raise ValueError(f"{path}: refused to load: {one_line(err)}") from None
         except Exception as err:  # truncated or not a pickle: unpickling raises many kinds
             raise ValueError(
-                f"{path}: corrupt or truncated batch file ({type(err).__name__}: {_one_line(err)})"
+                f"{path}: corrupt or truncated batch file ({type(err).__name__}: {one_line(err)})"
             ) from None
 
 
@@ -604,8 +588,3 @@ def _stdlib_source() -> bytes:
         if path.stat().st_size <= STDLIB_MAX_FILE_BYTES:
             corpus += path.read_bytes()
     return bytes(corpus[:STDLIB_MAX_BYTES])
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

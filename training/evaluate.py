@@ -14,12 +14,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 import zoo
 from zoo import Subnet
 
-from .signals import ignore_stop_signals
+from .workers import loader, running
 
 EVAL_IMAGES = 256  # images per evaluation batch
 # Byte positions per evaluation batch (32 windows of 256): a batch's activations then stay in
@@ -70,21 +70,20 @@ def evaluate(
     was_training, previous = model.training, model.active_subnet
     model.eval()
     try:
-        for inputs, targets in DataLoader(
-            data, batch_size=batch_size, shuffle=False, num_workers=workers, worker_init_fn=ignore_stop_signals
-        ):
-            inputs, targets = inputs.to(device), targets.to(device).flatten()
-            count += targets.numel()
-            for i, subnet in enumerate(subnets):
-                model.set_subnet(subnet)
-                with autocast(device):
-                    logits = model(inputs)
-                logits = logits.float().flatten(0, -2)
-                loss_sums[i] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
-                correct[i] += (logits.argmax(-1) == targets).sum().cpu()
-                done += len(inputs)
-                if progress is not None:
-                    progress(done, total)
+        with running(loader(data, batch_size=batch_size, shuffle=False, num_workers=workers)) as batches:
+            for inputs, targets in batches:
+                inputs, targets = inputs.to(device), targets.to(device).flatten()
+                count += targets.numel()
+                for i, subnet in enumerate(subnets):
+                    model.set_subnet(subnet)
+                    with autocast(device):
+                        logits = model(inputs)
+                    logits = logits.float().flatten(0, -2)
+                    loss_sums[i] += F.cross_entropy(logits, targets, reduction="sum").double().cpu()
+                    correct[i] += (logits.argmax(-1) == targets).sum().cpu()
+                    done += len(inputs)
+                    if progress is not None:
+                        progress(done, total)
     finally:
         model.set_subnet(previous, for_training=True)
         model.train(was_training)
@@ -110,31 +109,6 @@ def calibration_batches(bundle, batch_size: int = 64, limit: int = 8) -> list[to
         train = copy.copy(train)
         train.augment = False
     return list(batches(train, batch_size, limit=limit))
-
-
-def data_for(model: zoo.ElasticModel, spec: str | None):
-    """The validation data a model is evaluated on: ``spec``, else the one recorded in its
-    file (same split seed and sizes as in training), else its family's default."""
-    from .data import default_data, load_data
-
-    train_info = getattr(model, "zoo_metadata", {}).get("train") or {}
-    config = train_info.get("config") or {}
-    spec = spec or train_info.get("data") or default_data(model.input_kind)
-    seed = int(config.get("seed", 0))
-    if model.input_kind == "tokens":
-        bundle = load_data(spec, seq_len=model.context_length, seed=seed)
-    else:
-        crop_pct = config.get("crop_pct") if spec.startswith("folder:") else None
-        bundle = load_data(spec, seed=seed, img_size=model.pretrained_cfg["input_size"][-1], crop_pct=crop_pct)
-    if bundle.kind != model.input_kind:
-        raise ValueError(f"{model.arch} reads {model.input_kind}, but data {spec!r} holds {bundle.kind}")
-    if bundle.kind == "image" and bundle.input_size[0] != model.in_chans:
-        raise ValueError(
-            f"{model.arch} reads {model.in_chans}-channel images, but data {spec!r} has {bundle.input_size[0]} channels"
-        )
-    if bundle.num_classes != model.num_classes:
-        raise ValueError(f"{model.arch} has {model.num_classes} classes, but data {spec!r} has {bundle.num_classes}")
-    return bundle
 
 
 class MemberScorer:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import IMAGE_EXTENSIONS, DataBundle, _check_index, _item_seed, _one_line, _stratified_split
+from .bundle import IMAGE_EXTENSIONS, DataBundle, DataError, check_index, item_seed, one_line, stratified_split
 
 STATS_SAMPLE = 256  # training images decoded at the scan for the mean, std and colour mode
 DEFAULT_CROP_PCT = 0.875  # timm's: evaluation resizes to img_size / 0.875, then centre-crops
@@ -41,18 +41,8 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # what Pillow raises for a bad file
 
 
-class UnreadableImage(ValueError):
-    """An image file that cannot be decoded; the message names it, on one line.
-
-    Raised in a DataLoader worker, torch re-raises it in the main process as
-    ``UnreadableImage("Caught ... Original Traceback ...")``; the constructor keeps only the
-    original line, so the user still sees which file is bad.
-    """
-
-    def __init__(self, message: str):
-        prefix = f"{type(self).__module__}.{type(self).__qualname__}: "
-        lines = [line[len(prefix) :] for line in message.splitlines() if line.startswith(prefix)]
-        super().__init__(lines[-1] if lines else message)
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded (one line naming it, from a worker too)."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +70,8 @@ def check_augmentation(augmentation: Augmentation) -> None:
         except Exception as err:  # timm asserts on unknown policies and raises on bad numbers
             example = "rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w4-d2 or trivial"
             raise ValueError(
-                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy ({_one_line(err) or 'unknown'}); e.g. {example}"
+                f"--aa {augmentation.auto_augment!r} is not a timm auto-augment policy "
+                f"({one_line(err) or 'unknown'}); e.g. {example}"
             ) from None
 
 
@@ -152,7 +143,7 @@ def scan(root: Path, val_fraction: float, seed: int) -> tuple[FileTable, FileTab
     files = _class_files(root)
     labels = list(files)
     everything = _table(root, files, labels)
-    train, val = _stratified_split(torch.from_numpy(everything.labels), val_fraction, seed)
+    train, val = stratified_split(torch.from_numpy(everything.labels), val_fraction, seed)
     return everything.take(train.tolist()), everything.take(val.tolist()), labels
 
 
@@ -204,7 +195,7 @@ def decode(path: Path):
             image.load()
             return image
     except (*_DECODE_ERRORS, Image.DecompressionBombError) as err:
-        raise UnreadableImage(f"cannot read image {path}: {_one_line(err)}") from None
+        raise UnreadableImage(f"cannot read image {path}: {one_line(err)}") from None
 
 
 def _transforms(
@@ -276,10 +267,10 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = _check_index(index, len(self))
+        index = check_index(index, len(self))
         image = decode(self.files.path(index)).convert(self.mode)
         if self.augment:
-            with seeded(_item_seed(self.seed, self.epoch, index)):
+            with seeded(item_seed(self.seed, self.epoch, index)):
                 pixels = self.train_transform(image)
         else:
             pixels = self.eval_transform(image)

@@ -12,6 +12,14 @@ same thing.
   (HOST: the machine of node 0, any free port) and the same ``--rdzv-id``. Ranks are assigned
   by the rendezvous; ``--node-rank 0`` names the machine that hosts the rendezvous store
   (without it, the machine whose address is HOST does).
+- Elastic: ``--nnodes MIN:MAX`` starts once MIN nodes have met (and waits torchrun's last call,
+  30 s, for more, up to MAX), and ``--max-restarts N`` lets torchrun restart every process up to
+  N times when one fails or the membership changes: a node lost (a failed collective,
+  :mod:`training.distributed`), or one joining. The processes started again resume from the
+  last checkpoint (it must be on storage every node reads), on the nodes that remain. The node
+  hosting the rendezvous store (node 0) cannot be lost. torchrun's settings not given as flags
+  come from its ``PET_*`` environment variables; ``PET_RDZV_CONF`` (e.g.
+  ``last_call_timeout=10``) is merged with zoo's own rendezvous settings.
 
 What zoo adds to torchrun, so that errors stay one line: only local rank 0 writes to the
 terminal (the others' output goes to log files, and the last line of a failed rank's is
@@ -40,21 +48,30 @@ class Launch:
     """Where the processes of a run go: torchrun's single- and multi-node settings."""
 
     nproc_per_node: int = 1
-    nnodes: int = 1
+    nnodes: str = "1"  # N, or MIN:MAX (elastic)
     node_rank: int | None = None
     rdzv_endpoint: str | None = None
     rdzv_id: str = "zoo"
+    max_restarts: int = 0
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(MIN, MAX) nodes; ValueError for anything but N or MIN:MAX with 1 <= MIN <= MAX."""
+        match = re.fullmatch(r"(\d+)(?::(\d+))?", str(self.nnodes).strip())
+        low, high = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+        if not 1 <= low <= high:
+            raise ValueError(f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX, got {self.nnodes!r}")
+        return low, high
 
     def check(self) -> None:
         if self.nproc_per_node < 1:
             raise ValueError(f"--nproc-per-node must be at least 1, got {self.nproc_per_node}")
-        if self.nnodes < 1:
-            raise ValueError(f"--nnodes must be at least 1, got {self.nnodes}")
-        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
-            raise ValueError(
-                f"--node-rank must be in [0, {self.nnodes - 1}] for --nnodes {self.nnodes}, got {self.node_rank}"
-            )
-        if self.nnodes > 1 and not self.rdzv_endpoint:
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be at least 0, got {self.max_restarts}")
+        _, most = self.node_range
+        if self.node_rank is not None and not 0 <= self.node_rank < most:
+            raise ValueError(f"--node-rank must be in [0, {most - 1}] for --nnodes {self.nnodes}, got {self.node_rank}")
+        if most > 1 and not self.rdzv_endpoint:
             raise ValueError(
                 f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the machine of node 0, a free port), the same on every node"
             )
@@ -71,8 +88,8 @@ class Launch:
 
     @property
     def needed(self) -> bool:
-        """More than one process, and this is not yet one of them."""
-        return (self.nproc_per_node > 1 or self.nnodes > 1) and not launched()
+        """More than one process (or restarts), and this is not yet one of them."""
+        return (self.nproc_per_node > 1 or self.node_range[1] > 1 or self.max_restarts > 0) and not launched()
 
     def torchrun_args(self, log_dir: str, argv: list[str]) -> list[str]:
         args = [
@@ -82,15 +99,18 @@ class Launch:
             log_dir,
             "--shutdown-timeout",
             str(SHUTDOWN_TIMEOUT_S),
+            "--max-restarts",
+            str(self.max_restarts),
         ]
         if self.nproc_per_node > 1:  # local ranks 1.. write to files; rank 0 to the terminal
             args += ["--redirects", ",".join(f"{r}:3" for r in range(1, self.nproc_per_node))]
         if self.rdzv_endpoint is None:
             args += ["--standalone"]
         else:
+            low, high = self.node_range
             args += [
                 "--nnodes",
-                str(self.nnodes),
+                f"{low}:{high}",
                 "--rdzv-backend",
                 "c10d",
                 "--rdzv-endpoint",
@@ -98,8 +118,11 @@ class Launch:
                 "--rdzv-id",
                 self.rdzv_id,
             ]
+            conf = [os.environ["PET_RDZV_CONF"]] if os.environ.get("PET_RDZV_CONF") else []
             if self.node_rank is not None:
-                args += ["--rdzv-conf", f"is_host={int(self.node_rank == 0)}"]
+                conf.append(f"is_host={int(self.node_rank == 0)}")
+            if conf:
+                args += ["--rdzv-conf", ",".join(conf)]
         return [*args, "--module", "cli", *argv]
 
 
@@ -119,9 +142,10 @@ def launch(argv: list[str], where: Launch) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // where.nproc_per_node)))
     with tempfile.TemporaryDirectory(prefix="zoo-torchrun-") as logs:
         args = torchrun.get_args_parser().parse_args(where.torchrun_args(logs, argv))
-        if where.nnodes > 1:  # the nodes meet before anything else shows
+        if where.node_range[1] > 1:  # the nodes meet before anything else shows
             print(
-                f"waiting for {where.nnodes} nodes at {where.rdzv_endpoint} (rendezvous {where.rdzv_id}; torchrun's join timeout is 600 s)",
+                f"waiting for {where.nnodes} nodes at {where.rdzv_endpoint} (rendezvous {where.rdzv_id}; "
+                "torchrun's join timeout is 600 s)",
                 file=sys.stderr,
             )
         try:

@@ -19,9 +19,9 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .data import DataBundle, seed_of
+from .bundle import DataBundle, seed_of
 from .image_folder import seeded
-from .signals import ignore_stop_signals
+from .workers import worker_init
 
 MAX_DEFAULT_WORKERS = 8
 
@@ -112,7 +112,7 @@ class TrainLoader:
             persistent_workers=workers > 0,
             pin_memory=pin_memory,
             generator=torch.Generator(),  # the loader's own seed must not draw from the global RNG
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=worker_init(os.getpid()),  # training.workers: how they stop
         )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

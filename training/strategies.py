@@ -34,7 +34,9 @@ import torch
 
 import zoo
 from zoo import Subnet
-from zoo.subnet import grid
+from zoo.subnet import DEFAULT_GRID, check_fraction, grid
+
+from .flags import non_negative
 
 STRATEGIES = ("alternating", "sandwich", "all", "random", "separate")
 SPACES = ("uniform", "layerwise")
@@ -213,3 +215,54 @@ def create_strategy(
         "random": {"space": space},
     }.get(name, {})
     return _CLASSES[name](members, largest, seed, **options)
+
+
+@dataclass
+class MemberConfig:
+    """Which members a run trains and how each step chooses among them (``zoo train``'s member flags)."""
+
+    strategy: str = "alternating"
+    widths: list[float] | None = None  # default: 0.25, 0.5, 0.75, 1 (dense); 1 (low-rank)
+    ranks: list[float] | None = None  # default with --low-rank: 0.25, 0.5, 0.75, 1
+    extra_members: list[dict] | None = None  # --member: members of any structure, trained too
+    space: str = "uniform"  # random/sandwich draw from the trained members, or "layerwise"
+    low_rank: bool = False
+    core_prob: float = 0.5
+    num_random: int = 2
+
+    def check_flags(self) -> None:
+        """What needs no model: names, fractions, combinations."""
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        non_negative(self, "num_random")
+        for w in self.widths or []:
+            check_fraction("--width", w)
+        if self.ranks and not self.low_rank:
+            raise ValueError("--rank needs --low-rank (the dense family has no rank axis)")
+        for r in self.ranks or []:
+            check_fraction("--rank", r)
+        if self.space not in SPACES:
+            raise ValueError(f"--space must be one of {', '.join(SPACES)}, got {self.space!r}")
+
+    def member_lists(self) -> tuple[list[float], list[float] | None]:
+        """The width and rank lists whose product (plus the largest member) is trained.
+
+        Defaults: every width of the grid (dense) or every rank at width 1 (low-rank); for the
+        separate baseline, the full value of each axis not given.
+        """
+        if self.extra_members and not self.widths and not self.ranks:
+            return [], ([] if self.low_rank else None)  # only the given members (and the largest)
+        if self.strategy == "separate":
+            return self.widths or [1.0], ((self.ranks or [1.0]) if self.low_rank else None)
+        widths = self.widths or ([1.0] if self.low_rank else list(DEFAULT_GRID))
+        return widths, ((self.ranks or list(DEFAULT_GRID)) if self.low_rank else None)
+
+    def members(self, model: zoo.ElasticModel) -> list[Subnet]:
+        """The trained members, validated against ``model`` (its structure is enough)."""
+        return members_for(self.strategy, *self.member_lists(), model, self.extra_members or ())
+
+    def create(self, model: zoo.ElasticModel, members: Sequence[Subnet], seed: int) -> Strategy:
+        """The strategy over ``members``; refuses combinations that do not apply."""
+        space = LayerwiseSpace(model) if self.space == "layerwise" else None
+        options = dict(core_prob=self.core_prob, num_random=self.num_random, space=space)
+        return create_strategy(self.strategy, members, model.largest, seed, **options)

@@ -5,7 +5,8 @@ hidden files skipped) into one uint8 file under ``$ZOO_CACHE_DIR/text`` (default
 ``~/.cache/zoo/text``), in chunks of ``CHUNK`` bytes, through :func:`zoo.fileio.atomic_path`:
 an interrupted build leaves no cache, never a partial one. The file's name holds a digest of the
 sources' paths, sizes and modification times, so a later run with the same sources reuses it and
-a changed source builds a new one (the stale cache of the same source is removed).
+a changed source builds a new one (the stale cache of the same source is removed), and ends
+with its own size: a cache whose size differs (truncated, damaged) is built again.
 
 Windows are read from the file with positional reads (``os.pread``), not through a memory map:
 on Linux 6 a map's resident memory grows by whole page-cache folios (measured: 1 MiB per touched
@@ -45,14 +46,25 @@ def cached_corpus(path: Path) -> Path:
     source_id = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
     state_id = hashlib.blake2b(json.dumps(stats).encode(), digest_size=10).hexdigest()
     stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', path.name)[:40]}-{source_id}"
-    cache = cache_folder() / f"{stem}-{state_id}.u8"
-    if not cache.is_file():
-        _build(path, sources, cache)
+    prefix = f"{stem}-{state_id}-"
+    cache = next((p for p in sorted(cache_folder().glob(f"{prefix}*.u8")) if _intact(p, prefix)), None)
+    if cache is None:  # none yet, or a damaged one (truncated, cut short by a full disk): build it
+        built = cache_folder() / f"{stem}-{state_id}.u8"
+        written = _build(path, sources, built)
+        cache = built.rename(cache_folder() / f"{prefix}{written}.u8")  # complete, then named with its size
         for stale in cache.parent.glob(f"{stem}-*.u8"):
             if stale != cache:
                 with contextlib.suppress(OSError):
                     stale.unlink()
     return cache
+
+
+def _intact(cache: Path, prefix: str) -> bool:
+    """A cache holds the byte count its name records (the one check raw bytes allow)."""
+    count = cache.name[len(prefix) : -len(".u8")]
+    with contextlib.suppress(OSError):
+        return count.isdigit() and cache.stat().st_size == int(count)
+    return False
 
 
 def _candidates(path: Path) -> list[Path]:
@@ -65,8 +77,9 @@ def _candidates(path: Path) -> list[Path]:
     return sorted((p for p in files if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
 
 
-def _build(path: Path, sources: list[Path], cache: Path) -> None:
-    """Concatenate the text files among ``sources`` into ``cache``; refuse binary or no text."""
+def _build(path: Path, sources: list[Path], cache: Path) -> int:
+    """Concatenate the text files among ``sources`` into ``cache``; refuse binary or no text.
+    Returns the bytes written."""
     problem, written = None, 0
     with atomic_path(cache) as tmp:
         with open(tmp, "wb") as out:
@@ -84,6 +97,7 @@ def _build(path: Path, sources: list[Path], cache: Path) -> None:
             problem = f"no text under {path} (binary and hidden files are skipped)"
         if problem is not None:
             raise ValueError(problem)  # outside the except block: the cache is not written
+    return written
 
 
 def _copy_text(source: Path, out) -> int | None:

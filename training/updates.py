@@ -18,6 +18,7 @@ Random choices come from the policy's own seeded generator, checkpointed with th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -47,6 +48,8 @@ class UpdatePolicy:
 
     def __init__(self, model: nn.Module, seed: int):
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # draws come from the CPU (device="cpu" below), whatever torch's default device: the same
+        # stream on every device, and a state that resumes anywhere
         self.generator = torch.Generator().manual_seed(seed)
 
     def perturbation(self, gradient: Gradient, members: Masks | None) -> Moves:
@@ -184,13 +187,19 @@ class UnitDropout(_Structured):
 
     def draw(self) -> Masks:
         width = (
-            self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator)) if self.nested else self.keep
+            self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator, device="cpu"))
+            if self.nested
+            else self.keep
         )
         kept: dict[Dim, torch.Tensor] = {}
         for dim in sorted({d for axes in self.layout.values() for _, d, _, _ in axes}, key=repr):
             n = max(1, int(width * dim.units + 0.5))
-            units = torch.arange(n) if self.nested else torch.randperm(dim.units, generator=self.generator)[:n]
-            kept[dim] = torch.zeros(dim.units, dtype=torch.bool).index_fill_(0, units, True)
+            units = (
+                torch.arange(n, device="cpu")
+                if self.nested
+                else torch.randperm(dim.units, generator=self.generator, device="cpu")[:n]
+            )
+            kept[dim] = torch.zeros(dim.units, dtype=torch.bool, device="cpu").index_fill_(0, units, True)
         masks = {}
         for p, axes in self.layout.items():
             m = torch.ones_like(p, dtype=torch.bool)
@@ -216,7 +225,7 @@ class RankDropout(_Structured):
             raise ValueError("--update rank-dropout needs a family with factorized layers (--low-rank)")
 
     def draw(self) -> Masks:
-        fraction = self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator))
+        fraction = self.keep + (1 - self.keep) * float(torch.rand((), generator=self.generator, device="cpu"))
         masks = {}
         for u, v in self.factors:
             n = max(1, int(fraction * v.shape[0] + 0.5))
@@ -305,3 +314,20 @@ def create_policy(name: str, model: nn.Module, seed: int, *, strategy: str = "se
             f"--update {name}{' --nested' if given.get('nested') else ''} with --strategy {strategy}: {NESTED_NOTE}"
         )
     return _CLASSES[name](model, seed, **given)
+
+
+@dataclass
+class UpdateConfig:
+    """The update policy of a run (``zoo train --update`` and its options)."""
+
+    update: str = "full"  # full | sam | extragradient | meprop | unit-dropout | rank-dropout
+    rho: float | None = None  # sam
+    eg_lr: float | None = None  # extragradient
+    keep: float | None = None  # meprop, unit-dropout, rank-dropout
+    meprop_units: bool = False
+    nested: bool = False  # unit-dropout: a random width prefix
+
+    def create(self, model: nn.Module, seed: int, strategy: str) -> UpdatePolicy:
+        """The policy; refuses options that do not apply to it, or to ``strategy``."""
+        options = dict(rho=self.rho, eg_lr=self.eg_lr, keep=self.keep, units=self.meprop_units, nested=self.nested)
+        return create_policy(self.update, model, seed, strategy=strategy, **options)

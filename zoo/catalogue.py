@@ -4,7 +4,7 @@ Building a model to learn its family or parameter count means importing torch an
 (seconds); these facts never change at run time, so they are written down here and
 ``tests/test_catalogue.py`` checks them against the real models and the shipped files. The
 module imports only the standard library: the CLI loads it without running
-``zoo/__init__.py`` (see ``cli.app.zoo_module``).
+``zoo/__init__.py`` (see ``cli.common.zoo_module``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ import os
 import struct
 from pathlib import Path
 
+from .schema import HUB_CONFIG, SAFETENSORS_HEADER, ZOO_HEADER, check
+
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 # A family folder (zoo.save_pretrained): timm's Hub layout.
 WEIGHTS_NAME = "model.safetensors"
@@ -40,14 +42,8 @@ def safetensors_header(path: str | os.PathLike) -> dict:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise WeightsFileError(f"{path} is not a readable safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise WeightsFileError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (KeyError, IndexError, TypeError, ValueError):
-        raise WeightsFileError(
-            f"{path} is not a readable safetensors file (a tensor entry has no byte range)"
-        ) from None
+    check(header, SAFETENSORS_HEADER, f"{path} is not a readable safetensors file (its header)", WeightsFileError)
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise WeightsFileError(
             f"{path} is not a readable safetensors file (truncated: {size:,} bytes, its header describes {8 + length + end:,})"
@@ -73,9 +69,10 @@ def read_header(path: str | os.PathLike) -> dict:
     if Path(path).is_dir() and config.is_file():
         try:
             described = json.loads(config.read_text())
-            arch, args = described["architecture"], described.get("model_args", {})
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise WeightsFileError(f"{config} is not a timm model config") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsFileError(f"{config} is not a timm model config (not JSON)") from None
+        check(described, HUB_CONFIG, f"{config} is not a timm model config", WeightsFileError)
+        arch, args = described["architecture"], described.get("model_args", {})
         if (arch, args) != (header["arch"], header["model_args"]):
             raise WeightsFileError(
                 f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} ({header['arch']}); write the folder again"
@@ -89,7 +86,6 @@ def _zoo_header(path: Path) -> dict:
         raise WeightsFileError(f"{path} is a safetensors file but not a zoo weights file (no zoo header)")
     try:
         header = json.loads(meta["zoo"])
-        header["arch"], header["model_args"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise WeightsFileError(f"{path} has a corrupt zoo header") from None
-    return header
+    except json.JSONDecodeError:
+        raise WeightsFileError(f"{path} has a corrupt zoo header (not JSON)") from None
+    return check(header, ZOO_HEADER, f"{path} has a corrupt zoo header", WeightsFileError)

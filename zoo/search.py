@@ -209,13 +209,14 @@ class Evolution:
             )
         smallest = self.model.smallest_member()  # under a tight budget random draws rarely fit
         candidates = dict.fromkeys([*(self.model.resolve_subnet(s) for s in seeds), smallest])
-        members = [s for s in candidates if self._fits(s)][:population]
-        if smallest not in members:
+        members = [s for s in candidates if self._fits(s)]
+        if smallest not in members:  # checked before the cut to ``population``, which may leave it out
             cost = self._costs[smallest][self.budget.kind]
             raise ValueError(
                 f"no member of {self.model.arch} fits the budget {self.budget}: "
                 f"the smallest ({smallest}) has {self.budget.kind} {cost:g}"
             )
+        members = members[:population]
         self._fill(members, population, self._random)
         n_parents = max(1, int(population * self.parent_ratio))
         n_mutants = int(population * self.mutation_ratio)

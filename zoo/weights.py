@@ -60,10 +60,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Elastic
         tensors = load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsFileError(f"{path} is corrupt or truncated ({_first_line(err)})") from None
-    try:
-        model = create_uninitialized(header["arch"], **header["model_args"])  # every tensor is loaded below
-    except ValueError as err:
-        raise WeightsFileError(f"{path}: its header does not describe a buildable model ({err})") from None
+    try:  # shapes only (the meta device): a header's arguments allocate nothing before they match the tensors
+        model = create_uninitialized(header["arch"], device="meta", **header["model_args"])
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RuntimeError) as err:
+        # the arguments come from the file: a wrong type or value fails wherever the family uses it
+        raise WeightsFileError(f"{path}: its header does not describe a buildable model ({_first_line(err)})") from None
     expected = model.state_dict()
     problems = [f"missing {k}" for k in expected if k not in tensors]
     problems += [f"unexpected {k}" for k in tensors if k not in expected]
@@ -75,6 +76,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Elastic
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise WeightsFileError(f"tensors in {path} do not match its header: {'; '.join(problems[:3])}{more}")
+    model = model.to_empty(device="cpu")  # every tensor is loaded next
     model.load_state_dict({k: t.to(expected[k].dtype) for k, t in tensors.items()})
     model.zoo_metadata = header.get("metadata", {})
     mean, std = recorded(model.zoo_metadata, "mean"), recorded(model.zoo_metadata, "std")
