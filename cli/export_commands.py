@@ -265,7 +265,7 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         ),
         ("architecture", f"{arch} (family {facts['family']}, {facts['input']} input)"),
         ("axes", ", ".join(catalogue.axes(arch, low_rank))),
-        ("space", catalogue.space(arch, low_rank)),
+        ("space", catalogue.space(arch, low_rank, header["model_args"])),
         (
             "members",
             "; ".join(_member_text(s) for s in header.get("subnets") or [])

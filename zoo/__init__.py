@@ -7,6 +7,7 @@
     zoo.save(small, "small.safetensors")
     same = zoo.load("small.safetensors")
     family = zoo.from_timm("resnet50", checkpoint="ckpt.safetensors")   # bring your own model
+    lm = zoo.from_transformers("llama-folder")   # a transformers causal LM (pip install 'zoo[lm]')
     zoo.save_pretrained(family, "my-family")     # timm.create_model("local-dir:my-family", pretrained=True)
 
 Importing zoo registers every image family with timm, so ``timm.create_model("slim_resnet20")``
@@ -16,6 +17,7 @@ works too (the byte-level GPTs are zoo's only: timm's registry is for images).
 from . import models  # noqa: F401,E402  (registers the families with zoo, the image ones with timm)
 from .base import ElasticModel
 from .convert import UnsupportedModel, from_timm
+from .convert_lm import from_transformers
 from .flops import count_flops
 from .hub import save_pretrained
 from .members import Member, WeightsSource, slice_file
@@ -39,6 +41,7 @@ __all__ = [
     "create_model",
     "family_of",
     "from_timm",
+    "from_transformers",
     "list_models",
     "load",
     "parameter_masks",
