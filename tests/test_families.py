@@ -178,7 +178,8 @@ def test_save_and_load_round_trip_family_and_member(name, family, tmp_path):
     header = zoo.read_header(path)
     assert (
         header["arch"] == name
-        and header["axes"] == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name or "llama" in name else ["width", "depth"])
+        and header["axes"]
+        == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name or "llama" in name else ["width", "depth"])
         and header["dtype"] == "float32"
     )
     assert header["subnets"] == [s.to_dict() for s in model.subnets]
