@@ -89,8 +89,8 @@ def masked_step_overhead(args) -> tuple[float, float]:
     torch.manual_seed(0)
     model = zoo.create_model(MODEL, num_classes=10, in_chans=1, img_size=args.img_size, widths=[0.5, 1.0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    masks = MaskCache(model).member(zoo.Subnet(0.5))
-    model.set_subnet(width=0.5)
+    masks = MaskCache(model).member(zoo.Member(0.5))
+    model.set_member(width=0.5)
     inputs, targets = (
         torch.randn(args.batch_size, 1, args.img_size, args.img_size),
         torch.randint(0, 10, (args.batch_size,)),

@@ -162,7 +162,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             spec["timm"], checkpoint=checkpoint, order=order, calibration=calibration, widths=WIDTHS, img_size=IMG
         )
         wall = time.perf_counter() - started
-        records = evaluate(family, bundle.val, family.subnets)
+        records = evaluate(family, bundle.val, family.members)
         zoo.save(family, work / f"{section}-{order}.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, order, None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             section,
             "activation-x-read",
             None,
-            evaluate(family, bundle.val, family.subnets),
+            evaluate(family, bundle.val, family.members),
             time.perf_counter() - started,
             None,
         )
@@ -185,7 +185,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             spec["timm"], checkpoint=checkpoint, order="none", low_rank=True, ranks=RANKS, img_size=IMG
         )
         wall = time.perf_counter() - started
-        records = evaluate(family, bundle.val, family.subnets)
+        records = evaluate(family, bundle.val, family.members)
         zoo.save(family, work / f"{section}-svd.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, "svd", None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     return rows
@@ -202,7 +202,7 @@ def activation_times_read(family: zoo.ElasticModel, calibration: list[torch.Tens
             coupling, torch.sort(score * importance.read_strength(coupling), descending=True, stable=True).indices
         )
     for width in WIDTHS[:-1]:
-        family.add_subnet(zoo.Subnet(width=width))
+        family.add_member(zoo.Member(width=width))
         if family.uses_batchnorm:
             zoo.recalibrate_bn(family, calibration, width=width)
     return family

@@ -90,7 +90,7 @@ def random_members(weights: Path, count: int, seed: int, limit: int | None) -> l
     model = zoo.load(weights).eval()
     scorer = MemberScorer(model, data_for(model, "evaluate"), limit)
     generator = torch.Generator().manual_seed(seed)
-    members = [model.resolve_subnet(model.sample_member(generator)) for _ in range(count)]
+    members = [model.resolve_member(model.sample_member(generator)) for _ in range(count)]
     return [{"member": m.to_dict(), "metric": scorer(m), "params": zoo.count_params(model, m)} for m in members]
 
 

@@ -89,7 +89,7 @@ def prefix_ranks(path: Path, limit: int) -> dict[str, float]:
 
     model = zoo.load(path)
     scorer = MemberScorer(model, data_for(model, "evaluate"), limit=limit)
-    return {str(r): scorer(model.resolve_subnet(rank=r)) for r in PREFIX_RANKS}
+    return {str(r): scorer(model.resolve_member(rank=r)) for r in PREFIX_RANKS}
 
 
 def steps_to(curve: list, target: float, higher_better: bool) -> int | None:

@@ -164,7 +164,7 @@ def _convert_transformers(folder: Path, order, calibrate, width, rank, low_rank:
     data = f" on {source['calibration_batches']} pieces of {calibrate}" if chosen == "activation" else ""
     typer.echo(f"  order: {chosen}{data}")
     typer.echo(f"  exact: max abs difference {source['max_abs_diff']:.2g} from transformers' logits at full width")
-    typer.echo(f"  members: {', '.join(f'{s} ({zoo.count_params(family, s) / 1e6:.2f} M)' for s in family.subnets)}")
+    typer.echo(f"  members: {', '.join(f'{s} ({zoo.count_params(family, s) / 1e6:.2f} M)' for s in family.members)}")
     if out is not None:
         zoo.save(family, out, metadata=family.zoo_metadata)
         typer.echo(f"wrote {out}")
@@ -208,7 +208,7 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
         f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance "
         f"{zoo.convert.TOLERANCE:g})"
     )
-    members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.subnets)
+    members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.members)
     typer.echo(f"  members: {members}")
     if family.uses_batchnorm and not calibrate:
         typer.echo(

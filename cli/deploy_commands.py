@@ -116,13 +116,13 @@ def bench_command(
 
     source = WeightsSource.open(weights_file(weights, pretrained))
     model = source.model
-    subnets = select_members(model, width, rank, parse_members(member))
+    members = select_members(model, width, rank, parse_members(member))
     data = CalibrationData(calibrate, model)
-    calibrate_members(model, subnets, data.bn_batches() if data.spec else None)
+    calibrate_members(model, members, data.bn_batches() if data.spec else None)
     threads = threads or torch.get_num_threads()
     if plot is not None:
         check_plot_path(plot)  # before minutes of measuring, not after
-    results = bench_family(source, subnets, batch_size=batch_size, repeats=repeats, threads=threads)
+    results = bench_family(source, members, batch_size=batch_size, repeats=repeats, threads=threads)
     if plot is not None:
         plot_results(results, plot, f"{model.arch} (threads={threads})")
     if json_output:
@@ -161,6 +161,6 @@ def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int
         latencies = [f"{r.latency_ms[rt][b]:.2f}" for b in batches for rt in ("pytorch", "onnxruntime")]
         ratio = r.latency_ms["onnxruntime"][1] / r.latency_ms["pytorch"][1]
         table.add_row(
-            member_label(r.subnet), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
+            member_label(r.member), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
         )
     Console(width=160).print(table)

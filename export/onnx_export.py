@@ -33,7 +33,7 @@ import onnx
 import torch
 
 import zoo
-from zoo import ElasticModel, Member, Subnet, WeightsSource
+from zoo import ElasticModel, Member, SlicedMember, WeightsSource
 from zoo.fileio import WriteError, atomic_path, locked_folder
 from zoo.members import recorded
 from zoo.models.transformer import Attention
@@ -63,7 +63,7 @@ class ExportResult:
     """What one export wrote and measured."""
 
     path: Path
-    subnet: Subnet
+    member: Member
     size_bytes: int
     num_params: int
     flops: int
@@ -79,7 +79,7 @@ class ExportResult:
         lines = [
             f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, "
             f"{self.export_seconds:.1f} s to export)",
-            f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, "
+            f"member {record['arch']} {self.member}: {self.num_params:,} parameters, "
             f"{self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
             "verification: "
             + (
@@ -133,7 +133,7 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
 
 
 def zoo_record(
-    member: Member,
+    member: SlicedMember,
     model: ElasticModel,
     merges: dict[str, list[int]],
     opset: int,
@@ -151,7 +151,7 @@ def zoo_record(
     return {
         "arch": model.arch,
         "family": zoo.family_of(model.arch),
-        "subnet": member.subnet.to_dict(),
+        "subnet": member.member.to_dict(),
         "input": input_record(model, member.metadata),
         "labels": list(labels) if labels else None,
         "metrics": {k: v for k, v in metrics[0].items() if k != "subnet"} if metrics else None,
@@ -258,7 +258,7 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
     proto.producer_name, proto.producer_version = "zoo", zoo.__version__
     proto.doc_string = (
-        f"{record['arch']} member {Subnet.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
+        f"{record['arch']} member {Member.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
         f"with torch {torch.__version__.split('+')[0]}'s dynamo ONNX exporter; see the 'zoo' metadata"
     )
     if proto.ByteSize() > MAX_EMBEDDED_BYTES:
@@ -272,7 +272,7 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
 
 
 def export_member(
-    member: Member,
+    member: SlicedMember,
     out: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -342,7 +342,7 @@ def export_member(
     model.cpu()
     return ExportResult(
         Path(out),
-        member.subnet,
+        member.member,
         Path(out).stat().st_size,
         record["num_params"],
         flops,
@@ -373,7 +373,7 @@ def export_file(
 def export_all(
     weights: str | os.PathLike | WeightsSource,
     out_dir: str | os.PathLike,
-    members: Iterable[Subnet] | None = None,
+    members: Iterable[Member] | None = None,
     **options,
 ) -> tuple[list[ExportResult], Path]:
     """Export every trained member (or ``members``) into ``out_dir`` plus ``manifest.json``.
@@ -387,17 +387,17 @@ def export_all(
         raise ValueError(f"--all writes a folder, but {out_dir} is a file")
     source = weights if isinstance(weights, WeightsSource) else WeightsSource.open(weights)
     with locked_folder(out_dir, "zoo export --all"):
-        return export_members(source, out_dir, list(source.model.subnets if members is None else members), **options)
+        return export_members(source, out_dir, list(source.model.members if members is None else members), **options)
 
 
 def export_members(
-    source: WeightsSource, out_dir: Path, members: list[Subnet], **options
+    source: WeightsSource, out_dir: Path, members: list[Member], **options
 ) -> tuple[list[ExportResult], Path]:
     """``export_all`` for a caller that already holds ``out_dir``'s lock (``zoo search``)."""
     results = []
-    for subnet in members:
-        member = source.member(subnet)
-        results.append(export_member(member, out_dir / f"{source.model.arch}_{subnet.key}.onnx", **options))
+    for chosen in members:
+        member = source.member(chosen)
+        results.append(export_member(member, out_dir / f"{source.model.arch}_{chosen.key}.onnx", **options))
     manifest = {
         "arch": source.model.arch,
         "family": zoo.family_of(source.model.arch),
@@ -406,7 +406,7 @@ def export_members(
         "members": [
             {
                 "file": r.path.name,
-                "member": r.subnet.to_dict(),
+                "member": r.member.to_dict(),
                 "parameters": r.num_params,
                 "flops": r.flops,
                 "metric": r.metadata["metrics"],

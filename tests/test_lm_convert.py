@@ -86,7 +86,7 @@ def tokens(batch: int = 2, length: int = 20, seed: int = 1) -> torch.Tensor:
 @torch.no_grad()
 def _difference(hf_model, family, member=None) -> float:
     x = tokens(3, CONTEXT, seed=5)
-    family.eval().set_subnet(member or family.largest)
+    family.eval().set_member(member or family.largest)
     return (family(x) - hf_model(input_ids=x).logits).abs().max().item()
 
 
@@ -100,7 +100,7 @@ def test_the_full_member_computes_what_transformers_computes(arch, order):
     assert _difference(model, family) <= 1e-4
     recorded = family.zoo_metadata["converted_from"]
     assert recorded["order"] == order and recorded["max_abs_diff"] <= 1e-4
-    assert family.axes == ("heads", "mlp", "blocks") and len(family.subnets) == 4
+    assert family.axes == ("heads", "mlp", "blocks") and len(family.members) == 4
 
 
 @torch.no_grad()
@@ -138,19 +138,19 @@ def test_a_narrower_member_runs_and_slices_to_what_the_family_computes(arch):
     model = BUILDERS[arch]()
     family = zoo.from_transformers(model, order="weight").eval()
     x = tokens()
-    member = family.resolve_subnet(heads=0.5, mlp=0.5)
-    family.set_subnet(member)
+    member = family.resolve_member(heads=0.5, mlp=0.5)
+    family.set_member(member)
     attn = family.blocks[0].attn
     assert (attn.num_heads, family.blocks[0].mlp.up_proj.active_out) == (2, 24 if arch == "qwen2" else 64)
     expected = family(x)
     assert (expected - model(input_ids=x).logits).abs().max().item() > 1e-3  # a different model
     small = zoo.slice(family, member).eval()
-    assert small.subnets == [member] and sum(p.numel() for p in small.parameters()) < sum(
+    assert small.members == [member] and sum(p.numel() for p in small.parameters()) < sum(
         p.numel() for p in family.parameters()
     )
     assert (small(x) - expected).abs().max().item() <= 1e-5
-    shallow = family.resolve_subnet(blocks=[1])
-    family.set_subnet(shallow)
+    shallow = family.resolve_member(blocks=[1])
+    family.set_member(shallow)
     assert (zoo.slice(family, shallow).eval()(x) - family(x)).abs().max().item() <= 1e-5
 
 
@@ -161,8 +161,8 @@ def test_low_rank_family_is_exact_at_full_rank_and_slices_lower_ranks():
     assert family.axes == ("heads", "mlp", "rank", "blocks")
     assert _difference(model, family) <= 1e-4
     x = tokens()
-    member = family.resolve_subnet(width=0.5, rank=0.5)
-    family.set_subnet(member)
+    member = family.resolve_member(width=0.5, rank=0.5)
+    family.set_member(member)
     expected = family(x)
     assert (zoo.slice(family, member).eval()(x) - expected).abs().max().item() <= 1e-5
 
@@ -196,15 +196,15 @@ def test_a_folder_converts_with_text_calibration_and_the_family_file_loads_back(
     assert family.model_args["tie_embeddings"] is True and "lm_head.weight" not in family.state_dict()
 
     x = tokens()
-    family.eval().set_subnet(width=0.5)
+    family.eval().set_member(width=0.5)
     expected = family(x)
     path = zoo.save(family, tmp_path / "family.safetensors", metadata=family.zoo_metadata)
     loaded = zoo.load(path).eval()
-    loaded.set_subnet(width=0.5)
+    loaded.set_member(width=0.5)
     assert torch.equal(loaded(x), expected) and loaded.zoo_metadata == family.zoo_metadata
     zoo.save_pretrained(family, tmp_path / "family")
     again = zoo.load(tmp_path / "family").eval()
-    again.set_subnet(width=0.5)
+    again.set_member(width=0.5)
     assert torch.equal(again(x), expected)
     info = CliRunner().invoke(app, ["info", str(path)])
     assert info.exit_code == 0 and "slim_llama" in info.output, info.output
@@ -287,7 +287,7 @@ def test_zoo_convert_takes_a_transformers_folder(tmp_path):
     assert result.exit_code == 0, result.output
     assert "into slim_gpt2" in result.output and "order: activation on 2 pieces" in result.output
     family = zoo.load(out)
-    assert [s.to_dict() for s in family.subnets] == [{"width": 0.5}, {"width": 1.0}]
+    assert [s.to_dict() for s in family.members] == [{"width": 0.5}, {"width": 1.0}]
     assert _difference(model, family) <= 1e-4
 
     bad = CliRunner().invoke(app, ["convert", str(folder), "--calibrate", "digits", "--out", str(tmp_path / "b.st")])

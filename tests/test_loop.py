@@ -88,8 +88,8 @@ def test_fp16_loss_scaling_skips_an_overflowed_step_and_masks_a_taken_one_exactl
     torch.nn.functional.cross_entropy(model(inputs), targets).backward()
     optimizer.step()  # momentum everywhere, so a masked coordinate has state that must stay
     optimizer.zero_grad(set_to_none=True)
-    masks = MaskCache(model).member(zoo.Subnet(0.5))
-    model.set_subnet(width=0.5, for_training=True)
+    masks = MaskCache(model).member(zoo.Member(0.5))
+    model.set_member(width=0.5, for_training=True)
     reference = copy.deepcopy(model)
     reference_optimizer = create_optimizer_v2(reference, "momentum", lr=0.1, weight_decay=5e-4, momentum=0.9)
     reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # (a plain load shares the tensors)

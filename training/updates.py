@@ -8,7 +8,7 @@ perturb, take the gradient at ``x + δ``, restore ``x`` exactly, and return ``m`
 trainer hands to :func:`training.masking.masked_step`.
 
 The strategies' member steps are this rule too: a member's pass evaluates the core alone
-(``set_subnet`` slices the weights, which is ``δ = -(1 - m) ⊙ x`` computed as a slice) and the
+(``set_member`` slices the weights, which is ``δ = -(1 - m) ⊙ x`` computed as a slice) and the
 step's mask is the union of the members' regions. A policy composes with that: its ``δ`` is
 added on top, and its mask narrows the members' (:func:`intersect`).
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zoo.layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLayer, ElasticLinear
-from zoo.subnet import Dim
+from zoo.space import Dim
 
 from .masking import Masks
 

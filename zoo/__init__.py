@@ -2,7 +2,7 @@
 
     import zoo
     model = zoo.create_model("slim_resnet20", num_classes=10)
-    model.set_subnet(width=0.5)                  # or a member: {"width": [0.5, 1, 1], "depth": [1, 3, 3]}
+    model.set_member(width=0.5)                  # or a member: {"width": [0.5, 1, 1], "depth": [1, 3, 3]}
     small = zoo.slice(model, width=0.5)
     zoo.save(small, "small.safetensors")
     same = zoo.load("small.safetensors")
@@ -20,19 +20,19 @@ from .convert import UnsupportedModel, from_timm
 from .convert_lm import from_transformers
 from .flops import count_flops
 from .hub import save_pretrained
-from .members import Member, WeightsSource, slice_file
+from .members import SlicedMember, WeightsSource, slice_file
 from .registry import create_model, family_of, list_models
-from .slicing import count_params, parameter_masks, recalibrate_bn, subnet
+from .slicing import count_params, parameter_masks, recalibrate_bn, use_member
 from .slicing import slice_model as slice
-from .subnet import Subnet
+from .space import Member
 from .weights import WeightsFileError, load, read_header, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ElasticModel",
+    "SlicedMember",
     "Member",
-    "Subnet",
     "WeightsSource",
     "UnsupportedModel",
     "WeightsFileError",
@@ -51,5 +51,5 @@ __all__ = [
     "save_pretrained",
     "slice",
     "slice_file",
-    "subnet",
+    "use_member",
 ]

@@ -32,7 +32,7 @@ from .base import ElasticModel
 from .convert import TOLERANCE, UnsupportedModel, _factorize_from, _members
 from .importance import ORDERS, reorder
 from .registry import create_uninitialized
-from .subnet import DEFAULT_GRID
+from .space import DEFAULT_GRID
 
 INSTALL = "converting a transformers model needs the lm extra: pip install 'zoo[lm]' (transformers, tokenizers)"
 
@@ -236,9 +236,9 @@ def max_difference(model: nn.Module, family: ElasticModel, seed: int = 0) -> tup
     """Max abs difference between transformers' logits and the family's full member's (eval mode,
     random tokens at two batch sizes and lengths), and the largest logit magnitude."""
     generator = torch.Generator().manual_seed(seed)
-    was, previous = (model.training, family.training), family.active_subnet
+    was, previous = (model.training, family.training), family.active_member
     model.eval(), family.eval()
-    family.set_subnet(family.largest)
+    family.set_member(family.largest)
     device = next(model.parameters()).device
     worst, scale = 0.0, 0.0
     try:
@@ -251,7 +251,7 @@ def max_difference(model: nn.Module, family: ElasticModel, seed: int = 0) -> tup
             scale = max(scale, expected.abs().max().item())
     finally:
         model.train(was[0]), family.train(was[1])
-        family.set_subnet(previous, for_training=True)
+        family.set_member(previous, for_training=True)
     return worst, scale
 
 

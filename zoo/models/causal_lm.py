@@ -33,7 +33,7 @@ from ..base import ElasticModel
 from ..convert_lm import LMPlan, Source, converts_transformers, require, require_class
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..subnet import DEFAULT_GRID, Space, fixed
+from ..space import DEFAULT_GRID, Space, fixed
 from ._builder import build, register_family
 from .transformer import trunc_normal
 
@@ -196,7 +196,7 @@ class SlimCausalLM(ElasticModel):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
-        extra_subnets: Iterable[dict] = (),
+        extra_members: Iterable[dict] = (),
     ):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             _positive(name, value)
@@ -225,7 +225,7 @@ class SlimCausalLM(ElasticModel):
             widths=widths,
             ranks=ranks,
             max_member=max_member,
-            extra_subnets=extra_subnets,
+            extra_members=extra_members,
         )
         f = self._layer_factory(8)
         self.num_classes = self.vocab_size = vocab_size
@@ -327,7 +327,7 @@ class SlimCausalLM(ElasticModel):
             )
         if not self.tie_embeddings:
             self.lm_head = self._head(False)
-            self.set_subnet(self.active_subnet)
+            self.set_member(self.active_member)
 
 
 _LLAMA = dict(norm="rms", position="rope", gated_mlp=True)
