@@ -47,8 +47,8 @@ def main() -> None:
     started, load_before = time.time(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         onnx_file = Path(work) / "gpt.onnx"  # an exported file of a few MB
-        subprocess.run([*ZOO, "export", "slim_gpt_nano", "--pretrained", "--width", "0.5", "--no-verify", "--out", str(onnx_file)],
-                       check=True, stdout=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
+        subprocess.run([*ZOO, "export", "slim_gpt_nano", "--pretrained", "--width", "0.5", "--no-verify",
+                        "--out", str(onnx_file)], check=True, stdout=subprocess.DEVNULL, cwd=REPO)  # fmt: skip
         commands = {
             'python -c "import torch"': [sys.executable, "-c", "import torch"],
             'python -c "import zoo"': [sys.executable, "-c", "import zoo"],
@@ -69,9 +69,11 @@ def main() -> None:
     lines = [
         "# Metadata commands against importing torch",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} by `python benchmarks/bench_cli.py --repeats {args.repeats}` "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} "
+        f"by `python benchmarks/bench_cli.py --repeats {args.repeats}` "
         f"in {time.time() - started:.0f} s. Machine: {describe()}, 1-minute load average "
-        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after. Each command a fresh process, median of {args.repeats} "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after. "
+        f"Each command a fresh process, median of {args.repeats} "
         f"interleaved runs after one warm-up. Target: metadata commands under {TARGET_S} s.",
         "",
         "| command | median s | / import torch | target |",

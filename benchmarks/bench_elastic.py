@@ -58,7 +58,7 @@ def step_seconds(
     for i in range(warmup + repeats):
         for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
             model, width = runs[key]
-            model.set_subnet(width=width)
+            model.set_member(width=width)
             start = time.process_time()
             train_step(model, x)
             if i >= warmup:
@@ -86,7 +86,7 @@ def ops_added(family: zoo.ElasticModel, member: zoo.ElasticModel, width: float, 
     """The aten ops a training step of ``family`` at ``width`` runs beyond its sliced member's."""
     counts = []
     for model in (family, member):
-        model.set_subnet(width=width)
+        model.set_member(width=width)
         with OpCounter() as counter:
             train_step(model, x)
         counts.append(counter.ops)
@@ -177,7 +177,8 @@ def main() -> None:
     context = (
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"CPU ms per forward+backward step (train mode), median of {args.repeats} after {args.warmup} warm-up; "
-        f"configurations interleaved, ratios are medians of per-repeat ratios; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        "configurations interleaved, ratios are medians of per-repeat ratios; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
     )
     skipped_text = f"\nNot registered, skipped: {', '.join(skipped)}.\n" if skipped else ""
     text = f"# Elastic family vs sliced member: training-step time\n\n{context}\n\n{table}\n{skipped_text}"

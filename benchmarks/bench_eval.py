@@ -74,7 +74,7 @@ def previous_loop(model, dataset, members, batch_size: int = 256) -> None:
     with torch.no_grad():
         for inputs, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             for member in members:
-                model.set_subnet(member)
+                model.set_member(member)
                 logits = model(inputs).float().flatten(0, -2)
                 F.cross_entropy(logits, targets.flatten(), reduction="sum")
 
@@ -106,14 +106,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started, load_before = time.time(), os.getloadavg()[0]
     model = zoo.create_model("slim_gpt_nano", pretrained=True).eval()
-    members = [zoo.Subnet.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
+    members = [zoo.Member.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
     val = data_for(model, "evaluate").val
     windows = Subset(val, range(min(args.windows, len(val))))
     tokens = torch.stack([windows[i][0] for i in range(min(8, len(windows)))])
 
     flops = {}
     for member in members:
-        model.set_subnet(member)
+        model.set_member(member)
         per_window = zoo.count_flops(model, member) + attention_flops(model, tokens) // len(tokens)
         flops[str(member)] = per_window * len(windows)
     hidden = 4 * model.embed_dim  # the MLP's hidden width (mlp_ratio 4)
@@ -133,16 +133,18 @@ def main() -> None:
     rates.append(gemm_rate(8192, model.embed_dim, hidden))
     rate = max(rates)
     bound = sum(flops.values()) / rate
-    model.set_subnet(members[-1])
+    model.set_member(members[-1])
     batch = torch.stack([windows[i][0] for i in range(min(default_batch_size(model), len(windows)))])
     shares = breakdown(model, batch)
 
     lines = [
         "# Byte-model evaluation against its FLOP bound",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} by `python benchmarks/bench_eval.py --windows {args.windows} "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))} "
+        f"by `python benchmarks/bench_eval.py --windows {args.windows} "
         f"--threads {args.threads} --repeats {args.repeats}` in {time.time() - started:.0f} s. Machine: {describe()}, "
-        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; torch {torch.__version__}, "
+        f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after; "
+        f"torch {torch.__version__}, "
         f"{args.threads} thread(s).",
         "",
         f"slim_gpt_nano (shipped), {len(windows)} validation windows of 256 bytes, its {len(members)} trained members. "

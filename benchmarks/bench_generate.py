@@ -98,15 +98,18 @@ def main() -> int:
     ]
     notes = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_generate.py --model {args.model} "
-        f"--new-bytes {args.new_bytes} --repeats {args.repeats}{' --fuse' if args.fuse else ''}` in {time.time() - started:.0f} s.",
+        f"--new-bytes {args.new_bytes} --repeats {args.repeats}{' --fuse' if args.fuse else ''}` "
+        f"in {time.time() - started:.0f} s.",
         f"Machine: {describe()}, 1-minute load average {load_before:.1f} before and "
         f"{os.getloadavg()[0]:.1f} after (other processes share these cores). torch {torch.__version__}, onnxruntime "
         f"{ort.__version__}, 1 onnxruntime thread.",
-        f"{args.model} (random weights, context {context}{', fused' if args.fuse else ''}): a {len(PROMPT)}-byte prompt "
+        f"{args.model} (random weights, context {context}{', fused' if args.fuse else ''}): "
+        f"a {len(PROMPT)}-byte prompt "
         f"continued by {args.new_bytes} bytes, greedy; median of {args.repeats} interleaved generations per mode; "
         "both modes gave the same bytes.",
         f"One position (the file run on a single byte, empty cache): {position_ms:.2f} ms. A cached byte costs "
-        f"{step_ratio:.2f}x that (it also reads and copies a cache of {len(PROMPT)} to {len(PROMPT) + args.new_bytes - 1} positions); "
+        f"{step_ratio:.2f}x that (it also reads and copies a cache of {len(PROMPT)} "
+        f"to {len(PROMPT) + args.new_bytes - 1} positions); "
         f"an uncached byte {1000 * median['uncached'] / args.new_bytes / position_ms:.1f}x.",
     ]
     header = ["mode", "bytes/s", "ms per byte", "speed vs uncached"]

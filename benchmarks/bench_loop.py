@@ -18,7 +18,8 @@ are timed, from the end of step ``--skip`` to the last (never set-up, evaluation
 the first-steps column is the first step's extra time, which holds torch.compile's compilation
 (each member's first step compiles its graph: ``zoo-joint-compiled`` reports the sum over its
 members, minus the steady step time). Compilation is cold on every run (a fresh inductor cache
-folder and cleared in-memory caches). Runs alternate their order from one repeat to the next. On CUDA the peak memory is ``torch.cuda.max_memory_allocated``; with
+folder and cleared in-memory caches). Runs alternate their order from one repeat to the next.
+On CUDA the peak memory is ``torch.cuda.max_memory_allocated``; with
 ``--peak-tflops`` the model FLOPs utilisation is ``3 x forward FLOPs (zoo.count_flops) x
 samples/s / peak`` (full-model loops only).
 
@@ -84,8 +85,9 @@ def _config(args, out: Path, loop: str) -> TrainConfig:
     """The run of ``loop``; it stops after ``--steps`` (before the final evaluation: not timed, and long)."""
     joint = loop.startswith("zoo-joint")
     return TrainConfig.from_flags(
-        model=args.model, out=str(out), data=args.data, strategy="alternating" if joint else "separate", widths=[0.5, 1.0] if joint else [1.0],
-        steps=args.steps + 1, stop_after=args.steps, batch_size=args.batch_size, img_size=args.img_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
+        model=args.model, out=str(out), data=args.data, strategy="alternating" if joint else "separate",
+        widths=[0.5, 1.0] if joint else [1.0], steps=args.steps + 1, stop_after=args.steps, batch_size=args.batch_size,
+        img_size=args.img_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=0,
         eval_every=args.steps + 1, ckpt_every=args.steps + 1, device=args.device, workers=args.workers, amp=args.amp,
         channels_last=args.channels_last, compile=loop.endswith("compiled"), seed=0,
         **({"compile_backend": args.compile_backend} if loop.endswith("compiled") else {}),
@@ -215,7 +217,8 @@ def main() -> None:
                 sample = run_timm(args, workdir) if loop == "timm" else run_zoo(args, workdir, loop)
                 results[loop].samples.append(sample)
                 print(
-                    f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, first steps +{sample.first_steps_s:.1f} s",
+                    f"repeat {repeat + 1}/{args.repeats} {loop}: {1e3 * sample.seconds_per_step:.1f} ms/step, "
+                    f"first steps +{sample.first_steps_s:.1f} s",
                     flush=True,
                 )
 
@@ -250,9 +253,12 @@ def summarise(args, kind: str, flops: int, results: dict[str, Result]) -> dict:
         }
     description = (
         f"`python benchmarks/bench_loop.py --model {args.model} --data {args.data} --batch-size {args.batch_size} ...` "
-        f"({args.model}, {args.data}, {f'{args.img_size} px' if unit == 'images' else f'{args.seq_len} bytes'}, batch {args.batch_size}, amp {amp}"
-        f"{', channels-last' if args.channels_last else ''}, {args.workers} workers; median of {args.repeats} runs of {args.steps} steps "
-        f"interleaved in alternating order, the first {args.skip} untimed; ratios are medians of the ratios within a repeat; "
+        f"({args.model}, {args.data}, {f'{args.img_size} px' if unit == 'images' else f'{args.seq_len} bytes'}, "
+        f"batch {args.batch_size}, amp {amp}"
+        f"{', channels-last' if args.channels_last else ''}, {args.workers} workers; "
+        f"median of {args.repeats} runs of {args.steps} steps "
+        f"interleaved in alternating order, the first {args.skip} untimed; "
+        "ratios are medians of the ratios within a repeat; "
         f"torch {torch.__version__}, {args.device} ({device}), {torch.get_num_threads()} threads)"
     )
     return {
@@ -281,14 +287,16 @@ def render(summary: dict) -> str:
         memory, mfu = numbers["peak_memory_mb"], numbers["mfu"]
         rows.append(
             f"| {loop} | {statistics.median(numbers['ms_per_step_runs']):.1f} | {numbers[f'{unit}_per_s']:,.0f} | "
-            f"{'-' if versus_timm is None else f'**{versus_timm:.2f}**'} | {'-' if versus_eager is None else f'**{versus_eager:.2f}**'} | "
+            f"{'-' if versus_timm is None else f'**{versus_timm:.2f}**'} | "
+            f"{'-' if versus_eager is None else f'**{versus_eager:.2f}**'} | "
             f"{statistics.median(numbers['first_steps_s_runs']):.1f} | {'-' if memory is None else f'{memory:,.0f}'} | "
             f"{'-' if mfu is None else f'{100 * mfu:.1f}%'} |"
         )
     return "\n".join([
         summary["description"],
         "",
-        f"| loop | ms / step | {unit} / s | speed vs timm loop | compiled vs eager | first steps (s) | peak memory (MB) | MFU |",
+        f"| loop | ms / step | {unit} / s | speed vs timm loop | compiled vs eager | first steps (s) | "
+        "peak memory (MB) | MFU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",

@@ -230,7 +230,8 @@ def main() -> int:
         f"in {time.time() - started:.0f} s.",
         f"Machine: {describe()}, 1-minute load average {load_before:.1f} before "
         f"and {os.getloadavg()[0]:.1f} after (other processes share these cores). "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} intra-op thread(s) in both runtimes.",
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, "
+        f"{args.threads} intra-op thread(s) in both runtimes.",
         f"Random weights, batch 1, median of {args.repeats} interleaved runs after 3 warm-up runs; "
         "PyTorch runs the sliced member in eager mode under inference_mode; onnxruntime runs the exported file "
         "(CPU provider, full graph optimisation). ImageNet-style models at "
@@ -243,7 +244,8 @@ def main() -> int:
         "removing every other op would leave, so the lowest any fusion can reach. "
         f"A 1024x1024 float32 matrix product runs at {rates['onnxruntime']:.0f} GFLOP/s in onnxruntime and "
         f"{rates['pytorch']:.0f} GFLOP/s in PyTorch on this CPU ({args.threads} thread(s)).",
-        f"Targets: ort/torch <= {SPEEDUP_TARGET} for the CNNs (resnet, mobilenetv2) and <= {TRANSFORMER_TARGET} for the "
+        f"Targets: ort/torch <= {SPEEDUP_TARGET} for the CNNs (resnet, mobilenetv2) "
+        f"and <= {TRANSFORMER_TARGET} for the "
         "Transformers (the better of plain and fused); "
         f"ort latency ratio w0.5/w1 at most {FLOP_TRACKING_TARGET}x the FLOP ratio (latency/FLOP ratio <= "
         f"{FLOP_TRACKING_TARGET}; below 1 the narrow member saves more time than FLOPs, e.g. when the wide one is "
@@ -253,8 +255,10 @@ def main() -> int:
         notes.append(f"Skipped (not registered): {', '.join(skipped)}.")
     notes += [
         f"{r['name']} exported at opset {OLDER_OPSET} (attention as MatMul, Softmax, MatMul), in the same loop: "
-        f"{r['ms'][('older opset', 1.0)]:.2f} ms in onnxruntime against {r['ms'][('onnxruntime', 1.0)]:.2f} ms at the default opset "
-        f"({r['ms'][('older opset', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x against {r['ms'][('onnxruntime', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x PyTorch)."
+        f"{r['ms'][('older opset', 1.0)]:.2f} ms in onnxruntime "
+        f"against {r['ms'][('onnxruntime', 1.0)]:.2f} ms at the default opset "
+        f"({r['ms'][('older opset', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x "
+        f"against {r['ms'][('onnxruntime', 1.0)] / r['ms'][('pytorch', 1.0)]:.2f}x PyTorch)."
         for r in results
         if ("older opset", 1.0) in r["ms"]
     ]

@@ -189,9 +189,11 @@ def main() -> int:
     lines = [
         "# onnxruntime kernels behind zoo's Transformer exports",
         "",
-        f"Measured {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/bench_ort_kernels.py --repeats {args.repeats}` "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M')} "
+        f"by `python benchmarks/bench_ort_kernels.py --repeats {args.repeats}` "
         f"in {time.time() - started:.0f} s. Machine: {describe()}, 1-minute load average "
-        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after; onnxruntime {ort.__version__}, torch {torch.__version__}, "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after; "
+        f"onnxruntime {ort.__version__}, torch {torch.__version__}, "
         f"one thread. Single-op graphs, no graph optimisation, batch 1, median of {args.repeats} interleaved runs; "
         "each group's first line is the reference for its ratios.",
         "",

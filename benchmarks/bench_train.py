@@ -89,8 +89,8 @@ def masked_step_overhead(args) -> tuple[float, float]:
     torch.manual_seed(0)
     model = zoo.create_model(MODEL, num_classes=10, in_chans=1, img_size=args.img_size, widths=[0.5, 1.0])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    masks = MaskCache(model).member(zoo.Subnet(0.5))
-    model.set_subnet(width=0.5)
+    masks = MaskCache(model).member(zoo.Member(0.5))
+    model.set_member(width=0.5)
     inputs, targets = (
         torch.randn(args.batch_size, 1, args.img_size, args.img_size),
         torch.randint(0, 10, (args.batch_size,)),
@@ -145,13 +145,15 @@ def main() -> None:
     lines = [
         "# Training speed",
         "",
-        f"`python benchmarks/bench_train.py` ({MODEL}, digits at {args.img_size}x{args.img_size}, batch {args.batch_size}, SGD; "
+        f"`python benchmarks/bench_train.py` ({MODEL}, digits at {args.img_size}x{args.img_size}, "
+        f"batch {args.batch_size}, SGD; "
         f"median of {args.repeats} interleaved runs of {args.steps} steps, the first {args.skip} untimed; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "",
         "| loop | ms / step | samples / s | ratio |",
         "|---|---:|---:|---:|",
-        f"| hand-written PyTorch loop (width 1.0) | {1000 * seconds['hand-written loop']:.1f} | {args.batch_size / seconds['hand-written loop']:.0f} | 1.00 |",
+        f"| hand-written PyTorch loop (width 1.0) | {1000 * seconds['hand-written loop']:.1f} | "
+        f"{args.batch_size / seconds['hand-written loop']:.0f} | 1.00 |",
         f"| `zoo train` loop, full steps only (width 1.0) | {1000 * full:.1f} | {args.batch_size / full:.0f} | "
         f"**{seconds['hand-written loop'] / full:.2f}** (throughput vs hand-written; target >= 0.9) |",
         "",

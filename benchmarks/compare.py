@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.data import load_data  # noqa: E402
 from training.trainer import TrainConfig, train  # noqa: E402
-from zoo import Subnet  # noqa: E402
+from zoo import Member  # noqa: E402
 from zoo.fileio import atomic_path  # noqa: E402
 
 SECTIONS = ("gpt", "resnet", "vit")
@@ -75,7 +75,7 @@ class Row:
 
     label: str
     config: dict
-    members: list[Subnet]
+    members: list[Member]
     runs: list[dict] = field(default_factory=list)  # per seed: {"metrics": {key: value}, "wall_s": ..}
 
 
@@ -84,13 +84,13 @@ class Table:
     name: str  # section key, e.g. "gpt" or "resnet-cifar10"
     title: str
     metric: str  # "bits_per_byte" or "accuracy"
-    members: list[Subnet]  # the columns
+    members: list[Member]  # the columns
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
 
 
 def gpt_table(steps: int, data: str) -> Table:
-    core, full = Subnet(1.0, CORE_RANK), Subnet(1.0, 1.0)
+    core, full = Member(1.0, CORE_RANK), Member(1.0, 1.0)
     base = dict(GPT_ARGS, data=data)
     rows = [
         Row(
@@ -120,9 +120,9 @@ def gpt_table(steps: int, data: str) -> Table:
 
 
 def image_table(name: str, args: dict, widths: list[float], steps: int, data: str) -> Table:
-    members = [Subnet(w) for w in widths]
+    members = [Member(w) for w in widths]
     base = dict(args, data=data, steps=steps)
-    rows = [Row(f"separate, width {w:g}", dict(base, strategy="separate", widths=[w]), [Subnet(w)]) for w in widths]
+    rows = [Row(f"separate, width {w:g}", dict(base, strategy="separate", widths=[w]), [Member(w)]) for w in widths]
     rows += [Row(s, dict(base, strategy=s, widths=widths), members) for s in ("alternating", "sandwich", "all")]
     title = f"{args['model']} on {data_label(data)}, {steps} steps per row: validation accuracy per width"
     return Table(name, title, "accuracy", members, rows)
@@ -164,7 +164,7 @@ def run_table(table: Table, seeds: list[int], workdir: Path) -> None:
         for seed in seeds:
             out = Path(tempfile.mkdtemp(dir=workdir))
             result = train(TrainConfig.from_flags(out=str(out), seed=seed, **row.config))
-            values = {Subnet.from_dict(r["subnet"]).key: r[table.metric] for r in result.metrics}
+            values = {Member.from_dict(r["subnet"]).key: r[table.metric] for r in result.metrics}
             missing = [s for s in row.members if s.key not in values]
             if missing:
                 raise RuntimeError(f"{row.label}: no metric for {missing}")
@@ -178,8 +178,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def member_values(row: Row, subnet: Subnet) -> list[float]:
-    return [run["metrics"][subnet.key] for run in row.runs if subnet.key in run["metrics"]]
+def member_values(row: Row, member: Member) -> list[float]:
+    return [run["metrics"][member.key] for run in row.runs if member.key in run["metrics"]]
 
 
 def fmt(values: list[float], metric: str) -> str:
@@ -192,8 +192,8 @@ def fmt(values: list[float], metric: str) -> str:
     return text if len(values) == 1 else f"{text} ± {scale * std:.{digits}f}"
 
 
-def member_label(subnet: Subnet) -> str:
-    return f"width {subnet.width:g}" if subnet.rank is None else f"rank {subnet.rank:g}"
+def member_label(member: Member) -> str:
+    return f"width {member.width:g}" if member.rank is None else f"rank {member.rank:g}"
 
 
 def markdown(table: Table) -> str:
@@ -214,29 +214,34 @@ def gpt_framings(table: Table) -> list[str]:
     sep_core_n, sep_core_2n, sep_full_n, sep_full_2n, joint = table.rows
     core, full = table.members
 
-    def mean_of(row: Row, s: Subnet) -> float:
+    def mean_of(row: Row, s: Member) -> float:
         return mean_std(member_values(row, s))[0]
 
     def wall(row: Row) -> float:
         return mean_std([run["wall_s"] for run in row.runs])[0]
 
-    def compare(base: Row, member: Subnet) -> str:
+    def compare(base: Row, member: Member) -> str:
         """The joint run's mean against ``base``'s, and in how many seeds (paired) it is lower."""
         joint_value, base_value = mean_of(joint, member), mean_of(base, member)
         verdict = "better" if joint_value < base_value else "worse"
         paired = {run["seed"]: run["metrics"][member.key] for run in base.runs}
         seeds = [run for run in joint.runs if run["seed"] in paired]
         wins = sum(run["metrics"][member.key] < paired[run["seed"]] for run in seeds)
-        return f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; lower in {wins} of {len(seeds)} seeds)"
+        return (
+            f"{joint_value:.3f} vs {base_value:.3f} bpb ({verdict} by {abs(joint_value - base_value):.3f}; "
+            f"lower in {wins} of {len(seeds)} seeds)"
+        )
 
     core_vs_n, full_vs_n = compare(sep_core_n, core), compare(sep_full_n, full)
     data = sep_core_n.config["data"]
     return [
-        f'`{data_label(data)}` is the first {data_label(data).split("-")[-1].removesuffix(".txt")} of the training split of zoo\'s `stdlib` corpus (`load_data("stdlib").train`), written to a file by this '
+        f"`{data_label(data)}` is the first {data_label(data).split('-')[-1].removesuffix('.txt')} "
+        'of the training split of zoo\'s `stdlib` corpus (`load_data("stdlib").train`), written to a file by this '
         "script; its last 10% is the validation split. Every row uses the same hyper-parameters (the commands below); "
         "rows differ in strategy, trained rank and steps. Learning-rate schedules run over each row's own steps.",
         "",
-        "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; lower bits per byte is better):",
+        "Three framings (means over seeds, and the seeds where the joint run is lower, paired by seed; "
+        "lower bits per byte is better):",
         "",
         f"- **Equal updates per member** (alternating 2N vs separate N: each member got N updates): core "
         f"{core_vs_n}; full {full_vs_n}.",
@@ -253,8 +258,9 @@ def image_notes(table: Table) -> list[str]:
     total = sum(mean_std([run["wall_s"] for run in row.runs])[0] for row in separate)
     notes = [
         f"Every row takes the same number of optimizer steps; forward/backward passes per step: separate and "
-        f"alternating 1, all {len(table.members)}, sandwich {min(len(table.members), 2 + 2)} (the largest on the labels, "
-        "then the smallest and up to 2 random others on its soft outputs: here every width, the smaller ones distilled).",
+        f"alternating 1, all {len(table.members)}, sandwich {min(len(table.members), 2 + 2)} "
+        "(the largest on the labels, then the smallest and up to 2 random others on its soft outputs: "
+        "here every width, the smaller ones distilled).",
         "Each seed also draws its own train/validation split of digits (shared by every row of that seed).",
         f"Training the {len(separate)} widths separately takes {total:.0f} s in all (sum of the separate rows).",
     ]
@@ -263,18 +269,19 @@ def image_notes(table: Table) -> list[str]:
             continue
         better = [s for s in table.members if _mean(row, s) > _mean(_separate_row(table, s), s)]
         notes.append(
-            f"- {row.label}: one run of {mean_std([r['wall_s'] for r in row.runs])[0]:.0f} s; beats the separate model at "
+            f"- {row.label}: one run of {mean_std([r['wall_s'] for r in row.runs])[0]:.0f} s; "
+            "beats the separate model at "
             f"{', '.join(f'{s.width:g}' for s in better) or 'no width'} (of {len(table.members)})."
         )
     return notes
 
 
-def _mean(row: Row, subnet: Subnet) -> float:
-    return mean_std(member_values(row, subnet))[0]
+def _mean(row: Row, member: Member) -> float:
+    return mean_std(member_values(row, member))[0]
 
 
-def _separate_row(table: Table, subnet: Subnet) -> Row:
-    return next(row for row in table.rows if row.config["strategy"] == "separate" and row.members == [subnet])
+def _separate_row(table: Table, member: Member) -> Row:
+    return next(row for row in table.rows if row.config["strategy"] == "separate" and row.members == [member])
 
 
 def plot(tables: list[Table], path: Path) -> None:
@@ -330,9 +337,9 @@ def table_record(table: Table) -> dict:
 
 def table_from_record(record: dict) -> Table:
     rows = [
-        Row(r["label"], r["config"], [Subnet.from_dict(s) for s in r["members"]], r["runs"]) for r in record["rows"]
+        Row(r["label"], r["config"], [Member.from_dict(s) for s in r["members"]], r["runs"]) for r in record["rows"]
     ]
-    members = [Subnet.from_dict(s) for s in record["members"]]
+    members = [Member.from_dict(s) for s in record["members"]]
     return Table(record["name"], record["title"], record["metric"], members, rows)
 
 
@@ -398,13 +405,15 @@ def rewrite(tables: list[Table], commands: list[dict], out: Path) -> None:
     for table in tables:
         table.notes = gpt_framings(table) if table.name == "gpt" else image_notes(table)
     measured_by = "; ".join(
-        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; {c['threads']} torch thread(s))"
+        f"`{c['command']}` ({', '.join(c['sections'])}; seeds {', '.join(map(str, c['seeds']))}; "
+        f"{c['threads']} torch thread(s))"
         for c in commands
     )
     head = [
         "# Joint training vs separate training",
         "",
-        f"Measured with {measured_by}: mean ± std over seeds. torch {', '.join(sorted({c.get('torch', '(not recorded)') for c in commands}))}, {platform.machine()} CPU "
+        f"Measured with {measured_by}: mean ± std over seeds. "
+        f"torch {', '.join(sorted({c.get('torch', '(not recorded)') for c in commands}))}, {platform.machine()} CPU "
         "shared with other jobs, so wall times are rough. Wall time covers training, batch-norm recalibration and "
         "the final evaluation of every trained member on the whole validation split.",
         "",

@@ -162,7 +162,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             spec["timm"], checkpoint=checkpoint, order=order, calibration=calibration, widths=WIDTHS, img_size=IMG
         )
         wall = time.perf_counter() - started
-        records = evaluate(family, bundle.val, family.subnets)
+        records = evaluate(family, bundle.val, family.members)
         zoo.save(family, work / f"{section}-{order}.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, order, None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             section,
             "activation-x-read",
             None,
-            evaluate(family, bundle.val, family.subnets),
+            evaluate(family, bundle.val, family.members),
             time.perf_counter() - started,
             None,
         )
@@ -185,7 +185,7 @@ def conversions(section: str, work: Path) -> list[dict]:
             spec["timm"], checkpoint=checkpoint, order="none", low_rank=True, ranks=RANKS, img_size=IMG
         )
         wall = time.perf_counter() - started
-        records = evaluate(family, bundle.val, family.subnets)
+        records = evaluate(family, bundle.val, family.members)
         zoo.save(family, work / f"{section}-svd.safetensors", metadata=family.zoo_metadata)
         rows.append(_row(section, "svd", None, records, wall, family.zoo_metadata["converted_from"]["max_abs_diff"]))
     return rows
@@ -202,7 +202,7 @@ def activation_times_read(family: zoo.ElasticModel, calibration: list[torch.Tens
             coupling, torch.sort(score * importance.read_strength(coupling), descending=True, stable=True).indices
         )
     for width in WIDTHS[:-1]:
-        family.add_subnet(zoo.Subnet(width=width))
+        family.add_member(zoo.Member(width=width))
         if family.uses_batchnorm:
             zoo.recalibrate_bn(family, calibration, width=width)
     return family
@@ -320,7 +320,8 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
     lines = []
     for s in standins:
         lines.append(
-            f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s."
+            f"Stand-in `{s['timm']}`: {s['steps']} steps on {s['train_images']} digits at {IMG} px, "
+            f"accuracy {s['accuracy']:.3f}, {s['wall_time_s']:.0f} s."
         )
     lines.append("")
     for section in SECTIONS:
@@ -355,8 +356,15 @@ def report(rows: list[dict], standins: list[dict], out: Path) -> None:
                     if section == "resnet"
                     else ""
                 )
-                lines += [f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, mean ± sd over seeds{note}; wall s: conversion, or training per seed)", "",
-                          f"| method | K | seeds | {' | '.join(keys)} | wall s per seed |", "|---|---|---|---|---|---|---|---|", *table, ""]  # fmt: skip
+                lines += [
+                    f"**{section}{' low-rank' if low_rank else ''}** (accuracy on digits validation, "
+                    f"mean ± sd over seeds{note}; wall s: conversion, or training per seed)",
+                    "",
+                    f"| method | K | seeds | {' | '.join(keys)} | wall s per seed |",
+                    "|---|---|---|---|---|---|---|---|",
+                    *table,
+                    "",
+                ]
     with atomic_path(out / "convert.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_path(out / "convert.json") as tmp:

@@ -113,8 +113,9 @@ def loader_throughput(args, root: Path) -> dict:
     def timm_loader_of(dataset):
         loader = create_loader(
             dataset, input_size=bundle.input_size, batch_size=args.batch_size, is_training=True, use_prefetcher=False,
-            auto_augment=AA, re_prob=REPROB, re_mode="pixel", interpolation="bilinear", mean=bundle.mean, std=bundle.std,
-            crop_pct=bundle.crop_pct, num_workers=args.workers, persistent_workers=True, device=torch.device("cpu"),
+            auto_augment=AA, re_prob=REPROB, re_mode="pixel", interpolation="bilinear",
+            mean=bundle.mean, std=bundle.std, crop_pct=bundle.crop_pct,
+            num_workers=args.workers, persistent_workers=True, device=torch.device("cpu"),
         )  # fmt: skip
         pillow_safe(dataset.transform)  # the same fix of timm's posterize for this Pillow (see pillow_safe)
         return loader
@@ -283,16 +284,17 @@ def train_memory(args, workdir: Path) -> dict:
         root = workdir / f"folder{images}"
         write_image_folder(root / "train", classes=10, per_class=images // 10, sizes=(48, 96), seed=images)
         shutil.copytree(workdir / "val300", root / "val")
-        command = [sys.executable, "-m", "cli", "train", "slim_resnet20", "--data", f"folder:{root}", "--img-size", "32",
-                   "--width", "0.5", "--steps", str(args.train_steps), "--batch-size", "32", "--workers", str(args.workers),
-                   "--eval-every", str(args.train_steps), "--aa", AA, "--out", str(workdir / f"run-folder{images}")]  # fmt: skip
+        command = [sys.executable, "-m", "cli", "train", "slim_resnet20", "--data", f"folder:{root}",
+                   "--img-size", "32", "--width", "0.5", "--steps", str(args.train_steps), "--batch-size", "32",
+                   "--workers", str(args.workers), "--eval-every", str(args.train_steps), "--aa", AA,
+                   "--out", str(workdir / f"run-folder{images}")]  # fmt: skip
         runs[f"folder of {images} training images"] = peak_memory(command, env)
     for megabytes in (10, 200):
         corpus = write_corpus(workdir / f"corpus{megabytes}.txt", megabytes * 10**6)
         cache = workdir / f"cache{megabytes}"
-        command = [sys.executable, "-m", "cli", "train", "slim_gpt_nano", "--data", f"text:{corpus}", "--strategy", "separate",
-                   "--width", "0.5", "--steps", str(args.train_steps), "--batch-size", "16", "--eval-every", str(args.train_steps),
-                   "--out", str(workdir / f"run-text{megabytes}")]  # fmt: skip
+        command = [sys.executable, "-m", "cli", "train", "slim_gpt_nano", "--data", f"text:{corpus}",
+                   "--strategy", "separate", "--width", "0.5", "--steps", str(args.train_steps), "--batch-size", "16",
+                   "--eval-every", str(args.train_steps), "--out", str(workdir / f"run-text{megabytes}")]  # fmt: skip
         runs[f"text {megabytes} MB"] = peak_memory(command, {**env, "ZOO_CACHE_DIR": str(cache)})
         corpus.unlink()
         shutil.rmtree(cache)
@@ -330,29 +332,36 @@ def report(args, throughput: dict, memory: dict, history: list[dict]) -> str:
         f"`python benchmarks/data_pipeline.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
         f"{describe()}, load average {os.getloadavg()[0]:.1f} at the end.",
         "",
-        f"## Loader throughput ({throughput['images']} JPEGs of 200-320 px -> {'x'.join(map(str, throughput['shape']))}, "
+        f"## Loader throughput ({throughput['images']} JPEGs of 200-320 px "
+        f"-> {'x'.join(map(str, throughput['shape']))}, "
         f"RandAugment {AA}, random erasing {REPROB}, batch {args.batch_size}, {args.workers} workers)",
         "",
         "| loader | images/s (median of %d) | runs |" % args.repeats,
         "|---|---|---|",
-        f"| zoo folder: (load_data + TrainLoader) | {speed['zoo']:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all']['zoo'])} |",
-        f"| timm create_dataset + create_loader | {speed['timm']:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all']['timm'])} |",
-        f"| timm, each item seeded as zoo seeds it (zoo's images) | {speed[SAME]:.1f} | {', '.join(f'{v:.1f}' for v in throughput['all'][SAME])} |",
+        f"| zoo folder: (load_data + TrainLoader) | {speed['zoo']:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in throughput['all']['zoo'])} |",
+        f"| timm create_dataset + create_loader | {speed['timm']:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in throughput['all']['timm'])} |",
+        f"| timm, each item seeded as zoo seeds it (zoo's images) | {speed[SAME]:.1f} | "
+        f"{', '.join(f'{v:.1f}' for v in throughput['all'][SAME])} |",
         "",
         f"zoo / timm: **{throughput['ratio']:.3f}** in this run; over the {len(history)} recorded runs "
         f"(data_pipeline_runs.jsonl) {min(r['ratio'] for r in history):.3f}-{max(r['ratio'] for r in history):.3f}, "
         f"median **{median:.3f}** {ok(median >= 0.95)} (target >= 0.95); "
         f"zoo / timm with zoo's images: **{throughput['same_draws_ratio']:.3f}**",
         "",
-        f"CPU time per image (loader workers plus the consuming process, median): zoo {throughput['cpu_ms_per_image']['zoo']:.2f} ms, "
-        f"timm {throughput['cpu_ms_per_image']['timm']:.2f} ms, timm with zoo's images {throughput['cpu_ms_per_image'][SAME]:.2f} ms; "
+        "CPU time per image (loader workers plus the consuming process, median): "
+        f"zoo {throughput['cpu_ms_per_image']['zoo']:.2f} ms, "
+        f"timm {throughput['cpu_ms_per_image']['timm']:.2f} ms, "
+        f"timm with zoo's images {throughput['cpu_ms_per_image'][SAME]:.2f} ms; "
         f"timm / zoo **{throughput['cpu_ratio']:.3f}**, with zoo's images **{throughput['same_draws_cpu_ratio']:.3f}** "
         "(the throughput a saturated machine would give, less sensitive to other load than wall time)",
         "",
         f"Same items with the same random draws, one process: zoo {same['cpu_ms_per_item']['zoo']:.2f} ms, timm "
         f"{same['cpu_ms_per_item']['timm']:.2f} ms of CPU per item; timm / zoo **{same['ratio']:.3f}** "
-        f"({same['identical']} of {same['items']} tensors identical). The loaders above draw different augmentations per "
-        "image (RandAugment's ops differ in cost), which with the machine's other load is most of their run-to-run spread.",
+        f"({same['identical']} of {same['items']} tensors identical). "
+        "The loaders above draw different augmentations per image (RandAugment's ops differ in cost), "
+        "which with the machine's other load is most of their run-to-run spread.",
         "",
         f"## Peak memory of `zoo train` ({args.train_steps} steps each)",
         "",
@@ -389,7 +398,9 @@ def main() -> None:
         write_image_folder(root / "val", classes=10, per_class=5, sizes=(200, 320), seed=1)
         throughput = loader_throughput(args, root)
         print(
-            f"loader: zoo {throughput['images_per_s']['zoo']:.1f} images/s, timm {throughput['images_per_s']['timm']:.1f}: ratio {throughput['ratio']:.3f}; CPU ratio {throughput['cpu_ratio']:.3f}",
+            f"loader: zoo {throughput['images_per_s']['zoo']:.1f} images/s, "
+            f"timm {throughput['images_per_s']['timm']:.1f}: ratio {throughput['ratio']:.3f}; "
+            f"CPU ratio {throughput['cpu_ratio']:.3f}",
             flush=True,
         )
         memory = {

@@ -90,7 +90,7 @@ def random_members(weights: Path, count: int, seed: int, limit: int | None) -> l
     model = zoo.load(weights).eval()
     scorer = MemberScorer(model, data_for(model, "evaluate"), limit)
     generator = torch.Generator().manual_seed(seed)
-    members = [model.resolve_subnet(model.sample_member(generator)) for _ in range(count)]
+    members = [model.resolve_member(model.sample_member(generator)) for _ in range(count)]
     return [{"member": m.to_dict(), "metric": scorer(m), "params": zoo.count_params(model, m)} for m in members]
 
 
@@ -160,14 +160,16 @@ def write_table(results: dict, path: Path) -> None:
     lines = [
         "# Search fronts: families trained with uniform and with layerwise sampling",
         "",
-        "Written by `benchmarks/space_search.py`; each cell's `zoo search` command and output are in the folder next to this file.",
+        "Written by `benchmarks/space_search.py`; "
+        "each cell's `zoo search` command and output are in the folder next to this file.",
         "",
     ]
     for name, entry in results.items():
         lines += [
             f"## {name}",
             "",
-            f"What layerwise training costs the uniform members (final {entry['metric'].replace('_', ' ')} of each run):",
+            "What layerwise training costs the uniform members "
+            f"(final {entry['metric'].replace('_', ' ')} of each run):",
             "",
             "| member | uniform run | layerwise run |",
             "|---|---:|---:|",
@@ -175,7 +177,8 @@ def write_table(results: dict, path: Path) -> None:
         members = entry["uniform_members"]
         for key in members["uniform"]:
             lines.append(
-                f"| {fmt_member(json.loads(key))} | {members['uniform'][key]:.4f} | {members['layerwise'].get(key, float('nan')):.4f} |"
+                f"| {fmt_member(json.loads(key))} | {members['uniform'][key]:.4f} | "
+                f"{members['layerwise'].get(key, float('nan')):.4f} |"
             )
         if entry.get("random"):
             pairs = list(zip(entry["random"]["uniform"], entry["random"]["layerwise"]))
@@ -194,14 +197,16 @@ def write_table(results: dict, path: Path) -> None:
             for space in ("uniform", "layerwise"):
                 values = [e["metric"] for e in entry["random"][space]]
                 lines.append(
-                    f"| {space} | {mean(values):.4f} | {min(values) if higher else max(values):.4f} | {max(values) if higher else min(values):.4f} |"
+                    f"| {space} | {mean(values):.4f} | {min(values) if higher else max(values):.4f} | "
+                    f"{max(values) if higher else min(values):.4f} |"
                 )
             lines += ["", f"The layerwise-trained family is better on {wins} of {len(pairs)} members, equal on {ties}."]
         lines += [
             "",
             "Search under each budget (population, generations and seed in the commands):",
             "",
-            "| budget | family trained | best member found | metric | cost | best uniform member within budget | metric | cost | latency: search / exported |",
+            "| budget | family trained | best member found | metric | cost | best uniform member within budget "
+            "| metric | cost | latency: search / exported |",
             "|---|---|---|---:|---:|---|---:|---:|---|",
         ]
         for budget, row in entry["budgets"].items():
@@ -220,7 +225,8 @@ def write_table(results: dict, path: Path) -> None:
                     else ("none fits", "", "")
                 )
                 lines.append(
-                    f"| {budget} | {space} | {fmt_member(best['member'])} | {best['metric']:.4f} | {fmt_cost(kind, best[kind])} | "
+                    f"| {budget} | {space} | {fmt_member(best['member'])} | {best['metric']:.4f} | "
+                    f"{fmt_cost(kind, best[kind])} | "
                     f"{uniform_text[0]} | {uniform_text[1]} | {uniform_text[2]} | {lat} |"
                 )
         lines.append("")

@@ -5,7 +5,7 @@ the member every zoo model that the tests create runs.
 
 * unset or ``{}``: the family as built, running its largest trained member;
 * ``{"width": 0.5}`` (any member): the family, switched to that trained member with
-  ``set_subnet`` right after it is built, as a user would (the features_only backbone too);
+  ``set_member`` right after it is built, as a user would (the features_only backbone too);
 * ``{"low_rank": true, "member": {...}}``: the same, on the family built with ``low_rank=True``
   (the shipped weights are dense: with them, the member without its rank);
 * ``{"sliced": "smallest"}``: the architecture of a sliced member, the family's smallest
@@ -53,7 +53,7 @@ def _wrap(name: str, entrypoint):
                     else model
                 )
             member = _smallest(name)
-            kwargs.update(max_member=member, widths=[], ranks=[], extra_subnets=[member])
+            kwargs.update(max_member=member, widths=[], ranks=[], extra_members=[member])
             return entrypoint(pretrained=False, **kwargs)
         member = dict(CONFIG.get("member", {k: v for k, v in CONFIG.items() if k != "low_rank"}))
         if CONFIG.get("low_rank"):
@@ -63,7 +63,7 @@ def _wrap(name: str, entrypoint):
                 kwargs.setdefault("low_rank", True)
         model = entrypoint(pretrained=pretrained, **kwargs)
         if member:
-            model.set_subnet(member)
+            model.set_member(member)
         return model
 
     return at_member

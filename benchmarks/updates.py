@@ -63,7 +63,8 @@ def run(section: str, policy: str, steps: int, seed: int, out: Path) -> dict:
     low_rank = policy in LOW_RANK
     config = TrainConfig.from_flags(out=str(out / run_name(section, policy, seed)), strategy="separate", widths=[1.0],
                                     steps=steps, eval_every=max(1, steps // evals),
-                                    log_alignment=max(1, steps // evals), seed=seed, update=name, low_rank=low_rank, ranks=[1.0] if low_rank else None,
+                                    log_alignment=max(1, steps // evals), seed=seed, update=name, low_rank=low_rank,
+                                    ranks=[1.0] if low_rank else None,
                                     **options, **MODELS[section])  # fmt: skip
     result = train(config)
     records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
@@ -88,7 +89,7 @@ def prefix_ranks(path: Path, limit: int) -> dict[str, float]:
 
     model = zoo.load(path)
     scorer = MemberScorer(model, data_for(model, "evaluate"), limit=limit)
-    return {str(r): scorer(model.resolve_subnet(rank=r)) for r in PREFIX_RANKS}
+    return {str(r): scorer(model.resolve_member(rank=r)) for r in PREFIX_RANKS}
 
 
 def steps_to(curve: list, target: float, higher_better: bool) -> int | None:
@@ -98,7 +99,8 @@ def steps_to(curve: list, target: float, higher_better: bool) -> int | None:
 
 def report(runs: list[dict], out: Path) -> None:
     lines = [
-        "| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) | mean norm ratio | wall s (alignment s) | at rank 0.25 / 0.5 |",
+        "| model | policy | final metric | steps to 95% of plain's final | mean cos(m⊙g(x+δ), g(x)) "
+        "| mean norm ratio | wall s (alignment s) | at rank 0.25 / 0.5 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for section in dict.fromkeys(r["section"] for r in runs):
@@ -116,9 +118,13 @@ def report(runs: list[dict], out: Path) -> None:
                 else ""
             )
             lines.append(
-                f"| {section} | {policy} | {statistics.mean(r['final'] for r in mine):.4f} ({mine[0]['metric']}, {len(mine)} seed(s)) "
-                f"| {', '.join('never' if s is None else str(s) for s in reach)} | {statistics.mean(r['alignment_cosine'] for r in mine):.3f} "
-                f"| {statistics.mean(r['alignment_norm_ratio'] for r in mine):.3f} | {statistics.mean(r['wall_time_s'] for r in mine):.0f} ({statistics.mean(r['alignment_s'] for r in mine):.0f}) | {prefixes} |"
+                f"| {section} | {policy} | {statistics.mean(r['final'] for r in mine):.4f} "
+                f"({mine[0]['metric']}, {len(mine)} seed(s)) "
+                f"| {', '.join('never' if s is None else str(s) for s in reach)} "
+                f"| {statistics.mean(r['alignment_cosine'] for r in mine):.3f} "
+                f"| {statistics.mean(r['alignment_norm_ratio'] for r in mine):.3f} "
+                f"| {statistics.mean(r['wall_time_s'] for r in mine):.0f} "
+                f"({statistics.mean(r['alignment_s'] for r in mine):.0f}) | {prefixes} |"
             )
     with atomic_path(out / "updates.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

@@ -20,7 +20,10 @@ class Order(str, Enum):
 
 TIMM_NAME = typer.Argument(
     ...,
-    help="A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation).",
+    help=(
+        "A timm model name: resnet18/34/50/101/152, mobilenetv2_*, vit_*_patch*, deit_* (without distillation); "
+        "or a transformers causal LM's folder (Llama, Mistral, Qwen2, GPT-2; pip install 'zoo[lm]')."
+    ),
 )
 CHECKPOINT = typer.Option(
     None,
@@ -110,6 +113,10 @@ def convert_command(
         raise ValueError("give --out FAMILY.safetensors, --save-dir DIR, or both")
     if out is not None and out.is_dir():
         raise ValueError(f"the output {out} is a folder; give a file name (or use --save-dir)")
+    if Path(timm_name).is_dir():  # a transformers causal LM's folder: zoo.from_transformers
+        if checkpoint is not None or img_size or num_classes or in_chans:
+            raise ValueError("--checkpoint, --img-size, --num-classes and --in-chans are for timm models, not a folder")
+        return _convert_transformers(Path(timm_name), order, calibrate, width, rank, low_rank, out, save_dir)
     import zoo
 
     calibration, bundle = None, {}
@@ -137,6 +144,42 @@ def convert_command(
             f"wrote {save_dir} (config.json, model.safetensors): timm.create_model('local-dir:{save_dir}', "
             f"pretrained=True) after `import zoo`"
         )
+
+
+def _convert_transformers(folder: Path, order, calibrate, width, rank, low_rank: bool, out, save_dir) -> None:
+    """`zoo convert FOLDER`: a transformers causal LM (config.json + safetensors), calibrated on
+    ``text:PATH`` (pieces of the text, tokenized with the folder's tokenizer.json)."""
+    import zoo
+
+    texts = None
+    if calibrate is not None:
+        if not calibrate.startswith("text:"):
+            raise ValueError(f"--calibrate for a language model takes text:PATH, got {calibrate!r}")
+        path = Path(calibrate[len("text:") :])
+        if not path.is_file():
+            raise FileNotFoundError(f"no such text file: {path}")
+        text = path.read_text(errors="replace")
+        texts = [text[i : i + TEXT_PIECE] for i in range(0, min(len(text), 16 * TEXT_PIECE), TEXT_PIECE)]
+    chosen = order.value if order else ("activation" if texts else "weight")
+    started = time.perf_counter()
+    family = zoo.from_transformers(folder, order=chosen, calibration=texts, low_rank=low_rank, widths=width or None,
+                                   ranks=rank or None)  # fmt: skip
+    source = family.zoo_metadata["converted_from"]
+    seconds = time.perf_counter() - started
+    typer.echo(f"converted {folder} ({source['transformers']}) into {family.arch} in {seconds:.1f} s")
+    data = f" on {source['calibration_batches']} pieces of {calibrate}" if chosen == "activation" else ""
+    typer.echo(f"  order: {chosen}{data}")
+    typer.echo(f"  exact: max abs difference {source['max_abs_diff']:.2g} from transformers' logits at full width")
+    typer.echo(f"  members: {', '.join(f'{s} ({zoo.count_params(family, s) / 1e6:.2f} M)' for s in family.members)}")
+    if out is not None:
+        zoo.save(family, out, metadata=family.zoo_metadata)
+        typer.echo(f"wrote {out}")
+    if save_dir is not None:
+        zoo.save_pretrained(family, save_dir, metadata=family.zoo_metadata)
+        typer.echo(f"wrote {save_dir} (config.json, model.safetensors)")
+
+
+TEXT_PIECE = 2000  # characters of --calibrate text per calibration sequence (cut to the context)
 
 
 def _calibration(spec: str, bundle: dict):
@@ -171,7 +214,7 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
         f"  exact: max abs difference {source['max_abs_diff']:.2g} from timm at full width (tolerance "
         f"{zoo.convert.TOLERANCE:g})"
     )
-    members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.subnets)
+    members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.members)
     typer.echo(f"  members: {members}")
     if family.uses_batchnorm and not calibrate:
         typer.echo(

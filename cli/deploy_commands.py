@@ -125,14 +125,14 @@ def bench_command(
 
     source = WeightsSource.open(path)
     model = source.model
-    subnets = select_members(model, width, rank, chosen_members)
+    members = select_members(model, width, rank, chosen_members)
     data = CalibrationData(calibrate, model)
-    calibrate_members(model, subnets, data.bn_batches() if data.spec else None)
+    calibrate_members(model, members, data.bn_batches() if data.spec else None)
     threads = threads or torch.get_num_threads()
     if plot is not None:
         check_plot_path(plot)  # before minutes of measuring, not after
-    with _BenchProgress(f"benchmarking {model.arch} ({len(subnets)} members)") as progress:
-        results = bench_family(source, subnets, batch_size, repeats, threads, progress)
+    with _BenchProgress(f"benchmarking {model.arch} ({len(members)} members)") as progress:
+        results = bench_family(source, members, batch_size, repeats, threads, progress)
     if plot is not None:
         plot_results(results, plot, f"{model.arch} (threads={threads})")
     if json_output:
@@ -198,6 +198,6 @@ def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int
         latencies = [f"{r.latency_ms[rt][b]:.2f}" for b in batches for rt in ("pytorch", "onnxruntime")]
         ratio = r.latency_ms["onnxruntime"][1] / r.latency_ms["pytorch"][1]
         table.add_row(
-            member_label(r.subnet), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
+            member_label(r.member), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
         )
     Console(width=160).print(table)

@@ -144,12 +144,12 @@ def slice_command(
     typer.echo(
         f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)"
     )
-    typer.echo(f"member {member.model.arch} {member.subnet}: {params:,} parameters")
+    typer.echo(f"member {member.model.arch} {member.member}: {params:,} parameters")
     if member.recalibrated:
         typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
     elif calibrate:
         typer.echo(
-            f"note: {member.subnet} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed"
+            f"note: {member.member} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed"
         )
     for entry in member.metadata["metrics"]:
         typer.echo("metrics: " + _metric_text(entry))
@@ -282,7 +282,7 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         ),
         ("architecture", f"{arch} (family {facts['family']}, {facts['input']} input)"),
         ("axes", ", ".join(catalogue.axes(arch, low_rank))),
-        ("space", catalogue.space(arch, low_rank)),
+        ("space", catalogue.space(arch, low_rank, header["model_args"])),
         (
             "members",
             "; ".join(_member_text(s) for s in header.get("subnets") or [])
@@ -433,7 +433,7 @@ def _measured_on(quantization: dict) -> str:
 
 
 def _member_text(member: dict) -> str:
-    """A member as ``str(zoo.Subnet)`` writes it, without importing torch."""
+    """A member as ``str(zoo.Member)`` writes it, without importing torch."""
 
     def show(v) -> str:
         return (

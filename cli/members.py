@@ -82,7 +82,7 @@ def one_member(values: Optional[List[str]], width: Optional[float], rank: Option
     if members and (width is not None or rank is not None):
         raise ValueError("give --member or --width/--rank, not both")
     if members:
-        from zoo import Subnet
+        from zoo import Member
 
-        return Subnet.from_dict(members[0])
+        return Member.from_dict(members[0])
     return width

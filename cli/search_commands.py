@@ -63,7 +63,7 @@ def search_command(
     with locked_folder(out, "zoo search"):
         options = dict(metric=scorer.metric, higher_is_better=higher, seed=seed, progress=typer.echo)
         evolution = Evolution(model, scorer, costs, chosen_budget, **options)
-        uniform = [s for s in model.subnets if s.is_uniform]
+        uniform = [s for s in model.members if s.is_uniform]
         result = evolution.run(population, generations, seeds=uniform)
         for candidate in result.front():  # every member on the front gets its latency too
             candidate.costs.setdefault("latency", costs.latency(candidate.member))

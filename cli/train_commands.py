@@ -458,15 +458,15 @@ def _print_members(title: str, records: list[dict], metric: str, params: dict[st
     from rich.console import Console
     from rich.table import Table
 
-    from zoo import Subnet
+    from zoo import Member
 
     table = Table(title=title, box=None)
     for column in ("member", "params", metric.replace("_", " "), "loss"):
         table.add_column(column, justify="left" if column == "member" else "right")
     for r in records:
-        subnet = Subnet.from_dict(r["subnet"])
+        member = Member.from_dict(r["subnet"])
         value = f"{r[metric]:.4f}" if metric == "accuracy" else f"{r[metric]:.3f}"
-        table.add_row(str(subnet), f"{params.get(subnet.key, 0):,}", value, f"{r['loss']:.4f}")
+        table.add_row(str(member), f"{params.get(member.key, 0):,}", value, f"{r['loss']:.4f}")
     Console().print(table)
 
 
@@ -522,12 +522,12 @@ class _Progress:
             self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{self.rate:,.0f}")
 
     def evaluated(self, step: int, records: list[dict]) -> None:
-        from zoo import Subnet
+        from zoo import Member
 
         parts = []
         for r in records:
             metric = f"acc {r['accuracy']:.4f}" if "accuracy" in r else f"bpb {r['bits_per_byte']:.3f}"
-            parts.append(f"{Subnet.from_dict(r['subnet'])}: {metric}")
+            parts.append(f"{Member.from_dict(r['subnet'])}: {metric}")
         self.console.print(f"step {step}: " + " | ".join(parts), soft_wrap=True, highlight=False)
         self.last_time = time.perf_counter()  # evaluation time is not training speed
 

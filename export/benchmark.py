@@ -22,7 +22,7 @@ from typing import Callable, Hashable, Iterable
 import onnxruntime as ort
 import torch
 
-from zoo import Member, Subnet, WeightsSource
+from zoo import Member, SlicedMember, WeightsSource
 from zoo.fileio import atomic_path
 
 from .onnx_export import export_member
@@ -36,7 +36,7 @@ PAUSE_S = 0.003  # untimed, before each run: longer than an idle OpenMP thread s
 class MemberResult:
     """What one member costs and (when the weights file knows it) how good it is."""
 
-    subnet: Subnet
+    member: Member
     params: int
     flops: int
     metric_name: str | None = None
@@ -45,7 +45,7 @@ class MemberResult:
 
     def to_dict(self) -> dict:
         return {
-            "subnet": self.subnet.to_dict(),
+            "subnet": self.member.to_dict(),
             "params": self.params,
             "flops": self.flops,
             "metric_name": self.metric_name,
@@ -105,7 +105,7 @@ def member_metric(metadata: dict) -> tuple[str | None, float | None]:
 
 
 def prepare_member(
-    member: Member, batch_sizes: Iterable[int], threads: int, workdir: Path
+    member: SlicedMember, batch_sizes: Iterable[int], threads: int, workdir: Path
 ) -> tuple[MemberResult, dict]:
     """Export a sliced member (verified against PyTorch); its result to fill in and its timed
     runs, keyed ``(runtime, batch size)``.
@@ -113,9 +113,9 @@ def prepare_member(
     The exporter merges low-rank layers whose dense form is cheaper, in place, so PyTorch
     runs the very network that the ONNX file holds.
     """
-    exported = export_member(member, workdir / f"{member.subnet.key}.onnx")
+    exported = export_member(member, workdir / f"{member.member.key}.onnx")
     model = member.model.eval()
-    result = MemberResult(member.subnet, exported.num_params, exported.flops, *member_metric(member.metadata))
+    result = MemberResult(member.member, exported.num_params, exported.flops, *member_metric(member.metadata))
     session = onnx_session(exported.path, threads)
     torch.manual_seed(0)
     runs = {}
@@ -129,20 +129,20 @@ def prepare_member(
 
 def bench_family(
     source: WeightsSource,
-    subnets: list[Subnet],
+    members: list[Member],
     batch_size: int = 8,
     repeats: int = 10,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[MemberResult]:
-    """Measure every member in ``subnets`` of the family in ``source`` at batch 1 and ``batch_size``.
+    """Measure every member in ``members`` of the family in ``source`` at batch 1 and ``batch_size``.
 
     Every member is exported first; then all members, runtimes and batch sizes are timed in
     one interleaved series (:func:`time_interleaved`), so that no member is measured during a
     quieter or busier spell than another. ``progress(done, total)`` counts the exports and the
     repeats.
     """
-    total = len(subnets) + repeats
+    total = len(members) + repeats
 
     def tell(done: int) -> None:
         if progress is not None:
@@ -156,12 +156,12 @@ def bench_family(
     try:
         with tempfile.TemporaryDirectory(prefix="zoo-bench-") as workdir:
             prepared = []
-            for subnet in subnets:
-                prepared.append(prepare_member(source.member(subnet), sorted({1, batch_size}), threads, Path(workdir)))
+            for member in members:
+                prepared.append(prepare_member(source.member(member), sorted({1, batch_size}), threads, Path(workdir)))
                 tell(len(prepared))
             runs = {(i, *key): run for i, (_, member_runs) in enumerate(prepared) for key, run in member_runs.items()}
             with torch.inference_mode():
-                medians = time_interleaved(runs, repeats, progress=lambda r: tell(len(subnets) + r))
+                medians = time_interleaved(runs, repeats, progress=lambda r: tell(len(members) + r))
     finally:
         torch.set_num_threads(previous_threads)
     results = [result for result, _ in prepared]
@@ -170,8 +170,8 @@ def bench_family(
     return results
 
 
-def member_label(subnet: Subnet) -> str:
-    return f"w{subnet.width:g}" + ("" if subnet.rank is None else f" r{subnet.rank:g}")
+def member_label(member: Member) -> str:
+    return f"w{member.width:g}" + ("" if member.rank is None else f" r{member.rank:g}")
 
 
 def check_plot_path(path: str | os.PathLike) -> None:
@@ -244,7 +244,7 @@ def draw_results(results: list[MemberResult], title: str):
         shown = [min(x, right / 1.08 if logarithmic else right - pad) for x in xs]
         ax.plot(shown, [ys[i] for i in order], marker=marker, color=color, linestyle=":", linewidth=0.8, label=runtime)
         for x, x_shown, i in zip(xs, shown, order):
-            text = member_label(results[i].subnet)
+            text = member_label(results[i].member)
             if x > cap:
                 ax.plot([x_shown], [ys[i]], marker=">", color=color, markersize=9)
                 text += f" ({x:.0f} ms, off scale)"

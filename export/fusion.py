@@ -51,7 +51,10 @@ def fuse_for_onnxruntime(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[
 def describe_fusions(fusions: dict[str, int] | None) -> str:
     """One line for the export summary."""
     if fusions is None:
-        return "onnxruntime fusions: not applied (--fuse rewrites attention and LayerNorm into onnxruntime's fused kernels)"
+        return (
+            "onnxruntime fusions: not applied "
+            "(--fuse rewrites attention and LayerNorm into onnxruntime's fused kernels)"
+        )
     if not fusions:
         return "onnxruntime fusions: none matched"
     return "onnxruntime fusions: " + ", ".join(f"{count} {kernel}" for kernel, count in fusions.items())

@@ -53,6 +53,8 @@ class CachedDecoder(nn.Module):
         super().__init__()
         if model.input_kind != "tokens":
             raise ValueError(f"{model.arch} is not a language model; only those decode with a cache")
+        if not getattr(model, "cached_decoding", True):
+            raise ValueError(f"{model.arch}: ONNX export (decoding with a key/value cache) is not implemented yet")
         self.model = model
         self.blocks = list(model.blocks.children())  # a sliced member holds exactly the blocks it runs
 

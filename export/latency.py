@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import zoo
-from zoo import ElasticModel, Subnet
+from zoo import ElasticModel, Member
 
 from .benchmark import onnx_session, time_interleaved
 from .kv_cache import CachedDecoder
@@ -38,7 +38,7 @@ def session_latency(path: str | Path, example, threads: int = 1, repeats: int = 
 
 
 @torch.no_grad()
-def member_latency(model: ElasticModel, member: Subnet, threads: int = 1, repeats: int = 20) -> float:
+def member_latency(model: ElasticModel, member: Member, threads: int = 1, repeats: int = 20) -> float:
     """Median milliseconds of ``member`` of ``model`` at batch 1 in onnxruntime with ``threads``.
 
     Batch-norm families need the member's statistics first (``zoo.recalibrate_bn``): it is

@@ -32,9 +32,9 @@ def merge_low_rank(model: ElasticModel) -> dict[str, list[int]]:
     active sizes. Returns ``{"conv": [merged, total], "linear": [merged, total]}`` over the
     low-rank layers of each kind (kinds without low-rank layers are left out).
     """
-    if model.active_subnet != model.largest:
+    if model.active_member != model.largest:
         raise ValueError(
-            f"merge_low_rank needs a sliced member (zoo.slice), not a family running {model.active_subnet}"
+            f"merge_low_rank needs a sliced member (zoo.slice), not a family running {model.active_member}"
         )
     counts: dict[str, list[int]] = {}
     for module in model.modules():

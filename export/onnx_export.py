@@ -33,7 +33,7 @@ import onnx
 import torch
 
 import zoo
-from zoo import ElasticModel, Member, Subnet, WeightsSource
+from zoo import ElasticModel, Member, SlicedMember, WeightsSource
 from zoo.fileio import WriteError, atomic_path, locked_folder
 from zoo.members import recorded
 from zoo.models.transformer import Attention
@@ -63,7 +63,7 @@ class ExportResult:
     """What one export wrote and measured."""
 
     path: Path
-    subnet: Subnet
+    member: Member
     size_bytes: int
     num_params: int
     flops: int
@@ -77,8 +77,10 @@ class ExportResult:
         """A few lines for the terminal."""
         record = self.metadata
         lines = [
-            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, {self.export_seconds:.1f} s to export)",
-            f"member {record['arch']} {self.subnet}: {self.num_params:,} parameters, {self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
+            f"wrote {self.path} ({self.size_bytes / 1e6:.2f} MB, opset {record['opset']}, "
+            f"{self.export_seconds:.1f} s to export)",
+            f"member {record['arch']} {self.member}: {self.num_params:,} parameters, "
+            f"{self.flops / 1e6:,.2f} MFLOPs per {_unit(record['input'])}",
             "verification: "
             + (
                 "skipped (--no-verify)"
@@ -89,7 +91,8 @@ class ExportResult:
         ]
         if record.get("kv_cache"):
             lines.append(
-                f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value for {record['kv_cache']} blocks"
+                f"key/value cache: inputs {PAST}.<i>.key|value and outputs {PRESENT}.<i>.key|value "
+                f"for {record['kv_cache']} blocks"
             )
         if record.get("fusions") is not None:
             lines.append(describe_fusions(record["fusions"]))
@@ -130,7 +133,7 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
 
 
 def zoo_record(
-    member: Member,
+    member: SlicedMember,
     model: ElasticModel,
     merges: dict[str, list[int]],
     opset: int,
@@ -148,7 +151,7 @@ def zoo_record(
     return {
         "arch": model.arch,
         "family": zoo.family_of(model.arch),
-        "subnet": member.subnet.to_dict(),
+        "subnet": member.member.to_dict(),
         "input": input_record(model, member.metadata),
         "labels": list(labels) if labels else None,
         "metrics": {k: v for k, v in metrics[0].items() if k != "subnet"} if metrics else None,
@@ -255,7 +258,7 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
     proto.producer_name, proto.producer_version = "zoo", zoo.__version__
     proto.doc_string = (
-        f"{record['arch']} member {Subnet.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
+        f"{record['arch']} member {Member.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
         f"with torch {torch.__version__.split('+')[0]}'s dynamo ONNX exporter; see the 'zoo' metadata"
     )
     if proto.ByteSize() > MAX_EMBEDDED_BYTES:
@@ -269,7 +272,7 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
 
 
 def export_member(
-    member: Member,
+    member: SlicedMember,
     out: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -292,7 +295,8 @@ def export_member(
         raise ValueError(f"the output {out} is a folder; give a file name (or export every member with --all)")
     if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(
-            f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}"
+            f"opset must be between {MIN_OPSET} (the dynamo exporter's lowest) "
+            f"and {onnx.defs.onnx_opset_version()} (this onnx's newest), got {opset}"
         )
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
@@ -338,7 +342,7 @@ def export_member(
     model.cpu()
     return ExportResult(
         Path(out),
-        member.subnet,
+        member.member,
         Path(out).stat().st_size,
         record["num_params"],
         flops,
@@ -369,7 +373,7 @@ def export_file(
 def export_all(
     weights: str | os.PathLike | WeightsSource,
     out_dir: str | os.PathLike,
-    members: Iterable[Subnet] | None = None,
+    members: Iterable[Member] | None = None,
     **options,
 ) -> tuple[list[ExportResult], Path]:
     """Export every trained member (or ``members``) into ``out_dir`` plus ``manifest.json``.
@@ -383,13 +387,13 @@ def export_all(
         raise ValueError(f"--all writes a folder, but {out_dir} is a file")
     source = weights if isinstance(weights, WeightsSource) else WeightsSource.open(weights)
     with locked_folder(out_dir, "zoo export --all"):
-        return export_members(source, out_dir, list(source.model.subnets if members is None else members), **options)
+        return export_members(source, out_dir, list(source.model.members if members is None else members), **options)
 
 
 def export_members(
     source: WeightsSource,
     out_dir: Path,
-    members: list[Subnet],
+    members: list[Member],
     names: dict[str, str] | None = None,
     metrics: dict[str, dict] | None = None,
     **options,
@@ -399,11 +403,11 @@ def export_members(
     ``names``: file names by member key (default ``ARCH_KEY.onnx``); ``metrics``: by member key,
     what the caller measured for a member the weights file has no metrics for (a searched one)."""
     results = []
-    for subnet in members:
-        member = source.member(subnet)
-        if not member.metadata.get("metrics") and subnet.key in (metrics or {}):
-            member.metadata["metrics"] = [{"subnet": subnet.to_dict(), **metrics[subnet.key]}]
-        name = (names or {}).get(subnet.key, f"{source.model.arch}_{subnet.key}.onnx")
+    for chosen in members:
+        member = source.member(chosen)
+        if not member.metadata.get("metrics") and chosen.key in (metrics or {}):
+            member.metadata["metrics"] = [{"subnet": chosen.to_dict(), **metrics[chosen.key]}]
+        name = (names or {}).get(chosen.key, f"{source.model.arch}_{chosen.key}.onnx")
         results.append(export_member(member, out_dir / name, **options))
     manifest = {
         "arch": source.model.arch,
@@ -413,7 +417,7 @@ def export_members(
         "members": [
             {
                 "file": r.path.name,
-                "member": r.subnet.to_dict(),
+                "member": r.member.to_dict(),
                 "parameters": r.num_params,
                 "flops": r.flops,
                 "metric": r.metadata["metrics"],

@@ -148,7 +148,8 @@ class Predictor:
         if device != "cpu" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ValueError(
                 f"CUDA was requested but onnxruntime could not start its CUDA execution provider "
-                f"(active: {', '.join(self.session.get_providers())}); check the GPU and CUDA libraries or use device cpu"
+                f"(active: {', '.join(self.session.get_providers())}); "
+                "check the GPU and CUDA libraries or use device cpu"
             )
         self.device = device
         self.metadata = self._read_metadata()
@@ -163,7 +164,8 @@ class Predictor:
         if [i.name for i in inputs] != [_INPUT] or _OUTPUT not in [o.name for o in outputs]:
             raise ValueError(
                 f"{self.path} does not follow the zoo export contract "
-                f"(inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; expected 'input' -> 'logits')"
+                f"(inputs {[i.name for i in inputs]}, outputs {[o.name for o in outputs]}; "
+                "expected 'input' -> 'logits')"
             )
         self._input_type = inputs[0].type
         spec, graph = self.metadata["input"], inputs[0]
@@ -241,7 +243,8 @@ class Predictor:
                 raise ValueError("an image contains NaN or infinite values")
             if image.min() < 0.0 or image.max() > 1.0:
                 raise ValueError(
-                    f"float images must lie in [0, 1], got values in [{image.min():g}, {image.max():g}]; pass uint8 for 0..255"
+                    f"float images must lie in [0, 1], got values in [{image.min():g}, {image.max():g}]; "
+                    "pass uint8 for 0..255"
                 )
         else:
             raise ValueError(f"images must be uint8 (0..255) or float (0..1), got dtype {image.dtype}")

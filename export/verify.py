@@ -118,6 +118,7 @@ def verify(
     diff = max_abs_difference(model, path, device)
     if tolerance is not None and not diff <= tolerance:
         raise ValueError(
-            f"verification failed: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}); nothing was written"
+            f"verification failed: onnxruntime differs from PyTorch by {diff:.3g} (> {tolerance:g}); "
+            "nothing was written"
         )
     return diff

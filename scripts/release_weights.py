@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from training.evaluate import evaluate  # noqa: E402
 from training.model_data import data_for  # noqa: E402
-from zoo.members import trained_members  # noqa: E402
+from zoo.members import recorded_members  # noqa: E402
 
 EVAL_BATCH_SIZE = 256  # zoo eval's default: the same batches give the same sums
 CHECK_ITEMS = {"image": 256, "tokens": 8}
@@ -34,7 +34,7 @@ def release(run_file: Path, command: str, dtype: str, out_dir: Path) -> Path:
     torch.set_num_threads(1)  # CPU reductions in one fixed order (what the tests use too)
     source = zoo.load(run_file)
     metadata = dict(source.zoo_metadata)
-    members = trained_members(source)
+    members = recorded_members(source)
     target = out_dir / f"{source.arch}.safetensors"
     with tempfile.TemporaryDirectory() as scratch:
         rounded = zoo.load(zoo.save(source, Path(scratch) / "rounded.safetensors", metadata=metadata, dtype=dtype))

@@ -62,15 +62,15 @@ def test_bench_json_has_sizes_flops_latencies_and_metrics(weights):
 
 def test_members_default_to_the_trained_grid_are_validated_and_untrained_ones_recalibrated():
     family = zoo.create_model("slim_resnet20", low_rank=True, widths=[0.5, 1.0], ranks=[0.25, 1.0])
-    assert select_members(family) == family.subnets
-    assert select_members(family, [1.0]) == [zoo.Subnet(1.0, 0.25), zoo.Subnet(1.0, 1.0)]
-    assert select_members(family, None, [0.25]) == [zoo.Subnet(0.5, 0.25), zoo.Subnet(1.0, 0.25)]
+    assert select_members(family) == family.members
+    assert select_members(family, [1.0]) == [zoo.Member(1.0, 0.25), zoo.Member(1.0, 1.0)]
+    assert select_members(family, None, [0.25]) == [zoo.Member(0.5, 0.25), zoo.Member(1.0, 0.25)]
     structured = {"width": [0.5, 1.0, 1.0], "rank": 0.25, "depth": [1, 3, 3]}
-    assert select_members(family, members=[structured]) == [family.resolve_subnet(structured)]
+    assert select_members(family, members=[structured]) == [family.resolve_member(structured)]
     with pytest.raises(ValueError, match="width must be in"):
         select_members(family, [1.5])
     untrained = select_members(family, [0.75], [1.0])
-    assert untrained == [zoo.Subnet(0.75, 1.0)] and family.needs_calibration(untrained[0])
+    assert untrained == [zoo.Member(0.75, 1.0)] and family.needs_calibration(untrained[0])
     assert calibrate_members(family, untrained, [torch.randn(4, 3, 32, 32)]) == untrained
     assert not family.needs_calibration(untrained[0])
 
@@ -97,7 +97,7 @@ def test_bench_reports_progress_through_exports_and_repeats(weights):
 
     calls = []
     source = zoo.WeightsSource.open(weights)
-    bench_family(source, source.model.subnets, 2, 3, 1, lambda done, total: calls.append((done, total)))
+    bench_family(source, source.model.members, 2, 3, 1, lambda done, total: calls.append((done, total)))
     assert calls == [(done, 2 + 3) for done in range(1, 6)]  # 2 members exported, then 3 repeats
 
 

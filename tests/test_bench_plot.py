@@ -17,7 +17,7 @@ ACCURACY = {0.25: 0.99, 0.5: 1.0, 0.75: 1.0, 1.0: 1.0}  # three members share on
 def results(torch_ms: dict[float, float], ort_ms: dict[float, float]) -> list[MemberResult]:
     return [
         MemberResult(
-            zoo.Subnet(w), 1000, 1000, "accuracy", a, {"pytorch": {1: torch_ms[w]}, "onnxruntime": {1: ort_ms[w]}}
+            zoo.Member(w), 1000, 1000, "accuracy", a, {"pytorch": {1: torch_ms[w]}, "onnxruntime": {1: ort_ms[w]}}
         )
         for w, a in ACCURACY.items()
     ]

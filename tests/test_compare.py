@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_data import cifar10_dir  # noqa: F401  (fixture: a tiny CIFAR-10 in the archive's real format)
+from test_data import write_cifar10
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
@@ -86,8 +86,9 @@ def test_bad_flags_exit_with_usage_error(capsys):
     assert "--seeds must be at least 1" in capsys.readouterr().err
 
 
-def test_tiny_resnet_table_on_cifar10_files(tmp_path, cifar10_dir):
+def test_tiny_resnet_table_on_cifar10_files(tmp_path):
     """--data cifar10:PATH adds the resnet table on that data (a tiny CIFAR-10 in the real format)."""
+    cifar10_dir = write_cifar10(tmp_path / "cifar-10-batches-py")
     compare = load_compare()
     tables = compare.main(["--tiny", "--only", "resnet", "--data", f"cifar10:{cifar10_dir}", "--out", str(tmp_path)])
     assert [t.name for t in tables] == ["resnet", "resnet-cifar10"]

@@ -60,7 +60,7 @@ def _inputs(model: torch.nn.Module, n: int, seed: int = 1) -> torch.Tensor:
 
 
 def _difference(source: torch.nn.Module, family: zoo.ElasticModel) -> float:
-    family.eval().set_subnet(family.largest)
+    family.eval().set_member(family.largest)
     source.eval()
     with torch.no_grad():
         return max((family(x) - source(x)).abs().max().item() for x in (_inputs(family, n, n) for n in (1, 2, 5)))
@@ -104,10 +104,10 @@ def test_activation_order_is_exact_and_recalibrates_the_members(sources):
         sources["resnet-basic"], order="activation", calibration=batches, widths=[0.5, 1.0], img_size=IMG
     )
     assert _difference(sources["resnet-basic"], family) <= 1e-4
-    assert [s.width for s in family.subnets] == [0.5, 1.0]
+    assert [s.width for s in family.members] == [0.5, 1.0]
     assert family.zoo_metadata["converted_from"]["recalibrated"] == [{"width": 0.5}]
     with torch.no_grad():  # the narrower member has its own statistics and runs
-        family.eval().set_subnet(width=0.5)
+        family.eval().set_member(width=0.5)
         assert family(batches[0]).shape == (16, 10)
 
 
@@ -306,13 +306,13 @@ def test_a_checkpoint_of_another_architecture_names_the_first_differing_tensors(
 
 def test_batch_norm_members_below_full_width_need_calibration(sources):
     family = zoo.from_timm(sources["resnet-basic"], img_size=IMG)  # no data: only the full member
-    assert family.subnets == [zoo.Subnet(width=1.0)]
+    assert family.members == [zoo.Member(width=1.0)]
     with pytest.raises(ValueError, match="has no batch-norm statistics for width=0.5"):
-        family.eval().set_subnet(width=0.5)
+        family.eval().set_member(width=0.5)
     with pytest.raises(ValueError, match="need batch-norm statistics; give calibration data"):
         zoo.from_timm(sources["resnet-basic"], widths=[0.5], img_size=IMG)
     vit = zoo.from_timm(sources["vit"])  # LayerNorm: every member, no data needed
-    assert [s.width for s in vit.subnets] == [0.25, 0.5, 0.75, 1.0]
+    assert [s.width for s in vit.members] == [0.25, 0.5, 0.75, 1.0]
 
 
 # ----- timm's Hub layout ---------------------------------------------------------------------
@@ -344,10 +344,10 @@ def test_a_family_folder_loads_through_timm_local_dir_and_zoo_load(tmp_path, sou
     family.eval()
     with torch.no_grad():
         for member in (0.5, 1.0):
-            family.set_subnet(width=member), via_timm.set_subnet(width=member), via_zoo.set_subnet(width=member)
+            family.set_member(width=member), via_timm.set_member(width=member), via_zoo.set_member(width=member)
             assert torch.equal(via_timm(x), family(x)) and torch.equal(via_zoo(x), family(x))
     fresh = timm.create_model(f"local-dir:{folder}")  # timm's rule: pretrained=False builds the architecture only
-    assert fresh.model_args == family.model_args and fresh.subnets == family.subnets
+    assert fresh.model_args == family.model_args and fresh.members == family.members
     assert zoo.read_header(folder)["arch"] == "slim_mobilenetv2"
     info = runner.invoke(app, ["info", str(folder)])
     assert info.exit_code == 0 and "converted    from timm mobilenetv2_050, order weight" in info.output
@@ -390,7 +390,7 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     difference = float(result.output.split("max abs difference ")[1].split()[0])
     assert difference <= 1e-4
     family = zoo.load(out)
-    assert family.zoo_metadata["data"] == "digits" and [s.width for s in family.subnets] == [0.5, 1.0]
+    assert family.zoo_metadata["data"] == "digits" and [s.width for s in family.members] == [0.5, 1.0]
     assert zoo.load(folder).model_args == family.model_args
     assert _difference(vit, family) <= 1e-4
 
@@ -399,8 +399,10 @@ def test_zoo_convert_end_to_end_then_train_from_it(tmp_path, sources):
     assert [r["subnet"] for r in json.loads(result.stdout)] == [{"width": 0.5}, {"width": 1.0}]
 
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "slim_vit_tiny", "--init", str(out), "--img-size", str(IMG), "--steps", "2", "--batch-size", "16",
-                                 "--width", "0.5", "--optimizer", "adamw", "--lr", "1e-4", "--eval-limit", "16", "--out", str(run), "--save-dir", str(tmp_path / "trained")])  # fmt: skip
+    result = runner.invoke(app, ["train", "slim_vit_tiny", "--init", str(out), "--img-size", str(IMG), "--steps", "2",
+                                 "--batch-size", "16", "--width", "0.5", "--optimizer", "adamw", "--lr", "1e-4",
+                                 "--eval-limit", "16", "--out", str(run),
+                                 "--save-dir", str(tmp_path / "trained")])  # fmt: skip
     assert result.exit_code == 0, result.output
     trained = zoo.load(tmp_path / "trained")
     assert trained.model_args["patch_size"] == 16 and trained.pretrained_cfg["input_size"] == (1, IMG, IMG)

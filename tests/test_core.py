@@ -19,7 +19,7 @@ from torch import nn
 
 import zoo
 from zoo.layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear
-from zoo.subnet import Dim, Subnet, fixed, rank_count
+from zoo.space import Dim, Member, fixed, rank_count
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_low_rank_linear_is_the_dense_layer_at_full_rank_and_its_best_approximat
     x = torch.randn(5, 24)
     torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=0)
 
-    low.set_subnet({"rank": (0.5,)}, "r0p5")  # 8 components: the best rank-8 approximation (Eckart-Young)
+    low.set_member({"rank": (0.5,)}, "r0p5")  # 8 components: the best rank-8 approximation (Eckart-Young)
     u, s, vh = torch.linalg.svd(dense.weight.detach().double())
     best = ((u[:, :8] * s[:8]) @ vh[:8]).float()
     torch.testing.assert_close(low(x), x @ best.T, atol=1e-5, rtol=0)
@@ -106,7 +106,7 @@ def test_fused_linear_slices_each_chunk(low_rank):
     torch.manual_seed(0)
     qkv = ElasticLinear(fixed(8), Dim(4, unit_size=2), chunks=3, low_rank=low_rank)  # 3 x 4 heads of 2
     nn.init.normal_(qkv.bias)
-    qkv.set_subnet({"width": (0.5,), "rank": (0.5,)}, "w0p5")  # 2 heads of 2 in each of q, k, v
+    qkv.set_member({"width": (0.5,), "rank": (0.5,)}, "w0p5")  # 2 heads of 2 in each of q, k, v
     rows = [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
     x = torch.randn(5, 8)
     if low_rank:
@@ -126,7 +126,7 @@ def _stats(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_batchnorm_statistics_are_private_to_each_subnet():
     model = zoo.create_model("slim_resnet20").train()
     before = _stats(model)
-    model.set_subnet(width=0.5)
+    model.set_member(width=0.5)
     model(_images())
     after = _stats(model)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -137,12 +137,12 @@ def test_batchnorm_statistics_are_private_to_each_subnet():
 def test_recalibration_makes_a_width_outside_the_grid_usable(tmp_path):
     model = zoo.create_model("slim_resnet20").eval()
     with pytest.raises(ValueError, match="no batch-norm statistics for width=0.6.*recalibrate"):
-        model.set_subnet(width=0.6)
+        model.set_member(width=0.6)
     batches = [_images(8, seed) for seed in range(3)]
-    assert zoo.recalibrate_bn(model, batches, width=0.6) == Subnet(0.6)
-    assert not model.training and model.active_subnet == Subnet(1.0)  # the model is left as it was
+    assert zoo.recalibrate_bn(model, batches, width=0.6) == Member(0.6)
+    assert not model.training and model.active_member == Member(1.0)  # the model is left as it was
 
-    model.set_subnet(width=0.6)
+    model.set_member(width=0.6)
     stem_conv, stem_bn = model.stem[0], model.stem[1]
     with torch.no_grad():
         activations = [stem_conv(b) for b in batches]
@@ -159,41 +159,41 @@ def test_recalibration_makes_a_width_outside_the_grid_usable(tmp_path):
 
     out = model(_images(2, 9))
     loaded = zoo.load(zoo.save(model, tmp_path / "calibrated.safetensors")).eval()
-    loaded.set_subnet(width=0.6)  # the added member and its statistics travel with the file
+    loaded.set_member(width=0.6)  # the added member and its statistics travel with the file
     assert torch.equal(loaded(_images(2, 9)), out)
 
 
 def test_subnet_context_restores_the_previous_subnet():
     model = zoo.create_model("slim_resnet20")
-    model.set_subnet(width=0.5)
-    with zoo.subnet(model, width=0.25) as chosen:
-        assert chosen == Subnet(0.25) and model.active_subnet == chosen and model.fc.key == chosen.key
-    assert model.active_subnet == Subnet(0.5) and model.fc.key == Subnet(0.5).key
+    model.set_member(width=0.5)
+    with zoo.use_member(model, width=0.25) as chosen:
+        assert chosen == Member(0.25) and model.active_member == chosen and model.fc.key == chosen.key
+    assert model.active_member == Member(0.5) and model.fc.key == Member(0.5).key
     with pytest.raises(RuntimeError, match="inside"):
-        with zoo.subnet(model, width=0.75):
+        with zoo.use_member(model, width=0.75):
             raise RuntimeError("inside")
-    assert model.active_subnet == Subnet(0.5)
+    assert model.active_member == Member(0.5)
 
 
 # ----- masks and FLOPs --------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "name, kwargs, subnet",
+    "name, kwargs, member",
     [
-        ("slim_resnet20", {"low_rank": True}, Subnet(0.5, 0.5)),
-        ("slim_mobilenetv2", {"img_size": 32, "num_classes": 10}, Subnet(0.25)),  # depthwise
-        ("slim_vit_tiny", {"img_size": 32, "num_classes": 10}, Subnet(0.5)),  # fused qkv
+        ("slim_resnet20", {"low_rank": True}, Member(0.5, 0.5)),
+        ("slim_mobilenetv2", {"img_size": 32, "num_classes": 10}, Member(0.25)),  # depthwise
+        ("slim_vit_tiny", {"img_size": 32, "num_classes": 10}, Member(0.5)),  # fused qkv
     ],
 )
-def test_parameter_masks_cover_exactly_what_the_subnet_trains(name, kwargs, subnet):
+def test_parameter_masks_cover_exactly_what_the_subnet_trains(name, kwargs, member):
     torch.manual_seed(0)
     model = zoo.create_model(name, **kwargs).train()
     for module in model.modules():
         if isinstance(module, ElasticBatchNorm2d):
             nn.init.ones_(module.weight)  # zero-initialised scales would stop gradients
-    model.set_subnet(subnet)
+    model.set_member(member)
     model(_images()).square().mean().backward()
 
-    masks = zoo.parameter_masks(model, subnet)
+    masks = zoo.parameter_masks(model, member)
     params = dict(model.named_parameters())
     assert masks.keys() == params.keys()
     reached = 0
@@ -202,7 +202,7 @@ def test_parameter_masks_cover_exactly_what_the_subnet_trains(name, kwargs, subn
         assert not p.grad[~masks[pname]].any(), f"{pname} has gradient outside its mask"
         reached += int(p.grad[masks[pname]].ne(0).sum())
     covered = sum(int(m.sum()) for m in masks.values())
-    assert covered == _num_params(zoo.slice(model, subnet))
+    assert covered == _num_params(zoo.slice(model, member))
     assert reached > 0.9 * covered  # the mask is not larger than what the gradient reaches
 
 
@@ -210,7 +210,7 @@ def test_count_flops_shrinks_with_width_and_equals_the_sliced_model():
     model = zoo.create_model("slim_resnet20")
     flops = {}
     for width in (1.0, 0.5, 0.25):
-        model.set_subnet(width=width)
+        model.set_member(width=width)
         flops[width] = zoo.count_flops(model)
         assert flops[width] == zoo.count_flops(zoo.slice(model, width=width))
     assert 80e6 < flops[1.0] < 84e6  # ResNet-20: 40.8 M multiply-adds

@@ -53,10 +53,9 @@ def random_batch(count: int, seed: int, num_classes: int) -> tuple[np.ndarray, l
     return rng.integers(0, 256, (count, 3072), dtype=np.uint8), rng.integers(0, num_classes, count).tolist()
 
 
-@pytest.fixture(scope="module")
-def cifar10_dir(tmp_path_factory) -> Path:
+def write_cifar10(root: Path) -> Path:
     """A CIFAR-10 folder in the archive's exact layout and encoding, 6 images per batch."""
-    root = tmp_path_factory.mktemp("cifar-10-batches-py")
+    root.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         data, labels = random_batch(6, seed=i, num_classes=10)
         dump_python2(
@@ -64,6 +63,11 @@ def cifar10_dir(tmp_path_factory) -> Path:
         )
     dump_python2({b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": 6, b"num_vis": 3072}, root / "batches.meta")
     return root
+
+
+@pytest.fixture(scope="module")
+def cifar10_dir(tmp_path_factory) -> Path:
+    return write_cifar10(tmp_path_factory.mktemp("cifar-10-batches-py"))
 
 
 def write_cifar100(root: Path) -> None:

@@ -28,9 +28,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                 batch_size=8, optimizer="sgd", lr=0.05, eval_every=100, clip_grad=1.0, init=str(start))  # fmt: skip
     single = train(TrainConfig.from_flags(out=str(tmp_path / "single"), **case))
 
-    args = ["train", "slim_gpt_nano", "--data", case["data"], "--strategy", "sandwich", "--width", "0.5", "--seq-len", "16",
-            "--steps", "3", "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--eval-every", "100",
-            "--clip-grad", "1.0", "--init", str(start), "--nproc-per-node", "2", "--out", str(tmp_path / "ddp")]  # fmt: skip
+    args = ["train", "slim_gpt_nano", "--data", case["data"], "--strategy", "sandwich", "--width", "0.5",
+            "--seq-len", "16", "--steps", "3", "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05",
+            "--eval-every", "100", "--clip-grad", "1.0", "--init", str(start), "--nproc-per-node", "2",
+            "--out", str(tmp_path / "ddp")]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("wrote") == 1  # only rank 0 prints and writes

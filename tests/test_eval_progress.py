@@ -19,7 +19,7 @@ from training.model_data import data_for
 @pytest.fixture(scope="module")
 def gpt():
     model = zoo.create_model("slim_gpt_nano", pretrained=True)
-    members = [zoo.Subnet.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
+    members = [zoo.Member.from_dict(r["subnet"]) for r in model.zoo_metadata["metrics"]]
     return model, members, Subset(data_for(model, "evaluate").val, range(12))
 
 

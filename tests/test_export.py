@@ -223,7 +223,7 @@ def test_the_decoder_without_a_cache_is_the_model_and_search_times_it():
     tokens = small.example_input(3)
     with torch.no_grad():
         np.testing.assert_allclose(CachedDecoder(small)(tokens).numpy(), small(tokens).numpy(), atol=1e-5, rtol=0)
-    assert member_latency(family, zoo.Subnet(width=0.5), repeats=3) > 0
+    assert member_latency(family, zoo.Member(width=0.5), repeats=3) > 0
 
 
 def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):
@@ -263,7 +263,7 @@ def test_export_all_writes_every_member_and_a_manifest(tmp_path):
     source = WeightsSource.open(weights)
     assert [m["member"] for m in manifest["members"]] == [{"width": 0.5}, {"width": 1.0}]
     for entry, expected in zip(manifest["members"], metrics):
-        member = source.member(zoo.Subnet.from_dict(entry["member"])).model
+        member = source.member(zoo.Member.from_dict(entry["member"])).model
         assert (tmp_path / "family" / entry["file"]).is_file()
         assert entry["parameters"] == sum(p.numel() for p in member.parameters())
         assert entry["flops"] == zoo.count_flops(member)

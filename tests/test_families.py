@@ -17,7 +17,7 @@ import torch
 
 import zoo
 from zoo.layers import ElasticConv2d
-from zoo.subnet import Subnet
+from zoo.space import Member
 
 ALL_NAMES = zoo.list_models()
 # Variants that only resize a family whose every block another variant runs in CI (ResNet-18/50,
@@ -25,7 +25,7 @@ ALL_NAMES = zoo.list_models()
 SIZE_VARIANTS = {"slim_resnet34", "slim_resnet101", "slim_resnet152", "slim_vit_base", "slim_vit_large"}
 NAMES = [n if n not in SIZE_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in ALL_NAMES]
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
-LOW_RANK_SUBNETS = [Subnet(w, r) for w in (0.5, 1.0) for r in (0.25, 0.5, 1.0)]
+LOW_RANK_SUBNETS = [Member(w, r) for w in (0.5, 1.0) for r in (0.25, 0.5, 1.0)]
 BATCH, SEQ_LEN, IMG_SIZE = 2, 32, 32
 
 
@@ -86,10 +86,10 @@ def _move_off_init(model: zoo.ElasticModel) -> None:
                 p.copy_(0.02 * noise)
 
 
-def _calibrate(model: zoo.ElasticModel, subnets: list[Subnet]) -> None:
+def _calibrate(model: zoo.ElasticModel, members: list[Member]) -> None:
     if model.uses_batchnorm:
         batch = model.example_input(4, SEQ_LEN)
-        for s in subnets:
+        for s in members:
             zoo.recalibrate_bn(model, [batch], width=s.width, rank=s.rank)
 
 
@@ -103,7 +103,7 @@ def family() -> Callable[..., zoo.ElasticModel]:
             torch.manual_seed(0)
             model = zoo.create_model(name, low_rank=low_rank, **tiny_args(name))
             _move_off_init(model)
-            _calibrate(model, LOW_RANK_SUBNETS if low_rank else [Subnet(w) for w in WIDTHS])
+            _calibrate(model, LOW_RANK_SUBNETS if low_rank else [Member(w) for w in WIDTHS])
             cache[name, low_rank] = model.eval()
         return cache[name, low_rank]
 
@@ -124,7 +124,7 @@ def _expected_shape(model: zoo.ElasticModel, num_classes: int) -> tuple[int, ...
 def test_output_shape_at_every_width(name, family):
     model = family(name)
     for width in WIDTHS:
-        model.set_subnet(width=width)
+        model.set_member(width=width)
         out = model(example(model))
         assert out.shape == _expected_shape(model, model.num_classes)
         assert torch.isfinite(out).all()
@@ -137,10 +137,10 @@ def test_sliced_member_computes_what_the_family_computes(name, family):
     x = example(model)
     outputs = {}
     for width in WIDTHS:
-        model.set_subnet(width=width)
+        model.set_member(width=width)
         outputs[width] = model(x)
         small = zoo.slice(model, width=width)
-        assert small.largest == Subnet(width) and small.subnets == [Subnet(width)]
+        assert small.largest == Member(width) and small.members == [Member(width)]
         assert _max_diff(small(x), outputs[width]) <= 1e-5, f"width {width}"
     assert _max_diff(outputs[0.5], outputs[1.0]) > 1e-3, "switching the width changed nothing"
 
@@ -156,14 +156,14 @@ def test_low_rank_sliced_member_computes_what_the_family_computes(name, family):
     )
     x = example(model)
     outputs = {}
-    for subnet in LOW_RANK_SUBNETS:
-        model.set_subnet(width=subnet.width, rank=subnet.rank)
-        outputs[subnet] = model(x)
-        small = zoo.slice(model, width=subnet.width, rank=subnet.rank)
-        assert small.subnets == [subnet]
-        assert _num_params(small) < _num_params(model) or subnet == Subnet(1.0, 1.0)
-        assert _max_diff(small(x), outputs[subnet]) <= 1e-5, str(subnet)
-    assert _max_diff(outputs[Subnet(1.0, 0.25)], outputs[Subnet(1.0, 1.0)]) > 1e-3, "switching the rank changed nothing"
+    for member in LOW_RANK_SUBNETS:
+        model.set_member(width=member.width, rank=member.rank)
+        outputs[member] = model(x)
+        small = zoo.slice(model, width=member.width, rank=member.rank)
+        assert small.members == [member]
+        assert _num_params(small) < _num_params(model) or member == Member(1.0, 1.0)
+        assert _max_diff(small(x), outputs[member]) <= 1e-5, str(member)
+    assert _max_diff(outputs[Member(1.0, 0.25)], outputs[Member(1.0, 1.0)]) > 1e-3, "switching the rank changed nothing"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -171,21 +171,22 @@ def test_low_rank_sliced_member_computes_what_the_family_computes(name, family):
 def test_save_and_load_round_trip_family_and_member(name, family, tmp_path):
     model = family(name)
     x = example(model)
-    model.set_subnet(width=0.5)
+    model.set_member(width=0.5)
     expected = model(x)
 
     path = zoo.save(model, tmp_path / "family.safetensors", metadata={"note": "round trip"})
     header = zoo.read_header(path)
     assert (
         header["arch"] == name
-        and header["axes"] == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name else ["width", "depth"])
+        and header["axes"]
+        == (["heads", "mlp", "blocks"] if "gpt" in name or "vit" in name or "llama" in name else ["width", "depth"])
         and header["dtype"] == "float32"
     )
-    assert header["subnets"] == [s.to_dict() for s in model.subnets]
+    assert header["subnets"] == [s.to_dict() for s in model.members]
     assert header["num_params"] == _num_params(model) and header["metadata"] == {"note": "round trip"}
     loaded = zoo.load(path).eval()
-    assert loaded.zoo_metadata == {"note": "round trip"} and loaded.subnets == model.subnets
-    loaded.set_subnet(width=0.5)
+    assert loaded.zoo_metadata == {"note": "round trip"} and loaded.members == model.members
+    loaded.set_member(width=0.5)
     assert torch.equal(loaded(x), expected)
 
     member_path = zoo.save(zoo.slice(model, width=0.5), tmp_path / "member.safetensors")
@@ -194,7 +195,7 @@ def test_save_and_load_round_trip_family_and_member(name, family, tmp_path):
     assert member_header["num_params"] < header["num_params"]
     assert member_path.stat().st_size < path.stat().st_size
     member = zoo.load(member_path).eval()
-    assert member.active_subnet == Subnet(0.5)
+    assert member.active_member == Member(0.5)
     assert torch.equal(member(x), expected)
 
 
@@ -224,15 +225,15 @@ def test_members_shrink_and_are_nested(name, family):
 def test_impossible_subnets_say_what_is_allowed(name):
     model = _meta_model(name, **tiny_args(name))
     with pytest.raises(ValueError, match="low_rank"):
-        model.set_subnet(rank=0.5)
+        model.set_member(rank=0.5)
     for width in (0, 1.7):
         with pytest.raises(ValueError, match=r"width must be in \(0, 1\]"):
-            model.set_subnet(width=width)
+            model.set_member(width=width)
     with pytest.raises(ValueError, match="member fields width, .*; unknown field kernel"):
-        model.set_subnet(width=0.5, kernel=3)
+        model.set_member(width=0.5, kernel=3)
     low_rank = _meta_model(name, low_rank=True, **tiny_args(name))
     with pytest.raises(ValueError, match=r"rank must be in \(0, 1\]"):
-        low_rank.set_subnet(width=0.5, rank=0)
+        low_rank.set_member(width=0.5, rank=0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -254,10 +255,10 @@ def test_timm_creates_the_zoo_model(name):
 def test_timm_face_and_reset_classifier(name, family, tmp_path):
     model = copy.deepcopy(family(name))
     x = example(model)
-    model.set_subnet()
+    model.set_member()
     features = model.forward_features(x)
     assert model.forward_head(features, pre_logits=True).shape[-1] == model.num_features
-    model.set_subnet(width=0.75)
+    model.set_member(width=0.75)
     features = model.forward_features(x)
     assert torch.equal(model.forward_head(features), model(x))
     assert model.forward_head(features, pre_logits=True).shape[-1] == model.num_features  # follows the member
@@ -268,12 +269,12 @@ def test_timm_face_and_reset_classifier(name, family, tmp_path):
             model.reset_classifier(model.num_classes + 1)
         return
     model.reset_classifier(7)
-    assert model.active_subnet == Subnet(0.75) and model.get_classifier().out_features == 7
+    assert model.active_member == Member(0.75) and model.get_classifier().out_features == 7
     out = model(x)
     assert out.shape == _expected_shape(model, 7)
     path = zoo.save(model, tmp_path / "seven.safetensors")
     loaded = zoo.load(path).eval()
-    loaded.set_subnet(width=0.75)
+    loaded.set_member(width=0.75)
     assert loaded.num_classes == 7 and loaded.pretrained_cfg["num_classes"] == 7
     assert torch.equal(loaded(x), out)
 

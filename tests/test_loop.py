@@ -62,8 +62,8 @@ def test_two_accumulated_micro_batches_match_one_batch_of_twice_the_size(tmp_pat
     micro-batch) of a LayerNorm family, SGD with momentum: two micro-batches of 4 give the
     step one batch of 8 gives, up to float rounding (~1e-7); a wrong loss scale or a missing
     micro-batch moves the weights by ~1e-3."""
-    case = dict(model="slim_gpt_nano", data=f"text:{_corpus(tmp_path)}", strategy="sandwich", widths=[0.5], seq_len=16, steps=3,
-                batch_size=8, optimizer="sgd", lr=0.05, warmup_steps=0, eval_every=100)  # fmt: skip
+    case = dict(model="slim_gpt_nano", data=f"text:{_corpus(tmp_path)}", strategy="sandwich", widths=[0.5], seq_len=16,
+                steps=3, batch_size=8, optimizer="sgd", lr=0.05, warmup_steps=0, eval_every=100)  # fmt: skip
     whole, whole_shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "whole"), **case))
     accumulated, shapes = _run(TrainConfig.from_flags(out=str(tmp_path / "accum"), accum_steps=2, **case))
     assert set(whole_shapes) == {(8, 16)} and set(shapes) == {(4, 16)}
@@ -88,8 +88,8 @@ def test_fp16_loss_scaling_skips_an_overflowed_step_and_masks_a_taken_one_exactl
     torch.nn.functional.cross_entropy(model(inputs), targets).backward()
     optimizer.step()  # momentum everywhere, so a masked coordinate has state that must stay
     optimizer.zero_grad(set_to_none=True)
-    masks = MaskCache(model).member(zoo.Subnet(0.5))
-    model.set_subnet(width=0.5, for_training=True)
+    masks = MaskCache(model).member(zoo.Member(0.5))
+    model.set_member(width=0.5, for_training=True)
     reference = copy.deepcopy(model)
     reference_optimizer = create_optimizer_v2(reference, "momentum", lr=0.1, weight_decay=5e-4, momentum=0.9)
     reference_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # (a plain load shares the tensors)
@@ -184,8 +184,8 @@ def test_two_nodes_on_localhost_match_one_process_with_sync_bn(tmp_path):
     """Two `zoo train --nnodes 2` commands of one process each, meeting in a c10d rendezvous on
     127.0.0.1, train a batch-norm family with --sync-bn as one process with the same global
     batch: ~1e-7 apart, where per-process batch statistics put them ~1e-2 apart."""
-    case = ["slim_resnet20", "--width", "0.5", "--steps", "3", "--batch-size", "16", "--eval-every", "100", "--lr", "0.05",
-            "--warmup-steps", "0", "--sync-bn"]  # fmt: skip
+    case = ["slim_resnet20", "--width", "0.5", "--steps", "3", "--batch-size", "16", "--eval-every", "100",
+            "--lr", "0.05", "--warmup-steps", "0", "--sync-bn"]  # fmt: skip
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = [
         subprocess.Popen(

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import zoo
 from training.masking import MaskCache, masked_step
-from zoo import Subnet
+from zoo import Member
 
 pytestmark = pytest.mark.usefixtures("on_exactness_device")  # ZOO_TEST_DEVICE (default cpu), see conftest.py
 
@@ -28,8 +28,8 @@ def _optimizer(kind: str, model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 
 
-def _train_step(model, optimizer, subnet: Subnet, masks) -> None:
-    model.set_subnet(subnet)
+def _train_step(model, optimizer, member: Member, masks) -> None:
+    model.set_member(member)
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
     optimizer.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
@@ -65,7 +65,7 @@ def _outside_and_inside(model, masks, before, after):
 def test_core_steps_leave_everything_outside_the_core_bit_identical(kind, low_rank):
     model = _model(low_rank)
     optimizer = _optimizer(kind, model)
-    core = Subnet(0.5) if not low_rank else Subnet(1.0, 0.5)
+    core = Member(0.5) if not low_rank else Member(1.0, 0.5)
     cache = MaskCache(model)
     masks = cache.member(core)
     assert masks and all(not m.all() and m.any() for m in masks.values())
@@ -92,12 +92,12 @@ def test_without_the_mask_the_same_steps_would_move_the_outside(kind):
     """The control for the test above: weight decay and momentum do move unused coordinates."""
     model = _model(False)
     optimizer = _optimizer(kind, model)
-    masks = MaskCache(model).member(Subnet(0.5))
+    masks = MaskCache(model).member(Member(0.5))
     for _ in range(2):
         _train_step(model, optimizer, model.largest, None)
     before = _snapshot(model, optimizer)
     for _ in range(3):
-        _train_step(model, optimizer, Subnet(0.5), None)
+        _train_step(model, optimizer, Member(0.5), None)
     outside_equal, _ = _outside_and_inside(model, masks, before, _snapshot(model, optimizer))
     assert not outside_equal
 
@@ -105,9 +105,9 @@ def test_without_the_mask_the_same_steps_would_move_the_outside(kind):
 def test_first_step_a_core_step_leaves_fresh_state_zero_outside():
     model = _model(False)
     optimizer = _optimizer("sgd", model)
-    masks = MaskCache(model).member(Subnet(0.5))
+    masks = MaskCache(model).member(Member(0.5))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _train_step(model, optimizer, Subnet(0.5), masks)
+    _train_step(model, optimizer, Member(0.5), masks)
     for name, p in model.named_parameters():
         if p in masks:
             outside = ~masks[p]
@@ -118,11 +118,11 @@ def test_first_step_a_core_step_leaves_fresh_state_zero_outside():
 def test_mask_union_of_a_step():
     model = zoo.create_model("slim_resnet20", num_classes=5, img_size=8, widths=[0.25, 0.5, 1.0])
     cache = MaskCache(model)
-    quarter, half = cache.member(Subnet(0.25)), cache.member(Subnet(0.5))
-    union = cache.union([Subnet(0.25), Subnet(0.5)])
+    quarter, half = cache.member(Member(0.25)), cache.member(Member(0.5))
+    union = cache.union([Member(0.25), Member(0.5)])
     assert union.keys() == half.keys() and all(torch.equal(union[p], half[p] | quarter[p]) for p in union)
-    assert cache.union([Subnet(0.25), model.largest]) is None
-    assert cache.union([Subnet(0.5)]) is half  # cached
+    assert cache.union([Member(0.25), model.largest]) is None
+    assert cache.union([Member(0.5)]) is half  # cached
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adamw"])
@@ -131,7 +131,7 @@ def test_a_structured_core_that_skips_blocks_leaves_them_bit_identical(kind):
     and their momentum or moments, do not move; the member's own parameters do."""
     model = _model(False)
     optimizer = _optimizer(kind, model)
-    core = model.resolve_subnet({"width": [0.5, 1, 0.5], "depth": [3, 1, 2]})
+    core = model.resolve_member({"width": [0.5, 1, 0.5], "depth": [3, 1, 2]})
     cache = MaskCache(model)
     masks = cache.member(core)
     skipped = [n for n, p in model.named_parameters() if n.startswith(("stages.1.1.", "stages.1.2.", "stages.2.2."))]
@@ -141,7 +141,7 @@ def test_a_structured_core_that_skips_blocks_leaves_them_bit_identical(kind):
     before = _snapshot(model, optimizer)
     for _ in range(3):
         model.train()
-        model.set_subnet(core, for_training=True)  # a drawn member: batch statistics
+        model.set_member(core, for_training=True)  # a drawn member: batch statistics
         x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()

@@ -19,7 +19,7 @@ import export.latency
 import zoo
 from cli.app import app
 from cli.search_commands import _export_best
-from zoo import Subnet
+from zoo import Member
 from zoo.search import Budget, Candidate, SearchResult
 
 MEMBER = {"width": [0.25, 0.5, 1.0], "depth": [1, 2, 3]}
@@ -50,7 +50,7 @@ def test_train_then_export_a_member_given_as_json(tmp_path):
                    "--eval-every", "2", "--eval-limit", "32", "--out", str(run))  # fmt: skip
     assert done.exit_code == 0, done.output
     trained = zoo.load(run / "model.safetensors")
-    assert trained.subnets == [Subnet(**MEMBER), Subnet(1.0)]  # the member, and the full model it lives in
+    assert trained.members == [Member(**MEMBER), Member(1.0)]  # the member, and the full model it lives in
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["subnet"] for e in lines] == [MEMBER, {"width": 1.0}]
 
@@ -62,7 +62,7 @@ def test_train_then_export_a_member_given_as_json(tmp_path):
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     images = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
-        expected = zoo.slice(trained.eval(), Subnet(**MEMBER)).eval()(images).numpy()
+        expected = zoo.slice(trained.eval(), Member(**MEMBER)).eval()(images).numpy()
     (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     np.testing.assert_allclose(logits, expected, atol=1e-4)
 
@@ -82,8 +82,8 @@ def test_bench_measures_the_member_given(family, tmp_path):
     model = zoo.load(family)
     (measured,) = report["members"]
     assert measured["subnet"] == MEMBER and report["batch_sizes"] == [1, 2]
-    assert measured["params"] == zoo.count_params(model, Subnet(**MEMBER))
-    assert measured["flops"] == zoo.count_flops(model, Subnet(**MEMBER))
+    assert measured["params"] == zoo.count_params(model, Member(**MEMBER))
+    assert measured["flops"] == zoo.count_flops(model, Member(**MEMBER))
     assert all(measured["latency_ms"][runtime][b] > 0 for runtime in ("pytorch", "onnxruntime") for b in ("1", "2"))
     line = _one_error_line(_invoke("bench", str(family), "--member", '{"depth": [1, 1]}', "--repeats", "1"))
     assert "depth" in line
@@ -133,7 +133,7 @@ def _not_measured_again(member):
 
 def _two_found(budget: str) -> SearchResult:
     """What a search under ``budget`` found: width 0.25 ranked first, width 0.5 second."""
-    found = [Candidate(Subnet(0.5), 0.5, {"latency": 0.2}, 0), Candidate(Subnet(0.25), 0.75, {"latency": 0.1}, 0)]
+    found = [Candidate(Member(0.5), 0.5, {"latency": 0.2}, 0), Candidate(Member(0.25), 0.75, {"latency": 0.1}, 0)]
     return SearchResult(Budget.parse(budget), "accuracy", True, found, 0)
 
 
@@ -145,7 +145,7 @@ def test_the_next_best_member_is_exported_when_the_first_measures_over_budget(fa
     result = _two_found("latency=1000")
     best, check = _export_best(result, zoo.WeightsSource.open(family), out, 1, False, latency=_not_measured_again)
     first, second = measured
-    assert [result.ranked()[0].member, best.member] == [Subnet(0.25), Subnet(0.5)]
+    assert [result.ranked()[0].member, best.member] == [Member(0.25), Member(0.5)]
     assert not first.exists() and second.exists() and check["file"] == str(second)  # the first file is removed
     assert check["search_ms"] == 0.2 and 0 < check["exported_ms"] <= 1000
     manifest = json.loads((out / "manifest.json").read_text())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import zoo
-from zoo import Subnet
+from zoo import Member
 
 NAMES = zoo.list_models()
 SMALL = {"slim_resnet20", "slim_mobilenetv2", "slim_vit_tiny", "slim_gpt_nano"}  # one per family
@@ -35,7 +35,7 @@ def _blocks(model: torch.nn.Module) -> int:
     return sum(len(m) for m in model.modules() if isinstance(m, ElasticBlocks))
 
 
-def _ready(model: zoo.ElasticModel, member: Subnet, x: torch.Tensor) -> None:
+def _ready(model: zoo.ElasticModel, member: Member, x: torch.Tensor) -> None:
     """Batch-norm members get statistics from data first (slicing needs them)."""
     if model.needs_calibration(member):
         zoo.recalibrate_bn(model, [x, x + 0.1], member)
@@ -50,13 +50,13 @@ def test_random_members_slice_exactly_and_cost_what_their_slice_costs(name, low_
     x = model.example_input(2, 16)
     shallower = 0
     for _ in range(3):
-        member = model.resolve_subnet(model.sample_member(generator))
+        member = model.resolve_member(model.sample_member(generator))
         json.dumps(member.to_dict())  # JSON-ready
         _ready(model, member, x)
-        model.set_subnet(member)
+        model.set_member(member)
         expected = model(x)
         small = zoo.slice(model, member).eval()
-        assert small.subnets == [member] and small.largest == member
+        assert small.members == [member] and small.largest == member
         assert (small(x) - expected).abs().max().item() <= 1e-5, str(member)
         assert zoo.count_params(model, member) == sum(p.numel() for p in small.parameters())
         assert zoo.count_flops(model, member) == zoo.count_flops(small)
@@ -69,7 +69,7 @@ def test_random_members_slice_exactly_and_cost_what_their_slice_costs(name, low_
 @torch.no_grad()
 def test_depth_removes_blocks_and_their_parameters(name):
     model = _tiny(name)
-    member = model.resolve_subnet({"depth": [1, 3, 2]} if "resnet" in name else {"blocks": [0, 3]})
+    member = model.resolve_member({"depth": [1, 3, 2]} if "resnet" in name else {"blocks": [0, 3]})
     x = model.example_input(2, 16)
     _ready(model, member, x)
     small = zoo.slice(model, member)
@@ -84,12 +84,12 @@ def test_depth_removes_blocks_and_their_parameters(name):
 def test_uniform_width_is_a_point_of_the_same_space():
     model = _tiny("slim_resnet20")
     assert (
-        model.resolve_subnet(0.5) == model.resolve_subnet({"width": [0.5, 0.5, 0.5], "depth": [3, 3, 3]}) == Subnet(0.5)
+        model.resolve_member(0.5) == model.resolve_member({"width": [0.5, 0.5, 0.5], "depth": [3, 3, 3]}) == Member(0.5)
     )
-    assert model.resolve_subnet(width=0.5).key == "w0p5"  # the names weights files always used
+    assert model.resolve_member(width=0.5).key == "w0p5"  # the names weights files always used
     vit = _tiny("slim_vit_tiny")
-    assert vit.resolve_subnet({"heads": 0.5, "mlp": 0.5}) == Subnet(0.5)
-    assert vit.resolve_subnet({"heads": 0.5, "mlp": 1.0}).to_dict() == {"heads": 0.5, "mlp": 1.0}
+    assert vit.resolve_member({"heads": 0.5, "mlp": 0.5}) == Member(0.5)
+    assert vit.resolve_member({"heads": 0.5, "mlp": 1.0}).to_dict() == {"heads": 0.5, "mlp": 1.0}
 
 
 def test_space_is_json_ready_and_describes_every_field():
@@ -115,20 +115,20 @@ def test_space_is_json_ready_and_describes_every_field():
 )
 def test_invalid_members_name_the_field_and_what_is_allowed(member, message):
     with pytest.raises(ValueError, match=message):
-        _tiny("slim_resnet20").set_subnet(member)
+        _tiny("slim_resnet20").set_member(member)
 
 
 def test_invalid_transformer_members():
     vit = _tiny("slim_vit_tiny")
     with pytest.raises(ValueError, match=r"blocks must be a non-empty increasing list of block indices from \[0, 1"):
-        vit.set_subnet({"blocks": [3, 1]})
+        vit.set_member({"blocks": [3, 1]})
     with pytest.raises(ValueError, match=r"list of block indices .*, got 3$"):
-        vit.set_subnet({"blocks": 3})
+        vit.set_member({"blocks": 3})
     with pytest.raises(ValueError, match="give width .* or heads, not both"):
-        vit.set_subnet({"width": 0.5, "heads": 0.5})
+        vit.set_member({"width": 0.5, "heads": 0.5})
     small = zoo.slice(vit, {"blocks": [0, 5, 11]})
     with pytest.raises(ValueError, match=r"from \[0, 5, 11\], got \[0, 1\]"):
-        small.set_subnet({"blocks": [0, 1]})  # a sliced member holds only its own blocks
+        small.set_member({"blocks": [0, 1]})  # a sliced member holds only its own blocks
 
 
 @pytest.mark.slow  # CI exports the same kind of member of a smaller GPT: tests/test_small_exports.py
@@ -137,7 +137,7 @@ def test_a_structured_member_exports_to_a_verified_onnx_file(tmp_path):
     from export.onnx_export import export_member
 
     model = _tiny("slim_gpt_nano", low_rank=True)
-    member = model.resolve_subnet(
+    member = model.resolve_member(
         {"heads": [1, 0.5, 0.5, 1], "mlp": 0.25, "rank": [1, 0.5, 0.25, 1], "blocks": [0, 2, 3]}
     )
     result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
@@ -180,7 +180,7 @@ def test_member_flag_in_slice_and_eval(trained, tmp_path):  # `zoo bench --membe
     assert done.returncode == 0, done.stderr
     assert "recalibrated on digits" in done.stdout  # the file's own data, no flag needed
     small = zoo.load(sliced)
-    assert small.subnets == [Subnet(width=[0.25, 0.5, 1.0], depth=[1, 2, 3])]
+    assert small.members == [Member(width=[0.25, 0.5, 1.0], depth=[1, 2, 3])]
     evaluated = _zoo("eval", str(trained), "--member", member, "--json")
     assert evaluated.returncode == 0, evaluated.stderr
     records = json.loads(evaluated.stdout)
@@ -212,7 +212,7 @@ def test_search_is_deterministic_per_seed_and_stays_within_budget(trained):
 
         budget = Budget.parse("flops=1.5M")
         result = Evolution(model, scorer, cost, budget, seed=5).run(
-            population=4, generations=3, seeds=model.subnets[:1]
+            population=4, generations=3, seeds=model.members[:1]
         )
         assert all(c.costs["flops"] <= 1.5e6 for c in result.candidates) and result.rejected > 0
         assert len(result.candidates) > 4  # later generations bred new members
@@ -256,19 +256,20 @@ def test_search_command_end_to_end(trained, tmp_path):
     assert manifest["members"][0]["metric"] == {"accuracy": report["best"]["metric"]}  # what the search measured
     from cli.search_commands import search_file_name
 
-    chosen = Subnet.from_dict(report["best"]["member"])
+    chosen = Member.from_dict(report["best"]["member"])
     assert manifest["members"][0]["file"] == search_file_name("slim_resnet20", chosen, "params", report["best"])
     assert chosen.key not in manifest["members"][0]["file"] and "-params.onnx" in manifest["members"][0]["file"]
     for value, expected in ((out / "pareto.json", report["best"]), (f"{out / 'pareto.json'}#0", report["front"][0])):
         sliced = _zoo("slice", str(trained), "--member", str(value), "--out", str(tmp_path / "m.safetensors"))
         assert sliced.returncode == 0, sliced.stderr
-        assert zoo.load(tmp_path / "m.safetensors").subnets == [Subnet.from_dict(expected["member"])]
+        assert zoo.load(tmp_path / "m.safetensors").members == [Member.from_dict(expected["member"])]
     missing = _zoo("slice", str(trained), "--member", f"{out / 'pareto.json'}#99", "--out", str(tmp_path / "n"))
     assert missing.returncode == 1 and f"the front has {len(report['front'])} entries" in missing.stderr
     bad = _zoo("search", str(trained), "--budget", "params=10", "--out", str(tmp_path / "c"))
     assert (
         bad.returncode == 1
-        and "no member of slim_resnet20 fits the budget params <= 10: the smallest (depth=[1,1,1], width=0.25) has params 5142"
+        and "no member of slim_resnet20 fits the budget params <= 10: "
+        "the smallest (depth=[1,1,1], width=0.25) has params 5142"
         in bad.stderr
     )
     assert not (tmp_path / "c").exists()  # nothing half-written
@@ -283,7 +284,7 @@ def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
     from export.onnx_export import export_member
 
     model = _tiny(name, low_rank=True)
-    member = model.resolve_subnet(model.sample_member(torch.Generator().manual_seed(2)))
+    member = model.resolve_member(model.sample_member(torch.Generator().manual_seed(2)))
     if model.needs_calibration(member):  # statistics from enough data that no channel's variance is tiny
         zoo.recalibrate_bn(model, [model.example_input(16) for _ in range(4)], member)
     result = export_member(zoo.WeightsSource(tmp_path / "none", model, "0" * 64).member(member), tmp_path / "m.onnx")
@@ -297,9 +298,9 @@ def test_a_random_member_of_every_family_exports_verified(name, tmp_path):
 def test_the_front_holds_the_best_member_even_among_ties():
     from zoo.search import Budget, Candidate, SearchResult
 
-    twins = [Candidate(Subnet(width=w), 0.9, {"flops": 10.0}, 0) for w in (0.75, 0.5)]  # same cost, same metric
+    twins = [Candidate(Member(width=w), 0.9, {"flops": 10.0}, 0) for w in (0.75, 0.5)]  # same cost, same metric
     result = SearchResult(
-        Budget("flops", 20.0), "accuracy", True, [Candidate(Subnet(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0
+        Budget("flops", 20.0), "accuracy", True, [Candidate(Member(width=0.25), 0.5, {"flops": 5.0}, 0), *twins], 0
     )
     assert result.ranked()[0] in result.front() and [c.metric for c in result.front()] == [0.5, 0.9]
 
@@ -314,8 +315,8 @@ def test_the_pareto_plot_zooms_to_the_budget_in_plain_units_with_labels_apart():
 
     generator = torch.Generator().manual_seed(0)
     flops = (torch.rand(30, generator=generator) * 0.2e6 + 0.05e6).tolist()
-    scored = [Candidate(Subnet(width=0.25, depth=[1, 2, 3]), 0.6 + f / 1e6, {"flops": f}, 1) for f in flops]
-    grid = [Candidate(Subnet(width=w), 0.8 + w / 10, {"flops": w * w * 5e6}, -1) for w in (0.25, 0.5, 0.75, 1.0)]
+    scored = [Candidate(Member(width=0.25, depth=[1, 2, 3]), 0.6 + f / 1e6, {"flops": f}, 1) for f in flops]
+    grid = [Candidate(Member(width=w), 0.8 + w / 10, {"flops": w * w * 5e6}, -1) for w in (0.25, 0.5, 0.75, 1.0)]
     grid[0].costs["flops"], grid[0].metric = 0.24e6, 0.84  # next to the chosen member
     result = SearchResult(Budget("flops", 0.25e6), "accuracy", True, scored, 0)
     best = result.ranked()[0]

@@ -94,9 +94,9 @@ def test_info_agrees_with_the_loaded_model(name):
     assert result.exit_code == 0, result.output
     lines = dict(line.split(None, 1) for line in result.output.splitlines() if line.split(None, 1)[0] != "metrics")
     model = zoo.load(path)
-    assert lines["members"].split(" (")[0] == model.trained_members()
+    assert lines["members"].split(" (")[0] == model.describe_members()
     assert lines["axes"] == ", ".join(model.axes)
-    assert model.describe_space() == f"{name}: {lines['space']}; trained members: {model.trained_members()}"
+    assert model.describe_space() == f"{name}: {lines['space']}; trained members: {model.describe_members()}"
     assert lines["parameters"] == f"{sum(p.numel() for p in model.parameters()):,}"
     assert lines["architecture"] == f"{name} (family {zoo.family_of(name)}, {model.input_kind} input)"
     assert ("LayerNorm" in lines["members"]) == (not model.uses_batchnorm)

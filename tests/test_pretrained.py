@@ -16,7 +16,7 @@ from cli import commands  # noqa: F401  (registers the commands)
 from cli.app import app
 from training.evaluate import evaluate
 from training.model_data import data_for
-from zoo.members import trained_members
+from zoo.members import recorded_members
 
 SHIPPED = ["slim_resnet20", "slim_gpt_nano", "slim_vit_tiny"]
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -58,7 +58,7 @@ def test_shipped_file_loads_through_zoo_and_timm(name):
         assert type(model) is type(via_timm)
         theirs = via_timm.state_dict()
         assert all(torch.equal(tensor, theirs[key]) for key, tensor in model.state_dict().items())
-    members = trained_members(model)
+    members = recorded_members(model)
     assert [s.to_dict() for s in members] == [m["subnet"] for m in metadata["metrics"]]
     assert len(members) >= 2  # a family, not one model
     kind = model.input_kind
@@ -72,7 +72,7 @@ def test_shipped_file_reproduces_its_recorded_check_metrics(name, one_thread):
     model = zoo.create_model(name, pretrained=True)
     check = model.zoo_metadata["check"]
     val = data_for(model, "evaluate").val
-    members = trained_members(model)
+    members = recorded_members(model)
     first = evaluate(model, val, members, 256, limit=check["items"])
     again = evaluate(model, val, members, 256, limit=check["items"])
     assert first == again

@@ -52,7 +52,7 @@ def test_slice_writes_a_smaller_standalone_file_with_provenance(family, tmp_path
     assert out.stat().st_size < 0.4 * family.stat().st_size
 
     small = zoo.load(out)  # loads on its own
-    assert small.largest == zoo.Subnet(0.5) and small.subnets == [zoo.Subnet(0.5)]
+    assert small.largest == zoo.Member(0.5) and small.members == [zoo.Member(0.5)]
     assert small.zoo_metadata["sliced_from"] == {
         "arch": "slim_resnet20",
         "subnet": {"width": 0.5},
@@ -62,7 +62,7 @@ def test_slice_writes_a_smaller_standalone_file_with_provenance(family, tmp_path
     assert small.zoo_metadata["metrics"] == [METRICS[0]]
     full = zoo.load(family).eval()
     x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad(), zoo.subnet(full, 0.5):
+    with torch.no_grad(), zoo.use_member(full, 0.5):
         torch.testing.assert_close(small.eval()(x), full(x))
     assert "68,642 parameters" in result.output and "accuracy 0.6250" in result.output
 
@@ -89,7 +89,7 @@ def test_calibrate_recalibrates_an_untrained_member_on_data(family, tmp_path):
     result = invoke("slice", family, "--width", "0.75", "--calibrate", "digits", "--out", out)
     assert result.exit_code == 0, result.output
     small = zoo.load(out)
-    assert small.subnets == [zoo.Subnet(0.75)]
+    assert small.members == [zoo.Member(0.75)]
     assert small.zoo_metadata["bn_recalibration"] == {
         "batches": 8,
         "data": "digits (training split, no augmentation, up to 8 batches of 64)",
@@ -112,7 +112,7 @@ def test_layernorm_families_slice_any_member(tmp_path):
     weights = zoo.save(zoo.create_model("slim_gpt_nano", context_length=8), tmp_path / "gpt.safetensors")
     result = invoke("slice", weights, "--width", "0.6", "--out", tmp_path / "g.safetensors")
     assert result.exit_code == 0, result.output
-    assert zoo.load(tmp_path / "g.safetensors").largest == zoo.Subnet(0.6)
+    assert zoo.load(tmp_path / "g.safetensors").largest == zoo.Member(0.6)
 
 
 @pytest.mark.parametrize(

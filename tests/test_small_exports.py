@@ -60,9 +60,9 @@ def _small(name: str) -> zoo.ElasticModel:
 @torch.no_grad()
 def test_a_structured_member_of_a_small_network_exports_verified(name, tmp_path):
     model = _small(name)
-    member = model.resolve_subnet(model.sample_member(torch.Generator().manual_seed(2)))
+    member = model.resolve_member(model.sample_member(torch.Generator().manual_seed(2)))
     if name == "small_gpt":  # the slow test's kind of member: per-block heads and ranks, a skipped block
-        member = model.resolve_subnet({"heads": [1, 0.5, 1], "mlp": 0.25, "rank": [1, 0.5, 0.25], "blocks": [0, 2]})
+        member = model.resolve_member({"heads": [1, 0.5, 1], "mlp": 0.25, "rank": [1, 0.5, 0.25], "blocks": [0, 2]})
     if model.needs_calibration(member):  # statistics from enough data that no channel's variance is tiny
         zoo.recalibrate_bn(model, [model.example_input(16) for _ in range(4)], member)
     source = zoo.WeightsSource(tmp_path / "none", model, "0" * 64)

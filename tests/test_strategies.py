@@ -10,10 +10,10 @@ import torch
 import zoo
 from training.strategies import LayerwiseSpace, Pass, create_strategy, members_for
 from training.trainer import TrainConfig, train
-from zoo import Subnet
+from zoo import Member
 
-FULL = Subnet(1.0)
-WIDTHS = [Subnet(0.25), Subnet(0.5), Subnet(0.75), FULL]
+FULL = Member(1.0)
+WIDTHS = [Member(0.25), Member(0.5), Member(0.75), FULL]
 
 
 def _plans(strategy, steps: int, start: int = 0) -> list[list[Pass]]:
@@ -27,12 +27,12 @@ def _meta(name: str = "slim_resnet20", **kwargs) -> zoo.ElasticModel:
 
 def test_members_are_the_product_plus_the_full_model_for_joint_strategies():
     dense, low_rank = _meta(), _meta(low_rank=True)
-    assert members_for("alternating", [0.5], None, dense) == [Subnet(0.5), FULL]
+    assert members_for("alternating", [0.5], None, dense) == [Member(0.5), FULL]
     low = members_for("all", [0.5, 1.0], [0.25], low_rank)
-    assert low == [Subnet(0.5, 0.25), Subnet(1.0, 0.25), Subnet(1.0, 1.0)]
-    assert members_for("separate", [0.5], None, dense) == [Subnet(0.5)]
+    assert low == [Member(0.5, 0.25), Member(1.0, 0.25), Member(1.0, 1.0)]
+    assert members_for("separate", [0.5], None, dense) == [Member(0.5)]
     shallow = members_for("alternating", [], None, dense, extra=[{"width": [0.5, 1, 1], "depth": [1, 3, 3]}])
-    assert shallow == [Subnet(width=[0.5, 1.0, 1.0], depth=[1, 3, 3]), FULL]
+    assert shallow == [Member(width=[0.5, 1.0, 1.0], depth=[1, 3, 3]), FULL]
     with pytest.raises(ValueError, match="unknown strategy"):
         members_for("greedy", [0.5], None, dense)
     with pytest.raises(ValueError, match="depth of stage 0 must be an integer in \\[1, 3\\]"):
@@ -44,7 +44,7 @@ def test_layerwise_space_draws_every_stage_independently_and_resumes():
     space = LayerwiseSpace(model)
     strategy = create_strategy("random", [FULL], FULL, seed=0, space=space)
     first = _plans(strategy, 50)
-    drawn = [plan[0].subnet for plan in first]
+    drawn = [plan[0].member for plan in first]
     assert len(set(drawn)) > 40 and any(not s.is_uniform for s in drawn)
     assert {d for s in drawn for d in model.expand(s)["depth"]} == {1, 2, 3}
     assert {w for s in drawn for w in model.expand(s)["width"]} == {0.25, 0.5, 0.75, 1.0}
@@ -58,16 +58,16 @@ def test_layerwise_space_draws_every_stage_independently_and_resumes():
     sandwich = create_strategy("sandwich", [FULL], FULL, seed=0, num_random=2, space=space)
     plan = sandwich.plan(0)
     assert (
-        plan[0] == Pass(FULL) and plan[1] == Pass(Subnet(width=0.25, depth=[1, 1, 1]), distill=True) and len(plan) == 4
+        plan[0] == Pass(FULL) and plan[1] == Pass(Member(width=0.25, depth=[1, 1, 1]), distill=True) and len(plan) == 4
     )
     with pytest.raises(ValueError, match="--space layerwise applies to"):
-        create_strategy("alternating", [Subnet(0.5), FULL], FULL, seed=0, space=space)
+        create_strategy("alternating", [Member(0.5), FULL], FULL, seed=0, space=space)
 
 
 def test_alternating_switches_between_full_and_core_steps():
     strategy = create_strategy("alternating", WIDTHS, FULL, seed=0)
     plans = _plans(strategy, 1200)
-    chosen = [plan[0].subnet for plan in plans]
+    chosen = [plan[0].member for plan in plans]
     assert all(len(plan) == 1 and not plan[0].distill for plan in plans)
     assert chosen[0::2] == [FULL] * 600  # full, core, full, core, ...
     cores = Counter(chosen[1::2])
@@ -76,23 +76,23 @@ def test_alternating_switches_between_full_and_core_steps():
 
 
 def test_core_prob_sets_the_exact_fraction_of_core_steps():
-    strategy = create_strategy("alternating", [Subnet(0.5), FULL], FULL, seed=0, core_prob=0.25)
-    chosen = [plan[0].subnet for plan in _plans(strategy, 1000)]
-    assert chosen.count(Subnet(0.5)) == 250
-    assert chosen[:8] == [FULL, FULL, FULL, Subnet(0.5)] * 2
+    strategy = create_strategy("alternating", [Member(0.5), FULL], FULL, seed=0, core_prob=0.25)
+    chosen = [plan[0].member for plan in _plans(strategy, 1000)]
+    assert chosen.count(Member(0.5)) == 250
+    assert chosen[:8] == [FULL, FULL, FULL, Member(0.5)] * 2
     with pytest.raises(ValueError, match="core-prob"):
-        create_strategy("alternating", [Subnet(0.5), FULL], FULL, seed=0, core_prob=1.0)
+        create_strategy("alternating", [Member(0.5), FULL], FULL, seed=0, core_prob=1.0)
     with pytest.raises(ValueError, match="needs a core"):
         create_strategy("alternating", [FULL], FULL, seed=0)
 
 
 def test_sandwich_trains_largest_smallest_and_distinct_random_members():
-    members = [Subnet(w) for w in (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)]
+    members = [Member(w) for w in (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)]
     strategy = create_strategy("sandwich", members, FULL, seed=3, num_random=2)
     middle = Counter()
     for plan in _plans(strategy, 1000):
-        assert plan[0] == Pass(FULL) and plan[1] == Pass(Subnet(0.25), distill=True)
-        rest = [p.subnet for p in plan[2:]]
+        assert plan[0] == Pass(FULL) and plan[1] == Pass(Member(0.25), distill=True)
+        rest = [p.member for p in plan[2:]]
         assert len(rest) == len(set(rest)) == 2 and all(p.distill for p in plan[2:])
         middle.update(rest)
     assert set(middle) == set(members[1:-1])
@@ -101,14 +101,14 @@ def test_sandwich_trains_largest_smallest_and_distinct_random_members():
 
 def test_all_trains_every_member_and_random_samples_one_uniformly():
     plans = _plans(create_strategy("all", WIDTHS, FULL, seed=0), 5)
-    assert all({p.subnet for p in plan} == set(WIDTHS) and len(plan) == 4 for plan in plans)
-    counts = Counter(plan[0].subnet for plan in _plans(create_strategy("random", WIDTHS, FULL, seed=0), 2000))
+    assert all({p.member for p in plan} == set(WIDTHS) and len(plan) == 4 for plan in plans)
+    counts = Counter(plan[0].member for plan in _plans(create_strategy("random", WIDTHS, FULL, seed=0), 2000))
     assert set(counts) == set(WIDTHS) and all(400 <= n <= 600 for n in counts.values())
 
 
 @pytest.mark.parametrize("name", ["alternating", "sandwich", "random"])
 def test_choices_are_determined_by_the_seed_and_resume_from_the_state(name):
-    members = [Subnet(w) for w in (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)]
+    members = [Member(w) for w in (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)]
     a, b, c = (create_strategy(name, members, FULL, seed=s) for s in (7, 7, 8))
     assert _plans(a, 200) == _plans(b, 200)
     assert _plans(c, 200) != _plans(create_strategy(name, members, FULL, seed=7), 200)
@@ -120,9 +120,9 @@ def test_choices_are_determined_by_the_seed_and_resume_from_the_state(name):
 
 
 def test_separate_needs_exactly_one_member():
-    assert _plans(create_strategy("separate", [Subnet(0.5)], FULL, seed=0), 3) == [[Pass(Subnet(0.5))]] * 3
+    assert _plans(create_strategy("separate", [Member(0.5)], FULL, seed=0), 3) == [[Pass(Member(0.5))]] * 3
     with pytest.raises(ValueError, match="exactly one member"):
-        create_strategy("separate", [Subnet(0.5), FULL], FULL, seed=0)
+        create_strategy("separate", [Member(0.5), FULL], FULL, seed=0)
 
 
 def test_separate_training_moves_only_its_member(tmp_path):
@@ -141,8 +141,8 @@ def test_separate_training_moves_only_its_member(tmp_path):
     )
     result = train(config)
     trained = zoo.load(result.model_path)
-    assert trained.subnets == [Subnet(0.5)] and [m["subnet"] for m in result.metrics] == [{"width": 0.5}]
-    masks = zoo.parameter_masks(trained, Subnet(0.5))
+    assert trained.members == [Member(0.5)] and [m["subnet"] for m in result.metrics] == [{"width": 0.5}]
+    masks = zoo.parameter_masks(trained, Member(0.5))
     before = dict(start.named_parameters())
     moved = 0
     for name, p in trained.named_parameters():

@@ -201,9 +201,10 @@ def test_two_processes_with_workers_resume_bit_identical(noise_folder, tmp_path)
 
     from safetensors.torch import load_file
 
-    args = ["train", "slim_resnet20", "--data", f"folder:{noise_folder}", "--img-size", "8", "--width", "0.5", "--steps", "6",
-            "--batch-size", "4", "--eval-every", "3", "--aa", "rand-m9-mstd0.5-inc1", "--reprob", "0.5", "--mixup", "0.8",
-            "--cutmix", "1.0", "--workers", "1", "--nproc-per-node", "2"]  # fmt: skip
+    args = ["train", "slim_resnet20", "--data", f"folder:{noise_folder}", "--img-size", "8", "--width", "0.5",
+            "--steps", "6", "--batch-size", "4", "--eval-every", "3", "--aa", "rand-m9-mstd0.5-inc1",
+            "--reprob", "0.5", "--mixup", "0.8", "--cutmix", "1.0", "--workers", "1",
+            "--nproc-per-node", "2"]  # fmt: skip
 
     def run(out: str, *extra: str) -> None:
         done = subprocess.run(

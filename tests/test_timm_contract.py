@@ -26,7 +26,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import zoo
 from zoo.features import FeatureNet, features_only
-from zoo.subnet import Subnet
+from zoo.space import Member
 
 CNNS = ["slim_resnet20", "slim_resnet18", "slim_mobilenetv2"]  # CIFAR and ImageNet stems, MobileNetV2
 IMAGE = [*CNNS, "slim_vit_tiny"]
@@ -69,23 +69,23 @@ def test_features_only_backbone_follows_the_member_and_equals_the_sliced_member(
     channels = {}
     with torch.no_grad():
         for width in (1.0, 0.5):
-            with zoo.subnet(backbone, width=width):
+            with zoo.use_member(backbone, width=width):
                 features, info = backbone(x), backbone.feature_info
                 assert info.channels() == [f.shape[1] for f in features]
                 assert [-(-IMG // r) for r in info.reduction()] == [f.shape[-1] for f in features]
                 channels[width] = info.channels()
-        assert backbone.active_subnet == Subnet(1.0)  # zoo.subnet restored the member
+        assert backbone.active_member == Member(1.0)  # zoo.use_member restored the member
         assert len(channels[1.0]) >= 3 and all(half < full for half, full in zip(channels[0.5], channels[1.0]))
 
         # the backbone at a member computes what that member, sliced out of the family, computes
         family = build(name).eval()  # the same weights: built from the same seed
         sliced = features_only(zoo.slice(family, width=0.5)).eval()
         assert sliced.feature_info.channels() == channels[0.5]
-        backbone.set_subnet(width=0.5)
+        backbone.set_member(width=0.5)
         for ours, theirs in zip(backbone(x), sliced(x)):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
-    backbone.train().set_subnet(width=1.0)  # pruned after the last feature: every parameter is used
+    backbone.train().set_member(width=1.0)  # pruned after the last feature: every parameter is used
     sum(f.mean() for f in backbone(x)).backward()
     assert not [n for n, p in backbone.named_parameters() if p.grad is None]
 
@@ -94,7 +94,7 @@ def test_features_only_backbone_follows_the_member_and_equals_the_sliced_member(
 @torch.no_grad()
 def test_forward_intermediates_and_pruning_keep_timms_promises(name):
     model = build(name).eval()
-    model.set_subnet(width=0.5)
+    model.set_member(width=0.5)
     x = images()
     final, taps = model.forward_intermediates(x)
     torch.testing.assert_close(final, model.forward_features(x))
@@ -106,7 +106,7 @@ def test_forward_intermediates_and_pruning_keep_timms_promises(name):
         pruned = copy.deepcopy(model)
         take = pruned.prune_intermediate_layers([i], prune_norm=True)
         torch.testing.assert_close(pruned.forward_intermediates(x, indices=take, intermediates_only=True)[0], taps[i])
-        assert pruned.num_classes == 0 and pruned.active_subnet == Subnet(0.5)
+        assert pruned.num_classes == 0 and pruned.active_member == Member(0.5)
         if name in CNNS and i < last:  # the features end at the tap
             torch.testing.assert_close(pruned.forward_features(x), taps[i])
             assert pruned.head_hidden_size == taps[i].shape[1]
@@ -129,10 +129,10 @@ def _slices_a_parameter(graph: torch.fx.Graph) -> bool:
 @torch.no_grad()
 def test_fx_traces_the_family_at_a_member_and_the_sliced_member_as_a_plain_graph(name, low_rank):
     model = build(name, low_rank=low_rank).eval()
-    member = model.set_subnet(width=0.5, rank=0.25 if low_rank else None)
+    member = model.set_member(width=0.5, rank=0.25 if low_rank else None)
     x = images()
     expected = model(x)
-    elastic = torch.fx.symbolic_trace(model)  # the shapes were decided by set_subnet
+    elastic = torch.fx.symbolic_trace(model)  # the shapes were decided by set_member
     torch.testing.assert_close(elastic(x), expected)
     assert _slices_a_parameter(elastic.graph)
     sliced = torch.fx.symbolic_trace(zoo.slice(model, member))
@@ -147,7 +147,7 @@ def test_fx_traces_the_family_at_a_member_and_the_sliced_member_as_a_plain_graph
 @torch.no_grad()
 def test_torchscript_scripts_the_family_at_a_member_and_the_sliced_member(name):
     model = build(name).eval()
-    model.set_subnet(width=0.5)
+    model.set_member(width=0.5)
     x = images()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; timm still tests it
@@ -180,7 +180,7 @@ def test_vit_with_dynamic_img_size_takes_other_sizes_as_timms_vit():
 @torch.no_grad()
 def test_headless_models_return_features_and_rebuild_from_their_arguments(name, tmp_path):
     model = build(name, num_classes=0).eval()
-    model.set_subnet(width=0.5)
+    model.set_member(width=0.5)
     x = images()
     pooled = model(x)
     assert pooled.shape == (2, model.head_hidden_size) and model.get_classifier().__class__ is torch.nn.Identity
@@ -188,7 +188,7 @@ def test_headless_models_return_features_and_rebuild_from_their_arguments(name, 
     model.reset_classifier(0, "")  # no pooling either: the features themselves
     torch.testing.assert_close(model(x), model.forward_features(x))
     loaded = zoo.load(zoo.save(model, tmp_path / "headless.safetensors")).eval()
-    loaded.set_subnet(width=0.5)
+    loaded.set_member(width=0.5)
     torch.testing.assert_close(loaded(x), model(x))
 
     model.to(device="meta", dtype=torch.float64).eval()  # a new classifier joins the model's device, dtype and mode

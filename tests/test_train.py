@@ -106,8 +106,9 @@ def _resume_case(kind: str, tmp_path: Path) -> dict:
         return dict(model="slim_resnet20", data=f"folder:{_image_folder(tmp_path)}", img_size=8, strategy="random",
                     steps=6, batch_size=8, eval_every=2, optimizer="adamw", lr=1e-3, workers=0,
                     aa="rand-m9-mstd0.5-inc1", reprob=0.5, mixup=0.8, cutmix=1.0)  # fmt: skip
-    return dict(model="slim_gpt_nano", data=f"text:{_text_corpus(tmp_path)}", strategy="sandwich", space="layerwise", widths=[0.25, 0.5, 0.75],
-                num_random=1, seq_len=32, steps=6, batch_size=4, eval_every=2, eval_limit=8, warmup_steps=2)  # fmt: skip
+    return dict(model="slim_gpt_nano", data=f"text:{_text_corpus(tmp_path)}", strategy="sandwich", space="layerwise",
+                widths=[0.25, 0.5, 0.75], num_random=1, seq_len=32, steps=6, batch_size=4, eval_every=2, eval_limit=8,
+                warmup_steps=2)  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["resnet", "layerwise", "augmented", "gpt"])

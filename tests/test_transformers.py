@@ -32,10 +32,10 @@ def test_heads_round_half_up_and_mlp_units_to_eights(arch, heads, hidden):
     with torch.device("meta"):
         model = zoo.create_model(arch, img_size=32)
     for width, n_heads, n_hidden in zip((0.25, 0.5, 0.75, 1.0), heads, hidden):
-        model.set_subnet(width=width)
+        model.set_member(width=width)
         block = model.blocks[0]
         assert (block.attn.num_heads, block.mlp.fc1.active_out) == (n_heads, n_hidden)
-    model.set_subnet(width=0.1)  # LayerNorm families accept widths outside the grid
+    model.set_member(width=0.1)  # LayerNorm families accept widths outside the grid
     assert model.blocks[-1].attn.num_heads == 1
 
 
@@ -52,7 +52,7 @@ def test_narrow_qkv_keeps_the_first_heads_of_q_k_and_v():
 
 
 @pytest.mark.parametrize(
-    "build, low_rank, subnets",
+    "build, low_rank, members",
     [
         (small_vit, False, [(0.25, None), (0.5, None), (0.75, None)]),
         (small_vit, True, [(0.5, 0.25), (1.0, 0.5), (0.75, 0.25)]),
@@ -61,13 +61,13 @@ def test_narrow_qkv_keeps_the_first_heads_of_q_k_and_v():
     ],
     ids=["vit", "vit-low-rank", "gpt", "gpt-low-rank"],
 )
-def test_sliced_member_equals_elastic_subnet(build, low_rank, subnets):
+def test_sliced_member_equals_elastic_subnet(build, low_rank, members):
     torch.manual_seed(0)
     model = build(low_rank=low_rank)
     x = model.example_input(2, 16)
-    for width, rank in subnets:
+    for width, rank in members:
         small = zoo.slice(model, width=width, rank=rank).eval()
-        model.set_subnet(width=width, rank=rank)
+        model.set_member(width=width, rank=rank)
         with torch.no_grad():
             diff = (small(x) - model(x)).abs().max().item()
         assert diff <= 1e-5, (width, rank, diff)
@@ -115,7 +115,7 @@ def test_vit_parameter_counts_equal_timm(arch, timm_arch, count):
 def test_gpt_at_half_width_overfits_a_fixed_batch_and_leaves_other_heads_untouched():
     torch.manual_seed(0)
     model = nano_gpt().train()
-    model.set_subnet(width=0.5)  # 2 of 4 heads (head_dim 32), 256 of 512 MLP units
+    model.set_member(width=0.5)  # 2 of 4 heads (head_dim 32), 256 of 512 MLP units
     data = torch.tensor(list(TEXT[: 4 * 33]), dtype=torch.int64).view(4, 33)
     inputs, targets = data[:, :-1], data[:, 1:]
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -18,7 +18,7 @@ from cli.app import app
 from training.masking import MaskCache, masked_step
 from training.trainer import TrainConfig, train
 from training.updates import create_policy, partial_gradient
-from zoo import Subnet
+from zoo import Member
 
 LR = 0.1
 ON_DEVICE = pytest.mark.usefixtures("on_exactness_device")  # ZOO_TEST_DEVICE (default cpu), see conftest.py
@@ -38,30 +38,30 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 5, (6,), generator=generator)
 
 
-def _loss(model, subnet=None) -> torch.Tensor:
-    model.set_subnet(subnet or model.largest, for_training=True)
+def _loss(model, member=None) -> torch.Tensor:
+    model.set_member(member or model.largest, for_training=True)
     x, y = _batch()
     return F.cross_entropy(model(x), y)
 
 
-def _grads_at(model, weights: dict[str, torch.Tensor], subnet=None) -> dict[str, torch.Tensor]:
+def _grads_at(model, weights: dict[str, torch.Tensor], member=None) -> dict[str, torch.Tensor]:
     """g at ``weights``, on a copy: the reference the rule is checked against."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for n, p in ref.named_parameters():
             p.copy_(weights[n])
-    _loss(ref, subnet).backward()
+    _loss(ref, member).backward()
     return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in ref.named_parameters()}
 
 
-def _policy_step(model, name: str, subnet=None, optimizer=None, **options):
+def _policy_step(model, name: str, member=None, optimizer=None, **options):
     """One step through the trainer's path: partial_gradient, then masked_step."""
     policy = create_policy(name, model, seed=3, **options)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=LR)
-    members = MaskCache(model).member(subnet or model.largest)
+    members = MaskCache(model).member(member or model.largest)
 
     def gradient():
-        loss = _loss(model, subnet)
+        loss = _loss(model, member)
         loss.backward()
         return [loss.detach()]
 
@@ -108,7 +108,7 @@ def test_one_step_is_the_rule_computed_by_hand_for_gradient_perturbations(name):
 @ON_DEVICE
 def test_a_core_step_with_sam_is_the_rule_with_the_cores_mask_and_perturbation():
     model = _model()
-    core = Subnet(0.5)
+    core = Member(0.5)
     x = _weights(model)
     g = _grads_at(model, x, core)  # zero outside the core: δ is too
     norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g.values()))

@@ -4,7 +4,7 @@ A member's forward *slices* the weights (:mod:`zoo.layers`): a width-0.5 member 
 half-size matrices, so every member is its own graph with its own static shapes, and each
 costs only its own FLOPs. (Masking instead, multiplying full-size weights by 0/1 masks, would
 give one graph for all members at the full model's cost on every step.) Dynamo guards on the
-values ``set_subnet`` gives each layer, so the first step of a member fails the guards of the
+values ``set_member`` gives each layer, so the first step of a member fails the guards of the
 graphs compiled so far and compiles its own: graphs are compiled lazily, the first time a
 member trains, and reused on every later step of it. Shapes are static (``dynamic=False``):
 the batch and sequence length never change within a run, and a dynamic-shape graph would be

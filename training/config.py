@@ -103,7 +103,7 @@ class TrainConfig:
         header = zoo.read_header(self.init) if self.init else {}
         if header.get("arch") != self.model:  # another architecture: refused with its own message when loaded
             return {}
-        members = {"low_rank", "widths", "ranks", "extra_subnets", "max_member"}
+        members = {"low_rank", "widths", "ranks", "extra_members", "max_member"}
         return {k: v for k, v in header["model_args"].items() if k not in members}
 
     def resolved(self, model: zoo.ElasticModel) -> TrainConfig:

@@ -172,7 +172,8 @@ def check_data_options(spec: str, *, aa: str | None = None, reprob: float = 0.0,
     kind = spec.partition(":")[0]
     if options and kind != "folder":
         raise ValueError(
-            f"{' and '.join(options)} configure timm's transforms of folder:PATH images; {spec!r} is not an image folder"
+            f"{' and '.join(options)} configure timm's transforms of folder:PATH images; "
+            f"{spec!r} is not an image folder"
         )
     check_augmentation(Augmentation(aa, reprob, crop_pct))
 
@@ -499,7 +500,8 @@ def _array_from(raw: object, dtype: object, shape: object, order: str) -> np.nda
         raise _RefusedPickle("malformed array shape")
     if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
         raise _RefusedPickle(
-            f"array data holds {len(raw)} bytes, but shape {shape} of {dtype.dtype} needs {math.prod(shape) * dtype.dtype.itemsize}"
+            f"array data holds {len(raw)} bytes, "
+            f"but shape {shape} of {dtype.dtype} needs {math.prod(shape) * dtype.dtype.itemsize}"
         )
     return np.frombuffer(raw, dtype.dtype).reshape(shape, order=order)
 

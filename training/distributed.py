@@ -182,7 +182,8 @@ def setup(device_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistContext
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ValueError(
-                f"process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} visible; use at most that many processes per node"
+                f"process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} visible; "
+                "use at most that many processes per node"
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

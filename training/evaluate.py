@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 import zoo
-from zoo import Subnet
+from zoo import Member
 
 from .workers import loader, running
 
@@ -45,7 +45,7 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def evaluate(
     model: zoo.ElasticModel,
     dataset: Dataset,
-    subnets: Sequence[Subnet],
+    members: Sequence[Member],
     batch_size: int = 256,
     limit: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -64,18 +64,18 @@ def evaluate(
         raise ValueError("the validation split is empty")
     device = next(model.parameters()).device
     data = dataset if limit is None or limit >= len(dataset) else Subset(dataset, range(limit))
-    loss_sums = torch.zeros(len(subnets), dtype=torch.float64)
-    correct = torch.zeros(len(subnets), dtype=torch.int64)
-    count, done, total = 0, 0, len(data) * len(subnets)
-    was_training, previous = model.training, model.active_subnet
+    loss_sums = torch.zeros(len(members), dtype=torch.float64)
+    correct = torch.zeros(len(members), dtype=torch.int64)
+    count, done, total = 0, 0, len(data) * len(members)
+    was_training, previous = model.training, model.active_member
     model.eval()
     try:
         with running(loader(data, batch_size=batch_size, shuffle=False, num_workers=workers)) as batches:
             for inputs, targets in batches:
                 inputs, targets = inputs.to(device), targets.to(device).flatten()
                 count += targets.numel()
-                for i, subnet in enumerate(subnets):
-                    model.set_subnet(subnet)
+                for i, member in enumerate(members):
+                    model.set_member(member)
                     with autocast(device):
                         logits = model(inputs)
                     logits = logits.float().flatten(0, -2)
@@ -85,17 +85,17 @@ def evaluate(
                     if progress is not None:
                         progress(done, total)
     finally:
-        model.set_subnet(previous, for_training=True)
+        model.set_member(previous, for_training=True)
         model.train(was_training)
     results = []
-    for i, subnet in enumerate(subnets):
+    for i, member in enumerate(members):
         loss = float(loss_sums[i]) / count
         metric = (
             {"bits_per_byte": loss / math.log(2)}
             if model.input_kind == "tokens"
             else {"accuracy": int(correct[i]) / count}
         )
-        results.append({"subnet": subnet.to_dict(), **metric, "loss": loss})
+        results.append({"subnet": member.to_dict(), **metric, "loss": loss})
     return results
 
 
@@ -124,12 +124,12 @@ class MemberScorer:
         self.calibration = calibration_batches(bundle) if model.uses_batchnorm else []
         self.metric = metric_name(model)
 
-    def prepare(self, member: Subnet) -> None:
+    def prepare(self, member: Member) -> None:
         """Give ``member`` batch-norm statistics if it has none (slicing needs them)."""
         from zoo.members import calibrate_members
 
         calibrate_members(self.model, [member], self.calibration)
 
-    def __call__(self, member: Subnet) -> float:
+    def __call__(self, member: Member) -> float:
         self.prepare(member)
         return evaluate(self.model, self.val, [member], self.batch_size, self.limit)[0][self.metric]

@@ -73,7 +73,8 @@ class Launch:
             raise ValueError(f"--node-rank must be in [0, {most - 1}] for --nnodes {self.nnodes}, got {self.node_rank}")
         if most > 1 and not self.rdzv_endpoint:
             raise ValueError(
-                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the machine of node 0, a free port), the same on every node"
+                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT (the machine of node 0, a free port), "
+                "the same on every node"
             )
         if self.rdzv_endpoint is not None:
             match = _ENDPOINT.match(self.rdzv_endpoint)
@@ -156,8 +157,9 @@ def launch(argv: list[str], where: Launch) -> int:
             return _report(failed, Path(logs))
         except RendezvousError as err:
             reason = type(err).__name__ + (f": {_first_line(err)}" if str(err).strip() else "")
-            print(f"error: the rendezvous at {where.rdzv_endpoint or 'localhost'} failed ({reason}); every node must run the same command "
-                  f"with the same --nnodes, --rdzv-endpoint and --rdzv-id", file=sys.stderr)  # fmt: skip
+            print(f"error: the rendezvous at {where.rdzv_endpoint or 'localhost'} failed ({reason}); "
+                  "every node must run the same command with the same --nnodes, --rdzv-endpoint and --rdzv-id",
+                  file=sys.stderr)  # fmt: skip
             return 1
     return 0
 

@@ -96,7 +96,8 @@ class TrainLoader:
                 raise ValueError("--mixup and --cutmix mix images; this data holds tokens")
             if (batch_size // world_size) % 2:
                 raise ValueError(
-                    f"--mixup and --cutmix mix each process's batch with its reverse: it must be even, got {batch_size // world_size}"
+                    "--mixup and --cutmix mix each process's batch with its reverse: "
+                    f"it must be even, got {batch_size // world_size}"
                 )
             from timm.data import Mixup
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import zoo
-from zoo import Subnet
+from zoo import Member
 
 Masks = dict[nn.Parameter, torch.Tensor]
 
@@ -53,27 +53,27 @@ class MaskCache:
     def __init__(self, model: zoo.ElasticModel, size: int = 64):
         self.model, self.size = model, size
         self._params = dict(model.named_parameters())
-        self._members: OrderedDict[Subnet, Masks | None] = OrderedDict()
-        self._unions: OrderedDict[frozenset[Subnet], Masks | None] = OrderedDict()
+        self._members: OrderedDict[Member, Masks | None] = OrderedDict()
+        self._unions: OrderedDict[frozenset[Member], Masks | None] = OrderedDict()
 
-    def member(self, subnet: Subnet) -> Masks | None:
-        if subnet not in self._members:
-            if subnet == self.model.largest:
+    def member(self, member: Member) -> Masks | None:
+        if member not in self._members:
+            if member == self.model.largest:
                 masks = None
             else:
-                regions = zoo.parameter_masks(self.model, subnet)
+                regions = zoo.parameter_masks(self.model, member)
                 # A parameter the member does not use at all (a skipped block) gets an all-False mask.
                 every = {
                     p: regions.get(name, torch.zeros_like(p, dtype=torch.bool)) for name, p in self._params.items()
                 }
                 masks = {p: m for p, m in every.items() if not bool(m.all())} or None
-            _remember(self._members, subnet, masks, self.size)
-        self._members.move_to_end(subnet)
-        return self._members[subnet]
+            _remember(self._members, member, masks, self.size)
+        self._members.move_to_end(member)
+        return self._members[member]
 
-    def union(self, subnets: Iterable[Subnet]) -> Masks | None:
-        """The mask of a step that trained ``subnets``; None when it is unmasked."""
-        key = frozenset(subnets)
+    def union(self, members: Iterable[Member]) -> Masks | None:
+        """The mask of a step that trained ``members``; None when it is unmasked."""
+        key = frozenset(members)
         if key not in self._unions:
             parts = [self.member(s) for s in key]
             _remember(self._unions, key, parts[0] if len(parts) == 1 else _union(parts), self.size)

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 import zoo
-from zoo.subnet import grid
+from zoo.space import grid
 
 from . import distributed
 from .bundle import repeat_channels, seed_of
@@ -150,7 +150,7 @@ class Setup:
         args: dict = {**cfg.init_architecture(), "low_rank": cfg.members.low_rank, "widths": widths, "ranks": ranks}
         extra = [s.to_dict() for s in self.members if s not in product]
         if extra:
-            args["extra_subnets"] = extra
+            args["extra_members"] = extra
         if data.kind == "tokens":
             args["context_length"] = data.seq_len
         else:

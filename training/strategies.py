@@ -33,8 +33,8 @@ from typing import ClassVar, Sequence
 import torch
 
 import zoo
-from zoo import Subnet
-from zoo.subnet import DEFAULT_GRID, check_fraction, grid
+from zoo import Member
+from zoo.space import DEFAULT_GRID, check_fraction, grid
 
 from .flags import non_negative
 
@@ -51,8 +51,8 @@ class LayerwiseSpace:
         self.model = model
         self.smallest = model.smallest_member(layerwise=True)
 
-    def sample(self, generator: torch.Generator) -> Subnet:
-        return self.model.resolve_subnet(self.model.sample_member(generator, layerwise=True))
+    def sample(self, generator: torch.Generator) -> Member:
+        return self.model.resolve_member(self.model.sample_member(generator, layerwise=True))
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Pass:
     """One forward/backward of a step. ``distill``: learn from the step's first pass's soft
     outputs rather than the labels (the first pass is then the largest member)."""
 
-    subnet: Subnet
+    member: Member
     distill: bool = False
 
 
@@ -69,7 +69,7 @@ class Strategy:
 
     name: ClassVar[str]
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int):
+    def __init__(self, members: Sequence[Member], largest: Member, seed: int):
         self.members = list(members)
         self.largest = largest
         self.generator = torch.Generator().manual_seed(seed)
@@ -77,7 +77,7 @@ class Strategy:
     def plan(self, step: int) -> list[Pass]:
         raise NotImplementedError
 
-    def _pick(self, choices: Sequence[Subnet]) -> Subnet:
+    def _pick(self, choices: Sequence[Member]) -> Member:
         return choices[int(torch.randint(len(choices), (1,), generator=self.generator))]
 
     def state_dict(self) -> dict:
@@ -90,7 +90,7 @@ class Strategy:
 class Alternating(Strategy):
     name = "alternating"
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, core_prob: float = 0.5):
+    def __init__(self, members: Sequence[Member], largest: Member, seed: int, core_prob: float = 0.5):
         super().__init__(members, largest, seed)
         if not 0.0 < core_prob < 1.0:
             raise ValueError(f"--core-prob must be in (0, 1), got {core_prob:g}")
@@ -113,8 +113,8 @@ class Sandwich(Strategy):
 
     def __init__(
         self,
-        members: Sequence[Subnet],
-        largest: Subnet,
+        members: Sequence[Member],
+        largest: Member,
         seed: int,
         num_random: int = 2,
         space: LayerwiseSpace | None = None,
@@ -147,7 +147,7 @@ class All(Strategy):
 class Random(Strategy):
     name = "random"
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int, space: LayerwiseSpace | None = None):
+    def __init__(self, members: Sequence[Member], largest: Member, seed: int, space: LayerwiseSpace | None = None):
         super().__init__(members, largest, seed)
         self.space = space
 
@@ -158,7 +158,7 @@ class Random(Strategy):
 class Separate(Strategy):
     name = "separate"
 
-    def __init__(self, members: Sequence[Subnet], largest: Subnet, seed: int):
+    def __init__(self, members: Sequence[Member], largest: Member, seed: int):
         super().__init__(members, largest, seed)
         if len(self.members) != 1:
             raise ValueError(
@@ -179,13 +179,13 @@ def members_for(
     ranks: Sequence[float] | None,
     model: zoo.ElasticModel,
     extra: Sequence[dict] = (),
-) -> list[Subnet]:
+) -> list[Member]:
     """The trained members: the product of the width and rank lists plus the ``extra`` members
     (any structure), validated against ``model`` and sorted smallest first; joint strategies
     also train the largest member (the full model)."""
     if strategy not in _CLASSES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    members = {model.resolve_subnet(s) for s in [*grid(widths, ranks), *extra]}
+    members = {model.resolve_member(s) for s in [*grid(widths, ranks), *extra]}
     if strategy != "separate":
         members.add(model.largest)
     return model.sort_members(members)
@@ -193,8 +193,8 @@ def members_for(
 
 def create_strategy(
     name: str,
-    members: Sequence[Subnet],
-    largest: Subnet,
+    members: Sequence[Member],
+    largest: Member,
     seed: int,
     *,
     core_prob: float = 0.5,
@@ -257,11 +257,11 @@ class MemberConfig:
         widths = self.widths or ([1.0] if self.low_rank else list(DEFAULT_GRID))
         return widths, ((self.ranks or list(DEFAULT_GRID)) if self.low_rank else None)
 
-    def members(self, model: zoo.ElasticModel) -> list[Subnet]:
+    def members(self, model: zoo.ElasticModel) -> list[Member]:
         """The trained members, validated against ``model`` (its structure is enough)."""
         return members_for(self.strategy, *self.member_lists(), model, self.extra_members or ())
 
-    def create(self, model: zoo.ElasticModel, members: Sequence[Subnet], seed: int) -> Strategy:
+    def create(self, model: zoo.ElasticModel, members: Sequence[Member], seed: int) -> Strategy:
         """The strategy over ``members``; refuses combinations that do not apply."""
         space = LayerwiseSpace(model) if self.space == "layerwise" else None
         options = dict(core_prob=self.core_prob, num_random=self.num_random, space=space)

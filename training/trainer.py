@@ -55,7 +55,7 @@ class TrainResult:
     total_steps: int
     wall_time_s: float
     metric: str  # "accuracy" or "bits_per_byte"
-    member_params: dict[str, int] = field(default_factory=dict)  # subnet key -> parameters
+    member_params: dict[str, int] = field(default_factory=dict)  # member key -> parameters
     stopped_by: int | None = None  # the signal (SIGTERM, SIGINT) that stopped the run after a checkpoint
     already_finished: bool = False  # resumed a finished run: nothing was trained or written
     ema_path: Path | None = None  # --ema: the averaged weights
@@ -218,12 +218,12 @@ class Trainer(Setup):
 
     def _train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
         """One step of ``x ← x - lr · m ⊙ g(x + δ)``. The strategy's members are one choice of
-        ``m`` and ``δ``: each pass evaluates its member alone (``set_subnet`` slices the weights:
+        ``m`` and ``δ``: each pass evaluates its member alone (``set_member`` slices the weights:
         ``δ = -(1 - m) ⊙ x`` as a slice) and the mask is the union of their regions; the update
         policy adds its ``δ`` and narrows ``m`` (:func:`training.updates.partial_gradient`)."""
         plan = self.strategy.plan(self.step)
         self.scheduler.step_update(self.step)
-        members = self.masks.union(part.subnet for part in plan)
+        members = self.masks.union(part.member for part in plan)
         if self.alignment_batch is not None and self.step % self.cfg.loop.log_alignment == 0:
             self._log_alignment(plan, members)
         gradient = lambda: self._gradient(plan, inputs, targets)  # noqa: E731
@@ -234,7 +234,8 @@ class Trainer(Setup):
         for part, value in zip(plan, values):
             if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"loss is {value} at step {self.step + 1} (member {part.subnet}); stopped, {self._last_checkpoint()}"
+                    f"loss is {value} at step {self.step + 1} (member {part.member}); "
+                    f"stopped, {self._last_checkpoint()}"
                 )
         self.precision.step(self.optimizer, mask, self.cfg.optim.clip_grad, self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,9 +257,9 @@ class Trainer(Setup):
             for j, (micro_inputs, micro_targets) in enumerate(zip(inputs.chunk(chunks), targets.chunk(chunks))):
                 teacher = None
                 for i, part in enumerate(plan):
-                    if self.model.active_subnet != part.subnet:
-                        self.model.set_subnet(
-                            part.subnet, for_training=True
+                    if self.model.active_member != part.member:
+                        self.model.set_member(
+                            part.member, for_training=True
                         )  # a drawn member trains on batch statistics
                     last = sync and j == chunks - 1 and i == len(plan) - 1
                     with contextlib.nullcontext() if last or not self.ctx.distributed else self.net.no_sync():
@@ -321,7 +322,10 @@ class Trainer(Setup):
     def _last_checkpoint(self) -> str:
         if self.checkpoint_step is None:
             return "no checkpoint was written yet; lower --lr or add --clip-grad"
-        return f"the last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step}); lower --lr or add --clip-grad"
+        return (
+            f"the last good checkpoint is {self.checkpoint_path} (step {self.checkpoint_step}); "
+            "lower --lr or add --clip-grad"
+        )
 
     # ----- evaluation and the end -------------------------------------------------------------
     def _periodic_evaluation(self, throughput: float) -> None:
@@ -390,12 +394,12 @@ class Trainer(Setup):
     def _recalibrate(self, num_batches: int, model: zoo.ElasticModel | None = None) -> None:
         """Batch-norm statistics of every trained member from ``num_batches`` training batches."""
         calibration = self._calibration_data()
-        for subnet in self.members:
+        for member in self.members:
             inputs = (
                 x.to(self.ctx.device)
                 for x in batches(calibration, self.cfg.loop.batch_size, limit=num_batches, workers=self.workers)
             )
-            zoo.recalibrate_bn(model or self.model, inputs, subnet)
+            zoo.recalibrate_bn(model or self.model, inputs, member)
 
     @property
     def eval_batch_size(self) -> int:
@@ -426,7 +430,7 @@ class Trainer(Setup):
         return info
 
     def _result(self, path: Path | None, metrics: list[dict], stopped_by: int | None = None) -> TrainResult:
-        params = {subnet.key: zoo.count_params(self.model, subnet) for subnet in self.members}
+        params = {member.key: zoo.count_params(self.model, member) for member in self.members}
         return TrainResult(
             self.out,
             path,

@@ -8,7 +8,7 @@ perturb, take the gradient at ``x + δ``, restore ``x`` exactly, and return ``m`
 trainer hands to :func:`training.masking.masked_step`.
 
 The strategies' member steps are this rule too: a member's pass evaluates the core alone
-(``set_subnet`` slices the weights, which is ``δ = -(1 - m) ⊙ x`` computed as a slice) and the
+(``set_member`` slices the weights, which is ``δ = -(1 - m) ⊙ x`` computed as a slice) and the
 step's mask is the union of the members' regions. A policy composes with that: its ``δ`` is
 added on top, and its mask narrows the members' (:func:`intersect`).
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from zoo.layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLayer, ElasticLinear
-from zoo.subnet import Dim
+from zoo.space import Dim
 
 from .masking import Masks
 
@@ -287,9 +287,13 @@ def partial_gradient(
 
 
 _CLASSES = {cls.name: cls for cls in (UpdatePolicy, SAM, Extragradient, MeProp, UnitDropout, RankDropout)}
-_OPTIONS = {"rho": ("sam", "--rho"), "eg_lr": ("extragradient", "--eg-lr"), "keep": (("meprop", "unit-dropout", "rank-dropout"), "--keep"),
+_OPTIONS = {"rho": ("sam", "--rho"), "eg_lr": ("extragradient", "--eg-lr"),
+            "keep": (("meprop", "unit-dropout", "rank-dropout"), "--keep"),
             "units": ("meprop", "--meprop-units"), "nested": ("unit-dropout", "--nested")}  # fmt: skip
-NESTED_NOTE = "it draws a nested sub-network per step, itself a member schedule: use it with --strategy separate, or train members with --strategy random"
+NESTED_NOTE = (
+    "it draws a nested sub-network per step, itself a member schedule: "
+    "use it with --strategy separate, or train members with --strategy random"
+)
 
 
 def create_policy(name: str, model: nn.Module, seed: int, *, strategy: str = "separate", **options) -> UpdatePolicy:

@@ -2,7 +2,7 @@
 
 A family model is built from plain arguments (``model_args``) and can be rebuilt from them.
 ``max_member`` says how large it physically is (the whole family, or the member it was sliced
-to) and ``widths``/``ranks`` (plus ``extra_subnets``) give the members it was trained for,
+to) and ``widths``/``ranks`` (plus ``extra_members``) give the members it was trained for,
 which are also the members that have batch-norm statistics.
 """
 
@@ -16,7 +16,7 @@ from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from .layers import Elastic, ElasticBatchNorm2d, LayerFactory
-from .subnet import DEFAULT_GRID, Dim, Space, Subnet, Values, check_fraction, fixed, grid
+from .space import DEFAULT_GRID, Dim, Member, Space, Values, check_fraction, fixed, grid
 
 
 def image_cfg(in_chans: int, img_size: int, num_classes: int, first_conv: str, classifier: str, **extra) -> dict:
@@ -44,18 +44,18 @@ def check_nchw(output_fmt: str) -> None:
         raise ValueError(f"a CNN's intermediate features are NCHW, got output_fmt={output_fmt!r}")
 
 
-def as_subnet(member=None, rank: float | None = None, width: float | None = None, **axes) -> Subnet:
-    """A member however it was given: a ``Subnet``, its JSON dict, a number (the uniform width)
-    or keyword axes. Not yet validated (see ``ElasticModel.resolve_subnet``)."""
-    if isinstance(member, (Subnet, Mapping)):
+def as_member(member=None, rank: float | None = None, width: float | None = None, **axes) -> Member:
+    """A member however it was given: a ``Member``, its JSON dict, a number (the uniform width)
+    or keyword axes. Not yet validated (see ``ElasticModel.resolve_member``)."""
+    if isinstance(member, (Member, Mapping)):
         if rank is not None or width is not None or axes:
             raise ValueError("give a member, or width/rank/axes, not both")
-        return member if isinstance(member, Subnet) else Subnet.from_dict(member)
+        return member if isinstance(member, Member) else Member.from_dict(member)
     if member is not None:
         if width is not None:
             raise ValueError("the width was given twice")
         width = member
-    return Subnet(width, rank, **axes)
+    return Member(width, rank, **axes)
 
 
 class ElasticModel(nn.Module):
@@ -78,7 +78,7 @@ class ElasticModel(nn.Module):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: Mapping | None = None,
-        extra_subnets: Iterable[Mapping] = (),
+        extra_members: Iterable[Mapping] = (),
     ):
         super().__init__()
         self.low_rank = bool(low_rank)
@@ -86,18 +86,18 @@ class ElasticModel(nn.Module):
         name = type(self).__name__
         if not self.low_rank and ranks is not None and list(ranks) not in ([], [1.0]):
             raise ValueError("ranks were given, but the family is built dense; build it with low_rank=True")
-        self.max_values: Values = space.expand(as_subnet(max_member or {}), space.full(), f"{name} max_member")
+        self.max_values: Values = space.expand(as_member(max_member or {}), space.full(), f"{name} max_member")
         widths = [check_fraction("width", w) for w in widths]
         ranks = (
             [check_fraction("rank", r) for r in (DEFAULT_GRID if ranks is None else ranks)] if self.low_rank else None
         )
         members = grid(widths, ranks) if widths and (ranks is None or ranks) else []
-        members += [as_subnet(d) for d in extra_subnets]
+        members += [as_member(d) for d in extra_members]
         if not members:
             raise ValueError(
                 "the trained members need at least one width (and one rank for low-rank families), or an extra member"
             )
-        self.subnets: list[Subnet] = self.sort_members({self.resolve_subnet(s) for s in members})
+        self.members: list[Member] = self.sort_members({self.resolve_member(s) for s in members})
         self.model_args = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -108,23 +108,23 @@ class ElasticModel(nn.Module):
 
     def _layer_factory(self, divisor: int) -> LayerFactory:
         """A factory for layers of this model's sizes and members (kept for reset_classifier)."""
-        members = [(s.key, self.expand(s)) for s in self.subnets]
+        members = [(s.key, self.expand(s)) for s in self.members]
         self._factory = LayerFactory(
             max_values=self.max_values, low_rank=self.low_rank, members=members, divisor=divisor
         )
         return self._factory
 
     def _finish_init(self) -> None:
-        self.set_subnet(self.subnets[-1])  # the largest trained member (sorted smallest first)
+        self.set_member(self.members[-1])  # the largest trained member (sorted smallest first)
 
     def couplings(self) -> list:
         """Every elastic dimension with the tensor axes coupled to it (``zoo.importance.Coupling``),
         which the family knows: importance ordering and conversion permute them."""
         raise ValueError(f"no importance ordering for {type(self).__name__}")
 
-    def sort_members(self, subnets: Iterable[Subnet]) -> list[Subnet]:
+    def sort_members(self, members: Iterable[Member]) -> list[Member]:
         """Smallest first: mean width, then mean rank, then depth (ties by key)."""
-        return sorted(subnets, key=lambda s: (self._space.size_key(self.expand(s)), s.key))
+        return sorted(members, key=lambda s: (self._space.size_key(self.expand(s)), s.key))
 
     # ----- the space ------------------------------------------------------------------
     @property
@@ -133,7 +133,7 @@ class ElasticModel(nn.Module):
         return self._space.axes
 
     @property
-    def largest(self) -> Subnet:
+    def largest(self) -> Member:
         """The largest member this model physically holds."""
         return self._space.compact(self.max_values)
 
@@ -144,13 +144,13 @@ class ElasticModel(nn.Module):
     @property
     def width_choices(self) -> list[float]:
         """Widths a sampled member draws from: the trained uniform widths (else the default grid)."""
-        return sorted({s.width for s in self.subnets if s.width is not None}) or list(DEFAULT_GRID)
+        return sorted({s.width for s in self.members if s.width is not None}) or list(DEFAULT_GRID)
 
     @property
     def rank_choices(self) -> list[float] | None:
         if not self.low_rank:
             return None
-        return sorted({s.rank for s in self.subnets if s.rank is not None}) or list(DEFAULT_GRID)
+        return sorted({s.rank for s in self.members if s.rank is not None}) or list(DEFAULT_GRID)
 
     def space(self) -> dict:
         """The choices of this family, JSON-ready: its groups, axes, limits and trained members."""
@@ -159,18 +159,18 @@ class ElasticModel(nn.Module):
             "arch": self.arch,
             **described,
             "largest": self.largest.to_dict(),
-            "trained": [s.to_dict() for s in self.subnets],
+            "trained": [s.to_dict() for s in self.members],
         }
 
-    def sample_member(self, generator: torch.Generator | None = None, layerwise: bool = True) -> dict:
-        """A random valid member (a dict): each stage's or block's width, rank and depth drawn
+    def sample_member(self, generator: torch.Generator | None = None, layerwise: bool = True) -> Member:
+        """A random valid member: each stage's or block's width, rank and depth drawn
         independently (``layerwise=False``: one width and rank for all, full depth)."""
         values = self._space.sample(
             generator or torch.default_generator, self.width_choices, self.rank_choices, self.max_values, layerwise
         )
-        return self._space.compact(values).to_dict()
+        return self._space.compact(values)
 
-    def smallest_member(self, layerwise: bool = True) -> Subnet:
+    def smallest_member(self, layerwise: bool = True) -> Member:
         """The smallest member ``sample_member`` can draw (the bottom of the sandwich)."""
         return self._space.compact(
             self._space.smallest(self.width_choices, self.rank_choices, self.max_values, layerwise)
@@ -181,68 +181,68 @@ class ElasticModel(nn.Module):
         space = self._space
         fields = ", ".join(space.axes)
         text = f"{self.arch or type(self).__name__}: {space.groups} {space.group}s with {fields} per {space.group}"
-        return text + f"; trained members: {self.trained_members()}"
+        return text + f"; trained members: {self.describe_members()}"
 
-    def expand(self, subnet: Subnet) -> Values:
+    def expand(self, member: Member) -> Values:
         """A canonical member's values, one per group of every axis."""
-        return self._space.expand(subnet, self.max_values, self._name)
+        return self._space.expand(member, self.max_values, self._name)
 
     @property
     def _name(self) -> str:
         return self.arch or type(self).__name__
 
-    def resolve_subnet(self, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> Subnet:
-        """Validate a member (a ``Subnet``, its dict, a uniform width, or axes) against this
-        model's space; the canonical ``Subnet``. Nothing given means the largest."""
-        return self._space.compact(self.expand(as_subnet(member, rank, width, **axes)))
+    def resolve_member(self, member=None, rank: float | None = None, *, width: float | None = None, **axes) -> Member:
+        """Validate a member (a ``Member``, its dict, a uniform width, or axes) against this
+        model's space; the canonical ``Member``. Nothing given means the largest."""
+        return self._space.compact(self.expand(as_member(member, rank, width, **axes)))
 
-    def needs_calibration(self, subnet: Subnet) -> bool:
+    def needs_calibration(self, member: Member) -> bool:
         """True for a batch-norm member without statistics (one it was not trained for)."""
-        return self.uses_batchnorm and subnet not in self.subnets
+        return self.uses_batchnorm and member not in self.members
 
-    def trained_members(self) -> str:
+    def describe_members(self) -> str:
         """The trained members as one line, e.g. ``width=0.5; width=1``."""
-        return "; ".join(str(s) for s in self.subnets)
+        return "; ".join(str(s) for s in self.members)
 
-    def set_subnet(
+    def set_member(
         self, member=None, rank: float | None = None, *, width: float | None = None, for_training: bool = False, **axes
-    ) -> Subnet:
+    ) -> Member:
         """Make every layer run the chosen member. Returns it (canonical).
 
         Batch-norm families evaluate only members that have statistics (the trained ones);
         others need :func:`zoo.recalibrate_bn` first. ``for_training=True`` lets any member run
         in training mode, normalised with each batch's own statistics (layerwise training).
         """
-        values = self.expand(as_subnet(member, rank, width, **axes))
-        subnet = self._space.compact(values)
-        if self.needs_calibration(subnet) and not for_training:
+        values = self.expand(as_member(member, rank, width, **axes))
+        chosen = self._space.compact(values)
+        if self.needs_calibration(chosen) and not for_training:
             raise ValueError(
-                f"{self._name} has no batch-norm statistics for {subnet} "
-                f"(it has: {self.trained_members()}); recalibrate it on data first "
+                f"{self._name} has no batch-norm statistics for {chosen} "
+                f"(it has: {self.describe_members()}); recalibrate it on data first "
                 "(zoo.recalibrate_bn, or `zoo slice --calibrate DATA`)"
             )
         for module in self.modules():
             if isinstance(module, Elastic):
-                module.set_subnet(values, subnet.key)
-        self._active, self._active_values = subnet, values
-        return subnet
+                module.set_member(values, chosen.key)
+        self._active, self._active_values = chosen, values
+        return chosen
 
     @property
-    def active_subnet(self) -> Subnet:
+    def active_member(self) -> Member:
         return self._active
 
-    def add_subnet(self, subnet: Subnet) -> None:
-        """Add ``subnet`` to the trained members with fresh batch-norm statistics (see
+    def add_member(self, member: Member) -> None:
+        """Add ``member`` to the trained members with fresh batch-norm statistics (see
         recalibrate_bn)."""
-        subnet = self.resolve_subnet(subnet)
-        if subnet in self.subnets:
+        member = self.resolve_member(member)
+        if member in self.members:
             return
-        values = self.expand(subnet)
+        values = self.expand(member)
         for module in self.modules():
             if isinstance(module, ElasticBatchNorm2d):
-                module.add_stats(subnet.key, values)
-        self.subnets = self.sort_members([*self.subnets, subnet])
-        self.model_args["extra_subnets"] = [*self.model_args.get("extra_subnets", []), subnet.to_dict()]
+                module.add_stats(member.key, values)
+        self.members = self.sort_members([*self.members, member])
+        self.model_args["extra_members"] = [*self.model_args.get("extra_members", []), member.to_dict()]
 
     # ----- timm's model face ----------------------------------------------------------
     @property
@@ -258,7 +258,7 @@ class ElasticModel(nn.Module):
         self.num_classes = num_classes
         self.model_args["num_classes"] = num_classes
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.set_subnet(self.active_subnet, for_training=True)
+        self.set_member(self.active_member, for_training=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -277,7 +277,7 @@ class ImageModel(ElasticModel):
     and the module of each), implement ``forward_intermediates`` and
     ``prune_intermediate_layers`` as timm's models do, and build classifiers with
     ``_classifier``. ``feature_info`` is computed from the active member, so its channels
-    follow ``set_subnet``.
+    follow ``set_member``.
     """
 
     features_out_indices: int | tuple[int, ...] | None = None  # features_only's default: all taps

@@ -32,6 +32,15 @@ MODELS: dict[str, dict] = {
         "params": 891_648,
         "params_low_rank": 1_153_792,
     },
+    "slim_gpt2": {
+        "family": "causal_lm",
+        "input": "tokens",
+        **_TRANSFORMER,
+        "groups": (4, "block"),
+        "groups_arg": "num_layers",  # a layout: its size is the converted model's
+        "params": 858_880,
+        "params_low_rank": 1_252_096,
+    },
     "slim_gpt_small": {
         "family": "gpt",
         "input": "tokens",
@@ -39,6 +48,15 @@ MODELS: dict[str, dict] = {
         "groups": (6, "block"),
         "params": 10_942_464,
         "params_low_rank": 14_481_408,
+    },
+    "slim_llama": {
+        "family": "causal_lm",
+        "input": "tokens",
+        **_TRANSFORMER,
+        "groups": (4, "block"),
+        "groups_arg": "num_layers",  # a layout: its size is the converted model's
+        "params": 803_968,
+        "params_low_rank": 1_164_416,
     },
     "slim_mobilenetv2": {
         "family": "mobilenetv2",
@@ -135,10 +153,12 @@ def axes(name: str, low_rank: bool) -> tuple[str, ...]:
     return MODELS[name]["axes_low_rank" if low_rank else "axes"]
 
 
-def space(name: str, low_rank: bool) -> str:
+def space(name: str, low_rank: bool, model_args: dict | None = None) -> str:
     """The member space in the words of ``ElasticModel.describe_space``, e.g. ``3 stages with
-    width, depth per stage``."""
+    width, depth per stage``; ``model_args`` (a file's) give the count where an argument sets it
+    (``groups_arg``: a converted language model's layers)."""
     count, group = MODELS[name]["groups"]
+    count = (model_args or {}).get(MODELS[name].get("groups_arg", ""), count)
     return f"{count} {group}s with {', '.join(axes(name, low_rank))} per {group}"
 
 

@@ -43,7 +43,7 @@ from .importance import ORDERS, reorder
 from .layers import ElasticBatchNorm2d, ElasticConv2d, ElasticLinear, _svd_factors
 from .registry import create_uninitialized
 from .slicing import recalibrate_bn
-from .subnet import DEFAULT_GRID, check_fraction
+from .space import DEFAULT_GRID, check_fraction
 from .weights import file_sha256
 
 TOLERANCE = 1e-4  # max abs difference at full width, relative to the logits' scale when above 1
@@ -361,9 +361,9 @@ def max_difference(
     random inputs at each batch size), and the largest logit magnitude."""
     generator = torch.Generator().manual_seed(seed)
     was = source.training, family.training
-    previous = family.active_subnet
+    previous = family.active_member
     source.eval(), family.eval()
-    family.set_subnet(family.largest)
+    family.set_member(family.largest)
     worst, scale = 0.0, 0.0
     try:
         for n in batch_sizes:
@@ -373,7 +373,7 @@ def max_difference(
             scale = max(scale, expected.abs().max().item())
     finally:
         source.train(was[0]), family.train(was[1])
-        family.set_subnet(previous, for_training=True)
+        family.set_member(previous, for_training=True)
     return worst, scale
 
 
@@ -441,7 +441,7 @@ def from_timm(
     _factorize_from(dense, family)
     recalibrated = []
     if family.uses_batchnorm and batches:
-        for member in family.subnets:
+        for member in family.members:
             if member != family.largest:
                 recalibrate_bn(family, batches, member)
                 recalibrated.append(member.to_dict())

@@ -3,14 +3,14 @@
 timm wraps a model that has ``forward_intermediates`` in ``FeatureGetterNet``: it prunes the
 layers after the last feature it needs and returns the intermediates as a list. Its
 ``feature_info`` is a copy taken when it is built, so it cannot follow an elastic model, whose
-channels change with ``set_subnet``. :class:`FeatureNet` is the same wrapper with
+channels change with ``set_member``. :class:`FeatureNet` is the same wrapper with
 ``feature_info`` read from the model at the active member, and the member methods of the
-family (``set_subnet``, ``active_subnet``, ...), so ``zoo.subnet(backbone, width=0.5)``
+family (``set_member``, ``active_member``, ...), so ``zoo.use_member(backbone, width=0.5)``
 works on the backbone itself::
 
     backbone = zoo.create_model("slim_resnet18", features_only=True, out_indices=(2, 3, 4))
     backbone.feature_info.channels()          # [128, 256, 512]
-    with zoo.subnet(backbone, width=0.5):
+    with zoo.use_member(backbone, width=0.5):
         backbone.feature_info.channels()      # [64, 128, 256]
 
 ``timm.create_model(name, features_only=True)`` builds the same model (``feature_cls`` may
@@ -24,7 +24,7 @@ from timm.models._builder import pretrained_cfg_for_features
 from torch import nn
 
 from .base import ImageModel
-from .subnet import Subnet
+from .space import Member
 
 FEATURE_CLASSES = ("list", "getter")
 
@@ -65,20 +65,20 @@ class FeatureNet(nn.Module):
     default_cfg = pretrained_cfg
 
     # ----- the family's members ---------------------------------------------------------
-    def set_subnet(self, *args, **kwargs) -> Subnet:
-        """Run the backbone as one member (see ``ElasticModel.set_subnet``)."""
-        return self.model.set_subnet(*args, **kwargs)
+    def set_member(self, *args, **kwargs) -> Member:
+        """Run the backbone as one member (see ``ElasticModel.set_member``)."""
+        return self.model.set_member(*args, **kwargs)
 
-    def resolve_subnet(self, *args, **kwargs) -> Subnet:
-        return self.model.resolve_subnet(*args, **kwargs)
-
-    @property
-    def active_subnet(self) -> Subnet:
-        return self.model.active_subnet
+    def resolve_member(self, *args, **kwargs) -> Member:
+        return self.model.resolve_member(*args, **kwargs)
 
     @property
-    def subnets(self) -> list[Subnet]:
-        return self.model.subnets
+    def active_member(self) -> Member:
+        return self.model.active_member
+
+    @property
+    def members(self) -> list[Member]:
+        return self.model.members
 
     @property
     def in_chans(self) -> int:

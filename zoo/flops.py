@@ -15,18 +15,18 @@ def count_flops(model: ElasticModel, member=None, *, batch_size: int = 1) -> int
     Counts ``member`` (the active one if None) of an elastic model, which equals its sliced
     twin's count: slicing adds no matmul work. Needs no batch-norm statistics.
     """
-    was_training, previous = model.training, model.active_subnet
-    subnet = previous if member is None else model.resolve_subnet(member)
+    was_training, previous = model.training, model.active_member
+    chosen = previous if member is None else model.resolve_member(member)
     # A batch-norm member without statistics runs on batch statistics (train mode), which need
     # two examples; the count is linear in the batch.
-    uncalibrated = model.needs_calibration(subnet)
+    uncalibrated = model.needs_calibration(chosen)
     batch = max(2, batch_size) if uncalibrated else batch_size
-    model.set_subnet(subnet, for_training=True)
+    model.set_member(chosen, for_training=True)
     model.train(uncalibrated)
     try:
         with FlopCounterMode(display=False) as counter:
             model(model.example_input(batch))
     finally:
         model.train(was_training)
-        model.set_subnet(previous, for_training=True)
+        model.set_member(previous, for_training=True)
     return int(counter.get_total_flops()) * batch_size // batch

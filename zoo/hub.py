@@ -60,7 +60,7 @@ def hub_config(model: ElasticModel, metadata: dict) -> dict:
     config["zoo"] = {
         "format_version": FORMAT_VERSION,
         "axes": list(model.axes),
-        "members": [s.to_dict() for s in model.subnets],
+        "members": [s.to_dict() for s in model.members],
         "metrics": metadata.get("metrics") or [],
         "converted_from": metadata.get("converted_from"),
     }

@@ -41,7 +41,11 @@ Layer = ElasticConv2d | ElasticLinear
 
 @dataclass
 class Coupling:
-    """One elastic dimension: ``units`` units of ``unit_size`` features (a head: head_dim)."""
+    """One elastic dimension: ``units`` units of ``unit_size`` features (a head: head_dim).
+
+    A layer may hold a unit in more features than ``unit_size``: each writer's and reader's
+    features per unit are its own size over ``units`` (grouped-query attention: a key/value
+    group is one key head's rows of k and its query heads' rows of q)."""
 
     name: str
     units: int
@@ -51,9 +55,10 @@ class Coupling:
     depthwise: list[ElasticConv2d] = field(default_factory=list)  # one filter per unit: rows follow
     readers: list[Layer] = field(default_factory=list)  # their input columns are the units
 
-    def features(self, order: torch.Tensor) -> torch.Tensor:
+    def features(self, order: torch.Tensor, unit_size: int | None = None) -> torch.Tensor:
         """Feature indices of a unit order (each unit's ``unit_size`` features stay together)."""
-        return (order[:, None] * self.unit_size + torch.arange(self.unit_size)).flatten()
+        size = self.unit_size if unit_size is None else unit_size
+        return (order[:, None] * size + torch.arange(size)).flatten()
 
 
 def couplings(model: nn.Module) -> list[Coupling]:
@@ -96,8 +101,8 @@ def _columns(layer: Layer) -> torch.Tensor:
 
 def _unit_norms(matrix: torch.Tensor, coupling: Coupling, chunks: int = 1) -> torch.Tensor:
     """Norm of each unit's slice of ``matrix`` (rows: features, per chunk)."""
-    per_chunk = matrix.reshape(chunks, coupling.units, coupling.unit_size, -1)
-    return per_chunk.pow(2).sum((0, 2, 3)).sqrt()
+    per_chunk = matrix.reshape(chunks, coupling.units, -1)  # a unit's features and their entries
+    return per_chunk.pow(2).sum((0, 2)).sqrt()
 
 
 @torch.no_grad()
@@ -141,8 +146,8 @@ def activation_scores(model: nn.Module, found: list[Coupling], batches: Iterable
             x = inputs[0].detach().float()
             if x.dim() == 4:  # (B, C, H, W): channels on axis 1
                 x = x.transpose(1, -1)
-            x = x.reshape(-1, coupling.units, coupling.unit_size)
-            sums[r] += x.abs().sum(0)[:, 0] if coupling.unit_size == 1 else x.norm(dim=-1).sum(0)
+            x = x.reshape(-1, coupling.units, x.shape[-1] // coupling.units)
+            sums[r] += x.abs().sum(0)[:, 0] if x.shape[-1] == 1 else x.norm(dim=-1).sum(0)
             counts[r] += x.shape[0]
 
         return record
@@ -187,16 +192,17 @@ def permute(coupling: Coupling, order: torch.Tensor) -> None:
     """Reorder the coupling's units: every coupled axis by the same permutation."""
     index = coupling.features(order)
     for layer in coupling.writers:
+        rows = coupling.features(order, out_units(layer) // coupling.units)
         for name in ("weight", "u", "bias"):
             tensor = getattr(layer, name, None)
             if tensor is None or (name == "weight" and layer.low_rank):
                 continue
             chunks = layer.chunks if name in layer.chunked else 1
             blocks = tensor.view(chunks, -1, *tensor.shape[1:])
-            tensor.copy_(blocks[:, index].reshape(tensor.shape))
+            tensor.copy_(blocks[:, rows].reshape(tensor.shape))
     for layer in coupling.readers:
         tensor = layer.v if layer.low_rank else layer.weight
-        tensor.copy_(tensor[:, index])
+        tensor.copy_(tensor[:, coupling.features(order, tensor.shape[1] // coupling.units)])
     for layer in coupling.depthwise:
         for tensor in (layer.weight, layer.bias):
             if tensor is not None:

@@ -1,8 +1,8 @@
-"""Elastic layers: each runs a prefix of itself, chosen by ``set_subnet``.
+"""Elastic layers: each runs a prefix of itself, chosen by ``set_member``.
 
-A layer knows its own active slice. The model calls ``set_subnet(subnet)`` on every layer;
+A layer knows its own active slice. The model calls ``set_member(values, key)`` on every layer;
 the layer turns the member's values into its active input and output sizes (and rank) with
-its :class:`~zoo.subnet.Dim` s, there and then. ``forward`` only reads those numbers and never
+its :class:`~zoo.space.Dim` s, there and then. ``forward`` only reads those numbers and never
 branches on a tensor's shape, so a model at a fixed member traces with ``torch.fx`` (timm's
 and torchvision's feature extraction) into a graph specialised to that member. Nothing reads
 global state.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .subnet import Dim, Values, rank_count
+from .space import Dim, Values, rank_count
 
 DenseInit = Callable[[torch.Tensor], object]
 
@@ -65,9 +65,9 @@ def _first_rows(t: torch.Tensor, n: int, chunks: int = 1) -> torch.Tensor:
 
 
 class Elastic:
-    """Anything a member configures: the model calls ``set_subnet`` on every such module."""
+    """Anything a member configures: the model calls ``set_member`` on every such module."""
 
-    def set_subnet(self, values: Values, key: str) -> None:
+    def set_member(self, values: Values, key: str) -> None:
         raise NotImplementedError
 
 
@@ -81,7 +81,7 @@ class ElasticLayer(nn.Module, Elastic):
     member's values (one per group of every axis). Linear and conv layers also keep their
     ``in_dim`` (which units their columns read: structured dropout masks them).
 
-    ``set_subnet`` resolves the active sizes once (``_resolve``); subclasses call
+    ``set_member`` resolves the active sizes once (``_resolve``); subclasses call
     ``self._resolve()`` at the end of ``__init__`` so that a layer used alone runs as built.
     """
 
@@ -96,7 +96,7 @@ class ElasticLayer(nn.Module, Elastic):
         self.values: Values = max_values or {}
         self.key = ""
 
-    def set_subnet(self, values: Values, key: str) -> None:
+    def set_member(self, values: Values, key: str) -> None:
         self.values, self.key = values, key
         self._resolve()
 
@@ -342,7 +342,7 @@ class ElasticBlocks(nn.ModuleDict, Elastic):
         block with index 5 in the full family."""
         return list(self.values())[index] if isinstance(index, int) else super().__getitem__(index)
 
-    def set_subnet(self, values: Values, key: str) -> None:
+    def set_member(self, values: Values, key: str) -> None:
         if self.axis == "depth":
             self.active = list(self.keys())[: values["depth"][self.group]]
         else:  # the chosen blocks this model holds (``prune_intermediate_layers`` may drop the last ones)

@@ -24,7 +24,7 @@ import torch
 
 from .base import ElasticModel
 from .fileio import atomic_path
-from .subnet import Subnet, Values
+from .space import Member, Values
 
 COSTS = ("params", "flops", "latency")
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
@@ -63,7 +63,7 @@ class Budget:
 class Candidate:
     """A scored member: its metric and every cost measured for it."""
 
-    member: Subnet
+    member: Member
     metric: float
     costs: dict[str, float]
     generation: int
@@ -106,8 +106,8 @@ class Evolution:
     def __init__(
         self,
         model: ElasticModel,
-        score: Callable[[Subnet], float],
-        cost: Callable[[Subnet], dict[str, float]],
+        score: Callable[[Member], float],
+        cost: Callable[[Member], dict[str, float]],
         budget: Budget,
         *,
         metric: str = "accuracy",
@@ -123,19 +123,19 @@ class Evolution:
         self.mutation_prob, self.parent_ratio, self.mutation_ratio = mutation_prob, parent_ratio, mutation_ratio
         self.result = SearchResult(budget, metric, higher_is_better, [], 0)
         self.progress = progress or (lambda text: None)
-        self._scored: dict[Subnet, Candidate] = {}
-        self._costs: dict[Subnet, dict[str, float]] = {}
+        self._scored: dict[Member, Candidate] = {}
+        self._costs: dict[Member, dict[str, float]] = {}
         self._space = model._space
 
     # ----- members within budget -------------------------------------------------------------
-    def _fits(self, member: Subnet) -> bool:
+    def _fits(self, member: Member) -> bool:
         if member not in self._costs:
             self._costs[member] = self.cost(member)
         fits = self._costs[member][self.budget.kind] <= self.budget.limit
         self.result.rejected += not fits
         return fits
 
-    def _draw(self, make: Callable[[], Values], tries: int = 100) -> Subnet | None:
+    def _draw(self, make: Callable[[], Values], tries: int = 100) -> Member | None:
         """A member from ``make`` that fits the budget (None after ``tries`` attempts)."""
         for _ in range(tries):
             member = self._space.compact(make())
@@ -149,7 +149,7 @@ class Evolution:
         )
 
     # ----- breeding ----------------------------------------------------------------------------
-    def _mutate(self, parent: Subnet) -> Values:
+    def _mutate(self, parent: Member) -> Values:
         """Each group's choice of each axis redrawn with probability ``mutation_prob``."""
         values = dict(self.model.expand(parent))
         fresh = self._random()
@@ -165,7 +165,7 @@ class Evolution:
                 values[axis] = tuple(new if self._chance() else old for old, new in zip(genes, fresh[axis]))
         return values
 
-    def _crossover(self, a: Subnet, b: Subnet) -> Values:
+    def _crossover(self, a: Member, b: Member) -> Values:
         """Each group's choices from one of the two parents, drawn per group."""
         va, vb = self.model.expand(a), self.model.expand(b)
         values = {}
@@ -183,10 +183,10 @@ class Evolution:
     def _coin(self) -> bool:
         return bool(torch.randint(2, (), generator=self.generator))
 
-    def _pick(self, parents: list[Subnet]) -> Subnet:
+    def _pick(self, parents: list[Member]) -> Member:
         return parents[int(torch.randint(len(parents), (), generator=self.generator))]
 
-    def _fill(self, members: list[Subnet], size: int, make: Callable[[], Values]) -> None:
+    def _fill(self, members: list[Member], size: int, make: Callable[[], Values]) -> None:
         """Add new members (within budget, not yet in ``members``) from ``make`` up to ``size``;
         gives up after 20 tries per missing member (a small space may not have enough)."""
         for _ in range(20 * max(0, size - len(members))):
@@ -197,14 +197,14 @@ class Evolution:
                 members.append(member)
 
     # ----- the loop ----------------------------------------------------------------------------
-    def _evaluate(self, member: Subnet, generation: int) -> Candidate:
+    def _evaluate(self, member: Member, generation: int) -> Candidate:
         if member not in self._scored:
             candidate = Candidate(member, float(self.score(member)), dict(self._costs[member]), generation)
             self._scored[member] = candidate
             self.result.candidates.append(candidate)
         return self._scored[member]
 
-    def run(self, population: int = 16, generations: int = 4, seeds: list[Subnet] = ()) -> SearchResult:
+    def run(self, population: int = 16, generations: int = 4, seeds: list[Member] = ()) -> SearchResult:
         """Search; ``seeds`` (e.g. the trained uniform members) and the space's smallest member
         join the first population if they fit the budget."""
         if population < 2 or generations < 1:
@@ -212,7 +212,7 @@ class Evolution:
                 f"--population must be at least 2 and --generations at least 1, got {population} and {generations}"
             )
         smallest = self.model.smallest_member()  # under a tight budget random draws rarely fit
-        candidates = dict.fromkeys([*(self.model.resolve_subnet(s) for s in seeds), smallest])
+        candidates = dict.fromkeys([*(self.model.resolve_member(s) for s in seeds), smallest])
         members = [s for s in candidates if self._fits(s)]
         if smallest not in members:  # checked before the cut to ``population``, which may leave it out
             cost = self._costs[smallest][self.budget.kind]

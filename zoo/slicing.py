@@ -16,7 +16,7 @@ import torch
 from .base import ElasticModel
 from .layers import ElasticBatchNorm2d, take_rows
 from .registry import create_uninitialized
-from .subnet import Subnet
+from .space import Member
 
 
 def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tensor:
@@ -24,11 +24,11 @@ def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tenso
     return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
 
 
-def _build_member(model: ElasticModel, subnet: Subnet, device: torch.device | str) -> ElasticModel:
+def _build_member(model: ElasticModel, chosen: Member, device: torch.device | str) -> ElasticModel:
     """The family's architecture at one member's sizes (and blocks), uninitialised: every
-    tensor is copied. Its one trained member is ``subnet``."""
-    member = subnet.to_dict()
-    args = {**model.model_args, "max_member": member, "widths": [], "ranks": [], "extra_subnets": [member]}
+    tensor is copied. Its one trained member is ``chosen``."""
+    member = chosen.to_dict()
+    args = {**model.model_args, "max_member": member, "widths": [], "ranks": [], "extra_members": [member]}
     return create_uninitialized(model.arch, device, **args)
 
 
@@ -50,11 +50,11 @@ def slice_model(
 ) -> ElasticModel:
     """A physically smaller copy of ``model`` at one member, equal in output to it.
 
-    ``member``: a ``Subnet``, its dict (``{"width": [0.5, 1, 1], "depth": [1, 3, 3]}``) or a
+    ``member``: a ``Member``, its dict (``{"width": [0.5, 1, 1], "depth": [1, 3, 3]}``) or a
     uniform width; blocks the member skips are not in the copy."""
-    subnet = model.resolve_subnet(member, rank, width=width, **axes)
-    model.set_subnet(subnet)  # validates (batch-norm statistics must exist)
-    small = _build_member(model, subnet, next(model.parameters()).device)
+    chosen = model.resolve_member(member, rank, width=width, **axes)
+    model.set_member(chosen)  # validates (batch-norm statistics must exist)
+    small = _build_member(model, chosen, next(model.parameters()).device)
     for _, tensor, source, chunks in _pairs(model, small):
         tensor.copy_(_prefix(source, tensor.shape, chunks))
     small.train(model.training)
@@ -62,14 +62,14 @@ def slice_model(
     return small
 
 
-def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tensor]:
+def parameter_masks(model: ElasticModel, chosen: Member) -> dict[str, torch.Tensor]:
     """For each parameter the member uses, a bool tensor that is True on the coordinates it uses
     (parameters of skipped blocks are absent).
 
     The region is exactly what :func:`slice_model` copies, so a masked update moves the
     sliced member's parameters and nothing else.
     """
-    member = _build_member(model, model.resolve_subnet(subnet), "meta")
+    member = _build_member(model, model.resolve_member(chosen), "meta")
     masks = {}
     for name, tensor, source, chunks in _pairs(model, member, buffers=False):
         mask = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
@@ -81,20 +81,20 @@ def parameter_masks(model: ElasticModel, subnet: Subnet) -> dict[str, torch.Tens
 
 def count_params(model: ElasticModel, member=None) -> int:
     """Parameters of a member (the active one if None): those its sliced copy holds."""
-    subnet = model.active_subnet if member is None else model.resolve_subnet(member)
-    return sum(p.numel() for p in _build_member(model, subnet, "meta").parameters())
+    chosen = model.active_member if member is None else model.resolve_member(member)
+    return sum(p.numel() for p in _build_member(model, chosen, "meta").parameters())
 
 
 @contextlib.contextmanager
-def subnet(
+def use_member(
     model: ElasticModel, member=None, rank: float | None = None, *, width: float | None = None, **axes
-) -> Iterator[Subnet]:
+) -> Iterator[Member]:
     """Run ``model`` as one member inside the block, then restore the previous one."""
-    previous = model.active_subnet
+    previous = model.active_member
     try:
-        yield model.set_subnet(member, rank, width=width, **axes)
+        yield model.set_member(member, rank, width=width, **axes)
     finally:
-        model.set_subnet(previous, for_training=True)
+        model.set_member(previous, for_training=True)
 
 
 @torch.no_grad()
@@ -107,24 +107,24 @@ def recalibrate_bn(
     width: float | None = None,
     max_batches: int | None = None,
     **axes,
-) -> Subnet:
+) -> Member:
     """Estimate a member's batch-norm statistics from data (exact average over batches).
 
     The member is added to the model's trained members if new; its statistics are reset and
     replaced by the cumulative average of per-batch statistics, as in Universally Slimmable
     Networks' post-statistics. No parameter changes.
     """
-    chosen = model.resolve_subnet(member, rank, width=width, **axes)
+    chosen = model.resolve_member(member, rank, width=width, **axes)
     bns = [m for m in model.modules() if isinstance(m, ElasticBatchNorm2d)]
     if not bns:
         return chosen
-    model.add_subnet(chosen)
+    model.add_member(chosen)
     values = model.expand(chosen)
     for bn in bns:
         bn.add_stats(chosen.key, values)
-    was_training, previous = model.training, model.active_subnet
+    was_training, previous = model.training, model.active_member
     momenta = [bn.momentum for bn in bns]
-    model.set_subnet(chosen)
+    model.set_member(chosen)
     model.train()
     seen = 0
     try:
@@ -139,7 +139,7 @@ def recalibrate_bn(
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
         model.train(was_training)
-        model.set_subnet(previous, for_training=True)
+        model.set_member(previous, for_training=True)
     if seen == 0:
         raise ValueError("recalibration got no batches")
     return chosen

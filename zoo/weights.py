@@ -36,7 +36,7 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
         "arch": model.arch,
         "model_args": model.model_args,
         "axes": list(model.axes),
-        "subnets": [s.to_dict() for s in model.subnets],
+        "subnets": [s.to_dict() for s in model.members],
         "num_params": sum(p.numel() for p in model.parameters()),
         "dtype": dtype,
         "metadata": metadata or {},

@@ -22,7 +22,7 @@ from torch import nn
 from ..base import ElasticModel
 from ..importance import Coupling
 from ..layers import ElasticBlocks
-from ..subnet import DEFAULT_GRID, Space, fixed
+from ..space import DEFAULT_GRID, Space, fixed
 from ._builder import build, register_family
 from .transformer import Block, block_couplings, trunc_normal
 
@@ -46,7 +46,7 @@ class SlimGPT(ElasticModel):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
-        extra_subnets: Iterable[dict] = (),
+        extra_members: Iterable[dict] = (),
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
         super().__init__(
@@ -55,7 +55,7 @@ class SlimGPT(ElasticModel):
             widths=widths,
             ranks=ranks,
             max_member=max_member,
-            extra_subnets=extra_subnets,
+            extra_members=extra_members,
         )
         if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 1:
             raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
@@ -123,7 +123,7 @@ class SlimGPT(ElasticModel):
         self.lm_head = self._factory.linear(
             fixed(self.embed_dim), fixed(VOCAB_SIZE), bias=False, factorize=False, init=trunc_normal
         )
-        self.set_subnet(self.active_subnet)
+        self.set_member(self.active_member)
 
 
 def _shape(embed_dim: int, depth: int, num_heads: int) -> dict:

@@ -34,7 +34,7 @@ from ..base import ImageModel, check_nchw, image_cfg
 from ..convert import Plan, converts, is_type, kind, refuse, require, require_avg_pool, require_linear_head
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..subnet import DEFAULT_GRID, Dim, Space, fixed
+from ..space import DEFAULT_GRID, Dim, Space, fixed
 from ._builder import build, register_family
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
@@ -101,7 +101,7 @@ class SlimMobileNetV2(ImageModel):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
-        extra_subnets: Iterable[dict] = (),
+        extra_members: Iterable[dict] = (),
     ):
         settings = tuple(tuple(int(v) for v in row) for row in settings)  # (t, c, n, s) per stage; other multipliers
         depths = tuple(repeats for _, _, repeats, _ in settings)
@@ -112,7 +112,7 @@ class SlimMobileNetV2(ImageModel):
             widths=widths,
             ranks=ranks,
             max_member=max_member,
-            extra_subnets=extra_subnets,
+            extra_members=extra_members,
         )
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")

@@ -25,7 +25,7 @@ from ..convert import Plan, converts, is_type, kind, require, require_avg_pool, 
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..registry import variants
-from ..subnet import DEFAULT_GRID, Dim, Space, fixed
+from ..space import DEFAULT_GRID, Dim, Space, fixed
 from ._builder import build, register_family
 
 
@@ -88,7 +88,7 @@ class SlimResNet(ImageModel):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
-        extra_subnets: Iterable[dict] = (),
+        extra_members: Iterable[dict] = (),
     ):
         space = Space("stage", len(layers), ("width",), low_rank, depths=tuple(layers))
         super().__init__(
@@ -97,7 +97,7 @@ class SlimResNet(ImageModel):
             widths=widths,
             ranks=ranks,
             max_member=max_member,
-            extra_subnets=extra_subnets,
+            extra_members=extra_members,
         )
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
         stem_kind, divisor = stem, (4 if stem == "cifar" else 8)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..subnet import Dim, fixed
+from ..space import Dim, fixed
 
 
 def trunc_normal(weight: torch.Tensor) -> None:

@@ -32,7 +32,7 @@ from ..convert import Plan, converts, is_type, kind, refuse, require, require_li
 from ..importance import Coupling
 from ..layers import ElasticBlocks
 from ..registry import variants
-from ..subnet import DEFAULT_GRID, Space, fixed
+from ..space import DEFAULT_GRID, Space, fixed
 from ._builder import build, register_family
 from .transformer import Block, block_couplings, trunc_normal
 
@@ -79,7 +79,7 @@ class SlimVisionTransformer(ImageModel):
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
-        extra_subnets: Iterable[dict] = (),
+        extra_members: Iterable[dict] = (),
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
         super().__init__(
@@ -88,7 +88,7 @@ class SlimVisionTransformer(ImageModel):
             widths=widths,
             ranks=ranks,
             max_member=max_member,
-            extra_subnets=extra_subnets,
+            extra_members=extra_members,
         )
         if patch_size is None:
             patch_size = 16 if img_size >= 128 else max(1, img_size // 4)
@@ -196,7 +196,7 @@ class SlimVisionTransformer(ImageModel):
             self.norm = nn.Identity()
         if prune_head:
             self.reset_classifier(0, "")
-        self.set_subnet(self.active_subnet, for_training=True)  # the blocks it still holds
+        self.set_member(self.active_member, for_training=True)  # the blocks it still holds
         return take
 
     def couplings(self) -> list[Coupling]:

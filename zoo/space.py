@@ -11,7 +11,7 @@ A family's space (:class:`Space`) has *groups*, its stages or blocks, and axes:
   ``blocks`` for Transformers, the indices of the blocks kept (Gemma 3n skips middle blocks).
 
 A member gives each axis either one value (every group) or a list (one per group). The uniform
-``Subnet(width=0.5, rank=0.25)`` is that rule applied to every axis: one point of the same
+``Member(width=0.5, rank=0.25)`` is that rule applied to every axis: one point of the same
 space, resolved by the same code. ``width`` is the shorthand for all width axes. Canonical
 members (what :meth:`Space.compact` returns, and what models, files and metrics hold) write an
 axis as one number when its groups agree and leave out full depth, so a uniform member reads
@@ -97,11 +97,11 @@ def _freeze(axis: str, value):
     return float(value)
 
 
-class Subnet:
-    """A member of a family: ``Subnet(width=0.5)``, ``Subnet(width=[0.5, 1, 1], depth=[1, 2, 3])``.
+class Member:
+    """A member of a family: ``Member(width=0.5)``, ``Member(width=[0.5, 1, 1], depth=[1, 2, 3])``.
 
     Each axis holds one number (every group) or a list (one per group); an axis left out means
-    the largest. Only a model's :meth:`~zoo.ElasticModel.resolve_subnet` knows the groups, so
+    the largest. Only a model's :meth:`~zoo.ElasticModel.resolve_member` knows the groups, so
     members compare equal when written the same way: compare canonical ones (resolved).
     """
 
@@ -112,7 +112,7 @@ class Subnet:
         self._choices = tuple(sorted((k, _freeze(k, v)) for k, v in given.items() if v is not None))
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Subnet":
+    def from_dict(cls, d: Mapping) -> "Member":
         """A member from its JSON form (a dict of axis -> number or list)."""
         if not isinstance(d, Mapping):
             raise ValueError(f'a member is a JSON object such as {{"width": 0.5}}, got {d!r}')
@@ -154,13 +154,13 @@ class Subnet:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self._choices}
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Subnet) and self._choices == other._choices
+        return isinstance(other, Member) and self._choices == other._choices
 
     def __hash__(self) -> int:
         return hash(self._choices)
 
     def __repr__(self) -> str:
-        return f"Subnet({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+        return f"Member({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def __str__(self) -> str:
         def show(v):
@@ -173,10 +173,10 @@ class Subnet:
         return ", ".join(f"{k}={show(v)}" for k, v in self._choices) or "largest"
 
 
-def grid(widths: Iterable[float], ranks: Iterable[float] | None) -> list[Subnet]:
+def grid(widths: Iterable[float], ranks: Iterable[float] | None) -> list[Member]:
     """The uniform members of the product of the width and rank lists, smallest first."""
     rank_list: Sequence[float | None] = [None] if ranks is None else sorted(set(ranks))
-    return [Subnet(float(w), None if r is None else float(r)) for w in sorted(set(widths)) for r in rank_list]
+    return [Member(float(w), None if r is None else float(r)) for w in sorted(set(widths)) for r in rank_list]
 
 
 def check_fraction(name: str, value: float, upper: float = 1.0) -> float:
@@ -222,10 +222,10 @@ class Space:
             values["blocks"] = tuple(range(self.groups))
         return values
 
-    def expand(self, subnet: Subnet, limit: Values, name: str = "model") -> Values:
-        """Every axis of ``subnet`` as one value per group, validated against ``limit`` (the
+    def expand(self, member: Member, limit: Values, name: str = "model") -> Values:
+        """Every axis of ``member`` as one value per group, validated against ``limit`` (the
         largest member the model physically holds). Errors name the field and what it allows."""
-        choices = dict(subnet._choices)
+        choices = dict(member._choices)
         unknown = sorted(set(choices) - set(self.axes) - {"width"})
         if unknown:
             if "rank" in unknown:
@@ -290,7 +290,7 @@ class Space:
             )
         return tuple(kept)
 
-    def compact(self, values: Values) -> Subnet:
+    def compact(self, values: Values) -> Member:
         """The canonical member of expanded ``values``: one number per axis whose groups agree,
         ``width`` when all width axes agree, full depth left out."""
         out: dict = {}
@@ -305,7 +305,7 @@ class Space:
             out["depth"] = list(values["depth"])
         if self.skip_blocks and tuple(values["blocks"]) != tuple(range(self.groups)):
             out["blocks"] = list(values["blocks"])
-        return Subnet.from_dict(out)
+        return Member.from_dict(out)
 
     def size_key(self, values: Values) -> tuple[float, float, float]:
         """Orders members smallest first: mean width, then mean rank, then depth."""
