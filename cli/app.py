@@ -97,16 +97,19 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
-    """Print the catalogue: name, family, axes, parameter count, shipped weights.
+LIST_EXAMPLE = "Example: zoo list 'slim_resnet*'"
 
-    Example: zoo list 'slim_resnet*'
-    """
+
+def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 'slim_vit*'")) -> None:
+    """Print the catalogue: name, family, axes, parameter count, shipped weights."""
     from rich.console import Console
     from rich.table import Table
 
     catalogue = zoo_module("catalogue")
-    caption = "rank: families built with low_rank=True. pretrained: the shipped weights (--pretrained NAME) as NAME.TAG, timm's tag for the image families."
+    caption = (
+        "rank: families built with low_rank=True. pretrained: the shipped weights (--pretrained NAME) as NAME.TAG, "
+        "timm's tag for the image families."
+    )
     table = Table(
         "name",
         "family",
@@ -133,7 +136,9 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output
 
 
-for name, function, options in sorted([("list", list_command, {}), *COMMANDS], key=lambda c: WORKFLOW.index(c[0])):
+for name, function, options in sorted(
+    [("list", list_command, {"epilog": LIST_EXAMPLE}), *COMMANDS], key=lambda c: WORKFLOW.index(c[0])
+):
     app.command(name, **options)(user_errors(function, name))
 
 

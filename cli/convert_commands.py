@@ -89,7 +89,11 @@ SAVE_DIR = typer.Option(
 )
 
 
-@command("convert")
+@command(
+    "convert",
+    epilog="Example: zoo convert resnet18 --checkpoint ckpt.safetensors --img-size 32 --calibrate digits "
+    "--out family.safetensors",
+)
 def convert_command(
     timm_name: str = TIMM_NAME,
     checkpoint: Optional[Path] = CHECKPOINT,
@@ -104,11 +108,7 @@ def convert_command(
     out: Optional[Path] = OUT,
     save_dir: Optional[Path] = SAVE_DIR,
 ) -> None:
-    """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes.
-
-    Example: zoo convert resnet18 --checkpoint ckpt.safetensors --img-size 32 --calibrate digits
-    --out family.safetensors
-    """
+    """Turn a timm model and its checkpoint into a family whose full member computes exactly what it computes."""
     if out is None and save_dir is None:
         raise ValueError("give --out FAMILY.safetensors, --save-dir DIR, or both")
     if out is not None and out.is_dir():
@@ -124,8 +124,9 @@ def convert_command(
         calibration = _calibration(calibrate, bundle)
     chosen = order.value if order else ("activation" if calibrate else "weight")
     started = time.perf_counter()
-    family = zoo.from_timm(timm_name, checkpoint=checkpoint, order=chosen, calibration=calibration, low_rank=low_rank, widths=width or None,
-                           ranks=rank or None, num_classes=num_classes, in_chans=in_chans, img_size=img_size)  # fmt: skip
+    family = zoo.from_timm(timm_name, checkpoint=checkpoint, order=chosen, calibration=calibration,
+                           low_rank=low_rank, widths=width or None, ranks=rank or None,
+                           num_classes=num_classes, in_chans=in_chans, img_size=img_size)  # fmt: skip
     seconds = time.perf_counter() - started
     metadata = dict(family.zoo_metadata)
     if "data" in bundle:  # what the members' statistics (and the activation order) were measured on

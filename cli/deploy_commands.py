@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 RUN_BATCH = 32  # images per onnxruntime call: a large folder is classified in pieces
 
 
-@command("run")
+@command("run", epilog="Example: zoo run small.onnx photo.png")
 def run_command(
     file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
     inputs: List[str] = typer.Argument(
@@ -34,10 +34,7 @@ def run_command(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
 ) -> None:
-    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt.
-
-    Example: zoo run small.onnx photo.png
-    """
+    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt."""
     from export.runtime import Predictor
 
     predictor = Predictor(file, device=device.value)
@@ -83,16 +80,17 @@ def _read_npy(path: Path):
         ) from None
 
 
-@command("bench")
+BENCH_WIDTHS = typer.Option(None, "--width", help="Widths to measure (repeatable); default: the file's grid.")
+BENCH_RANKS = typer.Option(None, "--rank", help="Ranks to measure (repeatable, low-rank families).")
+BENCH_THREADS = typer.Option(None, "--threads", min=1, help="Threads for both runtimes; default: torch's.")
+
+
+@command("bench", epilog="Example: zoo bench runs/resnet20/model.safetensors --plot bench.png")
 def bench_command(
     weights: Path = typer.Argument(..., help="A zoo weights file (.safetensors); a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
-    width: Optional[List[float]] = typer.Option(
-        None, "--width", help="Widths to measure (repeatable); default: the file's grid."
-    ),
-    rank: Optional[List[float]] = typer.Option(
-        None, "--rank", help="Ranks to measure (repeatable, low-rank families)."
-    ),
+    width: Optional[List[float]] = BENCH_WIDTHS,
+    rank: Optional[List[float]] = BENCH_RANKS,
     member: Optional[List[str]] = MEMBER,
     calibrate: Optional[str] = typer.Option(
         None,
@@ -102,16 +100,11 @@ def bench_command(
     ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="The larger batch, measured next to batch 1."),
     repeats: int = typer.Option(10, "--repeats", min=1, help="Timed runs per runtime and batch (median reported)."),
-    threads: Optional[int] = typer.Option(
-        None, "--threads", min=1, help="Threads for both runtimes; default: torch's."
-    ),
+    threads: Optional[int] = BENCH_THREADS,
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write metric (or FLOPs) against latency to this PNG."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
-    """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime.
-
-    Example: zoo bench runs/resnet20/model.safetensors --plot bench.png
-    """
+    """Measure every member: parameters, FLOPs, latency in PyTorch (sliced) and onnxruntime."""
     path = readable_weights(weights, pretrained, "bench")
     chosen_members = parse_members(member)
     check_data_path(calibrate, "--calibrate")

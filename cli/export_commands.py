@@ -115,7 +115,7 @@ class CalibrationData:
         return out
 
 
-@command("slice")
+@command("slice", epilog="Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors")
 def slice_command(
     weights: Path = typer.Argument(
         ..., help="A family's weights file (.safetensors); a catalogue name with --pretrained."
@@ -127,10 +127,7 @@ def slice_command(
     calibrate: Optional[str] = CALIBRATE,
     out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
 ) -> None:
-    """Write one member as a standalone, physically smaller weights file.
-
-    Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors
-    """
+    """Write one member as a standalone, physically smaller weights file."""
     weights = readable_weights(weights, pretrained, "slice")
     check_data_path(calibrate, "--calibrate")
     chosen = one_member(member_json, width, rank)
@@ -142,20 +139,22 @@ def slice_command(
     member = zoo.slice_file(weights, out, chosen, rank, calibration, _bn_note(spec))
     params = sum(p.numel() for p in member.model.parameters())
     typer.echo(
-        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; source {weights.stat().st_size / 1e6:.2f} MB)"
+        f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB, sha256 {file_sha256(out)[:12]}; "
+        f"source {weights.stat().st_size / 1e6:.2f} MB)"
     )
     typer.echo(f"member {member.model.arch} {member.member}: {params:,} parameters")
     if member.recalibrated:
         typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
     elif calibrate:
         typer.echo(
-            f"note: {member.member} is a trained member (or has no batch norm): its statistics were kept, --calibrate was not needed"
+            f"note: {member.member} is a trained member (or has no batch norm): its statistics were kept, "
+            "--calibrate was not needed"
         )
     for entry in member.metadata["metrics"]:
         typer.echo("metrics: " + _metric_text(entry))
 
 
-@command("export")
+@command("export", epilog="Example: zoo export runs/resnet20/model.safetensors --width 0.5 --out small.onnx")
 def export_command(
     weights: Path = typer.Argument(
         ..., help="A family's (or a sliced member's) weights file; a catalogue name with --pretrained."
@@ -184,13 +183,11 @@ def export_command(
     fuse: bool = typer.Option(
         False,
         "--fuse",
-        help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels (onnxruntime only; slower on CPU, see export/fusion.py).",
+        help="Rewrite residual adds with LayerNorm, and biases with GELU, into onnxruntime's fused kernels "
+        "(onnxruntime only; slower on CPU, see export/fusion.py).",
     ),
 ) -> None:
-    """Export a member to a self-contained ONNX file, verified against PyTorch.
-
-    Example: zoo export runs/resnet20/model.safetensors --width 0.5 --out small.onnx
-    """
+    """Export a member to a self-contained ONNX file, verified against PyTorch."""
     if all_members and (width is not None or rank is not None or member_json):
         raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
     path = readable_weights(weights, pretrained, "export")
@@ -241,7 +238,7 @@ def _quantization_data(data: CalibrationData, model: "ElasticModel", quantize: O
     return {"calibration": calibration, "validation": data.validation()}
 
 
-@command("info")
+@command("info", epilog="Example: zoo info runs/resnet20/model.safetensors --json")
 def info_command(
     file: Path = typer.Argument(
         ..., help="A weights file (.safetensors) or an exported .onnx file; a catalogue name with --pretrained."
@@ -251,10 +248,7 @@ def info_command(
 ) -> None:
     """Describe a weights file (members, metrics, data, training run) or an exported ONNX file.
 
-    Reads headers only (no torch, no timm), so it answers at once on any file size.
-
-    Example: zoo info runs/resnet20/model.safetensors --json
-    """
+    Reads headers only (no torch, no timm), so it answers at once on any file size."""
     file = weights_file(file, pretrained)
     if not file.exists():
         raise FileNotFoundError(f"no such file: {file}")
@@ -278,7 +272,8 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
     lines = [
         (
             "file",
-            f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, sha256 {_sha256(path)[:12]})",
+            f"{path} ({path.stat().st_size / 1e6:.2f} MB, {header.get('dtype', 'float32')}, "
+            f"sha256 {_sha256(path)[:12]})",
         ),
         ("architecture", f"{arch} (family {facts['family']}, {facts['input']} input)"),
         ("axes", ", ".join(catalogue.axes(arch, low_rank))),
@@ -296,7 +291,8 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         lines.append(
             (
                 "converted",
-                f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, max abs difference {converted.get('max_abs_diff', 0):.2g}",
+                f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, "
+                f"max abs difference {converted.get('max_abs_diff', 0):.2g}",
             )
         )
     origin = meta.get("sliced_from")
@@ -304,7 +300,8 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         lines.append(
             (
                 "sliced from",
-                f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} (sha256 {str(origin.get('source_sha256'))[:12]})",
+                f"{origin.get('arch')} {_member_text(origin.get('subnet') or {})} of {origin.get('source_path')} "
+                f"(sha256 {str(origin.get('source_sha256'))[:12]})",
             )
         )
     if meta.get("bn_recalibration"):
@@ -412,7 +409,8 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
         ),
         (
             "low-rank",
-            f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, {record.get('low_rank_layers', {}).get('factorized', 0)} factorized",
+            f"{record.get('low_rank_layers', {}).get('merged', 0)} merged, "
+            f"{record.get('low_rank_layers', {}).get('factorized', 0)} factorized",
         ),
         ("metrics", _metric_text(record["metrics"]) if record.get("metrics") else "none recorded"),
     ]

@@ -15,7 +15,7 @@ import typer
 from .common import PRETRAINED, check_data_path, command, readable_weights
 
 
-@command("search")
+@command("search", epilog="Example: zoo search runs/resnet20/model.safetensors --budget flops=250k --out runs/search")
 def search_command(
     weights: str = typer.Argument(..., help="A trained family's weights file, or a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
@@ -39,10 +39,7 @@ def search_command(
     seed: int = typer.Option(0, "--seed", help="Seeds every choice of the search."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the exported member against PyTorch."),
 ) -> None:
-    """Evolutionary search (Once-for-All) for the best member within a budget; exports it.
-
-    Example: zoo search runs/resnet20/model.safetensors --budget flops=250k --out runs/search
-    """
+    """Evolutionary search (Once-for-All) for the best member within a budget; exports it."""
     path = readable_weights(weights, pretrained, "search")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; zoo search writes a folder")

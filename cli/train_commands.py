@@ -303,7 +303,7 @@ for _option in TRAIN_OPTIONS:  # listed panel by panel, those in none first
 TRAIN_OPTIONS.sort(key=lambda o: list(PANELS).index(_panel(o.name)) if _panel(o.name) else -1)
 
 
-@command("train")
+@command("train", epilog="Example: zoo train slim_resnet20 --out runs/resnet20")
 @takes(*TRAIN_OPTIONS)
 def train_command(
     model: Annotated[
@@ -312,10 +312,7 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt.")],
     **options,
 ) -> None:
-    """Train a family: the full model jointly with its members, masked so a core step moves only the core.
-
-    Example: zoo train slim_resnet20 --out runs/resnet20
-    """
+    """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
     _check_before_torch(model, options)
     from training.launch import Launch, launch
     from training.signals import Interrupted
@@ -388,7 +385,7 @@ def _report_run(model: str, out: Path, result, save_dir: Optional[Path]) -> None
         typer.echo(f"wrote {save_dir} (config.json, model.safetensors)")
 
 
-@command("eval")
+@command("eval", epilog="Example: zoo eval runs/resnet20/model.safetensors --width 0.5")
 def eval_command(
     weights: str = typer.Argument(..., help="A zoo weights file, or a catalogue name with --pretrained."),
     pretrained: bool = PRETRAINED,
@@ -409,10 +406,7 @@ def eval_command(
     device: Device = typer.Option(Device.auto, "--device", help="auto: CUDA if available."),
     json_output: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models).
-
-    Example: zoo eval runs/resnet20/model.safetensors --width 0.5
-    """
+    """Metric per member on the validation split: accuracy (classifiers) or bits per byte (byte models)."""
     path = readable_weights(weights, pretrained, "eval")
     chosen_members = parse_members(member)
     check_data_path(data, "--data")

@@ -46,7 +46,8 @@ def safetensors_header(path: str | os.PathLike) -> dict:
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end > size:
         raise WeightsFileError(
-            f"{path} is not a readable safetensors file (truncated: {size:,} bytes, its header describes {8 + length + end:,})"
+            f"{path} is not a readable safetensors file "
+            f"(truncated: {size:,} bytes, its header describes {8 + length + end:,})"
         )
     return header
 
@@ -75,7 +76,8 @@ def read_header(path: str | os.PathLike) -> dict:
         arch, args = described["architecture"], described.get("model_args", {})
         if (arch, args) != (header["arch"], header["model_args"]):
             raise WeightsFileError(
-                f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} ({header['arch']}); write the folder again"
+                f"{config} describes {arch} with other arguments than {Path(path) / WEIGHTS_NAME} "
+                f"({header['arch']}); write the folder again"
             )
     return header
 
