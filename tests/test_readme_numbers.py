@@ -251,6 +251,7 @@ NUMBERS = [
      "better on 16 of 16 members, equal on 0."),
     ("(600 steps: 0.9944 everywhere, one member 1.000 → 0.9944;", "space/space.md", "| width=0.5 | 1.0000 | 0.9944 |"),
     ("150 steps: better, 0.9609 → 0.9832 at width 0.25)", "space/space.md", "| width=0.25 | 0.9609 | 0.9832 |"),
+    ("0 to 2.2 points on ViT-Tiny", "space/space.md", "| width=0.5 | 0.9777 | 0.9777 |"),
     ("| ResNet-20, 150 steps | 0.3 MFLOPs | 0.9665 / 0.9944 | none is that small (width 0.25: 0.32 MFLOPs) |",
      "space/space.md", "| flops=0.3M | uniform | depth=[3,3,2], width=0.25 | 0.9665 |"),
     ("| ResNet-20, 150 steps | 0.3 MFLOPs | 0.9665 / 0.9944 | none is that small (width 0.25: 0.32 MFLOPs) |",
@@ -280,6 +281,7 @@ NUMBERS = [
     ("a ResNet-20 with one block per stage at width 0.25 (0.099 MFLOPs", "space/space.md",
      "| flops=0.3M | layerwise | depth=[1,1,1], width=0.25 | 0.9944 | 0.0991 MFLOPs |"),
     ("-15% to +42% for ViT-Tiny members of 2-5 ms", "space/space.md", "3.397 / 2.896 ms (-15%)"),
+    ("-2% to +21% for GPT-nano members of 13-24 ms", "space/space.md", "19.840 / 24.090 ms (+21%)"),
     ("-15% to +42% for ViT-Tiny members of 2-5 ms", "space/space.md", "3.594 / 5.091 ms (+42%)"),
     ("chose a member of 0.9721 while the uniform width 0.5 (0.9777) measured 4.8 ms", "space/space.md",
      "| 0.9721 | 3.397 ms | width=0.5 | 0.9777 | 4.802 ms |"),
@@ -351,6 +353,9 @@ NUMBERS = [
     ("alternating 0.81×, random 0.69×, sandwich 2.73×, all 2.68×", "train.md", "| sandwich | 131.2 | 2.73 |"),
     ("alternating 0.81×, random 0.69×, sandwich 2.73×, all 2.68×", "train.md", "| all | 128.8 | 2.68 |"),
     # joint against separate training (benchmarks/compare.py)
+    ("the GPT rows 8 to 26 minutes", "compare.md", "| 500.6 ± 122.5 |"),
+    ("the GPT rows 8 to 26 minutes", "compare.md", "| 1557.9 ± 213.4 |"),
+    ("N steps are 2.2 epochs", "byte_baselines.json", '"train_bytes": 943718'),
     ("| core alone, N | 2.480 ± 0.103 | | 501 |", "compare.md", "| 2.480 ± 0.103 | – | 500.6 ± 122.5 |"),
     ("| core alone, 2N | 1.828 ± 0.021 | | 1079 |", "compare.md", "| 1.828 ± 0.021 | – | 1078.9 ± 65.7 |"),
     ("| full alone, N | | 2.552 ± 0.790 | 870 |", "compare.md", "| – | 2.552 ± 0.790 | 870.0 ± 35.4 |"),
@@ -406,7 +411,9 @@ NUMBERS = [
     *(("(13 MiB in all)", "weights/README.md", heading) for heading in (
         "## slim_resnet20.safetensors (0.55 MiB, float16)", "## slim_vit_tiny.safetensors (10.2 MiB, float16)",
         "## slim_gpt_nano.safetensors (2.2 MiB, float16)")),
-    # the backbone snippet's FLOPs, computed by a test
+    # the backbone snippet's channels and FLOPs, computed by a test
+    ("that member's: [128, 256, 512], [64, 128, 256]", "tests/test_readme.py",
+     'assert namespace["channels"] == [64, 128, 256]  # the last member\'s, half of [128, 256, 512]'),
     ("# 3.63 and 0.97 GFLOPs", "tests/test_readme.py", "round(full / 1e9, 2) == 3.63 and round(half / 1e9, 2) == 0.97"),
     # bounds the tests hold where the measured figure was not recorded
     ("`tests/test_distributed.py` holds it under 1e-5", "tests/test_distributed.py", "assert diff < 1e-5"),
@@ -467,9 +474,34 @@ def test_numbers_the_readme_says_were_not_recorded_are_marked_so():
         "the figure before it was measured in an earlier session and not recorded",
         "the figures before it were measured in an earlier session and not recorded",
         "but the other four were not recorded",
+        "measured paired against unseeded draws in an earlier session and not recorded",
+        "to 7.5e-9 (max abs parameter difference, measured in an earlier session and not recorded;",
+        "against 1.2e-2 without it (measured in an earlier session and not recorded;",
+        "(4 min 40 s here, measured in an earlier session and not recorded;",
+        "4.5 s when torch loaded first; measured in an earlier session and not recorded)",
+        "13 passed, 52 failed and 1 skipped on zoo's names (measured in an earlier session and not recorded)",
+        "(the run above took 80 minutes, measured in an earlier session and not recorded)",
+        "7e-7 to 2e-5 here (measured in an earlier session and not recorded)",
+        "measured 0 to 1e-6 in an earlier session and not recorded",
+        "1 h 45 min of wall time here (measured in an earlier session and not recorded)",
+        "the same floor was 0.65× and 0.60× (measured in that session and not recorded)",
+        "load average 1 to 7 during the runs, seen in an earlier session and not recorded",
+        "(1 MiB) per touched byte (seen in an earlier session and not recorded)",
     ):
         assert passage in README
-    for removed in ("Sapphire Rapids", "1.54×", "| 237 |", "2,426", "79 ms at load average", "three runs gave"):
+    for removed in (
+        "Sapphire Rapids",
+        "1.54×",
+        "| 237 |",
+        "2,426",
+        "79 ms at load average",
+        "three runs gave",
+        "(1.00×, one process",
+        "adds 0.8 ms",
+        "0.966–0.978",
+        "13 MB in all",
+        "4–9 from other jobs",
+    ):
         assert removed not in README
 
 
