@@ -98,6 +98,13 @@ def _convert_rows() -> list[tuple[str, str, Cells]]:
 
 # (README passage, file, text in the file | (JSON key path, value as the README rounds it) | Cells(...))
 NUMBERS = [
+    # the set-up section's training run and install size (the command's own output, benchmarks/results/setup/)
+    ("0.9944 / 1.0000 / 0.9944 / 0.9944 at widths", "setup/train_resnet20.txt", " width=0.75  153,550    0.9944"),
+    ("0.9944 / 1.0000 / 0.9944 / 0.9944 at widths", "setup/train_resnet20.txt", " width=0.5    68,642    1.0000"),
+    ("600 steps in 132 s with another job", "setup/train_resnet20.txt", "600 steps in 132 s"),
+    ("and fills 6.4 GB", "setup/train_resnet20.txt", "site-packages: 6.4G"),
+    ("3.2 GB of it are CUDA libraries", "setup/train_resnet20.txt", "nvidia-* and cuda-*: 3.2G"),
+    ("and 0.9 GB triton", "setup/train_resnet20.txt", "triton: 897M"),
     # layerwise training against the uniform members (benchmarks/space_search.py)
     ("2.2 points on ViT-Tiny (0.9777 → 0.9553 at width 0.75", "space/space.md", "| width=0.75 | 0.9777 | 0.9553 |"),
     ("0.9665 → 0.9497 at width 0.25", "space/space.md", "| width=0.25 | 0.9665 | 0.9497 |"),
