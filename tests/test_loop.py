@@ -207,11 +207,13 @@ def test_inductor_generates_a_forward_and_backward_per_member_that_train_as_eage
     for real: in a fresh, empty cache (torch keeps only its precompiled header, which holds no
     code of the model), every member's forward and backward are generated (4 graphs, none from
     the cache) and train as eager does. Dynamo's recompile limit is set to 1 first, so the second
-    member is compiled only because compile_model raises it (at 1 it would run eagerly).
+    member is compiled only because compile_model raises it (at 1 it would run eagerly); after
+    the import of timm.optim, which sets it to 1e6 for its Kron optimizer.
     Kept as small as that allows (25 s of CPU, half of it g++; 31 s with torch's header not yet
     precompiled): a one-block ResNet (13 kernels in all), inductor compiling in this process (no
     pool of workers to start) and trusting the CPU's own list of vector instructions instead of
     compiling a probe program for each (6 s)."""
+    import timm.optim  # noqa: F401  (the trainer's optimizers; its import sets the limit)
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import fresh_cache
