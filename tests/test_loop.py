@@ -24,6 +24,10 @@ from training.checkpoint import load_checkpoint
 from training.masking import MaskCache, masked_step
 from training.precision import Precision
 from training.trainer import Reporter, TrainConfig, Trainer, train
+from zoo import registry
+from zoo.models._builder import build
+from zoo.models.resnet import SlimResNet
+from zoo.registry import Variant
 
 
 def _invoke(*args: str):
@@ -155,22 +159,74 @@ def test_bf16_ema_and_channels_last_run_end_to_end_and_the_ema_resumes(tmp_path)
     assert sum('"ema": true' in line for line in lines) == 2
 
 
+def _compiled_and_eager(model: str, backend: str, tmp_path: Path) -> tuple[Trainer, Trainer]:
+    """`--compile --compile-backend BACKEND` on two members (width 0.5 and 1.0, 4 steps), then
+    the same run eagerly."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    case = dict(model=model, widths=[0.5], steps=4, batch_size=16, img_size=8, eval_every=100, lr=0.05)
+    compiled, _ = _run(
+        TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case)
+    )
+    eager, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "eager"), **case))
+    return compiled, eager
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_compile_builds_one_graph_per_member_and_trains_as_eager(backend, tmp_path):
     """`--compile` on two members: each member's graph is captured once, the first time it
     trains, and reused (4 steps, 2 graphs, no graph break); the weights match an eager run.
     aot_eager (dynamo's capture and AOT autograd, no code generation: 5 s) runs in CI;
-    inductor (its C++ code generation: 40 s for the two members on a quiet core) is slow."""
+    inductor (its C++ code generation: 40 s for the two members on a quiet core) is slow,
+    and runs in CI on a one-block ResNet (the next test)."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
-    counters.clear()
-    case = dict(model="slim_resnet20", widths=[0.5], steps=4, batch_size=16, img_size=8, eval_every=100, lr=0.05)
-    compiled, _ = _run(
-        TrainConfig.from_flags(out=str(tmp_path / "compiled"), compile=True, compile_backend=backend, **case)
-    )
+    compiled, eager = _compiled_and_eager("slim_resnet20", backend, tmp_path)
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
-    eager, _ = _run(TrainConfig.from_flags(out=str(tmp_path / "eager"), **case))
+    assert _max_diff(_params(compiled.model), _params(eager.model)) < 1e-4
+
+
+@pytest.fixture
+def tiny_resnet(monkeypatch) -> str:
+    """A ResNet of the family's own classes with one basic block of 8 channels, as a variant in
+    zoo's catalogue for the test (the trainer builds its model by name); removed afterwards."""
+    fixed = dict(block="basic", layers=(1,), channels=(8,), stem="cifar")
+
+    def entrypoint(pretrained=False, **kwargs):
+        return build("tiny_resnet", pretrained, kwargs)
+
+    variant = Variant("tiny_resnet", "resnet", SlimResNet, fixed, {"num_classes": 10, "img_size": 32}, entrypoint)
+    monkeypatch.setitem(registry._VARIANTS, "tiny_resnet", variant)
+    return "tiny_resnet"
+
+
+def test_inductor_generates_a_forward_and_backward_per_member_that_train_as_eager(tiny_resnet, tmp_path, monkeypatch):
+    """`--compile` with inductor, the default backend, generating and compiling its C++ kernels
+    for real: in a fresh, empty cache (torch keeps only its precompiled header, which holds no
+    code of the model), every member's forward and backward are generated (4 graphs, none from
+    the cache) and train as eager does. Dynamo's recompile limit is set to 1 first, so the second
+    member is compiled only because compile_model raises it (at 1 it would run eagerly); after
+    the import of timm.optim, which sets it to 1e6 for its Kron optimizer.
+    Kept as small as that allows (25 s of CPU, half of it g++; 31 s with torch's header not yet
+    precompiled): a one-block ResNet (13 kernels in all), inductor compiling in this process (no
+    pool of workers to start) and trusting the CPU's own list of vector instructions instead of
+    compiling a probe program for each (6 s)."""
+    import timm.optim  # noqa: F401  (the trainer's optimizers; its import sets the limit)
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import fresh_cache
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with (
+        fresh_cache(dir=str(tmp_path), delete=False),
+        inductor_config.patch({"compile_threads": 1, "cpp.vec_isa_ok": True}),
+    ):
+        compiled, eager = _compiled_and_eager(tiny_resnet, "inductor", tmp_path)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert counters["inductor"]["fxgraph_cache_miss"] == 4 and not counters["inductor"]["fxgraph_cache_hit"]
+    assert len(list(tmp_path.rglob("*.so"))) >= 4  # the generated kernels, compiled in the test's cache
     assert _max_diff(_params(compiled.model), _params(eager.model)) < 1e-4
 
 
