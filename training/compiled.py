@@ -12,7 +12,9 @@ slower for no gain.
 
 Dynamo keeps at most ``recompile_limit`` graphs per function and silently runs further
 members eagerly; the limit is raised to the number of trained members (twice: a member that
-trains on batch statistics alone is another graph) plus slack. A layerwise space draws a new
+trains on batch statistics alone is another graph) plus slack. (Importing ``timm.optim``, as
+building the optimizer does, already sets it to 1e6 through timm's ``kron.py``; the raise keeps
+the guarantee where that import changes.) A layerwise space draws a new
 member almost every step, which would compile almost every step: it is refused.
 
 Evaluation, recalibration and the EMA weights run eagerly (they run a few batches per member).
