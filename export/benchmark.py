@@ -105,7 +105,7 @@ def member_metric(metadata: dict) -> tuple[str | None, float | None]:
 
 
 def prepare_member(
-    member: SlicedMember, batch_sizes: Iterable[int], threads: int, workdir: Path
+    sliced: SlicedMember, batch_sizes: Iterable[int], threads: int, workdir: Path
 ) -> tuple[MemberResult, dict]:
     """Export a sliced member (verified against PyTorch); its result to fill in and its timed
     runs, keyed ``(runtime, batch size)``.
@@ -113,9 +113,9 @@ def prepare_member(
     The exporter merges low-rank layers whose dense form is cheaper, in place, so PyTorch
     runs the very network that the ONNX file holds.
     """
-    exported = export_member(member, workdir / f"{member.member.key}.onnx")
-    model = member.model.eval()
-    result = MemberResult(member.member, exported.num_params, exported.flops, *member_metric(member.metadata))
+    exported = export_member(sliced, workdir / f"{sliced.member.key}.onnx")
+    model = sliced.model.eval()
+    result = MemberResult(sliced.member, exported.num_params, exported.flops, *member_metric(sliced.metadata))
     session = onnx_session(exported.path, threads)
     torch.manual_seed(0)
     runs = {}

@@ -133,7 +133,7 @@ def input_record(model: ElasticModel, metadata: dict) -> dict:
 
 
 def zoo_record(
-    member: SlicedMember,
+    sliced: SlicedMember,
     model: ElasticModel,
     merges: dict[str, list[int]],
     opset: int,
@@ -146,18 +146,18 @@ def zoo_record(
 
     ``fusions``: onnxruntime kernels that fusion produced (None: not fused); ``kv_cache``: the
     number of blocks whose keys and values are cache inputs (None: no cache)."""
-    metrics = member.metadata.get("metrics") or []
-    labels = recorded(member.metadata, "labels")
+    metrics = sliced.metadata.get("metrics") or []
+    labels = recorded(sliced.metadata, "labels")
     return {
         "arch": model.arch,
         "family": zoo.family_of(model.arch),
-        "subnet": member.member.to_dict(),
-        "input": input_record(model, member.metadata),
+        "subnet": sliced.member.to_dict(),
+        "input": input_record(model, sliced.metadata),
         "labels": list(labels) if labels else None,
         "metrics": {k: v for k, v in metrics[0].items() if k != "subnet"} if metrics else None,
         "num_params": sum(p.numel() for p in model.parameters()),
         "flops": flops,
-        "source_sha256": member.source_sha256,
+        "source_sha256": sliced.source_sha256,
         "opset": opset,
         "quantized": quantized,
         "low_rank_layers": {
@@ -272,7 +272,7 @@ def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
 
 
 def export_member(
-    member: SlicedMember,
+    sliced: SlicedMember,
     out: str | os.PathLike,
     *,
     opset: int | None = None,
@@ -308,7 +308,7 @@ def export_member(
         raise ValueError(
             "--quantize int8 reports its accuracy cost on validation data; give data with --calibrate DATA"
         )
-    model = member.model.eval()
+    model = sliced.model.eval()
     merges = merge_low_rank(model)
     flops = zoo.count_flops(model, batch_size=1)
     model = model.to(device)
@@ -318,7 +318,7 @@ def export_member(
     if opset is not None and _opset_of(proto) != opset:
         raise ValueError(f"the exporter wrote opset {_opset_of(proto)}, not the requested {opset}")
     cached_blocks = sum(i.name.startswith(PAST + ".") and i.name.endswith(".key") for i in proto.graph.input)
-    record = zoo_record(member, model, merges, _opset_of(proto), flops, fusions=fusions, kv_cache=cached_blocks or None)
+    record = zoo_record(sliced, model, merges, _opset_of(proto), flops, fusions=fusions, kv_cache=cached_blocks or None)
 
     with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
         fp32_path = Path(work) / "model.onnx"
@@ -342,7 +342,7 @@ def export_member(
     model.cpu()
     return ExportResult(
         Path(out),
-        member.member,
+        sliced.member,
         Path(out).stat().st_size,
         record["num_params"],
         flops,
