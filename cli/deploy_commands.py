@@ -176,7 +176,8 @@ def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int
     from rich.console import Console
     from rich.table import Table
 
-    from export.benchmark import format_count, member_label
+    from export.benchmark import member_label
+    from zoo.search import short_count
 
     batches = sorted({1, batch_size})
     table = Table(title=f"{arch}: median of {repeats} runs, threads={threads}, latency in ms", box=None)
@@ -191,6 +192,6 @@ def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int
         latencies = [f"{r.latency_ms[rt][b]:.2f}" for b in batches for rt in ("pytorch", "onnxruntime")]
         ratio = r.latency_ms["onnxruntime"][1] / r.latency_ms["pytorch"][1]
         table.add_row(
-            member_label(r.member), format_count(r.params), format_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
+            member_label(r.member), short_count(r.params), short_count(r.flops), metric, *latencies, f"{ratio:.2f}x"
         )
     Console(width=160).print(table)

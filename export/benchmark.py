@@ -24,6 +24,7 @@ import torch
 
 from zoo import Member, SlicedMember, WeightsSource
 from zoo.fileio import atomic_path
+from zoo.search import place_labels
 
 from .onnx_export import export_member
 
@@ -257,58 +258,5 @@ def draw_results(results: list[MemberResult], title: str):
     ax.margins(y=0.15)
     ax.legend(loc="best")
     fig.tight_layout()
-    _place_labels(fig, ax, points, labels)
+    place_labels(fig, ax, points, labels, offsets=LABEL_OFFSETS, markers=points, marker_radius=4, padding=2)
     return fig
-
-
-def _place_labels(fig, ax, points: list[tuple[float, float]], labels: list[str]) -> None:
-    """Annotate each point at the first offset whose text box overlaps no placed label, no
-    point marker and stays inside the axes (else at the offset that overlaps least)."""
-    renderer = fig.canvas.get_renderer()
-    frame = ax.get_window_extent(renderer)
-    marker_boxes = []
-    for x, y in points:
-        px, py = ax.transData.transform((x, y))
-        marker_boxes.append(_bbox(px - 4, py - 4, px + 4, py + 4))
-    placed = []
-    for (x, y), text in zip(points, labels):
-        best, best_cost = None, None
-        for dx, dy in LABEL_OFFSETS:
-            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")  # fmt: skip
-            box = note.get_window_extent(renderer).padded(2)  # a little air between labels
-            cost = sum(_overlap(box, other) for other in placed + marker_boxes) + 10 * _outside(box, frame)
-            if best_cost is None or cost < best_cost:
-                if best is not None:
-                    best.remove()
-                best, best_cost, best_box = note, cost, box
-            else:
-                note.remove()
-            if cost == 0:
-                break
-        placed.append(best_box)
-
-
-def _bbox(x0: float, y0: float, x1: float, y1: float):
-    from matplotlib.transforms import Bbox
-
-    return Bbox([[x0, y0], [x1, y1]])
-
-
-def _overlap(a, b) -> float:
-    width = min(a.x1, b.x1) - max(a.x0, b.x0)
-    height = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return max(0.0, width) * max(0.0, height)
-
-
-def _outside(box, frame) -> float:
-    """Area of ``box`` outside ``frame``."""
-    return box.width * box.height - _overlap(box, frame)
-
-
-def format_count(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return f"{n:g}"

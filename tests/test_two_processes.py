@@ -11,26 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from safetensors.torch import load_file
+from test_faults import _processes_naming
 
 from training.checkpoint import load_checkpoint
 
 STOPPED = re.compile(r"^stopped at step (\d+) of (\d+); continue with --resume$")
 ARGS = ["slim_resnet20", "--width", "0.5", "--eval-every", "1000", "--eval-limit", "64", "--steps", "60",
         "--batch-size", "8", "--nproc-per-node", "2"]  # fmt: skip
-
-
-def _processes_naming(text: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            pass  # ended meanwhile
-    return found
 
 
 def test_sigterm_stops_both_ranks_with_workers_at_one_step_and_the_run_resumes_with_other_workers(tmp_path):

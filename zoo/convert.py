@@ -360,15 +360,25 @@ def max_difference(
     """Max abs difference between the timm model and the family's full member (eval mode,
     random inputs at each batch size), and the largest logit magnitude."""
     generator = torch.Generator().manual_seed(seed)
+    size = family.pretrained_cfg["input_size"]
+    return compare_largest(source, family, [torch.randn(n, *size, generator=generator) for n in batch_sizes], source)
+
+
+@torch.no_grad()
+def compare_largest(
+    source: nn.Module, family: ElasticModel, inputs: Iterable[torch.Tensor], logits: Callable
+) -> tuple[float, float]:
+    """Max abs difference between ``logits(x)`` (the source's) and the family's full member on
+    each input, both in eval mode (their modes and the family's member restored), and the
+    largest logit magnitude: what every conversion checks before it returns."""
     was = source.training, family.training
     previous = family.active_member
     source.eval(), family.eval()
     family.set_member(family.largest)
     worst, scale = 0.0, 0.0
     try:
-        for n in batch_sizes:
-            x = torch.randn(n, *family.pretrained_cfg["input_size"], generator=generator)
-            expected = source(x)
+        for x in inputs:
+            expected = logits(x)
             worst = max(worst, (family(x) - expected).abs().max().item())
             scale = max(scale, expected.abs().max().item())
     finally:

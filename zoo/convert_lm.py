@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .base import ElasticModel
-from .convert import TOLERANCE, UnsupportedModel, _factorize_from, _members
+from .convert import TOLERANCE, UnsupportedModel, _factorize_from, _members, compare_largest
 from .importance import ORDERS, reorder
 from .registry import create_uninitialized
 from .space import DEFAULT_GRID
@@ -236,23 +236,16 @@ def max_difference(model: nn.Module, family: ElasticModel, seed: int = 0) -> tup
     """Max abs difference between transformers' logits and the family's full member's (eval mode,
     random tokens at two batch sizes and lengths), and the largest logit magnitude."""
     generator = torch.Generator().manual_seed(seed)
-    was, previous = (model.training, family.training), family.active_member
-    model.eval(), family.eval()
-    family.set_member(family.largest)
     device = next(model.parameters()).device
-    worst, scale = 0.0, 0.0
-    try:
-        for batch, length in ((1, 7), (3, 24)):
-            tokens = torch.randint(
-                0, family.vocab_size, (batch, min(length, family.context_length)), generator=generator
-            )
-            expected = model(input_ids=tokens.to(device), use_cache=False).logits.float().cpu()
-            worst = max(worst, (family(tokens) - expected).abs().max().item())
-            scale = max(scale, expected.abs().max().item())
-    finally:
-        model.train(was[0]), family.train(was[1])
-        family.set_member(previous, for_training=True)
-    return worst, scale
+    tokens = [
+        torch.randint(0, family.vocab_size, (batch, min(length, family.context_length)), generator=generator)
+        for batch, length in ((1, 7), (3, 24))
+    ]
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+    return compare_largest(model, family, tokens, logits)
 
 
 def from_transformers(

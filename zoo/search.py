@@ -342,13 +342,18 @@ def draw_front(result: SearchResult, grid: list[Candidate], best: Candidate, tit
     points = [(c.costs[kind], c.metric) for c in inside] + [(edge, c.metric) for c in beyond]
     labels = [name(c) for c in inside] + [f"{name(c)} ({cost_text(c)})" for c in beyond]
     markers = points + [(best.costs[kind], best.metric)] + [(c.costs[kind], c.metric) for c in front]
-    _place_labels(fig, ax, points, labels, markers)
+    legend = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+    place_labels(fig, ax, points, labels, offsets=LABEL_OFFSETS, markers=markers, marker_radius=7, padding=3,
+                 obstacles=[legend], color="tab:red")  # fmt: skip
     return fig
 
 
-def _place_labels(fig, ax, points, labels, markers) -> None:
-    """Each label at the first offset where it overlaps no placed label and no marker and stays
-    inside the axes (else where it overlaps least)."""
+def place_labels(
+    fig, ax, points, labels, *, offsets, markers, marker_radius: float, padding: float, obstacles=(), **style
+) -> None:
+    """Annotate each point at the first of ``offsets`` (points) where its label overlaps no placed
+    label, no marker box (``marker_radius`` pixels around each of ``markers``) and no ``obstacles``
+    and stays inside the axes; else at the offset that overlaps least. ``style``: the text's."""
     from matplotlib.transforms import Bbox
 
     renderer = fig.canvas.get_renderer()
@@ -357,16 +362,16 @@ def _place_labels(fig, ax, points, labels, markers) -> None:
     def overlap(a, b) -> float:
         return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
-    taken = [ax.get_legend().get_window_extent(renderer)]
+    taken = list(obstacles)
     for x, y in markers:
         px, py = ax.transData.transform((x, y))
-        taken.append(Bbox([[px - 7, py - 7], [px + 7, py + 7]]))
+        taken.append(Bbox([[px - marker_radius, py - marker_radius], [px + marker_radius, py + marker_radius]]))
     for (x, y), text in zip(points, labels):
         chosen, chosen_cost, chosen_box = None, None, None
-        for dx, dy in LABEL_OFFSETS:
-            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8, color="tab:red",
-                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")  # fmt: skip
-            box = note.get_window_extent(renderer).padded(3)  # a little air between labels
+        for dx, dy in offsets:
+            note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top", **style)  # fmt: skip
+            box = note.get_window_extent(renderer).padded(padding)  # a little air between labels
             outside = box.width * box.height - overlap(box, frame)
             cost = sum(overlap(box, other) for other in taken) + 10 * outside
             if chosen_cost is None or cost < chosen_cost:
