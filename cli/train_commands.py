@@ -55,10 +55,6 @@ class Amp(str, Enum):
     none = "none"
 
 
-def _choice(enum: type[Enum]) -> str:
-    return " | ".join(m.value for m in enum)
-
-
 # Every `zoo train` option, declared once: the keyword is the training configuration's flag
 # (training.config.TrainConfig.from_flags), except the launcher's and --save-dir.
 TRAIN_OPTIONS = [
