@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")  # the lm extra (part of dev)
 
 import zoo  # noqa: E402
 from zoo import UnsupportedModel  # noqa: E402
+from zoo.tokenizer import load_tokenizer, write_tokenizer_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, CONTEXT = 96, 32
@@ -194,6 +195,9 @@ def test_a_folder_converts_with_text_calibration_and_the_family_file_loads_back(
     source = family.zoo_metadata["converted_from"]
     assert source["transformers"] == "LlamaForCausalLM" and source["calibration_batches"] == 3
     assert family.model_args["tie_embeddings"] is True and "lm_head.weight" not in family.state_dict()
+    recorded = family.zoo_metadata["tokenizer"]
+    assert recorded == {"tokenizer.json": (folder / "tokenizer.json").read_text()}
+    assert load_tokenizer(family.zoo_metadata).encode(texts[0]).ids[:3] == [1, 2, 3]
 
     x = tokens()
     family.eval().set_member(width=0.5)
@@ -206,6 +210,10 @@ def test_a_folder_converts_with_text_calibration_and_the_family_file_loads_back(
     again = zoo.load(tmp_path / "family").eval()
     again.set_member(width=0.5)
     assert torch.equal(again(x), expected)
+    member = zoo.slice(family, width=0.5)
+    sliced = zoo.load(zoo.save(member, tmp_path / "member.safetensors", metadata=member.zoo_metadata))
+    written = write_tokenizer_files(sliced.zoo_metadata, tmp_path / "out")
+    assert [p.read_text() for p in written] == [recorded["tokenizer.json"]]  # the tokenizer travels with a member
     info = CliRunner().invoke(app, ["info", str(path)])
     assert info.exit_code == 0 and "slim_llama" in info.output, info.output
     assert "2 blocks with heads, mlp, blocks per block" in info.output  # the converted model's layers

@@ -33,6 +33,7 @@ from .convert import TOLERANCE, UnsupportedModel, _factorize_from, _members, com
 from .importance import ORDERS, reorder
 from .registry import create_uninitialized
 from .space import DEFAULT_GRID
+from .tokenizer import read_tokenizer_files
 
 INSTALL = "converting a transformers model needs the lm extra: pip install 'zoo[lm]' (transformers, tokenizers)"
 
@@ -260,7 +261,8 @@ def from_transformers(
     """A zoo family made from a transformers causal LM: a local folder (``config.json`` and its
     safetensors) or a ``PreTrainedModel``. ``order``: ``weight``, ``activation`` (needs
     ``calibration``: token batches, or texts tokenized with the folder's ``tokenizer.json``) or
-    ``none``. ``widths`` (and ``ranks`` with ``low_rank=True``) are the members (default as
+    ``none``. A folder's tokenizer files are recorded in ``zoo_metadata["tokenizer"]``
+    (:mod:`zoo.tokenizer`). ``widths`` (and ``ranks`` with ``low_rank=True``) are the members (default as
     ``zoo train``'s; the full one is always kept). The full member's logits equal the model's:
     checked here, the difference recorded in ``model.zoo_metadata["converted_from"]``."""
     if order not in ORDERS:
@@ -307,4 +309,7 @@ def from_transformers(
             "max_abs_diff": difference,
         }
     }
+    tokenizer = read_tokenizer_files(folder) if folder is not None else {}
+    if tokenizer:
+        family.zoo_metadata["tokenizer"] = tokenizer
     return family.train()
