@@ -37,6 +37,32 @@ def session_latency(path: str | Path, example, threads: int = 1, repeats: int = 
     return time_interleaved({"ort": lambda: session.run(None, {name: example})}, repeats, warmup=3)["ort"]
 
 
+def export_fast(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """``module`` on ``example`` as ONNX with the TorchScript exporter (under a second), quietly."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+        )
+    return Path(path)
+
+
+@torch.no_grad()
+def model_latency(small: ElasticModel, threads: int = 1, repeats: int = 20, batch: int = 1) -> float:
+    """Median milliseconds of a standalone (sliced) model at ``batch`` in onnxruntime."""
+    example = small.example_input(batch)
+    exported = CachedDecoder(small) if small.input_kind == "tokens" else small
+    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as work:
+        path = export_fast(exported, example, Path(work) / "member.onnx")
+        return session_latency(path, example.numpy(), threads, repeats)
+
+
 @torch.no_grad()
 def member_latency(model: ElasticModel, member: Member, threads: int = 1, repeats: int = 20) -> float:
     """Median milliseconds of ``member`` of ``model`` at batch 1 in onnxruntime with ``threads``.
@@ -46,19 +72,4 @@ def member_latency(model: ElasticModel, member: Member, threads: int = 1, repeat
     """
     small = zoo.slice(model, member).eval()
     merge_low_rank(small)
-    example = small.example_input(1)
-    exported = CachedDecoder(small) if small.input_kind == "tokens" else small
-    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as work:
-        path = Path(work) / "member.onnx"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                exported,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                opset_version=17,
-            )
-        return session_latency(path, example.numpy(), threads, repeats)
+    return model_latency(small, threads, repeats)
