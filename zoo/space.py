@@ -398,5 +398,34 @@ class Space:
         return {"groups": self.groups, "group": self.group, "axes": axes, "shorthand": shorthand}
 
 
+def contains(big: Values, small: Values) -> bool:
+    """Whether the member ``big`` contains ``small`` (both expanded): every value at least as
+    large, every block ``small`` keeps kept too. Such a member cannot be cheaper to run."""
+    for axis, values in small.items():
+        if axis == "blocks":
+            if not set(values) <= set(big[axis]):
+                return False
+        elif any(s > b for s, b in zip(values, big[axis])):
+            return False
+    return True
+
+
+SLOWER_TOLERANCE = 0.05  # measured latency differs this much between repeats of a shared machine
+
+
+def slower_containers(model, latency: Mapping[Member, float], tolerance: float = SLOWER_TOLERANCE) -> list[tuple]:
+    """ "Smaller is never slower", checked: every ``(member, container, member_ms, container_ms)``
+    where ``member`` took more than ``1 + tolerance`` times as long as a member that contains it
+    (``model.expand`` expands them), slowest excess first."""
+    expanded = {member: model.expand(member) for member in latency}
+    found = [
+        (small, big, latency[small], latency[big])
+        for small, values in expanded.items()
+        for big, big_values in expanded.items()
+        if small != big and latency[small] > (1 + tolerance) * latency[big] and contains(big_values, values)
+    ]
+    return sorted(found, key=lambda f: (-f[2] / f[3], f[0].key, f[1].key))
+
+
 def _one_or_list(values: tuple):
     return values[0] if len(set(values)) == 1 else list(values)
