@@ -38,7 +38,7 @@ from zoo.fileio import atomic_path
 from zoo.layers import ElasticBlocks, ElasticLayer
 
 from .benchmark import onnx_session, time_interleaved
-from .latency import export_fast
+from .latency import export_fast, latency_clock
 from .merge import merge_low_rank
 
 FORMAT = "zoo latency profile"
@@ -199,12 +199,14 @@ def time_member(wholes: dict[str, ElasticModel], batch: int, threads: int, repea
         merge_low_rank(whole)  # as zoo search measures members
         example = whole.example_input(batch)
         runs[name] = _run(export_fast(whole, example, work / f"{name}.onnx"), example, threads)
-    full = wholes["full"]
+    full, shapes = wholes["full"], {}
     for i, (name, x) in enumerate(block_inputs(full, full.example_input(batch)).items()):
         runs["block", name] = _run(export_fast(full.get_submodule(name), x, work / f"block{i}.onnx"), x, threads)
-        runs["call", name] = _run(export_fast(_Copy(), x, work / f"call{i}.onnx"), x, threads)
-    ms = time_interleaved(runs, repeats, warmup=3)
-    blocks = {key[1]: value - ms["call", key[1]] for key, value in ms.items() if key[0] == "block"}
+        shapes[name] = tuple(x.shape)
+        if ("call", shapes[name]) not in runs:
+            runs["call", shapes[name]] = _run(export_fast(_Copy(), x, work / f"call{i}.onnx"), x, threads)
+    ms = time_interleaved(runs, repeats, warmup=3, clock=latency_clock(threads))
+    blocks = {key[1]: value - ms["call", shapes[key[1]]] for key, value in ms.items() if key[0] == "block"}
     return {"blocks": blocks, **{name: ms[name] for name in wholes}}
 
 
@@ -241,6 +243,8 @@ def _timed_members(model: ElasticModel, plan, units: dict, rest: list, options: 
     for i, assigned in enumerate(plan):
         member = member_with(model, assigned)
         wholes = {"full": member, "shallow": shallowest(model, member)}
+        if wholes["shallow"] == member:  # a family of one block per stage
+            del wholes["shallow"]
         with tempfile.TemporaryDirectory(prefix="zoo-profile-") as work:
             built = {name: built_member(model, m) for name, m in wholes.items()}
             ms = time_member(built, **options, work=Path(work))
@@ -251,7 +255,8 @@ def _timed_members(model: ElasticModel, plan, units: dict, rest: list, options: 
             inside = [n for n, unit in units.items() if kept(unit, values)]
             rest_key = key_of(_values_at(rest, values))
             rows.append((rest_key, sum(ms["blocks"][n] for n in inside), len(inside), ms[name]))
-        progress(f"member {i + 1}/{len(plan)}: {member} — {ms['full']:.3f} ms, {ms['shallow']:.3f} ms shallowest")
+        shallow = f", {ms['shallow']:.3f} ms shallowest" if "shallow" in ms else ""
+        progress(f"member {i + 1}/{len(plan)}: {member} — {ms['full']:.3f} ms{shallow}")
     return samples, rows
 
 
@@ -292,7 +297,8 @@ def measure(
         "device": device(),
         "runtime": {"onnxruntime": onnxruntime.__version__, "torch": torch.__version__.split("+")[0]},
         "exporter": "torch.onnx TorchScript, opset 17 (as zoo search measures members)",
-        "members_measured": 2 * len(plan),
+        "clock": "thread CPU time" if threads == 1 else "wall time",
+        "members_measured": len(rows),
         "units": {name: {**table(units[name]["fields"], samples[name]), "kept": units[name]["kept"]} for name in units},
         "rest": {"fields": [list(f) for f in rest], "ms": rest_ms},
         "fit": {"scale": scale, "per_block_ms": per_block},
