@@ -172,6 +172,23 @@ def bench_family(
     return results
 
 
+def slower_members(model, results: list[MemberResult]) -> list[dict]:
+    """Smaller is never slower, checked on what was measured: every member slower, in a runtime
+    at a batch size, than a member that contains it (beyond timing noise)."""
+    from zoo.space import slower_containers
+
+    found = []
+    for runtime in RUNTIMES:
+        for batch in sorted(results[0].latency_ms.get(runtime, {})) if results else []:
+            latency = {r.member: r.latency_ms[runtime][batch] for r in results}
+            for small, big, small_ms, big_ms in slower_containers(model, latency):
+                found.append(
+                    {"runtime": runtime, "batch": batch, "member": small.to_dict(), "member_ms": small_ms,
+                     "container": big.to_dict(), "container_ms": big_ms}
+                )  # fmt: skip
+    return found
+
+
 def member_label(member: Member) -> str:
     return f"w{member.width:g}" + ("" if member.rank is None else f" r{member.rank:g}")
 

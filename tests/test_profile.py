@@ -162,3 +162,25 @@ def test_a_member_slower_than_one_containing_it_is_flagged():
     vit = zoo.create_model("slim_vit_tiny")
     fewer, more = vit.resolve_member({"blocks": [0, 11]}), vit.resolve_member({"blocks": [0, 5, 11]})
     assert slower_containers(vit, {fewer: 3.0, more: 1.0}) == [(fewer, more, 3.0, 1.0)]
+
+
+def test_zoo_bench_flags_a_member_measured_slower_than_its_container(capsys):
+    from cli.deploy_commands import _print_slower
+    from export.benchmark import MemberResult, slower_members
+
+    model = zoo.create_model("slim_resnet20")
+    small, big = model.resolve_member(0.5), model.resolve_member(1.0)
+    results = [
+        MemberResult(small, 1, 1, latency_ms={"pytorch": {1: 1.0, 8: 3.0}, "onnxruntime": {1: 2.0, 8: 3.0}}),
+        MemberResult(big, 2, 2, latency_ms={"pytorch": {1: 1.5, 8: 6.0}, "onnxruntime": {1: 1.0, 8: 6.0}}),
+    ]
+    slower = slower_members(model, results)
+    assert slower == [
+        {"runtime": "onnxruntime", "batch": 1, "member": {"width": 0.5}, "member_ms": 2.0,
+         "container": {"width": 1.0}, "container_ms": 1.0}
+    ]  # fmt: skip
+    _print_slower(slower)
+    assert capsys.readouterr().out == (
+        "smaller is slower (onnxruntime, batch 1): width=0.5 measured 2.000 ms, more than width=1 which contains it "
+        "(1.000 ms)\n"
+    )

@@ -20,7 +20,9 @@ axis as one number when its groups agree and leave out full depth, so a uniform 
 Rounding (the same everywhere, so a sliced model matches its elastic twin):
 
 * channels: ``round(n * width / divisor) * divisor``, at least ``divisor`` and at most ``n``
-  (half rounds up). CIFAR ResNets use divisor 4, ImageNet ResNets and MobileNetV2 use 8.
+  (half rounds up). CIFAR ResNets use divisor 4, ImageNet ResNets, MobileNetV2 and the ViT's
+  MLP 8; the family argument ``round_channels`` sets another (:func:`channel_divisor`), e.g. a
+  multiple the device's kernels run well, and is recorded with the model's arguments.
 * attention heads: ``round(heads * width)``, at least 1 (divisor 1, half up). The head
   dimension is fixed, so ``slim_vit_tiny`` (3 heads) runs 1, 2, 2, 3 heads at widths
   0.25, 0.5, 0.75, 1.0.
@@ -70,6 +72,15 @@ class Dim:
     def count_in(self, values: Values) -> int:
         """Features this dimension has in the expanded member ``values``."""
         return self.count(values[self.axis][self.group]) if self.elastic else self.units * self.unit_size
+
+
+def channel_divisor(round_channels: int | None, default: int) -> int:
+    """The divisor channel counts round to: ``round_channels`` when given, else the family's."""
+    if round_channels is None:
+        return default
+    if isinstance(round_channels, bool) or not isinstance(round_channels, int) or round_channels < 1:
+        raise ValueError(f"round_channels must be a positive integer, got {round_channels!r}")
+    return round_channels
 
 
 def fixed(n: int) -> Dim:

@@ -25,7 +25,7 @@ from ..convert import Plan, converts, is_type, kind, require, require_avg_pool, 
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..registry import variants
-from ..space import DEFAULT_GRID, Dim, Space, fixed
+from ..space import DEFAULT_GRID, Dim, Space, channel_divisor, fixed
 from ._builder import build, register_family
 
 
@@ -84,6 +84,7 @@ class SlimResNet(ImageModel):
         in_chans: int = 3,
         img_size: int = 224,
         global_pool: str = "avg",
+        round_channels: int | None = None,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
@@ -100,8 +101,8 @@ class SlimResNet(ImageModel):
             extra_members=extra_members,
         )
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        stem_kind, divisor = stem, (4 if stem == "cifar" else 8)
-        f = self._layer_factory(divisor)
+        stem_kind = stem
+        f = self._layer_factory(channel_divisor(round_channels, 4 if stem == "cifar" else 8))
         self.num_classes, self.in_chans = num_classes, in_chans
 
         first = f.at(0)  # the stem's channels are the first stage's (its blocks add to them)
