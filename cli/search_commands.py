@@ -14,6 +14,13 @@ import typer
 
 from .common import PRETRAINED, check_data_path, command, readable_weights
 
+PROFILE = typer.Option(
+    None,
+    "--profile",
+    help="A latency table (zoo profile; a file or its folder) to predict latency from; "
+    "default: the one beside the family, if measured on this device.",
+)
+
 
 @command("search", epilog="Example: zoo search runs/resnet20/model.safetensors --budget flops=250k --out runs/search")
 def search_command(
@@ -36,12 +43,7 @@ def search_command(
     population: int = typer.Option(16, "--population", min=2, help="Members per generation."),
     generations: int = typer.Option(4, "--generations", min=1, help="Generations of the evolution."),
     threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime threads for latency."),
-    profile: Optional[Path] = typer.Option(
-        None,
-        "--profile",
-        help="A latency table (zoo profile; a file or its folder) to predict latency from; "
-        "default: the one beside the family, if measured on this device.",
-    ),
+    profile: Optional[Path] = PROFILE,
     seed: int = typer.Option(0, "--seed", help="Seeds every choice of the search."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the exported member against PyTorch."),
 ) -> None:
@@ -57,8 +59,6 @@ def search_command(
     from zoo.search import Budget, Candidate, Evolution, plot_front, write_front
 
     chosen_budget = Budget.parse(budget)
-    if profile is not None and not profile.exists():
-        raise FileNotFoundError(f"--profile {profile}: no such file or folder (write one with `zoo profile`)")
     source = zoo.WeightsSource.open(path)
     model = source.model
     table = _latency_table(model, path, profile, threads)
@@ -73,9 +73,7 @@ def search_command(
         result = evolution.run(population, generations, seeds=uniform)
         for candidate in result.front():  # every member on the front gets its latency too
             candidate.costs.setdefault("latency", costs.latency(candidate.member))
-        grid = [
-            Candidate(m, scorer(m), costs.measured(m), -1) for m in uniform
-        ]  # the trained ones, measured the same way
+        grid = [Candidate(m, scorer(m), costs.measured(m), -1) for m in uniform]  # the trained ones, costed alike
         best, exported = _export_best(result, source, out, threads, not no_verify, costs.latency, table is not None)
         items = min(len(scorer.val), limit or len(scorer.val))
         record = dict(arch=model.arch, weights=str(source.path), data=_data_spec(model, data), validation_items=items)
@@ -98,7 +96,11 @@ def _latency_table(model, weights: Path, profile: Optional[Path], threads: int):
     found = weights.parent / profile_name(threads, 1)
     if not found.is_file():
         return None
-    table = LatencyTable.load(found, model, threads)
+    try:
+        table = LatencyTable.load(found, model, threads)
+    except ValueError as error:  # a table for another model left in the folder: measure instead
+        typer.echo(f"not using {found}: {error}")
+        return None
     if not table.same_device:
         typer.echo(f"not using {found}: measured on {table.document['device']['cpu']}, not this device")
         return None
