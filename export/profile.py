@@ -312,6 +312,11 @@ def write_profile(document: dict, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def _architecture(model_args: dict) -> dict:
+    """The arguments that decide a family's shapes (its trained members aside)."""
+    return json.loads(json.dumps({k: v for k, v in model_args.items() if k != "extra_members"}))
+
+
 class LatencyTable:
     """A saved table, checked against the family it predicts for: ``table(member)`` is the
     member's predicted milliseconds (deterministic: a sum of looked-up numbers)."""
@@ -350,6 +355,13 @@ class LatencyTable:
         shape = list(model.example_input(document["batch"]).shape)
         if document["input"] != shape:
             raise ValueError(f"{where} was measured on input {document['input']}; {model.arch} here takes {shape}")
+        mine, theirs = _architecture(model.model_args), _architecture(document.get("model_args") or {})
+        if mine != theirs:
+            differ = ", ".join(
+                f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in sorted(set(mine) | set(theirs))
+                if mine.get(k) != theirs.get(k)
+            )  # fmt: skip
+            raise ValueError(f"{where} was measured for another {model.arch} ({differ})")
         if threads is not None and document["threads"] != threads:
             raise ValueError(f"{where} was measured with {document['threads']} threads, not {threads}")
         expected = {n: [list(f) for f in u["fields"]] for n, u in units_of(model).items()}

@@ -137,6 +137,10 @@ def test_bad_profiles_are_one_line_errors(profiled, tmp_path):
         "other.json": (json.dumps({**good, "arch": "slim_resnet56"}), "was measured for slim_resnet56, not"),
         "size.json": (json.dumps({**good, "input": [1, 1, 16, 16]}), "was measured on input [1, 1, 16, 16]"),
         "threads.json": (json.dumps({**good, "threads": 2}), "was measured with 2 threads, not 1"),
+        "rounded.json": (
+            json.dumps({**good, "model_args": {**good["model_args"], "round_channels": 16}}),
+            "was measured for another slim_resnet20 (round_channels: 16 there, None here)",
+        ),
     }
     out = tmp_path / "out"
     for name, (text, message) in cases.items():
@@ -184,3 +188,15 @@ def test_zoo_bench_flags_a_member_measured_slower_than_its_container(capsys):
         "smaller is slower (onnxruntime, batch 1): width=0.5 measured 2.000 ms, more than width=1 which contains it "
         "(1.000 ms)\n"
     )
+
+
+def test_round_channels_is_a_family_argument_recorded_in_the_file(tmp_path):
+    model = _tiny_family(round_channels=12, widths=[0.25, 1.0])
+    assert model.model_args["round_channels"] == 12
+    small = zoo.slice(model, 0.25)  # stage widths 16, 32, 64 at 0.25: 4, 8, 16 rounded to multiples of 12
+    assert [s[0].conv1.out_channels for s in small.stages] == [12, 12, 12]
+    path = zoo.save(model, tmp_path / "m.safetensors")
+    assert zoo.read_header(path)["model_args"]["round_channels"] == 12
+    assert zoo.load(path).model_args["round_channels"] == 12
+    with pytest.raises(ValueError, match="round_channels must be a positive integer, got 0"):
+        _tiny_family(round_channels=0)
