@@ -27,6 +27,8 @@ def profile_command(
 ) -> None:
     """Measure every block of the family at every width on this device (onnxruntime): a latency table."""
     path = readable_weights(weights, pretrained, "profile")
+    if pretrained and out is None:
+        raise ValueError("zoo profile --pretrained needs --out DIR (the shipped weights' folder is not yours to write)")
     folder = out if out is not None else (Path(weights) if Path(weights).is_dir() else path.parent)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file; zoo profile writes a table into a folder")
