@@ -99,7 +99,8 @@ def write_table(results: list[dict], path: Path, args) -> None:
         "",
         f"Random members (`model.sample_member`, seed {args.seed}), batch 1, 1 thread, onnxruntime, "
         f"median of {args.repeats} runs; written by `benchmarks/latency_predictor.py`.",
-        "Goal: median |error| <= 10%, worst <= 25%.",
+        "Goal: median |error| <= 10%, worst <= 25%."
+        + (f" Families built with `round_channels={args.round_channels}`." if args.round_channels else ""),
         "",
         "| family | input | members | median abs error | worst abs error | mean error | measured ms (mean) | "
         "profile (members, s) | prediction | smaller-slower pairs |",
@@ -131,10 +132,10 @@ def main(argv=None) -> None:
     folder = args.out / "latency_predictor"
     folder.mkdir(parents=True, exist_ok=True)
     results = []
+    suffix = f"_round{args.round_channels}" if args.round_channels else ""
     for name in args.family or FAMILIES:
         results.append(family_results(name, args, folder))
-        (folder / "summary.json").write_text(json.dumps(results, indent=1) + "\n")
-    suffix = f"_round{args.round_channels}" if args.round_channels else ""
+        (folder / f"summary{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
     write_table(results, args.out / f"latency_predictor{suffix}.md", args)
 
 
