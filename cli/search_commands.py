@@ -192,7 +192,7 @@ def search_file_name(arch: str, member, kind: str, costs: dict[str, float]) -> s
     return f"{arch}_{'_'.join(parts)}_{cost.replace('.', 'p')}.onnx"
 
 
-def _export_best(result, source, out: Path, threads: int, verify: bool, latency, predicted: bool):
+def _export_best(result, source, out: Path, threads: int, verify: bool, latency, predicted: bool = False):
     """Export the best member; under a latency budget, re-measure the exported file on its own
     and fall back to the next best (up to three) if it does not meet the budget. ``predicted``:
     the search's latencies came from a table."""
