@@ -93,7 +93,6 @@ class SlimMobileNetV2(ImageModel):
         in_chans: int = 3,
         img_size: int = 224,
         global_pool: str = "avg",
-        round_channels: int | None = None,
         drop_rate: float = 0.2,
         stem_channels: int = STEM_CHANNELS,
         settings: Iterable[Iterable[int]] = INVERTED_RESIDUAL_SETTINGS,
@@ -103,6 +102,7 @@ class SlimMobileNetV2(ImageModel):
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         settings = tuple(tuple(int(v) for v in row) for row in settings)  # (t, c, n, s) per stage; other multipliers
         depths = tuple(repeats for _, _, repeats, _ in settings)

@@ -84,12 +84,12 @@ class SlimResNet(ImageModel):
         in_chans: int = 3,
         img_size: int = 224,
         global_pool: str = "avg",
-        round_channels: int | None = None,
         low_rank: bool = False,
         widths: Iterable[float] = DEFAULT_GRID,
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         space = Space("stage", len(layers), ("width",), low_rank, depths=tuple(layers))
         super().__init__(

@@ -73,7 +73,6 @@ class SlimVisionTransformer(ImageModel):
         img_size: int = 224,
         patch_size: int | None = None,
         global_pool: str = "token",
-        round_channels: int | None = None,
         dynamic_img_size: bool = False,
         drop_rate: float = 0.0,
         low_rank: bool = False,
@@ -81,6 +80,7 @@ class SlimVisionTransformer(ImageModel):
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
         super().__init__(
