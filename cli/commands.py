@@ -4,6 +4,7 @@ from . import (
     convert_commands,  # noqa: F401
     deploy_commands,  # noqa: F401
     export_commands,  # noqa: F401
+    profile_commands,  # noqa: F401
     search_commands,  # noqa: F401
     train_commands,  # noqa: F401
 )

@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str, Callable, dict]] = []  # (name, function, Typer option
 WORKFLOW = (
     "train",
     "eval",
+    "profile",
     "search",
     "slice",
     "export",

@@ -110,7 +110,7 @@ def bench_command(
     check_data_path(calibrate, "--calibrate")
     import torch
 
-    from export.benchmark import bench_family, check_plot_path, plot_results
+    from export.benchmark import bench_family, check_plot_path, plot_results, slower_members
     from zoo import WeightsSource
     from zoo.members import calibrate_members, select_members
 
@@ -128,6 +128,7 @@ def bench_command(
         results = bench_family(source, members, batch_size, repeats, threads, progress)
     if plot is not None:
         plot_results(results, plot, f"{model.arch} (threads={threads})")
+    slower = slower_members(model, results)
     if json_output:
         report = {
             "weights": str(weights),
@@ -137,10 +138,12 @@ def bench_command(
             "repeats": repeats,
             "plot": None if plot is None else str(plot),
             "members": [r.to_dict() for r in results],
+            "slower_than_container": slower,
         }
         typer.echo(json.dumps(report, indent=2))
         return
     _print_table(model.arch, results, batch_size, threads, repeats)
+    _print_slower(slower)
     if plot is not None:
         typer.echo(f"plot: {plot}")
 
@@ -170,6 +173,18 @@ class _BenchProgress:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def _print_slower(slower: list[dict]) -> None:
+    """One warning per member measured slower than a member containing it."""
+    from zoo import Member
+
+    for f in slower:
+        small, big = Member.from_dict(f["member"]), Member.from_dict(f["container"])
+        typer.echo(
+            f"smaller is slower ({f['runtime']}, batch {f['batch']}): {small} measured {f['member_ms']:.3f} ms, "
+            f"more than {big} which contains it ({f['container_ms']:.3f} ms)"
+        )
 
 
 def _print_table(arch: str, results, batch_size: int, threads: int, repeats: int) -> None:

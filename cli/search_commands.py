@@ -14,6 +14,13 @@ import typer
 
 from .common import PRETRAINED, check_data_path, command, readable_weights
 
+PROFILE = typer.Option(
+    None,
+    "--profile",
+    help="A latency table (zoo profile; a file or its folder) to predict latency from; "
+    "default: the one beside the family, if measured on this device.",
+)
+
 
 @command("search", epilog="Example: zoo search runs/resnet20/model.safetensors --budget flops=250k --out runs/search")
 def search_command(
@@ -36,6 +43,7 @@ def search_command(
     population: int = typer.Option(16, "--population", min=2, help="Members per generation."),
     generations: int = typer.Option(4, "--generations", min=1, help="Generations of the evolution."),
     threads: int = typer.Option(1, "--threads", min=1, help="onnxruntime threads for latency."),
+    profile: Optional[Path] = PROFILE,
     seed: int = typer.Option(0, "--seed", help="Seeds every choice of the search."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verifying the exported member against PyTorch."),
 ) -> None:
@@ -53,9 +61,10 @@ def search_command(
     chosen_budget = Budget.parse(budget)
     source = zoo.WeightsSource.open(path)
     model = source.model
+    table = _latency_table(model, path, profile, threads)
     scorer = MemberScorer(model, data_for(model, "evaluate", data), limit)
 
-    costs = _Costs(model, scorer, chosen_budget, threads)
+    costs = _Costs(model, scorer, chosen_budget, threads, table)
     higher = scorer.metric == "accuracy"
     with locked_folder(out, "zoo search"):
         options = dict(metric=scorer.metric, higher_is_better=higher, seed=seed, progress=typer.echo)
@@ -64,29 +73,53 @@ def search_command(
         result = evolution.run(population, generations, seeds=uniform)
         for candidate in result.front():  # every member on the front gets its latency too
             candidate.costs.setdefault("latency", costs.latency(candidate.member))
-        grid = [
-            Candidate(m, scorer(m), costs.measured(m), -1) for m in uniform
-        ]  # the trained ones, measured the same way
-        best, exported = _export_best(result, source, out, threads, not no_verify, costs.latency)
+        grid = [Candidate(m, scorer(m), costs.measured(m), -1) for m in uniform]  # the trained ones, costed alike
+        best, exported = _export_best(result, source, out, threads, not no_verify, costs.latency, table is not None)
         items = min(len(scorer.val), limit or len(scorer.val))
         record = dict(arch=model.arch, weights=str(source.path), data=_data_spec(model, data), validation_items=items)
         record.update(seed=seed, population=population, generations=generations, threads=threads)
-        record.update(latency_check=exported)
+        record.update(latency_check=exported, latency_profile=None if table is None else str(table.path))
         write_front(out / "pareto.json", result, grid, best, record)
         plot_front(out / "pareto.png", result, grid, best, f"{model.arch}: search under {chosen_budget}")
     _report_search(chosen_budget, result, best, grid, exported, out, higher)
+    _report_slower(model, [*result.candidates, *grid], "predicted" if table is not None else "measured")
+
+
+def _latency_table(model, weights: Path, profile: Optional[Path], threads: int):
+    """The latency table to predict from: ``--profile`` (checked: another family, input size or
+    thread count is an error), else the one ``zoo profile`` wrote beside the family, if any and
+    measured on this device; None: latency is measured."""
+    from export.profile import LatencyTable, profile_name
+
+    if profile is not None:
+        return LatencyTable.load(profile, model, threads)
+    found = weights.parent / profile_name(threads, 1)
+    if not found.is_file():
+        return None
+    try:
+        table = LatencyTable.load(found, model, threads)
+    except ValueError as error:  # a table for another model left in the folder: measure instead
+        typer.echo(f"not using {found}: {error}")
+        return None
+    if not table.same_device:
+        typer.echo(f"not using {found}: measured on {table.document['device']['cpu']}, not this device")
+        return None
+    typer.echo(f"predicting latency from {found}")
+    return table
 
 
 class _Costs:
-    """A member's costs: parameters and FLOPs, and its latency when the budget is one (measured
-    once the scorer gave it batch-norm statistics)."""
+    """A member's costs: parameters and FLOPs, and its latency when the budget is one (predicted
+    from a latency table, else measured once the scorer gave it batch-norm statistics)."""
 
-    def __init__(self, model, scorer, budget, threads: int):
-        self.model, self.scorer, self.budget, self.threads = model, scorer, budget, threads
+    def __init__(self, model, scorer, budget, threads: int, table=None):
+        self.model, self.scorer, self.budget, self.threads, self.table = model, scorer, budget, threads, table
 
     def latency(self, member) -> float:
         from export.latency import member_latency
 
+        if self.table is not None:
+            return self.table(member)
         self.scorer.prepare(member)
         return member_latency(self.model, member, self.threads)
 
@@ -116,14 +149,28 @@ def _report_search(budget, result, best, grid, exported: dict, out: Path, higher
     if same_cost:
         top = max(same_cost, key=lambda g: g.metric if higher else -g.metric)
         typer.echo(f"best uniform member within the budget: {top.member} — {result.metric} {top.metric:.4f}")
+    how = "predicted" if exported["predicted"] else "search measured"
     typer.echo(
-        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms (search measured "
-        f"{exported['search_ms']:.3f} ms, {100 * exported['relative_error']:+.1f}%)"
+        f"latency of the exported file on its own: {exported['exported_ms']:.3f} ms measured, {how} "
+        f"{exported['search_ms']:.3f} ms ({100 * exported['relative_error']:+.1f}%)"
     )
     typer.echo(
         f"wrote {out / 'pareto.json'}, {out / 'pareto.png'}, {exported['file']} and {out / 'manifest.json'} "
         f"({len(result.candidates)} members scored, {len(result.front())} on the front)"
     )
+
+
+def _report_slower(model, candidates, how: str) -> None:
+    """Smaller is never slower: a warning for every member whose latency exceeds that of a member
+    containing it (beyond timing noise)."""
+    from zoo.space import SLOWER_TOLERANCE, slower_containers
+
+    latency = {c.member: c.costs["latency"] for c in candidates if "latency" in c.costs}
+    for small, big, small_ms, big_ms in slower_containers(model, latency):
+        typer.echo(
+            f"smaller is slower: {small} {how} {small_ms:.3f} ms, more than {big} which contains it "
+            f"({big_ms:.3f} ms, +{100 * (small_ms / big_ms - 1):.0f}%, beyond {100 * SLOWER_TOLERANCE:.0f}% noise)"
+        )
 
 
 def _data_spec(model, data: Optional[str]) -> Optional[str]:
@@ -145,9 +192,10 @@ def search_file_name(arch: str, member, kind: str, costs: dict[str, float]) -> s
     return f"{arch}_{'_'.join(parts)}_{cost.replace('.', 'p')}.onnx"
 
 
-def _export_best(result, source, out: Path, threads: int, verify: bool, latency):
+def _export_best(result, source, out: Path, threads: int, verify: bool, latency, predicted: bool = False):
     """Export the best member; under a latency budget, re-measure the exported file on its own
-    and fall back to the next best (up to three) if it does not meet the budget."""
+    and fall back to the next best (up to three) if it does not meet the budget. ``predicted``:
+    the search's latencies came from a table."""
     from export.latency import session_latency
     from export.onnx_export import export_members
 
@@ -163,6 +211,7 @@ def _export_best(result, source, out: Path, threads: int, verify: bool, latency)
         measured = session_latency(path, example, threads)
         check = {
             "file": str(path),
+            "predicted": predicted,
             "search_ms": best.costs["latency"],
             "exported_ms": measured,
             "relative_error": measured / best.costs["latency"] - 1.0,

@@ -62,8 +62,9 @@ def time_interleaved(
     repeats: int,
     warmup: int = 2,
     progress: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[Hashable, float]:
-    """Median milliseconds of each callable.
+    """Median milliseconds of each callable (by ``clock``: wall time unless told otherwise).
 
     Each callable is first warmed up on its own, ``warmup`` runs back to back (its first runs
     pay for allocation and cold caches); then every callable runs once per repeat, in turn, so
@@ -77,9 +78,9 @@ def time_interleaved(
     for repeat in range(repeats):
         for name, run in runs.items():
             time.sleep(PAUSE_S)
-            start = time.perf_counter()
+            start = clock()
             run()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
         if progress is not None:
             progress(repeat + 1)
     return {name: 1000.0 * statistics.median(times) for name, times in samples.items()}
@@ -169,6 +170,23 @@ def bench_family(
     for (i, runtime, batch), ms in medians.items():
         results[i].latency_ms.setdefault(runtime, {})[batch] = ms
     return results
+
+
+def slower_members(model, results: list[MemberResult]) -> list[dict]:
+    """Smaller is never slower, checked on what was measured: every member slower, in a runtime
+    at a batch size, than a member that contains it (beyond timing noise)."""
+    from zoo.space import slower_containers
+
+    found = []
+    for runtime in RUNTIMES:
+        for batch in sorted(results[0].latency_ms.get(runtime, {})) if results else []:
+            latency = {r.member: r.latency_ms[runtime][batch] for r in results}
+            for small, big, small_ms, big_ms in slower_containers(model, latency):
+                found.append(
+                    {"runtime": runtime, "batch": batch, "member": small.to_dict(), "member_ms": small_ms,
+                     "container": big.to_dict(), "container_ms": big_ms}
+                )  # fmt: skip
+    return found
 
 
 def member_label(member: Member) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -30,11 +31,46 @@ from .kv_cache import CachedDecoder
 from .merge import merge_low_rank
 
 
+def latency_clock(threads: int):
+    """The clock latency is timed with. On one thread onnxruntime computes in the calling
+    thread, so that thread's CPU time is the member's latency on the device, without the time
+    it waits for a core other processes hold (on a loaded machine that wait is most of the wall
+    time, and varies run to run). More threads: wall time."""
+    return time.thread_time if threads == 1 else time.perf_counter
+
+
 def session_latency(path: str | Path, example, threads: int = 1, repeats: int = 20) -> float:
     """Median milliseconds of one batch through the ONNX file at ``path`` (after a warm-up)."""
     session = onnx_session(path, threads)
     name = session.get_inputs()[0].name
-    return time_interleaved({"ort": lambda: session.run(None, {name: example})}, repeats, warmup=3)["ort"]
+    run = {"ort": lambda: session.run(None, {name: example})}
+    return time_interleaved(run, repeats, warmup=3, clock=latency_clock(threads))["ort"]
+
+
+def export_fast(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """``module`` on ``example`` as ONNX with the TorchScript exporter (under a second), quietly."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+        )
+    return Path(path)
+
+
+@torch.no_grad()
+def model_latency(small: ElasticModel, threads: int = 1, repeats: int = 20, batch: int = 1) -> float:
+    """Median milliseconds of a standalone (sliced) model at ``batch`` in onnxruntime."""
+    example = small.example_input(batch)
+    exported = CachedDecoder(small) if small.input_kind == "tokens" else small
+    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as work:
+        path = export_fast(exported, example, Path(work) / "member.onnx")
+        return session_latency(path, example.numpy(), threads, repeats)
 
 
 @torch.no_grad()
@@ -46,19 +82,4 @@ def member_latency(model: ElasticModel, member: Member, threads: int = 1, repeat
     """
     small = zoo.slice(model, member).eval()
     merge_low_rank(small)
-    example = small.example_input(1)
-    exported = CachedDecoder(small) if small.input_kind == "tokens" else small
-    with tempfile.TemporaryDirectory(prefix="zoo-latency-") as work:
-        path = Path(work) / "member.onnx"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                exported,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                opset_version=17,
-            )
-        return session_latency(path, example.numpy(), threads, repeats)
+    return model_latency(small, threads, repeats)

@@ -39,6 +39,7 @@ CASES = [
     (["export", "missing.safetensors", "--out", "x.onnx"], "no such weights file"),
     (["bench", "missing.safetensors"], "no such weights file"),
     (["search", "missing.safetensors", "--budget", "flops=1M", "--out", "s"], "no such weights file"),
+    (["profile", "missing.safetensors"], "no such weights file"),
 ]
 
 

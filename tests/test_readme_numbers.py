@@ -115,6 +115,10 @@ NUMBERS = [
     ("differed by -52% to +50% for ResNet-20", "space/space.md", "(+50%)"),
     ("-2% to +21% for GPT-nano members", "space/space.md", "20.555 / 20.087 ms (-2%)"),
     ("-2% to +21% for GPT-nano members", "space/space.md", "13.078 / 15.885 ms (+21%)"),
+    # latency predicted from `zoo profile` tables (benchmarks/latency_predictor.py)
+    *_same_row("latency_predictor.md", "slim_resnet50_64px", "slim_mobilenetv2_64px", "slim_vit_small_64px"),
+    *_same_row("latency_predictor_round32.md", "slim_resnet50_64px_round32", "slim_mobilenetv2_64px_round32",
+               "slim_vit_small_64px_round32"),  # fmt: skip
     # byte-model evaluation against its FLOP bound (benchmarks/bench_eval.py)
     ("2.16x the bound with batches of 8192 bytes", "eval.md", "| evaluate | 21.85 | 2.16 |"),
     ("against 2.44x for the former batches", "eval.md", "| previous loop | 24.61 | 2.44 |"),

@@ -375,3 +375,24 @@ CHECKPOINT = Object(
 CHECKPOINT = Where(
     CHECKPOINT, lambda state: "ema" in state or not state["config"].get("ema"), "a checkpoint with the EMA its run kept"
 )
+
+# ----- a latency profile (``zoo profile``'s table; export/profile.py reads it) ------------------
+FIELD = ListOf(Either(STRING, INTEGER), length=2)  # (axis, group)
+LATENCY_TABLE = Object(
+    required={"fields": ListOf(FIELD), "ms": Object(rest=NUMBER)}, optional={"kept": ListOf(Either(STRING, INTEGER))}
+)
+LATENCY_PROFILE = Object(
+    required={
+        "format": OneOf("zoo latency profile"),
+        "version": OneOf(1),
+        "arch": STRING,
+        "input": ListOf(POSITIVE, nonempty=True),
+        "batch": POSITIVE,
+        "threads": POSITIVE,
+        "device": Object(required={"cpu": STRING}, rest=ANY),
+        "units": Object(rest=LATENCY_TABLE),
+        "rest": LATENCY_TABLE,
+        "fit": Object(required={"scale": NUMBER, "per_block_ms": NUMBER}),
+    },
+    rest=ANY,
+)

@@ -20,7 +20,9 @@ axis as one number when its groups agree and leave out full depth, so a uniform 
 Rounding (the same everywhere, so a sliced model matches its elastic twin):
 
 * channels: ``round(n * width / divisor) * divisor``, at least ``divisor`` and at most ``n``
-  (half rounds up). CIFAR ResNets use divisor 4, ImageNet ResNets and MobileNetV2 use 8.
+  (half rounds up). CIFAR ResNets use divisor 4, ImageNet ResNets, MobileNetV2 and the ViT's
+  MLP 8; the family argument ``round_channels`` sets another (:func:`channel_divisor`), e.g. a
+  multiple the device's kernels run well, and is recorded with the model's arguments.
 * attention heads: ``round(heads * width)``, at least 1 (divisor 1, half up). The head
   dimension is fixed, so ``slim_vit_tiny`` (3 heads) runs 1, 2, 2, 3 heads at widths
   0.25, 0.5, 0.75, 1.0.
@@ -70,6 +72,15 @@ class Dim:
     def count_in(self, values: Values) -> int:
         """Features this dimension has in the expanded member ``values``."""
         return self.count(values[self.axis][self.group]) if self.elastic else self.units * self.unit_size
+
+
+def channel_divisor(round_channels: int | None, default: int) -> int:
+    """The divisor channel counts round to: ``round_channels`` when given, else the family's."""
+    if round_channels is None:
+        return default
+    if isinstance(round_channels, bool) or not isinstance(round_channels, int) or round_channels < 1:
+        raise ValueError(f"round_channels must be a positive integer, got {round_channels!r}")
+    return round_channels
 
 
 def fixed(n: int) -> Dim:
@@ -396,6 +407,35 @@ class Space:
             axes["blocks"] = {"kept_from": list(limit["blocks"]), "note": "increasing block indices to keep"}
         shorthand = "width: one number for " + ", ".join(self.width_axes) + " of every " + self.group
         return {"groups": self.groups, "group": self.group, "axes": axes, "shorthand": shorthand}
+
+
+def contains(big: Values, small: Values) -> bool:
+    """Whether the member ``big`` contains ``small`` (both expanded): every value at least as
+    large, every block ``small`` keeps kept too. Such a member cannot be cheaper to run."""
+    for axis, values in small.items():
+        if axis == "blocks":
+            if not set(values) <= set(big[axis]):
+                return False
+        elif any(s > b for s, b in zip(values, big[axis])):
+            return False
+    return True
+
+
+SLOWER_TOLERANCE = 0.05  # measured latency differs this much between repeats of a shared machine
+
+
+def slower_containers(model, latency: Mapping[Member, float], tolerance: float = SLOWER_TOLERANCE) -> list[tuple]:
+    """ "Smaller is never slower", checked: every ``(member, container, member_ms, container_ms)``
+    where ``member`` took more than ``1 + tolerance`` times as long as a member that contains it
+    (``model.expand`` expands them), slowest excess first."""
+    expanded = {member: model.expand(member) for member in latency}
+    found = [
+        (small, big, latency[small], latency[big])
+        for small, values in expanded.items()
+        for big, big_values in expanded.items()
+        if small != big and latency[small] > (1 + tolerance) * latency[big] and contains(big_values, values)
+    ]
+    return sorted(found, key=lambda f: (-f[2] / f[3], f[0].key, f[1].key))
 
 
 def _one_or_list(values: tuple):

@@ -34,7 +34,7 @@ from ..base import ImageModel, check_nchw, image_cfg
 from ..convert import Plan, converts, is_type, kind, refuse, require, require_avg_pool, require_linear_head
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
-from ..space import DEFAULT_GRID, Dim, Space, fixed
+from ..space import DEFAULT_GRID, Dim, Space, channel_divisor, fixed
 from ._builder import build, register_family
 
 # (expansion t, output channels c, repeats n, first stride s), Table 2 of the paper.
@@ -102,6 +102,7 @@ class SlimMobileNetV2(ImageModel):
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         settings = tuple(tuple(int(v) for v in row) for row in settings)  # (t, c, n, s) per stage; other multipliers
         depths = tuple(repeats for _, _, repeats, _ in settings)
@@ -116,7 +117,7 @@ class SlimMobileNetV2(ImageModel):
         )
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate:g}")
-        f = self._layer_factory(8)
+        f = self._layer_factory(channel_divisor(round_channels, 8))
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
 
         first = f.at(0)  # the stem's channels are the first stage's (its depthwise conv reads them)

@@ -25,7 +25,7 @@ from ..convert import Plan, converts, is_type, kind, require, require_avg_pool, 
 from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..registry import variants
-from ..space import DEFAULT_GRID, Dim, Space, fixed
+from ..space import DEFAULT_GRID, Dim, Space, channel_divisor, fixed
 from ._builder import build, register_family
 
 
@@ -89,6 +89,7 @@ class SlimResNet(ImageModel):
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         space = Space("stage", len(layers), ("width",), low_rank, depths=tuple(layers))
         super().__init__(
@@ -100,8 +101,8 @@ class SlimResNet(ImageModel):
             extra_members=extra_members,
         )
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        stem_kind, divisor = stem, (4 if stem == "cifar" else 8)
-        f = self._layer_factory(divisor)
+        stem_kind = stem
+        f = self._layer_factory(channel_divisor(round_channels, 4 if stem == "cifar" else 8))
         self.num_classes, self.in_chans = num_classes, in_chans
 
         first = f.at(0)  # the stem's channels are the first stage's (its blocks add to them)

@@ -32,7 +32,7 @@ from ..convert import Plan, converts, is_type, kind, refuse, require, require_li
 from ..importance import Coupling
 from ..layers import ElasticBlocks
 from ..registry import variants
-from ..space import DEFAULT_GRID, Space, fixed
+from ..space import DEFAULT_GRID, Space, channel_divisor, fixed
 from ._builder import build, register_family
 from .transformer import Block, block_couplings, trunc_normal
 
@@ -80,6 +80,7 @@ class SlimVisionTransformer(ImageModel):
         ranks: Iterable[float] | None = None,
         max_member: dict | None = None,
         extra_members: Iterable[dict] = (),
+        round_channels: int | None = None,
     ):
         space = Space("block", depth, ("heads", "mlp"), low_rank, skip_blocks=True)
         super().__init__(
@@ -94,7 +95,7 @@ class SlimVisionTransformer(ImageModel):
             patch_size = 16 if img_size >= 128 else max(1, img_size // 4)
         if img_size < 1 or patch_size < 1 or img_size % patch_size:
             raise ValueError(f"img_size {img_size} must be a positive multiple of patch_size {patch_size}")
-        f = self._layer_factory(8)
+        f = self._layer_factory(channel_divisor(round_channels, 8))
         self.num_classes, self.in_chans = num_classes, in_chans
         self.img_size, self.patch_size = img_size, patch_size
         self.dynamic_img_size = bool(dynamic_img_size)
