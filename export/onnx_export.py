@@ -195,8 +195,8 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
     example = model.example_input(2, seq_len=context // 2).to(device)
     cache = tuple(torch.zeros(shape, device=device) for shape in decoder.cache_shapes(past=2))
     names = dict(
-        input_names=[INPUT_NAME, *cache_names(PAST, len(decoder.blocks))],
-        output_names=[OUTPUT_NAME, *cache_names(PRESENT, len(decoder.blocks))],
+        input_names=[INPUT_NAME, *cache_names(PAST, decoder.layers)],
+        output_names=[OUTPUT_NAME, *cache_names(PRESENT, decoder.layers)],
         dynamic_shapes=({0: batch, 1: sequence}, tuple({2: past} for _ in cache)),
     )
     return decoder, (example, cache), names
