@@ -35,6 +35,7 @@ from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..space import DEFAULT_GRID, Space, fixed
 from ._builder import build, register_family
+from .causal_lm_transformers import LLAMA_NAMES, gpt2_parts, llama_parts
 from .transformer import trunc_normal
 
 # attention of queries over keys and values with a mask added to the scores (export passes its own)
@@ -349,6 +350,25 @@ class SlimCausalLM(ElasticModel):
         logits = self.lm_head(self.norm(x))
         return logits if past is None else (logits, *present)
 
+    def transformers_parts(self, source: dict | None = None) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+        """This sliced member as a transformers model: ``config.json``'s fields (``source``: the
+        converted model's config), tensors by transformers' names, and a note on how it was written
+        (None: nothing to say). See :mod:`zoo.models.causal_lm_transformers`."""
+        if self.active_member != self.largest:
+            raise ValueError(f"{self._name}: write a sliced member (zoo.slice), not a family running a member")
+        blocks = {int(name): block for name, block in self.blocks.items() if name in self.blocks.active}
+        if self.pos_embed is None:
+            return (*llama_parts(self, blocks, source), None)
+        config, tensors = gpt2_parts(self, blocks, source)
+        dropped = config["n_head"] - next(iter(blocks.values())).attn.num_heads
+        note = None
+        if dropped:
+            note = (
+                f"GPT-2's config fixes heads x head size to the width: each block's {dropped} dropped heads "
+                "are written as zeros (they add nothing)"
+            )
+        return config, tensors, note
+
     def couplings(self) -> list[Coupling]:
         """Each block's key/value groups (a group's query heads' rows of q and columns of o, its
         key and value head's rows of k and v) and its MLP units (rows of gate and up, columns of
@@ -492,9 +512,6 @@ def _plan_llama(source: Source) -> LMPlan:
         mlp_bias=_has_bias(layers, source, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         tie_embeddings=_tied(source, "lm_head.weight", "model.embed_tokens.weight"),
     )
-    names = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj"}
-    names.update({"attn.o_proj": "self_attn.o_proj", "norm1": "input_layernorm", "norm2": "post_attention_layernorm"})
-    names.update({f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")})
     tensors = {
         "tok_embed.weight": source.take("model.embed_tokens.weight"),
         "norm.weight": source.take("model.norm.weight"),
@@ -502,7 +519,7 @@ def _plan_llama(source: Source) -> LMPlan:
     if not args["tie_embeddings"]:
         tensors["lm_head.weight"] = source.take("lm_head.weight")
     for i in range(len(layers)):
-        for ours, theirs in names.items():
+        for ours, theirs in LLAMA_NAMES.items():
             for p in ("weight", "bias"):
                 if f"model.layers.{i}.{theirs}.{p}" in source.state:
                     tensors[f"blocks.{i}.{ours}.{p}"] = source.take(f"model.layers.{i}.{theirs}.{p}")
