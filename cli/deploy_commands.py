@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 RUN_BATCH = 32  # images per onnxruntime call: a large folder is classified in pieces
 
 
-@command("run", epilog="Examples: zoo run small.onnx photo.png; zoo run member.onnx --prompt 'Once upon'")
+@command("run", epilog="Example: zoo run small.onnx photo.png; or zoo run member.onnx --prompt 'Once upon'")
 def run_command(
     file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
     inputs: Optional[List[str]] = typer.Argument(

@@ -117,7 +117,7 @@ class CalibrationData:
 
 @command(
     "slice",
-    epilog="Examples: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors; "
+    epilog="Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors; or "
     "zoo slice llama.safetensors --width 0.5 --out small-llama/ (a transformers folder)",
 )
 def slice_command(
