@@ -447,6 +447,8 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
         lines[-1] = ("metrics", lines[-1][1] + f" (this int8 file, in onnxruntime on {_measured_on(quantization)})")
         lines.append(("float32", _metric_text(quantization["fp32"]) + " (the float32 export on the same data)"))
     lines += [("source", f"sha256 {record.get('source_sha256')}"), ("input spec", json.dumps(record.get("input")))]
+    if "tokenizer" in header.metadata:  # a converted language model's tokenizer files (export.onnx_export)
+        lines.append(("tokenizer", "recorded (zoo run --prompt encodes and decodes with it)"))
     if record.get("labels"):
         lines.append(
             ("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else ""))
