@@ -192,3 +192,17 @@ def test_bad_export_requests_are_one_line_and_write_nothing(tmp_path):
     one_line_error(invoke("export", path, "--width", "0.5", "--out", folder), "is a folder")
     one_line_error(invoke("export", path, "--member", '{"blocks": [5]}', "--out", tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists() and [p.name for p in tmp_path.glob("*.onnx")] == ["folder.onnx"]
+
+
+@pytest.mark.parametrize("arch", ["slim_llama", "slim_gpt2"])
+@torch.no_grad()
+def test_a_family_built_in_zoo_writes_the_config_of_its_layout(tmp_path, arch):
+    torch.manual_seed(0)
+    family = _randomised(zoo.create_model(arch, num_layers=2, context_length=CONTEXT))
+    member = zoo.slice(family, heads=0.5, mlp=0.5, blocks=[1]).eval()
+    written = zoo.save_transformers(member, tmp_path / "out")
+    assert written.architecture == ("LlamaForCausalLM" if arch == "slim_llama" else "GPT2LMHeadModel")
+    assert written.tokenizer_files == [] and (arch == "slim_gpt2") == (written.note is not None)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(0))
+    assert (loaded(tokens).logits - member(tokens)).abs().max().item() <= 1e-4

@@ -357,17 +357,7 @@ class SlimCausalLM(ElasticModel):
         if self.active_member != self.largest:
             raise ValueError(f"{self._name}: write a sliced member (zoo.slice), not a family running a member")
         blocks = {int(name): block for name, block in self.blocks.items() if name in self.blocks.active}
-        if self.pos_embed is None:
-            return (*llama_parts(self, blocks, source), None)
-        config, tensors = gpt2_parts(self, blocks, source)
-        dropped = config["n_head"] - next(iter(blocks.values())).attn.num_heads
-        note = None
-        if dropped:
-            note = (
-                f"GPT-2's config fixes heads x head size to the width: each block's {dropped} dropped heads "
-                "are written as zeros (they add nothing)"
-            )
-        return config, tensors, note
+        return (llama_parts if self.pos_embed is None else gpt2_parts)(self, blocks, source)
 
     def couplings(self) -> list[Coupling]:
         """Each block's key/value groups (a group's query heads' rows of q and columns of o, its

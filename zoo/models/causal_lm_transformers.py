@@ -83,8 +83,8 @@ def _base(source: dict | None, architecture: str, model_type: str) -> dict:
     return config
 
 
-def llama_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | None) -> tuple[dict, dict]:
-    """``config.json`` and tensors of a Llama-layout member (Llama, Mistral, Qwen2)."""
+def llama_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | None) -> tuple[dict, dict, None]:
+    """``config.json`` and tensors of a Llama-layout member (Llama, Mistral, Qwen2); no note."""
     heads, kv_heads, units = uniform_sizes(model, blocks)
     first = next(iter(blocks.values()))
     qkv_bias, o_bias = first.attn.q_proj.bias is not None, first.attn.o_proj.bias is not None
@@ -124,7 +124,7 @@ def llama_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | N
                 continue
             for name, tensor in _tensors(block.get_submodule(ours)).items():
                 tensors[f"model.layers.{j}.{theirs}.{name}"] = tensor
-    return config, tensors
+    return config, tensors, None
 
 
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -132,9 +132,9 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
 
 
-def gpt2_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | None) -> tuple[dict, dict]:
+def gpt2_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | None) -> tuple[dict, dict, str | None]:
     """``config.json`` and tensors of a GPT-2 member (Conv1D weights are ``(in, out)``; fewer
-    heads than the width are padded with zero heads, see above)."""
+    heads than the width are padded with zero heads, see above), and a note saying so."""
     heads, _, units = uniform_sizes(model, blocks)
     width, activation = model.embed_dim, next(iter(blocks.values())).mlp.activation
     config = _base(source, "GPT2LMHeadModel", "gpt2")
@@ -169,4 +169,9 @@ def gpt2_parts(model: nn.Module, blocks: dict[int, nn.Module], source: dict | No
         t[f"{h}.attn.c_proj.bias"] = attn.o_proj.bias.detach()
         t[f"{h}.mlp.c_fc.weight"], t[f"{h}.mlp.c_fc.bias"] = dense(mlp.up_proj).T, mlp.up_proj.bias.detach()
         t[f"{h}.mlp.c_proj.weight"], t[f"{h}.mlp.c_proj.bias"] = dense(mlp.down_proj).T, mlp.down_proj.bias.detach()
-    return config, t
+    dropped = config["n_head"] - heads
+    note = (
+        f"GPT-2's config fixes heads x head size to the width: each block's {dropped} dropped heads are written "
+        "as zeros (they add nothing)"
+    )
+    return config, t, note if dropped else None
