@@ -40,6 +40,7 @@ from zoo.fileio import WriteError, atomic_path, locked_folder
 from zoo.members import recorded
 from zoo.models.transformer import Attention
 from zoo.tokenizer import recorded_tokenizer_files
+from zoo.transformers_out import eos_token_ids
 
 from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
@@ -122,9 +123,12 @@ def _unit(input_record: dict) -> str:
 
 
 def input_record(model: ElasticModel, metadata: dict) -> dict:
-    """How to feed the model: image shape and normalisation, or the token context."""
+    """How to feed the model: image shape and normalisation, or the token context (and the
+    end-of-sequence tokens of a converted language model, where ``zoo run`` stops)."""
     if model.input_kind == "tokens":
-        return {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
+        record = {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
+        eos = [i for i in eos_token_ids(metadata) if i < model.num_classes]
+        return {**record, "eos_token_ids": eos} if eos else record
     cfg = model.pretrained_cfg
     mean, std, crop_pct = recorded(metadata, "mean"), recorded(metadata, "std"), recorded(metadata, "crop_pct")
     record = {

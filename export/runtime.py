@@ -362,9 +362,11 @@ class Predictor:
         temperature: float = 0.0,
         seed: int | None = None,
         use_cache: bool = True,
+        stop_at_eos: bool = False,
     ) -> list[int]:
         """The ``max_new_tokens`` token ids that continue ``ids`` (greedy at ``temperature`` 0,
-        else sampled with ``seed``); prompt and output must fit the context (one-line errors)."""
+        else sampled with ``seed``); prompt and output must fit the context (one-line errors).
+        ``stop_at_eos``: end after an end-of-sequence token the file records (it is returned)."""
         self._require("tokens", "generate text")
         ids = [int(i) for i in ids]
         spec = self.metadata["input"]
@@ -381,7 +383,8 @@ class Predictor:
                 f"the prompt's {len(ids)} tokens and {max_new_tokens} new ones exceed the model's context of "
                 f"{context} tokens: ask for at most {context - len(ids)} new tokens"
             )
-        return self._decode(ids, max_new_tokens, temperature, seed, use_cache)
+        stop = set(spec.get("eos_token_ids") or []) if stop_at_eos else set()
+        return self._decode(ids, max_new_tokens, temperature, seed, use_cache, stop)
 
     def generate_text(
         self,
@@ -391,19 +394,21 @@ class Predictor:
         seed: int | None = None,
         use_cache: bool = True,
     ) -> str:
-        """Continue ``prompt`` by ``max_new_tokens`` tokens, encoded and decoded with the
-        recorded tokenizer (special tokens as transformers adds them); returns the new text."""
+        """Continue ``prompt`` by up to ``max_new_tokens`` tokens, encoded and decoded with the
+        recorded tokenizer (special tokens as transformers adds them), ending after an
+        end-of-sequence token as transformers' ``generate`` does; returns the new text."""
         tokenizer = self.tokenizer
         ids = tokenizer.encode(prompt).ids
-        new = self.generate_ids(ids, max_new_tokens, temperature, seed, use_cache)
+        new = self.generate_ids(ids, max_new_tokens, temperature, seed, use_cache, stop_at_eos=True)
         before, after = tokenizer.decode(ids), tokenizer.decode(ids + new)
         return after[len(before) :] if after.startswith(before) else tokenizer.decode(new)
 
     def _decode(
-        self, tokens: list[int], count: int, temperature: float, seed: int | None, use_cache: bool
+        self, tokens: list[int], count: int, temperature: float, seed: int | None, use_cache: bool, stop=frozenset()
     ) -> list[int]:
-        """``count`` tokens after ``tokens``. With the cache, one new position per token while the
-        sequence fits the context; past it (bytes only), the last ``context_length`` recomputed."""
+        """``count`` tokens after ``tokens`` (fewer when one in ``stop`` comes). With the cache,
+        one new position per token while the sequence fits the context; past it (bytes only), the
+        last ``context_length`` recomputed."""
         context_length = int(self.metadata["input"]["context_length"])
         cache_names = self._cache_names() if use_cache else []
         rng = np.random.default_rng(seed)
@@ -428,6 +433,8 @@ class Predictor:
                 token = int(rng.choice(logits.shape[0], p=softmax(logits / temperature)))
             tokens.append(token)
             new.append(token)
+            if token in stop:
+                break
         return new
 
 

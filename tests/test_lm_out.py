@@ -151,6 +151,12 @@ def test_a_converted_member_exports_with_a_cache_and_zoo_run_decodes_with_its_to
     from export.runtime import Predictor
 
     path = _family_file(tmp_path, build)
+    family = zoo.load(path)
+    prompt = [3, 14, 15, 9, 2]
+    expected = greedy(zoo.slice(family, width=0.5).eval(), prompt, NEW)
+    stop = next(i for i in range(3, NEW) if expected[i] not in expected[:i])  # the first new token from the 4th on
+    family.zoo_metadata["transformers_config"]["eos_token_id"] = expected[stop]  # where zoo run --prompt ends
+    zoo.save(family, path, metadata=family.zoo_metadata)
     onnx_path = tmp_path / "small.onnx"
     source = [path, "--width", "0.5"]
     if build is gpt2:  # a sliced member's file exports as the family's member does
@@ -165,16 +171,17 @@ def test_a_converted_member_exports_with_a_cache_and_zoo_run_decodes_with_its_to
     assert info.exit_code == 0 and "tokenizer    recorded" in info.output, info.output
     predictor = Predictor(onnx_path, threads=1)
     assert predictor.has_cache and predictor.has_tokenizer
-    member = zoo.slice(zoo.load(path), width=0.5).eval()
-    prompt = [3, 14, 15, 9, 2]
-    expected = greedy(member, prompt, NEW)
+    assert predictor.metadata["input"]["eos_token_ids"] == [expected[stop]]
     assert predictor.generate_ids(prompt, NEW) == expected  # cached decoding, positions after the past
     assert predictor.generate_ids(prompt, NEW, use_cache=False) == expected
+    assert predictor.generate_ids(prompt, NEW, stop_at_eos=True) == expected[: stop + 1]
 
     text = " ".join(WORDS[i] for i in prompt)
-    ran = invoke("run", onnx_path, "--prompt", text, "--max-tokens", 8)
+    ran = invoke("run", onnx_path, "--prompt", text, "--max-tokens", 2)
     assert ran.exit_code == 0, ran.output
-    assert ran.output == text + " " + " ".join(WORDS[i] for i in expected[:8]) + "\n"
+    assert ran.output == text + " " + " ".join(WORDS[i] for i in expected[:2]) + "\n"
+    ran = invoke("run", onnx_path, "--prompt", text, "--max-tokens", NEW)  # ends after the end-of-sequence token
+    assert ran.output == text + " " + " ".join(WORDS[i] for i in expected[: stop + 1]) + "\n"
 
     long_prompt = " ".join(["w1"] * (CONTEXT + 1))
     one_line_error(

@@ -43,6 +43,15 @@ class TransformersFolder:
     note: str | None  # how the member was written, where the folder differs from a plain copy
 
 
+def eos_token_ids(metadata: dict) -> list[int]:
+    """The end-of-sequence token ids of the converted model's config (none for a family built in
+    zoo): where generation stops, as transformers' ``generate`` stops."""
+    config = metadata.get(CONFIG_KEY) if isinstance(metadata, dict) else None
+    eos = config.get("eos_token_id") if isinstance(config, dict) else None
+    ids = eos if isinstance(eos, list) else [eos]
+    return [i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0]
+
+
 def writes_transformers(model: nn.Module) -> bool:
     """Whether the model's family can be written as a transformers folder."""
     return hasattr(model, "transformers_parts")
