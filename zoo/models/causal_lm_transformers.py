@@ -4,9 +4,9 @@ and its tensors under transformers' names, the mirror of the planners in ``causa
 The config is the source model's (recorded at conversion as ``metadata["transformers_config"]``:
 its architecture, token ids, rope settings and every other field kept) with the member's sizes
 written in: attention heads, key/value heads, head size, intermediate size, layers (fields
-that hold one value per layer keep the member's layers). A family built in zoo, with no
-source, gets the config of its layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM`` for q/k/v
-biases alone, ``GPT2LMHeadModel``).
+that hold one value per layer, ``layer_types``, keep the member's layers). A family built in
+zoo, with no source, gets the config of its layout (``LlamaForCausalLM``, ``Qwen2ForCausalLM``
+for q/k/v biases alone, ``GPT2LMHeadModel``).
 
 A transformers config gives every layer the same sizes, so a member whose blocks differ in
 heads or MLP units is refused in one line (it slices to zoo's own format and exports to ONNX).
@@ -34,6 +34,7 @@ LLAMA_NAMES = {
 # zoo's activation -> the name transformers' configs give it (Llama's, GPT-2's)
 LLAMA_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 GPT2_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+PER_LAYER_FIELDS = ("layer_types",)  # config fields holding one value per layer
 
 
 @torch.no_grad()
@@ -68,11 +69,10 @@ def uniform_sizes(model: nn.Module, blocks: dict[int, nn.Module]) -> tuple[int, 
 
 
 def _per_layer(config: dict, kept: list[int]) -> None:
-    """Fields that hold one value per source layer keep the member's layers."""
-    layers = config.get("num_hidden_layers", config.get("n_layer"))
-    for key, value in list(config.items()):
-        if isinstance(value, list) and isinstance(layers, int) and len(value) == layers and layers > 1:
-            config[key] = [value[i] for i in kept]
+    """Fields that hold one value per source layer (Qwen2's ``layer_types``) keep the member's layers."""
+    for key in PER_LAYER_FIELDS:
+        if isinstance(config.get(key), list):
+            config[key] = [config[key][i] for i in kept]
 
 
 def _base(source: dict | None, architecture: str, model_type: str) -> dict:
