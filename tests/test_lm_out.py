@@ -213,3 +213,13 @@ def test_a_family_built_in_zoo_writes_the_config_of_its_layout(tmp_path, arch):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokens = torch.randint(0, 256, (2, CONTEXT), generator=torch.Generator().manual_seed(0))
     assert (loaded(tokens).logits - member(tokens)).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_a_low_rank_member_is_written_with_dense_weights(tmp_path):
+    family = zoo.from_transformers(llama(), order="weight", low_rank=True, ranks=[0.5, 1.0])
+    member = zoo.slice(family, width=0.5, rank=0.5).eval()
+    zoo.save_transformers(member, tmp_path / "out", family.zoo_metadata)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.randint(0, VOCAB, (2, CONTEXT), generator=torch.Generator().manual_seed(0))
+    assert (loaded(tokens).logits - member(tokens)).abs().max().item() <= 1e-4
