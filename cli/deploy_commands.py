@@ -45,10 +45,9 @@ def run_command(
     predictor = Predictor(file, device=device.value)
     inputs = list(inputs or [])
     if predictor.kind == "tokens":
-        if len(inputs) + (prompt is not None) != 1:
-            raise ValueError(
-                f"{file} is a language model: give one prompt (--prompt TEXT), got {len(inputs)} arguments"
-            )
+        given = len(inputs) + (prompt is not None)
+        if given != 1:
+            raise ValueError(f"{file} is a language model: give one prompt (--prompt TEXT), got {given}")
         text = prompt if prompt is not None else inputs[0]
         if predictor.has_tokenizer:
             typer.echo(text + predictor.generate_text(text, max_tokens, temperature=temperature, seed=seed))
