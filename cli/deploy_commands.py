@@ -22,28 +22,41 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 RUN_BATCH = 32  # images per onnxruntime call: a large folder is classified in pieces
 
 
-@command("run", epilog="Example: zoo run small.onnx photo.png")
+@command("run", epilog="Example: zoo run small.onnx photo.png; or zoo run member.onnx --prompt 'Once upon'")
 def run_command(
     file: Path = typer.Argument(..., help="An .onnx file written by `zoo export`."),
-    inputs: List[str] = typer.Argument(
-        ..., help="Image files, folders of images or .npy arrays (classifiers); one prompt (language models)."
+    inputs: Optional[List[str]] = typer.Argument(
+        None, help="Image files, folders of images or .npy arrays (classifiers); or the prompt (language models)."
     ),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The text to continue (language models)."),
     device: Device = typer.Option(Device.cpu, "--device", help="Execution provider; cuda fails unless it really runs."),
     top_k: int = typer.Option(5, "--top-k", min=1, help="Classes to print per image."),
-    max_bytes: int = typer.Option(200, "--max-bytes", min=0, help="Bytes to generate (language models)."),
+    max_bytes: int = typer.Option(200, "--max-bytes", min=0, help="Bytes to generate (byte language models)."),
+    max_tokens: int = typer.Option(
+        64, "--max-tokens", min=0, help="Tokens to generate (language models that record a tokenizer)."
+    ),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
 ) -> None:
-    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt."""
+    """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt
+    (decoded with the tokenizer the file records, or as bytes)."""
     from export.runtime import Predictor
 
     predictor = Predictor(file, device=device.value)
+    inputs = list(inputs or [])
     if predictor.kind == "tokens":
-        if len(inputs) != 1:
-            raise ValueError(f"{file} is a language model: give one prompt (quote it), got {len(inputs)} arguments")
-        new = predictor.generate_bytes(inputs[0], max_new_bytes=max_bytes, temperature=temperature, seed=seed)
-        typer.echo((inputs[0].encode("utf-8") + new).decode("utf-8", errors="replace"))
+        given = len(inputs) + (prompt is not None)
+        if given != 1:
+            raise ValueError(f"{file} is a language model: give one prompt (--prompt TEXT), got {given}")
+        text = prompt if prompt is not None else inputs[0]
+        if predictor.has_tokenizer:
+            typer.echo(text + predictor.generate_text(text, max_tokens, temperature=temperature, seed=seed))
+            return
+        new = predictor.generate_bytes(text, max_new_bytes=max_bytes, temperature=temperature, seed=seed)
+        typer.echo((text.encode("utf-8") + new).decode("utf-8", errors="replace"))
         return
+    if prompt is not None or not inputs:
+        raise ValueError(f"{file} is an image classifier: give image files, folders or .npy arrays (not --prompt)")
     images = [image for argument in inputs for image in _expand(Path(argument))]
     for start in range(0, len(images), RUN_BATCH):
         chunk = images[start : start + RUN_BATCH]

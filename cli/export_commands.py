@@ -115,7 +115,11 @@ class CalibrationData:
         return out
 
 
-@command("slice", epilog="Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors")
+@command(
+    "slice",
+    epilog="Example: zoo slice runs/resnet20/model.safetensors --width 0.5 --out small.safetensors; or "
+    "zoo slice llama.safetensors --width 0.5 --out small-llama/ (a transformers folder)",
+)
 def slice_command(
     weights: Path = typer.Argument(
         ..., help="A family's weights file (.safetensors); a catalogue name with --pretrained."
@@ -125,12 +129,22 @@ def slice_command(
     rank: Optional[float] = RANK,
     member_json: Optional[List[str]] = MEMBER,
     calibrate: Optional[str] = CALIBRATE,
-    out: Path = typer.Option(..., "--out", help="Where to write the member's weights file."),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help="A path ending in .safetensors: zoo's weights file (any family, any member). Anything else is a "
+        "folder: a transformers model folder (config.json, model.safetensors, tokenizer files) that "
+        "transformers.AutoModelForCausalLM.from_pretrained loads, for language models of a transformers layout "
+        "(slim_llama, slim_gpt2) whose blocks share their sizes.",
+    ),
 ) -> None:
-    """Write one member as a standalone, physically smaller weights file."""
+    """Write one member as a standalone, physically smaller weights file, or as a transformers folder."""
     weights = readable_weights(weights, pretrained, "slice")
     check_data_path(calibrate, "--calibrate")
     chosen = one_member(member_json, width, rank)
+    if out.suffix.lower() != ".safetensors":
+        _slice_to_transformers(weights, out, chosen, rank)
+        return
     import zoo
     from zoo.weights import file_sha256
 
@@ -152,6 +166,21 @@ def slice_command(
         )
     for entry in member.metadata["metrics"]:
         typer.echo("metrics: " + _metric_text(entry))
+
+
+def _slice_to_transformers(weights: Path, out: Path, chosen, rank: Optional[float]) -> None:
+    """`zoo slice --out DIR`: the member as a transformers folder."""
+    import zoo
+
+    member, folder = zoo.slice_to_transformers(weights, out, chosen, rank)
+    params = sum(p.numel() for p in member.model.parameters())
+    files = ", ".join(["config.json", "model.safetensors", *folder.tokenizer_files])
+    typer.echo(f"wrote {out}/ ({files}): a transformers {folder.architecture}")
+    typer.echo(f"member {member.model.arch} {member.member}: {params:,} parameters")
+    if not folder.tokenizer_files:
+        typer.echo("note: the family records no tokenizer; the folder has none")
+    if folder.note:
+        typer.echo(f"note: {folder.note}")
 
 
 @command("export", epilog="Example: zoo export runs/resnet20/model.safetensors --width 0.5 --out small.onnx")
@@ -418,6 +447,8 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
         lines[-1] = ("metrics", lines[-1][1] + f" (this int8 file, in onnxruntime on {_measured_on(quantization)})")
         lines.append(("float32", _metric_text(quantization["fp32"]) + " (the float32 export on the same data)"))
     lines += [("source", f"sha256 {record.get('source_sha256')}"), ("input spec", json.dumps(record.get("input")))]
+    if "tokenizer" in header.metadata:  # a converted language model's tokenizer files (export.onnx_export)
+        lines.append(("tokenizer", "recorded (zoo run --prompt encodes and decodes with it)"))
     if record.get("labels"):
         lines.append(
             ("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else ""))

@@ -1,17 +1,20 @@
-"""Cached decoding for the byte GPTs: the exported graph also takes and returns keys and values.
+"""Cached decoding for language models: the exported graph also takes and returns keys and values.
 
 Without a cache, generating a byte recomputes every position of the context. A language-model
 export therefore has, besides ``input`` -> ``logits``, per block ``i`` two optional inputs
 ``past_key_values.<i>.key`` and ``.value`` (float32 ``[1, heads, past, head_dim]``: the keys
-and values of the ``past`` positions before ``input``, for one sequence) and two outputs
+and values of the ``past`` positions before ``input``, for one sequence; ``heads`` are the
+key/value heads of grouped-query attention) and two outputs
 ``present.<i>.key`` and ``.value`` (``[batch, heads, past + sequence, head_dim]``). The inputs
 default to an empty cache (``past`` = 0: they are initializers that a caller may override), so
 ``input`` alone still gives the plain logits at any batch size, as the export contract says;
 a cache of batch 1 is broadcast to the batch (cached decoding is for one sequence).
 
-The positions of ``input`` are ``past .. past + sequence - 1`` and must stay within the
-model's ``context_length``: past the context the absolute position embeddings shift, and
-every position must be recomputed (``export/runtime.py`` does that).
+The positions of ``input`` are ``past .. past + sequence - 1`` (rotary angles included) and
+must stay within the model's ``context_length``: past the context a byte model's absolute
+position embeddings shift, and every position must be recomputed (``export/runtime.py`` does
+that); a model with a tokenizer stops there. What each family computes is its own
+``forward_cached`` method (``zoo/models/``); this module adds the attention and the file's form.
 
 Attention is written out rather than left to ``scaled_dot_product_attention``, whose export
 masks scores with -inf: onnxruntime's Softmax computes exp of masked scores through subnormal
@@ -43,49 +46,35 @@ def cache_names(prefix: str, layers: int) -> list[str]:
 
 
 class CachedDecoder(nn.Module):
-    """A sliced GPT's forward pass with the keys and values of earlier positions as inputs.
-
-    It reuses the model's own modules and computes what ``model(tokens)`` computes for the
-    positions after the cache; export verification compares the two.
+    """A sliced language model's forward pass with the keys and values of earlier positions as
+    inputs: the family's ``forward_cached`` (its layout: positions, grouped heads), with the
+    floored attention below. It computes what ``model(tokens)`` computes for the positions
+    after the cache; export verification compares the two.
     """
 
     def __init__(self, model: ElasticModel):
         super().__init__()
         if model.input_kind != "tokens":
             raise ValueError(f"{model.arch} is not a language model; only those decode with a cache")
-        if not getattr(model, "cached_decoding", True):
-            raise ValueError(f"{model.arch}: ONNX export (decoding with a key/value cache) is not implemented yet")
+        if not hasattr(model, "forward_cached"):
+            raise ValueError(f"{model.arch}: ONNX export (decoding with a key/value cache) is not implemented")
         self.model = model
-        self.blocks = list(model.blocks.children())  # a sliced member holds exactly the blocks it runs
 
     def cache_shapes(self, past: int = 0) -> list[tuple[int, ...]]:
         """The shape of every cache input (key, value per block) for ``past`` positions."""
-        return [(1, block.attn.num_heads, past, block.attn.head_dim) for block in self.blocks for _ in PARTS]
+        return self.model.cache_shapes(past)
+
+    @property
+    def layers(self) -> int:
+        """The number of blocks whose keys and values are cached."""
+        return len(self.cache_shapes()) // len(PARTS)
 
     def forward(
         self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The logits and every block's keys and values after ``past``; with no ``past``, the
         logits alone, computed as the exported file computes them (what ``zoo search`` times)."""
-        model = self.model
-        batch, sequence, cached = tokens.shape[0], tokens.shape[1], 0 if past is None else past[0].shape[2]
-        x = model.tok_embed(tokens) + model.pos_embed[:, cached : cached + sequence]
-        positions = torch.arange(cached + sequence, device=tokens.device)
-        visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
-        hidden = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
-        present = []
-        for i, block in enumerate(self.blocks):
-            attn = block.attn
-            q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-            if past is not None:
-                k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
-                v = torch.cat([past[2 * i + 1].expand(batch, -1, -1, -1), v], dim=2)
-                present += [k, v]
-            out = masked_attention(q, k, v, hidden)
-            x = x + attn.proj(out.transpose(1, 2).flatten(2))
-            x = x + block.mlp(block.norm2(x))
-        logits = model.lm_head(model.norm(x))
-        return logits if past is None else (logits, *present)
+        return self.model.forward_cached(tokens, past, masked_attention)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

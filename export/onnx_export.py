@@ -9,7 +9,9 @@ The file contract (what ``export/runtime.py`` relies on): one input ``input`` (f
 ``[batch, C, H, W]`` images or int64 ``[batch, sequence]`` bytes), one output ``logits``, and
 model metadata key ``"zoo"`` holding JSON that describes the member (see :func:`zoo_record`).
 Language models also take and return the keys and values of earlier positions, as optional
-inputs that default to an empty cache (:mod:`export.kv_cache`). With ``fuse=True`` attention
+inputs that default to an empty cache (:mod:`export.kv_cache`), and a converted family's
+member records its tokenizer files under the metadata key ``"tokenizer"`` (JSON, file name to
+text, as :mod:`zoo.tokenizer` keeps them). With ``fuse=True`` attention
 and LayerNorm are rewritten into onnxruntime's fused kernels (:mod:`export.fusion`).
 Weights are embedded (no external data file) and the file appears only after it passed
 verification: it is built in a temporary folder and renamed into place.
@@ -37,6 +39,8 @@ from zoo import ElasticModel, Member, SlicedMember, WeightsSource
 from zoo.fileio import WriteError, atomic_path, locked_folder
 from zoo.members import recorded
 from zoo.models.transformer import Attention
+from zoo.tokenizer import recorded_tokenizer_files
+from zoo.transformers_out import eos_token_ids
 
 from .fusion import describe_fusions, fuse_for_onnxruntime
 from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
@@ -47,6 +51,7 @@ from .quantize import int8_record, method_for, quantization_report, quantize_int
 from .verify import FP32_TOLERANCE, INPUT_NAME, OUTPUT_NAME, check_model, max_abs_difference, require_device, verify
 
 METADATA_KEY = "zoo"
+TOKENIZER_KEY = "tokenizer"
 MAX_EMBEDDED_BYTES = 2**31 - 2**20  # protobuf's 2 GB limit, with room for the graph itself
 QUANTIZE_CHOICES = ("int8",)
 MIN_OPSET = 18  # below this the exporter silently writes 18
@@ -112,13 +117,18 @@ class ExportResult:
 
 def _unit(input_record: dict) -> str:
     """What one forward pass of ``zoo.count_flops`` covers."""
-    return f"{input_record['context_length']}-byte sequence" if input_record["kind"] == "tokens" else "image"
+    if input_record["kind"] != "tokens":
+        return "image"
+    return f"{input_record['context_length']}-{'byte' if input_record['vocab_size'] == 256 else 'token'} sequence"
 
 
 def input_record(model: ElasticModel, metadata: dict) -> dict:
-    """How to feed the model: image shape and normalisation, or the token context."""
+    """How to feed the model: image shape and normalisation, or the token context (and the
+    end-of-sequence tokens of a converted language model, where ``zoo run`` stops)."""
     if model.input_kind == "tokens":
-        return {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
+        record = {"kind": "tokens", "context_length": model.context_length, "vocab_size": model.num_classes}
+        eos = [i for i in eos_token_ids(metadata) if i < model.num_classes]
+        return {**record, "eos_token_ids": eos} if eos else record
     cfg = model.pretrained_cfg
     mean, std, crop_pct = recorded(metadata, "mean"), recorded(metadata, "std"), recorded(metadata, "crop_pct")
     record = {
@@ -195,8 +205,8 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
     example = model.example_input(2, seq_len=context // 2).to(device)
     cache = tuple(torch.zeros(shape, device=device) for shape in decoder.cache_shapes(past=2))
     names = dict(
-        input_names=[INPUT_NAME, *cache_names(PAST, len(decoder.blocks))],
-        output_names=[OUTPUT_NAME, *cache_names(PRESENT, len(decoder.blocks))],
+        input_names=[INPUT_NAME, *cache_names(PAST, decoder.layers)],
+        output_names=[OUTPUT_NAME, *cache_names(PRESENT, decoder.layers)],
         dynamic_shapes=({0: batch, 1: sequence}, tuple({2: past} for _ in cache)),
     )
     return decoder, (example, cache), names
@@ -252,10 +262,13 @@ def _without_unused_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _save(proto: onnx.ModelProto, path: Path, record: dict) -> None:
-    """Write ``proto`` with its zoo record as one self-contained file."""
+def _save(proto: onnx.ModelProto, path: Path, record: dict, tokenizer: dict[str, str] | None = None) -> None:
+    """Write ``proto`` with its zoo record (and a language model's tokenizer files, metadata key
+    ``tokenizer``, what ``export/runtime.py`` decodes with) as one self-contained file."""
     del proto.metadata_props[:]
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
+    if tokenizer:
+        proto.metadata_props.add(key=TOKENIZER_KEY, value=json.dumps(tokenizer))
     proto.producer_name, proto.producer_version = "zoo", zoo.__version__
     proto.doc_string = (
         f"{record['arch']} member {Member.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
@@ -319,10 +332,11 @@ def export_member(
         raise ValueError(f"the exporter wrote opset {_opset_of(proto)}, not the requested {opset}")
     cached_blocks = sum(i.name.startswith(PAST + ".") and i.name.endswith(".key") for i in proto.graph.input)
     record = zoo_record(sliced, model, merges, _opset_of(proto), flops, fusions=fusions, kv_cache=cached_blocks or None)
+    tokenizer = recorded_tokenizer_files(sliced.metadata)
 
     with tempfile.TemporaryDirectory(prefix="zoo-export-") as work:
         fp32_path = Path(work) / "model.onnx"
-        _save(proto, fp32_path, record)
+        _save(proto, fp32_path, record, tokenizer)
         diff = verify(model, fp32_path, device) if verify_output else None
         final, report = fp32_path, None
         if quantize:
@@ -334,7 +348,7 @@ def export_member(
             )
             report["int8_max_abs_diff"] = max_abs_difference(model, int8_path, "cpu")  # informative, not gated
             record = int8_record(record, quantize, report)
-            _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record)
+            _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record, tokenizer)
             check_model(int8_path)
             final = int8_path
         with atomic_path(out) as tmp:

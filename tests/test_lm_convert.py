@@ -310,15 +310,3 @@ def test_a_bfloat16_model_converts_to_float32_and_is_left_as_it_was(tmp_path):
     family = zoo.from_transformers(model, order="weight")
     assert next(model.parameters()).dtype == torch.bfloat16 and next(family.parameters()).dtype == torch.float32
     assert _difference(model.float(), family) <= 1e-4
-
-
-def test_exporting_a_converted_family_is_refused_in_one_line_for_now(tmp_path):
-    from typer.testing import CliRunner
-
-    import cli.commands  # noqa: F401  (registers the commands)
-    from cli.app import app
-
-    path = zoo.save(zoo.from_transformers(llama(), order="none"), tmp_path / "family.safetensors")
-    result = CliRunner().invoke(app, ["export", str(path), "--width", "0.5", "--out", str(tmp_path / "m.onnx")])
-    assert result.exit_code == 1 and "ONNX export (decoding with a key/value cache) is not implemented" in result.stderr
-    assert result.stderr.count("\n") == 1 and not (tmp_path / "m.onnx").exists()

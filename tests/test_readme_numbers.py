@@ -135,6 +135,14 @@ NUMBERS = [
     ("A cached byte costs 1.60× a one-byte forward pass with an empty cache (0.22 ms), against 12.6×", "generate.md",
      "0.22 ms. A cached byte costs 1.60x that"),
     ("against 12.6× uncached", "generate.md", "an uncached byte 12.6x"),
+    # token generation against transformers (benchmarks/bench_lm_generate.py)
+    ("| 1 | 10.7 | 23.7 | 2.22× |", "lm/generate.md", "| 1 | 10.7 | 23.7 | 2.22x |"),
+    ("| 2 | 3.0 | 12.9 | 4.23× |", "lm/generate.md", "| 2 | 3.0 | 12.9 | 4.23x |"),
+    ("a 32000-token vocabulary: 55.3 M parameters)", "lm/generate.md", "(55.3 M parameters)"),
+    ("(load average 13.0 before and 12.0 after)", "lm/generate.md", "load average 13.0 before and 12.0 after"),
+    ("16.5 against 31.5 tokens/s at 1 thread, 1.92×", "lm/generate_w05.md", "| 1 | 16.5 | 31.5 | 1.92x |"),
+    ("(44.0 M parameters, `--width", "lm/generate_w05.md", "(44.0 M parameters)"),
+    ("load 7.8 to 9.4)", "lm/generate_w05.md", "load average 7.8 before and 9.4 after"),
     # byte baselines of the GPT results (benchmarks/byte_baselines.py)
     ("a byte unigram model scores 4.35 on this split", "byte_baselines.json", ("unigram_bits_per_byte", "4.35")),
     ("(a byte bigram model: 3.55,", "byte_baselines.json", ("stdlib_bigram_bits_per_byte", "3.55")),

@@ -8,6 +8,7 @@
     same = zoo.load("small.safetensors")
     family = zoo.from_timm("resnet50", checkpoint="ckpt.safetensors")   # bring your own model
     lm = zoo.from_transformers("llama-folder")   # a transformers causal LM (pip install 'zoo[lm]')
+    zoo.slice_to_transformers("lm.safetensors", "small-llama", width=0.5)   # a transformers folder again
     zoo.save_pretrained(family, "my-family")     # timm.create_model("local-dir:my-family", pretrained=True)
 
 Importing zoo registers every image family with timm, so ``timm.create_model("slim_resnet20")``
@@ -25,6 +26,7 @@ from .registry import create_model, family_of, list_models
 from .slicing import count_params, parameter_masks, recalibrate_bn, use_member
 from .slicing import slice_model as slice
 from .space import Member
+from .transformers_out import save_transformers, slice_to_transformers
 from .weights import WeightsFileError, load, read_header, save
 
 __version__ = "0.1.0"
@@ -49,7 +51,9 @@ __all__ = [
     "recalibrate_bn",
     "save",
     "save_pretrained",
+    "save_transformers",
     "slice",
     "slice_file",
+    "slice_to_transformers",
     "use_member",
 ]

@@ -212,6 +212,13 @@ def _tokenizer(folder: Path | None):
         raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer ({first})") from None
 
 
+def _config_record(model: nn.Module) -> dict:
+    """The model's config as JSON data, naming its architecture (a model built in memory names none)."""
+    config = json.loads(json.dumps(model.config.to_dict(), default=str))
+    config["architectures"] = [type(model).__name__]
+    return config
+
+
 # ----- the conversion --------------------------------------------------------------------------
 @torch.no_grad()
 def _fill(plan: LMPlan, source: Source, family: ElasticModel) -> None:
@@ -262,9 +269,11 @@ def from_transformers(
     safetensors) or a ``PreTrainedModel``. ``order``: ``weight``, ``activation`` (needs
     ``calibration``: token batches, or texts tokenized with the folder's ``tokenizer.json``) or
     ``none``. A folder's tokenizer files are recorded in ``zoo_metadata["tokenizer"]``
-    (:mod:`zoo.tokenizer`). ``widths`` (and ``ranks`` with ``low_rank=True``) are the members (default as
-    ``zoo train``'s; the full one is always kept). The full member's logits equal the model's:
-    checked here, the difference recorded in ``model.zoo_metadata["converted_from"]``."""
+    (:mod:`zoo.tokenizer`), the model's config in ``zoo_metadata["transformers_config"]``
+    (:mod:`zoo.transformers_out` writes members back with it). ``widths`` (and ``ranks`` with
+    ``low_rank=True``) are the members (default as ``zoo train``'s; the full one is always kept).
+    The full member's logits equal the model's: checked here, the difference recorded in
+    ``model.zoo_metadata["converted_from"]``."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
     if ranks is not None and not low_rank:
@@ -309,6 +318,7 @@ def from_transformers(
             "max_abs_diff": difference,
         }
     }
+    family.zoo_metadata["transformers_config"] = _config_record(model)  # what zoo slice --out DIR writes back
     tokenizer = read_tokenizer_files(folder) if folder is not None else {}
     if tokenizer:
         family.zoo_metadata["tokenizer"] = tokenizer

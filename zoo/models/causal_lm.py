@@ -35,8 +35,11 @@ from ..importance import Coupling, out_units
 from ..layers import ElasticBlocks, LayerFactory
 from ..space import DEFAULT_GRID, Space, fixed
 from ._builder import build, register_family
+from .causal_lm_transformers import LLAMA_NAMES, gpt2_parts, llama_parts
 from .transformer import trunc_normal
 
+# attention of queries over keys and values with a mask added to the scores (export passes its own)
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned")
@@ -105,14 +108,25 @@ class Attention(nn.Module):
     def num_kv_heads(self) -> int:
         return self.k_proj.active_out // self.head_dim
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+        """Queries ``(B, heads, T, head_dim)``, keys and values ``(B, kv_heads, T, head_dim)``, rotated."""
         q, k, v = (
             p(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        if self.group_size > 1:  # key/value head j serves query heads j * group_size ... (j + 1) * group_size - 1
-            k, v = k.repeat_interleave(self.group_size, dim=1), v.repeat_interleave(self.group_size, dim=1)
+        return q, k, v
+
+    def per_query_head(self, kv: torch.Tensor) -> torch.Tensor:
+        """Keys or values repeated for the query heads they serve: key/value head j serves query
+        heads j * group_size ... (j + 1) * group_size - 1 (``repeat_interleave``, as an expand)."""
+        if self.group_size == 1:
+            return kv
+        return kv[:, :, None].expand(-1, -1, self.group_size, -1, -1).flatten(1, 2)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
+        k, v = self.per_query_head(k), self.per_query_head(v)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
@@ -169,7 +183,6 @@ class SlimCausalLM(ElasticModel):
     """A causal decoder whose key/value groups, MLP units, blocks (and ranks) are elastic."""
 
     input_kind = "tokens"
-    cached_decoding = False  # export/kv_cache.py's decoder is the byte GPT's; this layout's is not written yet
 
     def __init__(
         self,
@@ -293,6 +306,58 @@ class SlimCausalLM(ElasticModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Hidden states -> next-token logits (B, T, vocab_size)."""
         return x if pre_logits else self.lm_head(x)
+
+    def _active_blocks(self) -> list[Block]:
+        return [block for name, block in self.blocks.items() if name in self.blocks.active]
+
+    def cache_shapes(self, past: int = 0) -> list[tuple[int, ...]]:
+        """The shape of every active block's cached keys and values, ``(1, kv_heads, past, head_dim)``:
+        one entry per key/value head (grouped-query attention caches the groups, not the query heads)."""
+        return [(1, b.attn.num_kv_heads, past, self.head_dim) for b in self._active_blocks() for _ in range(2)]
+
+    def forward_cached(
+        self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None, attend: Attend
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What ``export/kv_cache.py`` exports: the logits of ``tokens`` placed after the ``past``
+        positions whose keys and values ``past`` holds (key, value per active block, as
+        :meth:`cache_shapes`, broadcast to the batch), and every block's keys and values so far;
+        with ``past=None`` the logits alone. The rotary angles (or learned positions) of
+        ``tokens`` start at the past length. ``attend(q, k, v, hidden)`` is the attention with
+        ``hidden`` (0 or -inf per query and key) added to the scores."""
+        batch, sequence = tokens.shape
+        cached = 0 if past is None else past[0].shape[2]
+        x = self.tok_embed(tokens)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[cached : cached + sequence]
+        else:
+            cos, sin = rotary_angles(cached + sequence, self.head_dim, self.rope_theta, tokens.device)
+            rope = cos[cached:].to(x.dtype), sin[cached:].to(x.dtype)
+        positions = torch.arange(cached + sequence, device=tokens.device)
+        visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
+        hidden = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
+        present = []
+        for i, block in enumerate(self._active_blocks()):
+            attn = block.attn
+            q, k, v = attn.project(block.norm1(x), rope)
+            if past is not None:
+                k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([past[2 * i + 1].expand(batch, -1, -1, -1), v], dim=2)
+                present += [k, v]
+            out = attend(q, attn.per_query_head(k), attn.per_query_head(v), hidden)
+            x = x + attn.o_proj(out.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.norm2(x))
+        logits = self.lm_head(self.norm(x))
+        return logits if past is None else (logits, *present)
+
+    def transformers_parts(self, source: dict | None = None) -> tuple[dict, dict[str, torch.Tensor], str | None]:
+        """This sliced member as a transformers model: ``config.json``'s fields (``source``: the
+        converted model's config), tensors by transformers' names, and a note on how it was written
+        (None: nothing to say). See :mod:`zoo.models.causal_lm_transformers`."""
+        if self.active_member != self.largest:
+            raise ValueError(f"{self._name}: write a sliced member (zoo.slice), not a family running a member")
+        blocks = {int(name): block for name, block in self.blocks.items() if name in self.blocks.active}
+        return (llama_parts if self.pos_embed is None else gpt2_parts)(self, blocks, source)
 
     def couplings(self) -> list[Coupling]:
         """Each block's key/value groups (a group's query heads' rows of q and columns of o, its
@@ -437,9 +502,6 @@ def _plan_llama(source: Source) -> LMPlan:
         mlp_bias=_has_bias(layers, source, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         tie_embeddings=_tied(source, "lm_head.weight", "model.embed_tokens.weight"),
     )
-    names = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj"}
-    names.update({"attn.o_proj": "self_attn.o_proj", "norm1": "input_layernorm", "norm2": "post_attention_layernorm"})
-    names.update({f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")})
     tensors = {
         "tok_embed.weight": source.take("model.embed_tokens.weight"),
         "norm.weight": source.take("model.norm.weight"),
@@ -447,7 +509,7 @@ def _plan_llama(source: Source) -> LMPlan:
     if not args["tie_embeddings"]:
         tensors["lm_head.weight"] = source.take("lm_head.weight")
     for i in range(len(layers)):
-        for ours, theirs in names.items():
+        for ours, theirs in LLAMA_NAMES.items():
             for p in ("weight", "bias"):
                 if f"model.layers.{i}.{theirs}.{p}" in source.state:
                     tensors[f"blocks.{i}.{ours}.{p}"] = source.take(f"model.layers.{i}.{theirs}.{p}")

@@ -102,6 +102,40 @@ class SlimGPT(ElasticModel):
         """Hidden states -> next-byte logits (B, T, 256)."""
         return x if pre_logits else self.lm_head(x)
 
+    def cache_shapes(self, past: int = 0) -> list[tuple[int, ...]]:
+        """The shape of every active block's cached keys and values, ``(1, heads, past, head_dim)``."""
+        return [(1, b.attn.num_heads, past, b.attn.head_dim) for b in self._active_blocks() for _ in range(2)]
+
+    def _active_blocks(self) -> list[nn.Module]:
+        return [block for name, block in self.blocks.items() if name in self.blocks.active]
+
+    def forward_cached(
+        self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None, attend
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """What ``export/kv_cache.py`` exports: the logits of ``tokens`` placed after the ``past``
+        positions whose keys and values ``past`` holds (key, value per active block, as
+        :meth:`cache_shapes`, broadcast to the batch), and every block's keys and values so far;
+        with ``past=None`` the logits alone. ``attend(q, k, v, hidden)`` is the attention with
+        ``hidden`` (0 or -inf per query and key) added to the scores."""
+        batch, sequence, cached = tokens.shape[0], tokens.shape[1], 0 if past is None else past[0].shape[2]
+        x = self.tok_embed(tokens) + self.pos_embed[:, cached : cached + sequence]
+        positions = torch.arange(cached + sequence, device=tokens.device)
+        visible = positions[None, :] <= positions[cached:, None]  # query at p sees keys at <= p
+        hidden = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
+        present = []
+        for i, block in enumerate(self._active_blocks()):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            if past is not None:
+                k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
+                v = torch.cat([past[2 * i + 1].expand(batch, -1, -1, -1), v], dim=2)
+                present += [k, v]
+            out = attend(q, k, v, hidden)
+            x = x + attn.proj(out.transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.norm2(x))
+        logits = self.lm_head(self.norm(x))
+        return logits if past is None else (logits, *present)
+
     @property
     def _name(self) -> str:
         return self.arch or type(self).__name__
