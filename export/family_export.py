@@ -6,13 +6,13 @@ its conv weights, which would then share nothing; onnxruntime folds them when a 
 starts) and with low-rank layers kept factorized (a merged ``u @ v`` is no prefix of anything).
 :mod:`export.family_graph` then joins the graphs over the largest member's initializers.
 
-The file: input ``input``, one output ``logits.<key>`` per member (the member's ``Member.key``),
-and the zoo record of the largest member plus ``members`` (per member: its ``subnet``, ``key``,
-``output``, parameters, FLOPs, metrics). A member is chosen at run time by its output:
-``export.runtime.Predictor(path, member=...)`` starts onnxruntime on that output's part of the
-graph only (:mod:`export.onnx_prune`); plain onnxruntime computes only that member's nodes with
-``RunOptions.only_execute_path_to_fetches`` (see ``docs/design.md``). Language models are
-refused: their key/value cache inputs differ per member.
+The file: input ``input``, optional int64 input ``member`` (the member's ``index``; default: the
+largest member), output ``logits``; the zoo record of the largest member plus ``members`` (per
+member: its ``subnet``, ``key``, ``index``, parameters, FLOPs, metrics). Plain onnxruntime runs
+only the chosen member's ``If`` branch (``sess.run(["logits"], {"input": x, "member":
+np.array(index)})``); ``export.runtime.Predictor(path, member=...)`` starts onnxruntime on that
+branch alone (:mod:`export.onnx_prune`), so the session holds only that member's weights.
+Language models are refused: their key/value cache inputs differ per member.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import zoo
 from zoo import Member, WeightsSource
 from zoo.fileio import atomic_path
 
-from .family_graph import MemberGraph, member_output, merge_members
+from .family_graph import MEMBER_INPUT, MemberGraph, merge_members, selectable
 from .onnx_export import QUANTIZE_CHOICES, _opset_of, _save, _without_unused_opsets, to_onnx, zoo_record
 from .quantize import METHODS, evaluate, method_for, quantize_int8
 from .verify import FP32_TOLERANCE, check_model, max_abs_difference, require_device, session
@@ -72,8 +72,8 @@ class FamilyExportResult:
             diff = entry.get("max_abs_diff")
             check = "not verified" if diff is None else f"max |onnxruntime - PyTorch| = {diff:.2e}"
             lines.append(
-                f"  output {entry['output']}: {Member.from_dict(entry['subnet'])}, {entry['num_params']:,} parameters, "
-                f"{entry['flops'] / 1e6:,.2f} MFLOPs, {check}"
+                f"  member {entry['index']} ({entry['key']}): {Member.from_dict(entry['subnet'])}, "
+                f"{entry['num_params']:,} parameters, {entry['flops'] / 1e6:,.2f} MFLOPs, {check}"
             )
         if record.get("quantized"):
             lines.append(f"int8 ({record['quantization']['method']}), per member on the validation data:")
@@ -83,12 +83,12 @@ class FamilyExportResult:
         return "\n".join(lines)
 
 
-def _member_entry(sliced, model, flops: int) -> dict:
+def _member_entry(sliced, model, flops: int, index: int) -> dict:
     metrics = sliced.metadata.get("metrics") or []
     return {
         "subnet": sliced.member.to_dict(),
         "key": sliced.member.key,
-        "output": member_output(sliced.member.key),
+        "index": index,
         "num_params": sum(p.numel() for p in model.parameters()),
         "flops": flops,
         "metrics": {k: v for k, v in metrics[0].items() if k != "subnet"} if metrics else None,
@@ -113,13 +113,13 @@ def _members_to_export(source: WeightsSource) -> list[Member]:
 def _export_graphs(source: WeightsSource, opset: int | None, device: str):
     """Per member (largest last): its sliced model, record entry and exported graph."""
     exported = []
-    for member in sorted(_members_to_export(source), key=lambda m: m == source.model.largest):
+    for index, member in enumerate(sorted(_members_to_export(source), key=lambda m: m == source.model.largest)):
         sliced = source.member(member)
         model = sliced.model.eval()
         flops = zoo.count_flops(model, batch_size=1)
         with _batch_norm_kept():
             proto, _ = to_onnx(model.to(device), opset, device)
-        exported.append((sliced, model, _member_entry(sliced, model, flops), proto))
+        exported.append((sliced, model, _member_entry(sliced, model, flops, index), proto))
     return exported
 
 
@@ -129,7 +129,7 @@ def _verify_members(path: Path, exported, device: str) -> dict[str, float]:
     check_model(path)
     sess, diffs = session(path, device), {}
     for _, model, entry, _ in exported:
-        diff = max_abs_difference(model, path, device, entry["output"], sess)
+        diff = max_abs_difference(model, path, device, sess, _choosing(entry))
         if not diff <= FP32_TOLERANCE:
             raise ValueError(
                 f"verification failed: member {entry['key']} differs from PyTorch by {diff:.3g} "
@@ -139,14 +139,26 @@ def _verify_members(path: Path, exported, device: str) -> dict[str, float]:
     return diffs
 
 
-def _quantize(fp32_path: Path, int8_path: Path, record: dict, method: str, calibration, validation) -> dict:
-    """Quantize the family file; the record with every member's int8 metrics and their change."""
-    quantize_int8(fp32_path, int8_path, method, calibration)
+def _choosing(entry: dict) -> dict:
+    """The inputs beside ``input`` that run one member of a family file."""
+    return {MEMBER_INPUT: np.array(entry["index"], dtype=np.int64)}
+
+
+def _quantize(flat: onnx.ModelProto, work: Path, record: dict, method: str, calibration, validation) -> dict:
+    """Quantize the family graph (as one output per member: the quantizer calibrates the main
+    graph's tensors, not a branch's) into ``work/family.int8.onnx``; the record with every
+    member's int8 metrics and their change."""
+    fp32_path, flat_path, int8_path = work / "family.onnx", work / "flat.onnx", work / "family.int8.onnx"
+    onnx.save_model(flat, str(flat_path))
+    quantize_int8(flat_path, work / "flat.int8.onnx", method, calibration)
+    int8 = selectable(onnx.load(str(work / "flat.int8.onnx")), len(record["members"]) - 1)
+    onnx.save_model(_without_unused_opsets(int8), str(int8_path))
     fp32_sess, int8_sess = session(fp32_path), session(int8_path)
     per_member, members = {}, []
     for entry in record["members"]:
-        fp32 = evaluate(fp32_path, validation, record["input"]["kind"], entry["output"], fp32_sess)
-        int8 = evaluate(int8_path, validation, record["input"]["kind"], entry["output"], int8_sess)
+        kind = record["input"]["kind"]
+        fp32 = evaluate(fp32_path, validation, kind, fp32_sess, _choosing(entry))
+        int8 = evaluate(int8_path, validation, kind, int8_sess, _choosing(entry))
         per_member[entry["key"]] = {"fp32": fp32, "int8": int8, "change": {k: int8[k] - fp32[k] for k in fp32}}
         members.append({**entry, "metrics": dict(int8)})
     report = {
@@ -192,7 +204,8 @@ def export_family(
     largest_sliced, largest_model, _, largest_proto = exported[-1]
     chunks = tuple(sorted({getattr(m, "chunks", 1) for m in source.model.modules()}))
     graphs = [MemberGraph(entry["key"], proto) for _, _, entry, proto in exported]
-    proto, sharing = merge_members(largest_proto, graphs, chunks)
+    flat, sharing = merge_members(largest_proto, graphs, chunks)
+    proto = selectable(flat, len(exported) - 1)
     export_seconds = time.perf_counter() - started
     opset_written = _opset_of(largest_proto)
     record = zoo_record(largest_sliced, largest_model, {}, opset_written, exported[-1][2]["flops"])
@@ -204,11 +217,10 @@ def export_family(
         diffs = _verify_members(final, exported, device) if verify_output else {}
         if quantize:
             method = method_for(source.model.uses_batchnorm)
-            int8_path = Path(work) / "family.int8.onnx"
-            record = _quantize(final, int8_path, record, method, calibration, validation)
-            _save(_without_unused_opsets(onnx.load(str(int8_path))), int8_path, record, "int8 family")
-            check_model(int8_path)
-            final = int8_path
+            record = _quantize(flat, Path(work), record, method, calibration, validation)
+            final = Path(work) / "family.int8.onnx"
+            _save(onnx.load(str(final)), final, record, "int8 family")
+            check_model(final)
         with atomic_path(out) as tmp:
             shutil.copyfile(final, tmp)
     members = [{**entry, "max_abs_diff": diffs.get(entry["key"])} for entry in record["members"]]

@@ -10,8 +10,13 @@ batch-norm statistics, shape constants) it is kept, under the member's name pref
 value is exact by construction: a member reads the same numbers as its standalone file.
 
 Each member's nodes and values are renamed ``<key>/...``, and its output ``logits`` becomes
-``logits.<key>``; the graph input ``input`` is shared. onnxruntime folds the slices into
-constants when a session starts; :mod:`export.onnx_prune` gives a session one member's nodes only.
+``logits.<key>``; the graph input ``input`` is shared (:func:`merge_members`: one output per
+member). onnxruntime runs every node of a model whichever outputs are fetched
+(``RunOptions.only_execute_path_to_fetches`` changed nothing: measured, one output of a
+four-member file cost as much as all four), so the file holds each member's nodes in the
+``then`` branch of an ``If`` on the optional input ``member`` (:func:`selectable`): only the
+chosen branch runs. onnxruntime folds the slices into constants when a session starts;
+:mod:`export.onnx_prune` gives a session one member's branch only.
 """
 
 from __future__ import annotations
@@ -193,5 +198,62 @@ def merge_members(full: onnx.ModelProto, members: list[MemberGraph], chunk_count
         if [(i.name, i.type.SerializeToString()) for i in member.proto.graph.input] != inputs:
             raise ValueError(f"member {member.key} takes other inputs than the full member; they cannot share a file")
         counts[member.key] = _add_member(graph, member, shared, chunk_counts)
+    read = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in read]  # the full member's tensors no member reads
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     model = helper.make_model(graph, opset_imports=list(full.opset_import), ir_version=full.ir_version)
     return model, counts
+
+
+MEMBER_INPUT = "member"
+
+
+def _branch(graph: onnx.GraphProto, output: onnx.ValueInfoProto, name: str) -> onnx.GraphProto:
+    """The nodes ``output`` needs, as a subgraph reading the outer graph's inputs and initializers."""
+    needed, kept = {output.name}, []
+    for node in reversed(graph.node):  # stored in topological order
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    return helper.make_graph(kept[::-1], name, [], [output])
+
+
+def selectable(flat: onnx.ModelProto, default: int) -> onnx.ModelProto:
+    """``flat`` (one output ``logits.<key>`` per member) as one output ``logits`` of the member that
+    the optional int64 input ``member`` (default ``default``) numbers, in the order of the outputs.
+
+    Member k's nodes are the ``then`` branch of ``If`` node ``member:<key>`` on ``member == k``
+    (whose ``else`` branch gives no rows); the ``If`` outputs are concatenated."""
+    graph = flat.graph
+    nodes, selected, constants = [], [], [numpy_helper.from_array(np.array(default, np.int64), MEMBER_INPUT)]
+    for index, output in enumerate(graph.output):
+        key = output.name.split(".", 1)[1]
+        classes = output.type.tensor_type.shape.dim[1].dim_value
+        none = helper.make_node(
+            "Constant", [], [f"{key}:none"], value=numpy_helper.from_array(np.zeros((0, classes), np.float32))
+        )
+        no_rows = helper.make_graph(
+            [none],
+            f"{key}:else",
+            [],
+            [helper.make_tensor_value_info(f"{key}:none", output.type.tensor_type.elem_type, [0, classes])],
+        )
+        constants.append(numpy_helper.from_array(np.array(index, np.int64), f"{key}:index"))
+        nodes.append(helper.make_node("Equal", [MEMBER_INPUT, f"{key}:index"], [f"{key}:chosen"]))
+        nodes.append(
+            helper.make_node(
+                "If", [f"{key}:chosen"], [f"{key}:rows"], name=f"member:{key}",
+                then_branch=_branch(graph, output, f"{key}:then"), else_branch=no_rows,
+            )
+        )  # fmt: skip
+        selected.append(f"{key}:rows")
+    nodes.append(helper.make_node("Concat", selected, ["logits"], axis=0, name="logits"))
+    logits = onnx.ValueInfoProto()
+    logits.CopyFrom(graph.output[0])
+    logits.name = "logits"
+    member = helper.make_tensor_value_info(MEMBER_INPUT, onnx.TensorProto.INT64, [])
+    joined = helper.make_graph(
+        nodes, graph.name, [*graph.input, member], [logits], initializer=[*graph.initializer, *constants]
+    )
+    return helper.make_model(joined, opset_imports=list(flat.opset_import), ir_version=flat.ir_version)

@@ -1,13 +1,14 @@
-"""One output's part of an ONNX model, cut from the protobuf wire format (standard library only).
+"""One member of a family file as a model of its own, cut from the protobuf wire format
+(standard library only, so ``export.runtime`` stays free of the onnx package).
 
-A family file (:mod:`export.family_graph`) holds every member's graph. onnxruntime keeps and
-optimizes every node of a model, whichever outputs a run asks for: its constant folding would
-materialise every member's sliced weights. The runtime therefore hands onnxruntime the chosen
-member's part only: the nodes its output needs, the initializers and inputs they read, that
-output. The bytes of kept fields are copied unchanged; only the graph message is rebuilt.
-Field numbers are those of onnx.proto (ModelProto.graph 7; GraphProto node 1, initializer 5,
-input 11, output 12, value_info 13; NodeProto input 1, output 2;
-TensorProto and ValueInfoProto name 8 and 1).
+A family file (:mod:`export.family_graph`) holds each member's nodes in the ``then`` branch of
+an ``If`` node. onnxruntime optimizes every branch when a session starts: its constant folding
+would materialise every member's sliced weights. The runtime therefore hands onnxruntime the
+chosen member's branch as the main graph, with the outer initializers and inputs it reads. The
+bytes of kept fields are copied unchanged; only the graph message is rebuilt. Field numbers are
+those of onnx.proto (ModelProto.graph 7; GraphProto node 1, name 2, initializer 5, input 11,
+output 12, value_info 13; NodeProto input 1, name 3, attribute 5; TensorProto and ValueInfoProto
+name 8 and 1).
 """
 
 from __future__ import annotations
@@ -54,42 +55,49 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _graph_for(buf: bytes, graph: tuple[int, int], output: str) -> bytes:
-    """The graph message holding only what ``output`` needs."""
-    fields = list(_spans(buf, *graph))
-    outputs = [_strings(buf, p, 1)[0] for n, w, p, _ in fields if n == _OUTPUT and w == 2]
-    if output not in outputs:
-        raise ValueError(f"the model has no output {output!r} (it has {', '.join(outputs)})")
-    needed, kept_nodes = {output}, set()
-    nodes = [(i, f) for i, f in enumerate(fields) if f[0] == _NODE and f[1] == 2]
-    for index, (_, _, payload, _) in reversed(nodes):  # nodes are stored in topological order
-        if needed.intersection(_strings(buf, payload, 2)):
-            kept_nodes.add(index)
-            needed.update(_strings(buf, payload, 1))
-    parts = []
-    for index, (number, wire, payload, whole) in enumerate(fields):
-        if wire == 2 and number == _NODE:
-            keep = index in kept_nodes
-        elif wire == 2 and number in _NAMED:
-            name = (_strings(buf, payload, _NAMED[number]) or [""])[0]
-            keep = name == output if number == _OUTPUT else name in needed
-        else:
-            keep = True
-        if keep:
-            parts.append(buf[whole[0] : whole[1]])
-    return b"".join(parts)
+def _name(buf: bytes, span: tuple[int, int], number: int) -> str:
+    return (_strings(buf, span, number) or [""])[0]
 
 
-def prune_to_output(model: bytes, output: str) -> bytes:
-    """``model`` (ModelProto bytes) reduced to the part that computes ``output``."""
+def _branch_of(buf: bytes, graph: list, node_name: str) -> tuple[int, int]:
+    """The ``then_branch`` graph of the graph's node ``node_name`` (NodeProto name 3, attribute 5;
+    AttributeProto name 1, g 6)."""
+    for number, wire, payload, _ in graph:
+        if number == _NODE and wire == 2 and _name(buf, payload, 3) == node_name:
+            for n, w, attribute, _ in _spans(buf, *payload):
+                if n == 5 and w == 2 and _name(buf, attribute, 1) == "then_branch":
+                    return next(p for k, kw, p, _ in _spans(buf, *attribute) if k == 6 and kw == 2)
+    raise ValueError(f"the model has no member node {node_name!r}")
+
+
+def _member_graph(buf: bytes, graph_span: tuple[int, int], node_name: str) -> tuple[bytes, str]:
+    """A graph of the branch's nodes, the outer initializers and inputs they read, its output."""
+    graph = list(_spans(buf, *graph_span))
+    branch = list(_spans(buf, *_branch_of(buf, graph, node_name)))
+    read = {name for n, w, p, _ in branch if n == _NODE and w == 2 for name in _strings(buf, p, 1)}
+    outputs = [_name(buf, p, 1) for n, w, p, _ in branch if n == _OUTPUT and w == 2]
+    parts = [buf[a:b] for n, w, _, (a, b) in branch if n in (_NODE, _INITIALIZER, _OUTPUT, _VALUE_INFO)]
+    for number, wire, payload, (a, b) in graph:
+        if wire == 2 and number in (_INITIALIZER, _INPUT) and _name(buf, payload, _NAMED[number]) in read:
+            parts.append(buf[a:b])
+        elif number == 2:  # the graph's name
+            parts.append(buf[a:b])
+    return b"".join(parts), outputs[0]
+
+
+def member_model(model: bytes, node_name: str) -> tuple[bytes, str]:
+    """The model (ModelProto bytes) that runs the ``then`` branch of ``If`` node ``node_name`` of
+    ``model`` on its own, and the name of its output."""
     try:
-        parts = []
+        parts, output = [], None
         for number, wire, payload, whole in _spans(model, 0, len(model)):
             if number == _GRAPH and wire == 2:
-                graph = _graph_for(model, payload, output)
+                graph, output = _member_graph(model, payload, node_name)
                 parts.append(_encode_varint(_GRAPH << 3 | 2) + _encode_varint(len(graph)) + graph)
             else:
                 parts.append(model[whole[0] : whole[1]])
-    except (_Corrupt, UnicodeDecodeError, IndexError):
+    except (_Corrupt, UnicodeDecodeError, IndexError, StopIteration):
         raise ValueError("not a readable ONNX model") from None
-    return b"".join(parts)
+    if output is None:
+        raise ValueError("not a readable ONNX model (no graph)")
+    return b"".join(parts), output

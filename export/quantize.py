@@ -31,7 +31,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .verify import INPUT_NAME, OUTPUT_NAME, path_to, session
+from .verify import INPUT_NAME, OUTPUT_NAME, session
 
 METHODS = {
     "static": "static QDQ (int8 per-channel weights, int8 activations, MinMax calibration)",
@@ -104,15 +104,15 @@ def evaluate(
     path: str | os.PathLike,
     batches: list[tuple[np.ndarray, np.ndarray]],
     kind: str,
-    output: str = OUTPUT_NAME,
     sess: ort.InferenceSession | None = None,
+    feed: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Accuracy and loss (images) or bits per byte and loss (byte tokens) of an ONNX file's
-    ``output`` (``sess``: a session of ``path`` already started)."""
+    """Accuracy and loss (images) or bits per byte and loss (byte tokens) of an ONNX file
+    (``sess``: a session of ``path`` already started; ``feed``: more inputs, e.g. ``member``)."""
     sess = sess or session(path, "cpu")
     total_loss, correct, count = 0.0, 0, 0
     for inputs, targets in batches:
-        logits = sess.run([output], {INPUT_NAME: inputs}, path_to(output))[0].astype(np.float64)
+        logits = sess.run([OUTPUT_NAME], {INPUT_NAME: inputs, **(feed or {})})[0].astype(np.float64)
         logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         log_probs = _log_softmax(logits)
         total_loss -= float(log_probs[np.arange(len(targets)), targets].sum())

@@ -76,30 +76,23 @@ def verification_inputs(model: ElasticModel, seed: int = 0) -> list[torch.Tensor
     return [torch.randn((b, *shape), generator=generator) for b in VERIFY_BATCH_SIZES]
 
 
-def path_to(output: str) -> ort.RunOptions:
-    """Run options that compute only the nodes ``output`` needs (one member of a family file)."""
-    options = ort.RunOptions()
-    options.only_execute_path_to_fetches = True
-    return options
-
-
 @torch.no_grad()
 def max_abs_difference(
     model: ElasticModel,
     path: str | os.PathLike,
     device: str = "cpu",
-    output: str = OUTPUT_NAME,
     sess: ort.InferenceSession | None = None,
+    feed: dict[str, np.ndarray] | None = None,
 ) -> float:
-    """Largest |onnxruntime - PyTorch| over the verification inputs (``output``: the file's
-    output that ``model`` computes; ``sess``: a session of ``path`` already started)."""
+    """Largest |onnxruntime - PyTorch| over the verification inputs (``sess``: a session of
+    ``path`` already started; ``feed``: more inputs, e.g. a family file's ``member``)."""
     sess = sess or session(path, device)
     torch_device = next(model.parameters()).device
     worst = 0.0
     for x in verification_inputs(model):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             expected = model(x.to(torch_device)).float().cpu().numpy()
-        got = sess.run([output], {INPUT_NAME: x.numpy()}, path_to(output))[0]
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy(), **(feed or {})})[0]
         if got.shape != expected.shape:
             raise ValueError(
                 f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}"
