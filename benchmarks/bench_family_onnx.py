@@ -6,9 +6,9 @@ weights stored once) and ``export_member`` per member. Reported:
 
 - sizes: the family file, the full member's own file, the sum of the per-member files;
 - latency at batch 1 of each member run from the family file (``Predictor(member=...)``, which
-  hands onnxruntime the member's part of the graph; and plain onnxruntime on the whole file with
-  ``RunOptions.only_execute_path_to_fetches``) against its own file, timed interleaved (medians);
-  the largest |difference| of their outputs;
+  hands onnxruntime the member's branch of the graph alone; and plain onnxruntime on the whole
+  file, fed ``member``) against its own file, timed interleaved (medians); the largest
+  |difference| of their outputs;
 - memory: the resident set an onnxruntime session adds (after one run) in a fresh process per
   session: a member from the family file (Predictor, and plain onnxruntime), against the full
   member's own file and the member's own file.
@@ -43,7 +43,6 @@ from export.benchmark import time_interleaved
 from export.family_export import export_family
 from export.onnx_export import export_member
 from export.runtime import Predictor
-from export.verify import path_to
 from zoo.fileio import atomic_path
 
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -56,7 +55,6 @@ SIZE_TARGET, LATENCY_TARGET, MEMORY_TARGET, EQUALITY = 1.1, 1.1, 1.3, 1e-5
 MEMORY_PROBE = """
 import json, sys, numpy as np, onnxruntime as ort
 from export.runtime import Predictor
-from export.verify import path_to
 def rss():
     fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
     return int(fields['VmRSS'].split()[0]), int(fields['VmHWM'].split()[0])
@@ -66,7 +64,7 @@ before = rss()[0]
 if kind == 'plain':
     options = ort.SessionOptions(); options.intra_op_num_threads = threads
     session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
-    session.run([member], {'input': x}, path_to(member))
+    session.run(['logits'], {'input': x, 'member': np.array(member)})
 else:
     Predictor(path, threads=threads, member=member).run(x)
 after, peak = rss()
@@ -87,7 +85,7 @@ def build_family(name: str, image_size: int, folder: Path) -> zoo.WeightsSource:
     return zoo.WeightsSource.open(zoo.save(model, folder / f"{name}.safetensors"))
 
 
-def session_memory(kind: str, path: Path, member: str | None, shape: list[int], threads: int) -> dict:
+def session_memory(kind: str, path: Path, member: str | int | None, shape: list[int], threads: int) -> dict:
     """The resident set (MB) a session adds in a fresh process, and its peak while starting."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     probe = subprocess.run(
@@ -113,16 +111,17 @@ def measure(name: str, image_size: int, threads: int, repeats: int, folder: Path
     plain = ort.InferenceSession(str(family.path), options, providers=["CPUExecutionProvider"])
     runs, rows = {}, []
     for entry in family.members:
-        key, output = entry["key"], entry["output"]
+        key, choice = entry["key"], {"member": np.array(entry["index"])}
         own, chosen = Predictor(members[key].path, threads=threads), Predictor(family.path, threads=threads, member=key)
         runs[(key, "own")] = lambda p=own: p.run(x)
         runs[(key, "family")] = lambda p=chosen: p.run(x)
-        runs[(key, "plain")] = lambda o=output: plain.run([o], {"input": x}, path_to(o))
+        runs[(key, "plain")] = lambda c=choice: plain.run(["logits"], {"input": x, **c})
         difference = float(np.abs(own.run(x) - chosen.run(x)).max())
         plain_difference = float(np.abs(own.run(x) - runs[(key, "plain")]()[0]).max())
         rows.append(
             {
                 "member": key,
+                "index": entry["index"],
                 "params": entry["num_params"],
                 "flops": entry["flops"],
                 "max_abs_diff": max(difference, plain_difference),
@@ -135,7 +134,7 @@ def measure(name: str, image_size: int, threads: int, repeats: int, folder: Path
         row["memory_mb"] = {
             "own": session_memory("own", members[key].path, None, shape, threads),
             "family": session_memory("family", family.path, key, shape, threads),
-            "plain": session_memory("plain", family.path, f"logits.{key}", shape, threads),
+            "plain": session_memory("plain", family.path, row["index"], shape, threads),
         }
     return {
         "model": name,
