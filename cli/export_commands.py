@@ -199,9 +199,7 @@ def export_command(
             "leave out --width, --rank and --member"
         )
     if family and (all_members or fuse):
-        raise typer.BadParameter(
-            f"--family writes one file of every member; it does not take {'--all' if all_members else '--fuse'}"
-        )
+        raise typer.BadParameter(f"--family does not take {'--all' if all_members else '--fuse'}")
     path = readable_weights(weights, pretrained, "export")
     check_data_path(calibrate, "--calibrate")
     chosen = one_member(member_json, width, rank)
