@@ -20,6 +20,7 @@ onnxruntime cannot run it is an error, never a silent fallback to the CPU.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -127,14 +128,26 @@ def read_image(path: str | os.PathLike, channels: int) -> np.ndarray:
 def _session(model: str | bytes, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     """A session of a file, or of a model's bytes through a temporary file: onnxruntime keeps a copy
     of bytes it is given (measured: a 100 MB model took 201 MB from bytes, 105 MB from its file),
-    but frees a file's tensors once its constant folding has sliced them."""
+    but frees a file's full tensors once its constant folding has sliced them. The heap pages they
+    held are handed back to the system (glibc's ``malloc_trim``; measured on a 100 MB family file of
+    40 tensors: its 25 MB member's session took 144 MB without, 33 MB with)."""
     if isinstance(model, str):
         return ort.InferenceSession(model, options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="zoo-member-") as folder:
         path = Path(folder) / "member.onnx"
         path.write_bytes(model)
         del model
-        return ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    _release_freed_memory()
+    return session
+
+
+def _release_freed_memory() -> None:
+    """Return the C heap's free pages to the system where the C library can (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the pages stay with the process
+        pass
 
 
 def choose_member(members: list[dict], member, path) -> dict:
