@@ -148,7 +148,7 @@ def _add_member(family: onnx.GraphProto, member: MemberGraph, shared: _SharedTen
     """Append one member's nodes to ``family``; returns its counts of shared and own tensors."""
     graph = member.proto.graph
     names = _renamed(graph, member.key, "logits")
-    counts = {"shared": 0, "own": 0, "own_elements": 0}
+    counts = {"shared": 0, "own": 0}
     for tensor in graph.initializer:
         array = numpy_helper.to_array(tensor)
         target = names.setdefault(tensor.name, f"{member.key}/{tensor.name}")
@@ -160,7 +160,6 @@ def _add_member(family: onnx.GraphProto, member: MemberGraph, shared: _SharedTen
         if how is None:
             family.initializer.append(numpy_helper.from_array(array, target))
             counts["own"] += 1
-            counts["own_elements"] += array.size
             continue
         nodes, constants = _slice_nodes(target, how, shared.arrays[how.source].shape, array.shape)
         family.node.extend(nodes)
