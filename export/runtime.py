@@ -189,6 +189,7 @@ class Predictor:
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             on_cuda = "" if device == "cpu" else " on the CUDA execution provider"
             raise ValueError(f"{self.path} is not a loadable ONNX model{on_cuda} ({_first_line(err)})") from None
+        del model  # a family member's bytes: freed now, not when a reference cycle is collected
         if device != "cpu" and self.session.get_providers()[0] != "CUDAExecutionProvider":
             raise ValueError(
                 f"CUDA was requested but onnxruntime could not start its CUDA execution provider "
@@ -212,8 +213,7 @@ class Predictor:
                 raise ValueError(f"{self.path} holds one member, not a family; leave out the member choice")
             return str(self.path), _OUTPUT, None
         chosen = choose_member(record["members"], record["subnet"] if member is None else member, self.path)
-        model, output = member_model(self.path.read_bytes(), f"member:{chosen['key']}")
-        return model, output, chosen
+        return (*member_model(self.path.read_bytes(), f"member:{chosen['key']}"), chosen)
 
     def _read_metadata(self) -> dict:
         return checked_record(self.session.get_modelmeta().custom_metadata_map, self.path)
