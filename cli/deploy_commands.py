@@ -37,12 +37,19 @@ def run_command(
     ),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy; above 0 samples."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling (same seed, same text)."),
+    member: Optional[str] = typer.Option(
+        None,
+        "--member",
+        metavar="KEY_OR_JSON",
+        help="A family file's member (zoo export --family): its key (w0p5), JSON ('{\"width\": 0.5}') or width; "
+        "default: the largest. `zoo info FILE` lists them.",
+    ),
 ) -> None:
     """Run an exported member with onnxruntime: one line of top-k classes per image, or text from a prompt
     (decoded with the tokenizer the file records, or as bytes)."""
     from export.runtime import Predictor
 
-    predictor = Predictor(file, device=device.value)
+    predictor = Predictor(file, device=device.value, member=_member_choice(member))
     inputs = list(inputs or [])
     if predictor.kind == "tokens":
         given = len(inputs) + (prompt is not None)
@@ -62,6 +69,21 @@ def run_command(
         chunk = images[start : start + RUN_BATCH]
         for (name, _), best in zip(chunk, predictor.top_k([array for _, array in chunk], k=top_k)):
             typer.echo(f"{name}: " + ", ".join(f"{label} {probability:.4f}" for label, probability in best))
+
+
+def _member_choice(value: Optional[str]):
+    """``--member`` of `zoo run`: a JSON member, a uniform width, or a member's key."""
+    if value is None:
+        return None
+    if value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--member {value!r} is not valid JSON ({err.msg} at character {err.pos})") from None
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _expand(path: Path) -> list[tuple[str, object]]:

@@ -59,6 +59,11 @@ WIDTH = typer.Option(None, "--width", help="Member width in (0, 1]; default: the
 RANK = typer.Option(
     None, "--rank", help="Member rank in (0, 1] (low-rank families); default: the largest.", callback=_fraction("rank")
 )
+FAMILY = typer.Option(
+    False,
+    "--family",
+    help="Write every trained member into one .onnx file, weights stored once; run one with `zoo run --member`.",
+)
 CALIBRATE = typer.Option(
     None,
     "--calibrate",
@@ -195,6 +200,7 @@ def export_command(
     all_members: bool = typer.Option(
         False, "--all", help="Export every trained member into the --out folder, with manifest.json."
     ),
+    family: bool = FAMILY,
     out: Path = typer.Option(..., "--out", help="The .onnx file to write (a folder with --all)."),
     opset: Optional[int] = typer.Option(
         None, "--opset", min=18, help="ONNX opset (the dynamo exporter needs 18 or later); default: the exporter's."
@@ -217,32 +223,55 @@ def export_command(
     ),
 ) -> None:
     """Export a member to a self-contained ONNX file, verified against PyTorch."""
-    if all_members and (width is not None or rank is not None or member_json):
-        raise typer.BadParameter("--all exports every trained member; leave out --width, --rank and --member")
+    _check_choice(all_members, family, width is not None or rank is not None or bool(member_json), fuse)
     path = readable_weights(weights, pretrained, "export")
     check_data_path(calibrate, "--calibrate")
     chosen = one_member(member_json, width, rank)
     import zoo
-    from export.onnx_export import export_all, export_member
+    from export.onnx_export import export_member
     from export.verify import require_device
 
     require_device(device.value)
     source = zoo.WeightsSource.open(path)
     data = CalibrationData(calibrate, source.model)
     quantization = quantize.value if quantize else None
-    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantization, fuse=fuse)
-    if all_members:
-        options.update(_quantization_data(data, source.model, quantize))
-        results, manifest = export_all(source, out, **options)
-        for result in results:
-            typer.echo(result.summary())
-        typer.echo(f"wrote {manifest} ({len(results)} members)")
+    options = dict(opset=opset, device=device.value, verify_output=not no_verify, quantize=quantization)
+    if family or all_members:
+        options.update(_quantization_data(data, source.model, quantize), **({} if family else {"fuse": fuse}))
+        _export_every_member(source, out, family, options)
         return
+    options["fuse"] = fuse
     member = source.member(chosen, rank, data.bn_batches() if data.spec else None, _bn_note(data.spec))
     if member.recalibrated:
         typer.echo(f"batch-norm statistics recalibrated on {member.metadata['bn_recalibration']['data']}")
     options.update(_quantization_data(data, source.model, quantize))
     typer.echo(export_member(member, out, **options).summary())
+
+
+def _export_every_member(source, out: Path, family: bool, options: dict) -> None:
+    """--family (one file) or --all (one file each, in a folder with its manifest)."""
+    if family:
+        from export.family_export import export_family
+
+        typer.echo(export_family(source, out, **options).summary())
+        return
+    from export.onnx_export import export_all
+
+    results, manifest = export_all(source, out, **options)
+    for result in results:
+        typer.echo(result.summary())
+    typer.echo(f"wrote {manifest} ({len(results)} members)")
+
+
+def _check_choice(all_members: bool, family: bool, one_member_given: bool, fuse: bool) -> None:
+    """--all and --family export every trained member (--family into one file, unfused)."""
+    if (all_members or family) and one_member_given:
+        raise typer.BadParameter(
+            f"{'--all' if all_members else '--family'} exports every trained member; "
+            "leave out --width, --rank and --member"
+        )
+    if family and (all_members or fuse):
+        raise typer.BadParameter(f"--family does not take {'--all' if all_members else '--fuse'}")
 
 
 def _bn_note(spec: Optional[str]) -> Optional[str]:
@@ -426,7 +455,7 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
             f"{path} ({path.stat().st_size / 1e6:.2f} MB, producer {header.producer_name} {header.producer_version})",
         ),
         ("architecture", f"{record.get('arch')} (family {record.get('family')})"),
-        ("member", _member_text(record.get("subnet") or {})),
+        *_family_lines(record),
         ("inputs", "; ".join(map(str, header.inputs))),
         ("outputs", "; ".join(map(str, header.outputs))),
         ("opset", opsets),
@@ -452,6 +481,25 @@ def _onnx_info(path: Path) -> list[tuple[str, str]]:
     if record.get("labels"):
         lines.append(
             ("labels", ", ".join(map(str, record["labels"][:20])) + (" ..." if len(record["labels"]) > 20 else ""))
+        )
+    return lines
+
+
+def _family_lines(record: dict) -> list[tuple[str, str]]:
+    """A family file's members (index, key, member, parameters, FLOPs, metric); else the one member."""
+    members = record.get("members")
+    if not isinstance(members, list) or not members:
+        return [("member", _member_text(record.get("subnet") or {}))]
+    lines = [("members", f"{len(members)} in one file (zoo run --member KEY; onnxruntime: input 'member' = index), "
+                         f"default {_member_text(record.get('subnet') or {})}")]  # fmt: skip
+    for entry in members:
+        metric = _metric_text(entry["metrics"]) if entry.get("metrics") else "no metric recorded"
+        lines.append(
+            (
+                f"  {entry.get('index')}",
+                f"{entry.get('key')}: {_member_text(entry.get('subnet') or {})}, {entry.get('num_params', 0):,} "
+                f"parameters, {entry.get('flops', 0) / 1e6:,.2f} MFLOPs, {metric}",
+            )
         )
     return lines
 

@@ -15,6 +15,7 @@ import importlib
 _LAZY = {
     "ExportResult": "onnx_export",
     "export_all": "onnx_export",
+    "export_family": "family_export",
     "export_file": "onnx_export",
     "export_member": "onnx_export",
     "read_record": "onnx_export",

@@ -262,16 +262,20 @@ def _without_unused_opsets(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _save(proto: onnx.ModelProto, path: Path, record: dict, tokenizer: dict[str, str] | None = None) -> None:
+def _save(
+    proto: onnx.ModelProto, path: Path, record: dict, tokenizer: dict[str, str] | None = None, what: str | None = None
+) -> None:
     """Write ``proto`` with its zoo record (and a language model's tokenizer files, metadata key
-    ``tokenizer``, what ``export/runtime.py`` decodes with) as one self-contained file."""
+    ``tokenizer``, what ``export/runtime.py`` decodes with) as one self-contained file (``what`` it
+    holds, in words: by default the record's member)."""
     del proto.metadata_props[:]
     proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
     if tokenizer:
         proto.metadata_props.add(key=TOKENIZER_KEY, value=json.dumps(tokenizer))
     proto.producer_name, proto.producer_version = "zoo", zoo.__version__
+    what = what or f"member {Member.from_dict(record['subnet'])}"
     proto.doc_string = (
-        f"{record['arch']} member {Member.from_dict(record['subnet'])} exported by zoo {zoo.__version__} "
+        f"{record['arch']} {what} exported by zoo {zoo.__version__} "
         f"with torch {torch.__version__.split('+')[0]}'s dynamo ONNX exporter; see the 'zoo' metadata"
     )
     if proto.ByteSize() > MAX_EMBEDDED_BYTES:

@@ -100,12 +100,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def evaluate(path: str | os.PathLike, batches: list[tuple[np.ndarray, np.ndarray]], kind: str) -> dict[str, float]:
-    """Accuracy and loss (images) or bits per byte and loss (byte tokens) of an ONNX file."""
-    sess: ort.InferenceSession = session(path, "cpu")
+def evaluate(
+    path: str | os.PathLike,
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    kind: str,
+    sess: ort.InferenceSession | None = None,
+    feed: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """Accuracy and loss (images) or bits per byte and loss (byte tokens) of an ONNX file
+    (``sess``: a session of ``path`` already started; ``feed``: more inputs, e.g. ``member``)."""
+    sess = sess or session(path, "cpu")
     total_loss, correct, count = 0.0, 0, 0
     for inputs, targets in batches:
-        logits = sess.run([OUTPUT_NAME], {INPUT_NAME: inputs})[0].astype(np.float64)
+        logits = sess.run([OUTPUT_NAME], {INPUT_NAME: inputs, **(feed or {})})[0].astype(np.float64)
         logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         log_probs = _log_softmax(logits)
         total_loss -= float(log_probs[np.arange(len(targets)), targets].sum())

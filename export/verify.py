@@ -77,15 +77,22 @@ def verification_inputs(model: ElasticModel, seed: int = 0) -> list[torch.Tensor
 
 
 @torch.no_grad()
-def max_abs_difference(model: ElasticModel, path: str | os.PathLike, device: str = "cpu") -> float:
-    """Largest |onnxruntime - PyTorch| over the verification inputs."""
-    sess = session(path, device)
+def max_abs_difference(
+    model: ElasticModel,
+    path: str | os.PathLike,
+    device: str = "cpu",
+    sess: ort.InferenceSession | None = None,
+    feed: dict[str, np.ndarray] | None = None,
+) -> float:
+    """Largest |onnxruntime - PyTorch| over the verification inputs (``sess``: a session of
+    ``path`` already started; ``feed``: more inputs, e.g. a family file's ``member``)."""
+    sess = sess or session(path, device)
     torch_device = next(model.parameters()).device
     worst = 0.0
     for x in verification_inputs(model):
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
             expected = model(x.to(torch_device)).float().cpu().numpy()
-        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy(), **(feed or {})})[0]
         if got.shape != expected.shape:
             raise ValueError(
                 f"onnxruntime gave logits of shape {got.shape} for input {tuple(x.shape)}, PyTorch {expected.shape}"

@@ -331,6 +331,14 @@ ONNX_RECORD_FIELDS = {
     "fusions": nullable(Object(rest=COUNT)),
     "kv_cache": nullable(COUNT),
     "zoo_version": STRING,
+    # a family file (`zoo export --family`): every member, chosen by key or by the input `member` = index
+    "members": ListOf(
+        Object(
+            required={"subnet": MEMBER, "key": STRING, "index": COUNT},
+            optional={"num_params": COUNT, "flops": NUMBER, "metrics": nullable(METRICS)},
+            rest=ANY,
+        )
+    ),
 }
 # `zoo info` describes any record with an architecture; running one needs its input spec too.
 ONNX_RECORD = Object(
