@@ -62,8 +62,8 @@ TRAIN_OPTIONS = [
         "data",
         Optional[str],
         None,
-        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib "
-        "(byte models).",
+        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH (a family with a tokenizer: its "
+        "tokens); default: digits (images) or stdlib (byte models).",
     ),
     option(
         "strategy",
@@ -151,7 +151,7 @@ TRAIN_OPTIONS = [
         "Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about "
         "three extra forward/backward passes each time).",
     ),
-    option("seq_len", int, 256, "Byte models: context length trained on."),
+    option("seq_len", int, 256, "Text: context length trained on (bytes, or tokens of a family's tokenizer)."),
     option(
         "img_size",
         Optional[int],

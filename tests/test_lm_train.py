@@ -187,3 +187,17 @@ def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, case):
     expected = {"no tokenizer": "records no tokenizer", "no text": "not found", "stdlib": "give --data text:PATH"}
     assert result.exit_code != 0 and expected[case] in result.stderr, result.output
     assert result.stderr.count("\n") == 1 and not run.exists()
+
+
+@pytest.mark.slow
+def test_a_family_run_stopped_and_resumed_ends_as_one_never_stopped(corpus, tmp_path):
+    family = _family(tmp_path, _bpe(corpus))
+    args = ["train", str(family), "--data", f"text:{corpus}", "--steps", "6", "--batch-size", "4"]
+    args += ["--seq-len", str(SEQ), "--strategy", "sandwich", "--member", '{"blocks": [1]}', "--ckpt-every", "1"]
+    assert _cli(*args, "--out", str(tmp_path / "whole")).exit_code == 0
+    assert _cli(*args, "--stop-after", "3", "--out", str(tmp_path / "parts")).exit_code == 0
+    resumed = _cli(*args, "--resume", "--out", str(tmp_path / "parts"))
+    assert resumed.exit_code == 0, resumed.output
+    whole, parts = (zoo.load(tmp_path / run / "model.safetensors").state_dict() for run in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert zoo.load(tmp_path / "parts" / "model.safetensors").zoo_metadata["tokenizer"]
