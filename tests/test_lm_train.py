@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,15 @@ def _bpe(text: Path, vocab: int = 60) -> str:
 def corpus(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
     return _text(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict:
+    """The tokenizer of ``_text``'s corpus, and `zoo convert`ed families with and without it
+    (converted once for the module's tests)."""
+    folder = tmp_path_factory.mktemp("families")
+    tokenizer = _bpe(_text(folder / "corpus.txt"))
+    return {"tokenizer": tokenizer, "family": _family(folder, tokenizer), "bare": _family(folder, None)}
 
 
 def _cli(*args: str):
@@ -138,9 +148,8 @@ def _hand_bits_per_byte(model, tokenizer: str, text: str, seq: int) -> float:
     return nats / math.log(2) / len(covered.encode())
 
 
-def test_zoo_train_takes_a_converted_family_and_eval_reports_bits_per_byte(corpus, tmp_path):
-    tokenizer = _bpe(corpus)
-    family = _family(tmp_path, tokenizer)
+def test_zoo_train_takes_a_converted_family_and_eval_reports_bits_per_byte(corpus, tmp_path, families):
+    tokenizer, family = families["tokenizer"], families["family"]
     run = tmp_path / "run"
     steps = ["--steps", "8", "--batch-size", "4", "--seq-len", str(SEQ), "--eval-every", "4", "--lr", "0.01"]
     result = _cli(
@@ -168,9 +177,9 @@ def test_zoo_train_takes_a_converted_family_and_eval_reports_bits_per_byte(corpu
     assert "bits per byte" in table.output and f"{full['bits_per_byte']:.3f}" in table.output
 
 
-def test_token_data_matches_its_windows(corpus, tmp_path):
-    tokenizer = _bpe(corpus)
-    model = zoo.load(_family(tmp_path, tokenizer))
+def test_token_data_matches_its_windows(corpus, families):
+    tokenizer = families["tokenizer"]
+    model = zoo.load(families["family"])
     bundle = data_for(model, "evaluate", f"text:{corpus}")
     ids = tokenizers.Tokenizer.from_str(tokenizer).encode(corpus.read_text(encoding="utf-8")).ids
     inputs, targets = bundle.train[1]
@@ -178,20 +187,23 @@ def test_token_data_matches_its_windows(corpus, tmp_path):
     assert bundle.num_classes == tokenizers.Tokenizer.from_str(tokenizer).get_vocab_size()
 
 
-@pytest.mark.parametrize("case", ["no tokenizer", "no text", "stdlib"])
-def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, case):
-    family = _family(tmp_path, None if case == "no tokenizer" else _bpe(corpus))
+@pytest.mark.parametrize("case", ["no tokenizer", "no text", "stdlib", "no lm extra"])
+def test_bad_input_is_one_line_and_writes_nothing(corpus, tmp_path, monkeypatch, families, case):
+    family = families["bare" if case == "no tokenizer" else "family"]
     data = {"no text": f"text:{tmp_path / 'missing.txt'}", "stdlib": "stdlib"}.get(case, f"text:{corpus}")
+    if case == "no lm extra":
+        monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers fails, as without the extra
     run = tmp_path / "run"
     result = _cli("train", str(family), "--data", data, "--steps", "2", "--seq-len", str(SEQ), "--out", str(run))
     expected = {"no tokenizer": "records no tokenizer", "no text": "not found", "stdlib": "give --data text:PATH"}
+    expected["no lm extra"] = "pip install 'zoo[lm]'"
     assert result.exit_code != 0 and expected[case] in result.stderr, result.output
     assert result.stderr.count("\n") == 1 and not run.exists()
 
 
 @pytest.mark.slow
-def test_a_family_run_stopped_and_resumed_ends_as_one_never_stopped(corpus, tmp_path):
-    family = _family(tmp_path, _bpe(corpus))
+def test_a_family_run_stopped_and_resumed_ends_as_one_never_stopped(corpus, tmp_path, families):
+    family = families["family"]
     args = ["train", str(family), "--data", f"text:{corpus}", "--steps", "6", "--batch-size", "4"]
     args += ["--seq-len", str(SEQ), "--strategy", "sandwich", "--member", '{"blocks": [1]}', "--ckpt-every", "1"]
     assert _cli(*args, "--out", str(tmp_path / "whole")).exit_code == 0
