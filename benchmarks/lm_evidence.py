@@ -12,7 +12,7 @@ run is a ``zoo train`` process (the one trainer) on a slice of the training text
 zoo's ``evaluate`` on the first ``EVAL_WINDOWS`` windows of the held-out text (files never
 trained on), through the family's own tokenizer and token cache. One JSON per run under
 ``benchmarks/results/lm/runs/``: a stopped run resumes, finished ones are not redone. The
-summary goes to ``benchmarks/results/lm/evidence.{json,md}``.
+summary goes to ``benchmarks/results/lm/evidence-K{K}-lr{LR}.{json,md}``.
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ from zoo.tokenizer import recorded_tokenizer_files  # noqa: E402
 
 WORK = Path(os.environ.get("ZOO_LM_WORK", "/tmp/zoo-lm-evidence"))
 RESULTS = Path(os.environ.get("ZOO_LM_RESULTS", REPO / "benchmarks" / "results" / "lm"))
-SEQ, BATCH, LR = 128, 8, 5e-4
-EVAL_WINDOWS = int(os.environ.get("ZOO_LM_EVAL_WINDOWS", 96))  # held-out windows of SEQ tokens scored per member (12,288 tokens)
-FINETUNE_BYTES = 400_000  # the slice of the training text the fine-tuning runs read
+SEQ, BATCH = 128, 8
+EVAL_WINDOWS = int(
+    os.environ.get("ZOO_LM_EVAL_WINDOWS", 96)
+)  # held-out windows of SEQ tokens scored per member (12,288 tokens)
+FINETUNE_BYTES = 400_000  # the fine-tuning text: 40 pieces of the training text, spread evenly over it
+FINETUNE_PIECES = 40
+FINETUNE = "finetune-spread.txt"
 WIDTHS = (0.25, 0.5, 0.75)
 
 
@@ -61,10 +65,13 @@ def convert(work: Path) -> Path:
         calibration.write_text((work / "train.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
         zoo_cli("convert", str(work / "pretrained"), "--order", "activation", "--calibrate", f"text:{calibration}",
                 "--out", str(family))  # fmt: skip
-    finetune = work / "finetune.txt"
-    if not finetune.exists():
-        text = (work / "train.txt").read_bytes()[:FINETUNE_BYTES]
-        finetune.write_bytes(text[: text.rfind(b"\n") + 1])
+    finetune = work / FINETUNE
+    if not finetune.exists():  # every part of the training text, as the held-out text is unlike its first modules
+        text, size = (work / "train.txt").read_bytes(), FINETUNE_BYTES // FINETUNE_PIECES
+        starts = [text.find(b"\n", i * len(text) // FINETUNE_PIECES) + 1 for i in range(FINETUNE_PIECES)]
+        pieces = [text[s : s + size] for s in starts]
+        with atomic_path(finetune) as tmp:
+            tmp.write_bytes(b"".join(p[: p.rfind(b"\n") + 1] for p in pieces))
     return family
 
 
@@ -118,14 +125,14 @@ def score(path: Path, members: dict[str, dict], work: Path) -> dict[str, dict]:
     }
 
 
-def train_run(family: Path, out: Path, steps: int, seed: int, member_flags: list[str], strategy: str) -> Path:
+def train_run(family: Path, out: Path, plan: dict, seed: int, member_flags: list[str], strategy: str) -> Path:
     """``zoo train FAMILY``: K steps on the fine-tuning text; resumed if a checkpoint is there."""
     if (out / "model.safetensors").exists():
         return out / "model.safetensors"
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    zoo_cli("train", str(family), "--data", f"text:{WORK / 'finetune.txt'}", "--strategy", strategy, *member_flags,
-            "--steps", str(steps), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(LR),
-            "--optimizer", "adamw", "--warmup-steps", str(max(1, steps // 10)), "--eval-every", str(steps),
+    zoo_cli("train", str(family), "--data", f"text:{WORK / FINETUNE}", "--strategy", strategy, *member_flags,
+            "--steps", str(plan["K"]), "--batch-size", str(BATCH), "--seq-len", str(SEQ), "--lr", str(plan["lr"]),
+            "--optimizer", "adamw", "--warmup-steps", str(max(1, plan["K"] // 10)), "--eval-every", str(plan["K"]),
             "--ckpt-every", "10", "--seed", str(seed), "--out", str(out), *resume)  # fmt: skip
     return out / "model.safetensors"
 
@@ -153,7 +160,7 @@ def slug(name: str) -> str:
     return name.replace(" = ", "-as-").replace(" ", "").replace("-", "m").replace(".", "")
 
 
-def run_all(seeds: list[int], steps: int) -> dict:
+def run_all(seeds: list[int], plan: dict) -> dict:
     """Every run not finished yet, in the order that gives a complete first seed soonest."""
     family = convert(WORK)
     members = scored_members(zoo.load(family))
@@ -161,26 +168,27 @@ def run_all(seeds: list[int], steps: int) -> dict:
     joint = [flag for w in (*WIDTHS, 1.0) for flag in ("--width", str(w))]
     joint += [flag for m in members.values() if set(m) != {"width"} for flag in ("--member", json.dumps(m))]
     for seed in seeds:
-        out = WORK / "runs" / f"joint-s{seed}"
-        runs.append(run_once(f"b-joint-K{steps}-s{seed}", lambda: {
-            "scores": score(train_run(family, out, steps, seed, joint, "sandwich"), members, WORK)}))  # fmt: skip
+        out = WORK / "runs" / f"joint-{plan['tag']}-s{seed}"
+        runs.append(run_once(f"b-joint-{plan['tag']}-s{seed}", lambda: {
+            "scores": score(train_run(family, out, plan, seed, joint, "sandwich"), members, WORK)}))  # fmt: skip
         for name, member in members.items():
-            out = WORK / "runs" / f"alone-{slug(name)}-s{seed}"
-            runs.append(run_once(f"c-alone-{slug(name)}-K{steps}-s{seed}", lambda: {
-                "scores": score(train_run(family, out, steps, seed, member_flags(member), "separate"),
+            out = WORK / "runs" / f"alone-{slug(name)}-{plan['tag']}-s{seed}"
+            runs.append(run_once(f"c-alone-{slug(name)}-{plan['tag']}-s{seed}", lambda: {
+                "scores": score(train_run(family, out, plan, seed, member_flags(member), "separate"),
                                 {name: member}, WORK)}))  # fmt: skip
     return {"family": family, "members": members, "runs": runs}
 
 
-def summary(done: dict, seeds: list[int], steps: int) -> dict:
-    """Per member: parameters, (a), and the mean and spread over seeds of (b) and (c)."""
+def summary(done: dict, seeds: list[int], plan: dict) -> dict:
+    """Per member: parameters, (a), and the scores of (b) and (c) of ``plan``, one per seed."""
     model = zoo.load(done["family"])
     table = {}
     for name, member in done["members"].items():
         row = {"member": member, "params": zoo.count_params(model, member)}
         for condition, prefix in (("a_sliced", "a-"), ("b_joint", "b-"), ("c_alone", "c-")):
             values = [r["scores"][name]["bits_per_byte"] for r in done["runs"]
-                      if r["run"].startswith(prefix) and name in r["scores"]]  # fmt: skip
+                      if r["run"].startswith(prefix) and name in r["scores"]
+                      and (prefix == "a-" or f"-{plan['tag']}-" in r["run"])]  # fmt: skip
             row[condition] = values
         table[name] = row
     pretrained = json.loads((WORK / "pretrain_done.json").read_text())
@@ -188,12 +196,11 @@ def summary(done: dict, seeds: list[int], steps: int) -> dict:
         "setup": {
             "seq_len": SEQ,
             "batch": BATCH,
-            "lr": LR,
-            "K": steps,
+            **plan,
             "seeds": seeds,
             "eval_windows": EVAL_WINDOWS,
             "eval_tokens": EVAL_WINDOWS * SEQ,
-            "finetune_bytes": FINETUNE_BYTES,
+            "finetune": f"{FINETUNE_PIECES} pieces of {FINETUNE_BYTES // FINETUNE_PIECES} bytes spread over train.txt",
             "pretrain": pretrained,
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -214,7 +221,7 @@ def markdown(report: dict) -> str:
     setup = report["setup"]
     lines = [
         f"Bits per byte on {setup['eval_tokens']} held-out tokens (lower is better); K = {setup['K']} steps of "
-        f"batch {setup['batch']} x {setup['seq_len']} tokens; mean ± sd (seeds).",
+        f"batch {setup['batch']} x {setup['seq_len']} tokens at peak lr {setup['lr']:g}; mean ± sd (seeds).",
         "",
         "| member | params | (a) sliced | (b) joint K | (c) alone K |",
         "|---|---:|---:|---:|---:|",
@@ -228,13 +235,16 @@ def markdown(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40, help="K: fine-tuning steps per run")
+    parser.add_argument("--steps", type=int, default=30, help="K: fine-tuning steps per run")
+    parser.add_argument("--lr", type=float, default=2e-4, help="fine-tuning peak learning rate (AdamW, cosine)")
     args = parser.parse_args()
+    plan = {"K": args.steps, "lr": args.lr, "tag": f"K{args.steps}-lr{args.lr:g}"}
     torch.set_num_threads(1)
     if not (WORK / "pretrain_done.json").exists():
         raise SystemExit(f"no finished stand-in model in {WORK}: run benchmarks/lm_pretrain.py first")
-    report = summary(run_all(args.seeds, args.steps), args.seeds, args.steps)
-    for name, text in (("evidence.json", json.dumps(report, indent=1) + "\n"), ("evidence.md", markdown(report))):
+    report = summary(run_all(args.seeds, plan), args.seeds, plan)
+    stem = f"evidence-{plan['tag']}"
+    for name, text in ((f"{stem}.json", json.dumps(report, indent=1) + "\n"), (f"{stem}.md", markdown(report))):
         with atomic_path(RESULTS / name) as tmp:
             tmp.write_text(text)
     print(markdown(report))
