@@ -83,7 +83,16 @@ def _family(tmp_path: Path, tokenizer: str | None) -> Path:
     if tokenizer is not None:
         (folder / "tokenizer.json").write_text(tokenizer)
     out = tmp_path / f"{folder.name}.safetensors"
-    result = _cli("convert", str(folder), "--order", "none", "--out", str(out))
+    result = _cli(
+        "convert",
+        str(folder),
+        "--order",
+        "none",
+        "--out",
+        str(out),
+        "--save-dir",
+        str(tmp_path / f"{folder.name}-family"),
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -149,7 +158,7 @@ def _hand_bits_per_byte(model, tokenizer: str, text: str, seq: int) -> float:
 
 
 def test_zoo_train_takes_a_converted_family_and_eval_reports_bits_per_byte(corpus, tmp_path, families):
-    tokenizer, family = families["tokenizer"], families["family"]
+    tokenizer, family = families["tokenizer"], families["family"].parent / "hf-family"  # the same family as a folder
     run = tmp_path / "run"
     steps = ["--steps", "8", "--batch-size", "4", "--seq-len", str(SEQ), "--eval-every", "4", "--lr", "0.01"]
     result = _cli(
