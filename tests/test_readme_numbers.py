@@ -96,6 +96,23 @@ def _convert_rows() -> list[tuple[str, str, Cells]]:
     return rows + [(passage, "convert/convert.md", Cells(prefix, sep=" / ")) for passage, prefix in low_rank.items()]
 
 
+_LM_MEMBERS = {  # the README's label: the evidence table's row
+    "full": 'full `{"width": 1.0}`',
+    "width 0.75": 'width 0.75 `{"width": 0.75}`',
+    "width 0.5": 'width 0.5 `{"width": 0.5}`',
+    "width 0.25": 'width 0.25 `{"width": 0.25}`',
+    "depth -2": 'depth -2 `{"blocks": [0, 1, 2, 5]}`',
+    "width = depth -2": 'width = depth -2 `{"heads": 0.75, "mlp": 0.6354166666666666}`',
+    "depth -4": 'depth -4 `{"blocks": [0, 5]}`',
+    "width = depth -4": 'width = depth -4 `{"heads": 0.25, "mlp": 0.3645833333333333}`',
+}
+
+
+def _lm_rows() -> list[tuple[str, str, Cells]]:
+    """The README's language-model evidence table: parameters, (a), (b), (c) of each member."""
+    return [(_readme_row(label), "lm/evidence-K30-lr0.0002.md", Cells(prefix)) for label, prefix in _LM_MEMBERS.items()]
+
+
 # (README passage, file, text in the file | (JSON key path, value as the README rounds it) | Cells(...))
 NUMBERS = [
     # the set-up section's training run and install size (the command's own output, benchmarks/results/setup/)
@@ -431,6 +448,7 @@ NUMBERS = [
     ("`vit_tiny_patch16_224` at 32 px (4 patches, 600 steps, 0.983)", "convert/convert.md",
      "Stand-in `vit_tiny_patch16_224`: 600 steps on 1302 digits at 32 px, accuracy 0.983"),
     *_convert_rows(),
+    *_lm_rows(),
     ("the recorded differences from timm are 0 (`none`) to 4e-6", "convert/runs/resnet-convert.json",
      "3.814697265625e-06"),
     ("the recorded differences from timm are 0 (`none`) to 4e-6", "convert/runs/resnet-convert.json",
