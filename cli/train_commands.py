@@ -62,8 +62,8 @@ TRAIN_OPTIONS = [
         "data",
         Optional[str],
         None,
-        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH; default: digits (images) or stdlib "
-        "(byte models).",
+        "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH or text:PATH (a family with a tokenizer: its "
+        "tokens); default: digits (images) or stdlib (byte models).",
     ),
     option(
         "strategy",
@@ -151,7 +151,7 @@ TRAIN_OPTIONS = [
         "Every N steps log cos(m⊙g(x+δ), g(x)) and the norm ratio on a fixed batch into metrics.jsonl (costs about "
         "three extra forward/backward passes each time).",
     ),
-    option("seq_len", int, 256, "Byte models: context length trained on."),
+    option("seq_len", int, 256, "Text: context length trained on (bytes, or tokens of a family's tokenizer)."),
     option(
         "img_size",
         Optional[int],
@@ -302,13 +302,12 @@ TRAIN_OPTIONS.sort(key=lambda o: list(PANELS).index(_panel(o.name)) if _panel(o.
 @command("train", epilog="Example: zoo train slim_resnet20 --out runs/resnet20")
 @takes(*TRAIN_OPTIONS)
 def train_command(
-    model: Annotated[
-        str, typer.Argument(help="A catalogue name (see `zoo list`), e.g. slim_resnet20 or slim_gpt_nano.")
-    ],
+    model: Annotated[str, typer.Argument(help="A catalogue name (`zoo list`), or a family's file or folder.")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: model.safetensors, metrics.jsonl, checkpoint.pt.")],
     **options,
 ) -> None:
     """Train a family: the full model jointly with its members, masked so a core step moves only the core."""
+    model = _family_model(model, options)
     _check_before_torch(model, options)
     from training.launch import Launch, launch
     from training.signals import Interrupted
@@ -334,6 +333,23 @@ def train_command(
         raise typer.Exit(128 + result.stopped_by)
     if main:
         _report_run(model, out, result, save_dir)
+
+
+def _family_model(model: str, options: dict) -> str:
+    """The catalogue name to train. A family's file or folder in its place is the run's start
+    (its ``--init``): the name is the one it records."""
+    catalogue = zoo_module("catalogue")
+    if model in catalogue.MODELS:
+        return model
+    path = Path(model).expanduser()
+    if not path.exists():
+        if "/" in model or model.endswith(".safetensors"):
+            raise ValueError(f"no such family file or folder: {model}")
+        return catalogue.check_name(model)
+    if options["init"] is not None:
+        raise ValueError(f"{model} is the family to start from, as --init {options['init']} is: give one of them")
+    options["init"] = path
+    return zoo_module("header").read_header(path)["arch"]
 
 
 def _check_before_torch(model: str, options: dict) -> None:

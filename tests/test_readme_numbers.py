@@ -96,6 +96,36 @@ def _convert_rows() -> list[tuple[str, str, Cells]]:
     return rows + [(passage, "convert/convert.md", Cells(prefix, sep=" / ")) for passage, prefix in low_rank.items()]
 
 
+_LM_MEMBERS = {  # the README's label: the evidence table's row
+    "full model": 'full `{"width": 1.0}`',
+    "width 0.75": 'width 0.75 `{"width": 0.75}`',
+    "width 0.5": 'width 0.5 `{"width": 0.5}`',
+    "width 0.25": 'width 0.25 `{"width": 0.25}`',
+    "depth -2": 'depth -2 `{"blocks": [0, 1, 2, 5]}`',
+    "width = depth -2": 'width = depth -2 `{"heads": 0.75, "mlp": 0.6354166666666666}`',
+    "depth -4": 'depth -4 `{"blocks": [0, 5]}`',
+    "width = depth -4": 'width = depth -4 `{"heads": 0.25, "mlp": 0.3645833333333333}`',
+}
+
+
+def _lm_rows() -> list[tuple]:
+    """The README's language-model evidence: its table (parameters, (a), (b), (c) of each member),
+    the stand-in's training and the spreads and first try the text quotes."""
+    evidence, first = "lm/evidence-K30-lr0.0002.md", "lm/first-try-head-slice-lr5e-4"
+    rows = [(_readme_row(label), evidence, Cells(prefix)) for label, prefix in _LM_MEMBERS.items()]
+    return rows + [
+        ("A plain PyTorch loop trained it for 420 steps of 16 × 129 tokens", "lm/pretrain.json", ("steps", "420")),
+        ("the shared machine slowed to 3 to 10 s per step", "lm/pretrain.json", "(3 to 10 s per step)"),
+        ("Bits per byte on the first 12,288 held-out tokens", evidence, "Bits per byte on 12288 held-out tokens"),
+        ("Across seeds the spread is 0.001 to 0.008", evidence, "| 1.759 ± 0.001 (3) |"),
+        ("Across seeds the spread is 0.001 to 0.008", evidence, "| 1.894 ± 0.008 (3) |"),
+        ("tie jointly (1.888 against 1.894, spreads 0.007 and 0.008)", evidence, "| 1.888 ± 0.007 (3) |"),
+        ("made the full member worse (1.840 joint,", f"{first}/b-joint-K30-s0.json",
+         ("scores.full.bits_per_byte", "1.840")),
+        ("1.815 alone)", f"{first}/c-alone-full-K30-s0.json", ("scores.full.bits_per_byte", "1.815")),
+    ]  # fmt: skip
+
+
 # (README passage, file, text in the file | (JSON key path, value as the README rounds it) | Cells(...))
 NUMBERS = [
     # the set-up section's training run and install size (the command's own output, benchmarks/results/setup/)
@@ -443,6 +473,7 @@ NUMBERS = [
     ("`vit_tiny_patch16_224` at 32 px (4 patches, 600 steps, 0.983)", "convert/convert.md",
      "Stand-in `vit_tiny_patch16_224`: 600 steps on 1302 digits at 32 px, accuracy 0.983"),
     *_convert_rows(),
+    *_lm_rows(),
     ("the recorded differences from timm are 0 (`none`) to 4e-6", "convert/runs/resnet-convert.json",
      "3.814697265625e-06"),
     ("the recorded differences from timm are 0 (`none`) to 4e-6", "convert/runs/resnet-convert.json",

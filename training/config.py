@@ -21,6 +21,7 @@ import torch
 
 import zoo
 from zoo.catalogue import unknown_model
+from zoo.tokenizer import recorded_tokenizer_files
 
 from .data import DataConfig
 from .distributed import DistConfig, resolve_device
@@ -95,16 +96,25 @@ class TrainConfig:
     def meta_model(self) -> zoo.ElasticModel:
         """The family's structure only (no memory, no initialisation): validates members."""
         with torch.device("meta"):
-            return zoo.create_model(self.model, **self.init_architecture(), low_rank=self.members.low_rank)
+            model = zoo.create_model(self.model, **self.init_architecture(), low_rank=self.members.low_rank)
+        model.zoo_metadata = self.init_carried()
+        return model
+
+    def _init_header(self) -> dict:
+        header = zoo.read_header(self.init) if self.init else {}
+        return header if header.get("arch") == self.model else {}  # another one: refused when loaded
 
     def init_architecture(self) -> dict:
         """The architecture arguments of the ``--init`` file (a converted ViT's patch size, a
         MobileNetV2's channel settings), without its members: the run chooses those."""
-        header = zoo.read_header(self.init) if self.init else {}
-        if header.get("arch") != self.model:  # another architecture: refused with its own message when loaded
-            return {}
         members = {"low_rank", "widths", "ranks", "extra_members", "max_member"}
-        return {k: v for k, v in header["model_args"].items() if k not in members}
+        return {k: v for k, v in self._init_header().get("model_args", {}).items() if k not in members}
+
+    def init_carried(self) -> dict:
+        """What the ``--init`` file records that the trained family carries on: its tokenizer
+        (the text it reads, and what its outputs decode with)."""
+        files = recorded_tokenizer_files(self._init_header().get("metadata") or {})
+        return {"tokenizer": files} if files else {}
 
     def resolved(self, model: zoo.ElasticModel) -> TrainConfig:
         """A copy with every default for ``model``'s input kind filled in (what the run records)."""

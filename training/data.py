@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
@@ -37,6 +38,7 @@ KNOWN_SPECS = "digits, stdlib, cifar10:PATH, cifar100:PATH, folder:PATH, text:PA
 STDLIB_MAX_BYTES = 8 * 2**20  # the stdlib corpus is the first 8 MiB of its sorted sources
 STDLIB_MAX_FILE_BYTES = 2**20  # larger files are generated tables, not representative code
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+BYTE_VOCAB = 256  # what a byte-level model predicts: the classes of text read as bytes
 TEXT_MAX_VAL_BYTES = 2**20  # the held-out tail of a text corpus: val_fraction of it, at most 1 MiB
 DEFAULT_FOLDER_SIZE = 224  # folder images without img_size (the trainer passes the model's size)
 
@@ -98,7 +100,7 @@ def absolute_spec(spec: str) -> str:
 
 def load_data(
     spec: str, *, seq_len: int = 256, val_fraction: float = 0.1, seed: int = 0, img_size: int | None = None,
-    aa: str | None = None, reprob: float = 0.0, crop_pct: float | None = None,
+    aa: str | None = None, reprob: float = 0.0, crop_pct: float | None = None, tokenizer: str | None = None,
 ) -> DataBundle:  # fmt: skip
     """Load a data spec (one of ``KNOWN_SPECS``): small sources into memory, folders and text
     files as on-demand readers.
@@ -107,7 +109,8 @@ def load_data(
     ``DEFAULT_FOLDER_SIZE`` for folders). ``val_fraction`` is the held-out share where a source
     has no split of its own; ``seed`` fixes that split and the training augmentation. ``aa``
     (timm's auto-augment policy), ``reprob`` (random erasing) and ``crop_pct`` (evaluation
-    crop) configure a folder's timm transforms.
+    crop) configure a folder's timm transforms. ``tokenizer`` (a ``tokenizer.json`` text): text
+    is read as its tokens (``text:PATH`` only), not as bytes.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -117,6 +120,8 @@ def load_data(
         raise ValueError(f"img_size must be at least 1, got {img_size}")
     kind, colon, arg = spec.partition(":")
     check_data_options(spec, aa=aa, reprob=reprob, crop_pct=crop_pct)
+    if tokenizer is not None and kind == "stdlib":
+        raise ValueError("a family with a tokenizer reads text files as tokens: give --data text:PATH, not stdlib")
     if kind in ("digits", "stdlib"):
         if colon:
             raise ValueError(f"data spec {kind!r} takes no path, got {spec!r}")
@@ -130,6 +135,8 @@ def load_data(
     path = Path(arg).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path not found: {path}")
+    if kind == "text" and tokenizer is not None:
+        return _token_bundle(spec, path, tokenizer, seq_len, val_fraction)
     if kind == "text":
         from .text_cache import cached_corpus
 
@@ -240,6 +247,11 @@ class TokenWindows(Dataset):
         """``count`` bytes of the corpus from ``start``, as uint8."""
         return self.data[start : start + count]
 
+    def target_bytes(self, windows: int) -> int:
+        """The bytes of text the targets of the first ``windows`` windows cover (bits per byte's
+        denominator): one per target here."""
+        return min(windows, len(self)) * self.seq_len
+
 
 class FileTokenWindows(TokenWindows):
     """The same windows over bytes ``offset .. offset + size`` of a file, read per item with
@@ -269,6 +281,33 @@ class FileTokenWindows(TokenWindows):
                 "(cut short while this run read it); delete it and run again to rebuild it"
             )
         return torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+
+
+class FileTokenIds(FileTokenWindows):
+    """Token windows of a token cache (:func:`training.text_cache.cached_tokens`): records
+    ``offset .. offset + size`` of the file, an id and the bytes of text it covers each."""
+
+    def _records(self, start: int, count: int) -> np.ndarray:
+        from .text_cache import TOKEN_RECORD
+
+        count = min(count, self.size - start)
+        width = TOKEN_RECORD.itemsize
+        chunk = os.pread(self.file.fileno(), count * width, (self.offset + start) * width)
+        if len(chunk) < count * width:
+            raise DataError(
+                f"cannot read token cache {self.path}: it ends before token {self.offset + start + count} "
+                "(cut short while this run read it); delete it and run again to rebuild it"
+            )
+        return np.frombuffer(chunk, dtype=TOKEN_RECORD)
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        """``count`` token ids from ``start``, as int64."""
+        return torch.from_numpy(self._records(start, count)["id"].astype(np.int64))
+
+    def target_bytes(self, windows: int) -> int:
+        """The UTF-8 bytes of text the target tokens of the first ``windows`` windows cover."""
+        windows = min(windows, len(self))
+        return int(self._records(1, windows * self.seq_len)["bytes"].sum()) if windows else 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,13 +429,8 @@ def _text_bundle(spec: str, data: bytes | Path, source: str, seq_len: int, val_f
     ``TEXT_MAX_VAL_BYTES``) is validation, so validation text is never seen in training.
     Windows do not overlap (stride ``seq_len``): one epoch reads every training byte once.
     ``data`` is the corpus, or a cache file holding it (read per window)."""
-    window = seq_len + 1
     size = data.stat().st_size if isinstance(data, Path) else len(data)
-    if size < 2 * window:
-        need = f"at least {2 * window} (seq_len + 1 each for train and val)"
-        raise ValueError(f"text corpus {source} has {size} bytes; seq_len {seq_len} needs {need}")
-    held_out = min(size - window, max(window, min(TEXT_MAX_VAL_BYTES, round(size * val_fraction))))
-    split = size - held_out
+    split, held_out = _text_split(size, seq_len, val_fraction, f"text corpus {source}", "bytes")
     if isinstance(data, Path):
         train, val = (
             FileTokenWindows(data, 0, split, seq_len, seq_len),
@@ -410,13 +444,38 @@ def _text_bundle(spec: str, data: bytes | Path, source: str, seq_len: int, val_f
         kind="tokens",
         train=train,
         val=val,
-        num_classes=256,
+        num_classes=BYTE_VOCAB,
         input_size=None,
         labels=None,
         mean=None,
         std=None,
         seq_len=seq_len,
     )
+
+
+def _text_split(size: int, seq_len: int, val_fraction: float, what: str, unit: str) -> tuple[int, int]:
+    """Where validation starts, and its length: the last ``val_fraction`` of ``size`` items, at
+    least one window, at most ``TEXT_MAX_VAL_BYTES``."""
+    window = seq_len + 1
+    if size < 2 * window:
+        need = f"at least {2 * window} (seq_len + 1 each for train and val)"
+        raise ValueError(f"{what} has {size} {unit}; seq_len {seq_len} needs {need}")
+    held_out = min(size - window, max(window, min(TEXT_MAX_VAL_BYTES, round(size * val_fraction))))
+    return size - held_out, held_out
+
+
+def _token_bundle(spec: str, path: Path, tokenizer: str, seq_len: int, val_fraction: float) -> DataBundle:
+    """``text:PATH`` as the tokens of ``tokenizer``, from a token cache built once; split like
+    bytes (the tail is validation, at most ``TEXT_MAX_VAL_BYTES`` tokens)."""
+    from .text_cache import TOKEN_RECORD, cached_tokens, tokenizer_vocab_size
+
+    vocab = tokenizer_vocab_size(tokenizer)
+    cache = cached_tokens(path.resolve(), tokenizer)
+    size = cache.stat().st_size // TOKEN_RECORD.itemsize
+    split, held_out = _text_split(size, seq_len, val_fraction, f"text {path} under the family's tokenizer", "tokens")
+    train = FileTokenIds(cache, 0, split, seq_len, seq_len)
+    val = FileTokenIds(cache, split, held_out, seq_len, seq_len)
+    return DataBundle(spec, "tokens", train, val, vocab, None, None, None, None, seq_len)
 
 
 def _stdlib_source() -> bytes:

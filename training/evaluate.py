@@ -1,8 +1,9 @@
-"""Validation metrics per member: accuracy for classifiers, bits per byte for byte models.
+"""Validation metrics per member: accuracy for classifiers, bits per byte for language models.
 
-Bits per byte is the mean next-byte cross-entropy in nats divided by ln 2: the code length a
-model needs per byte of validation text. ``loss`` is always the mean cross-entropy in nats
-(per image, or per byte).
+Bits per byte is the code length a model needs per byte of validation text: the total
+next-token cross-entropy in nats over the text, divided by ln 2 and by the UTF-8 bytes the
+target tokens cover (for a byte model, one per token). So byte and token models compare.
+``loss`` is always the mean cross-entropy in nats per item: per image, per byte, or per token.
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ def evaluate(
     finally:
         model.set_member(previous, for_training=True)
         model.train(was_training)
+    text_bytes = dataset.target_bytes(len(data)) if hasattr(dataset, "target_bytes") else count
     results = []
     for i, member in enumerate(members):
         loss = float(loss_sums[i]) / count
         metric = (
-            {"bits_per_byte": loss / math.log(2)}
+            {"bits_per_byte": float(loss_sums[i]) / math.log(2) / text_bytes}
             if model.input_kind == "tokens"
             else {"accuracy": int(correct[i]) / count}
         )

@@ -17,8 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from zoo.tokenizer import recorded_tokenizer_files
+from zoo.weights import recorded
+
 from .bundle import DataBundle, repeat_channels
-from .data import DataConfig, default_data, load_data
+from .data import BYTE_VOCAB, DataConfig, default_data, load_data
 
 if TYPE_CHECKING:
     import zoo
@@ -64,12 +67,11 @@ def data_for(
     ``train`` takes the run's ``options`` and ``seed``; the other purposes size the data for the
     model, with the split seed and evaluation crop recorded in its file.
     """
-    from zoo.weights import recorded
-
     if purpose not in PURPOSES:
         raise ValueError(f"unknown data purpose {purpose!r}; choose one of {', '.join(PURPOSES)}")
     model = model if isinstance(model, ModelInput) else ModelInput.of(model)
     flag = FLAG[purpose]
+    _check_tokenizer(model)
     stored = recorded(model.metadata, "data") if spec is None else None
     spec = spec or stored or default_data(model.kind)
     try:
@@ -90,19 +92,30 @@ def data_for(
 
 
 def _load(model: ModelInput, purpose: str, spec: str, options: DataConfig | None, seed: int) -> DataBundle:
-    from zoo.weights import recorded
-
+    tokenizer = recorded_tokenizer_files(model.metadata).get("tokenizer.json")
     if purpose == "train":
         options = options or DataConfig()
         sizes = dict(seq_len=options.seq_len, img_size=options.img_size, crop_pct=options.crop_pct)
-        return load_data(spec, seed=seed, aa=options.aa, reprob=options.reprob, **sizes)
+        return load_data(spec, seed=seed, aa=options.aa, reprob=options.reprob, tokenizer=tokenizer, **sizes)
     config = recorded(model.metadata, "config") or {}
     seed = int(config.get("seed", 0))
     if model.kind == "tokens":
-        return load_data(spec, seq_len=model.context_length, seed=seed)
+        return load_data(spec, seq_len=model.context_length, seed=seed, tokenizer=tokenizer)
     # sized to the model's input; a folder's evaluation crop as trained
     crop_pct = recorded(model.metadata, "crop_pct") if spec.startswith("folder:") else None
     return load_data(spec, seed=seed, img_size=model.input_size[-1], crop_pct=crop_pct)
+
+
+def _check_tokenizer(model: ModelInput) -> None:
+    """A token model reads bytes only if its vocabulary is the bytes; any other needs the
+    tokenizer its file records."""
+    if model.kind != "tokens" or model.num_classes in (None, BYTE_VOCAB):
+        return
+    if not recorded_tokenizer_files(model.metadata):
+        raise ValueError(
+            f"{model.name} predicts {model.num_classes} tokens but records no tokenizer to read text with; "
+            "convert it from a transformers folder that has tokenizer.json"
+        )
 
 
 def _check_fits(model: ModelInput, bundle: DataBundle, spec: str, flag: str, classes: bool, channels: bool) -> None:
@@ -110,6 +123,10 @@ def _check_fits(model: ModelInput, bundle: DataBundle, spec: str, flag: str, cla
         raise ValueError(
             f"{model.name} reads {model.kind}, but data {spec!r} holds {bundle.kind}; "
             f"pass {flag} DATA with {model.kind}"
+        )
+    if bundle.kind == "tokens" and model.num_classes is not None and bundle.num_classes > model.num_classes:
+        raise ValueError(
+            f"{model.name} predicts {model.num_classes} tokens, but its tokenizer gives {bundle.num_classes} ids"
         )
     if channels and bundle.kind == "image" and bundle.input_size[0] != model.input_size[0]:
         raise ValueError(

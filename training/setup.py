@@ -64,6 +64,9 @@ class Setup:
         self.checkpoint_path = self.out / CHECKPOINT_NAME
         self.started = time.perf_counter()
         structure = structure if structure is not None else config.check()
+        self.carried = dict(
+            getattr(structure, "zoo_metadata", {})
+        )  # the --init file's tokenizer, in every file the run writes
         cfg = config.resolved(structure)
         if cfg.resume and cfg.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
@@ -151,8 +154,8 @@ class Setup:
         extra = [s.to_dict() for s in self.members if s not in product]
         if extra:
             args["extra_members"] = extra
-        if data.kind == "tokens":
-            args["context_length"] = data.seq_len
+        if data.kind == "tokens":  # an --init model keeps a longer context it was made for
+            args["context_length"] = max(data.seq_len, args.get("context_length", 0))
         else:
             channels, height, _ = data.input_size
             args.update(num_classes=data.num_classes, in_chans=channels, img_size=height)

@@ -12,6 +12,13 @@ Windows are read from the file with positional reads (``os.pread``), not through
 on Linux 6 a map's resident memory grows by whole page-cache folios (measured: 1 MiB per touched
 byte on this machine), so random windows would bring most of a large corpus into the process's
 memory; a read keeps it at the bytes asked for, and the OS page cache serves repeats.
+
+A family that records a tokenizer (:mod:`zoo.tokenizer`) reads the same text as tokens: a token
+cache (:func:`cached_tokens`) built once from the byte cache by the same rules (streamed in
+``CHUNK``-byte pieces cut at line ends, written through ``atomic_path``, named with a digest of
+the byte cache's name and of the tokenizer, and with its own token count). A record per token:
+its id and the UTF-8 bytes of the text it covers (up to the next token), so a model's loss per
+token converts to bits per byte of that text exactly.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
+
 from zoo.fileio import atomic_path
 
 CACHE_ENV = "ZOO_CACHE_DIR"
 CHUNK = 2**20  # bytes copied at a time while building: the build's memory, whatever the corpus
+TOKEN_RECORD = np.dtype([("id", "<i4"), ("bytes", "<i4")])  # a token cache's record: 8 bytes per token
 _BINARY_SNIFF_BYTES = 8000  # git's rule: a NUL byte in the first 8000 bytes means binary
 
 
@@ -112,3 +122,77 @@ def _copy_text(source: Path, out) -> int | None:
             out.write(chunk)
             copied += len(chunk)
         return copied
+
+
+def tokenizer_vocab_size(tokenizer_json: str) -> int:
+    """The ids the tokenizer gives (added tokens included): what a family's vocabulary must hold."""
+    from zoo.tokenizer import load_tokenizer
+
+    return load_tokenizer({"tokenizer": {"tokenizer.json": tokenizer_json}}).get_vocab_size(with_added_tokens=True)
+
+
+def cached_tokens(path: Path, tokenizer_json: str) -> Path:
+    """The token cache of the text at ``path`` under the tokenizer ``tokenizer_json`` (a
+    ``tokenizer.json`` text), built if this text and tokenizer have none yet."""
+    corpus = cached_corpus(path)
+    stem, state_id, _ = corpus.name[: -len(".u8")].rsplit("-", 2)
+    tokenizer_id = hashlib.blake2b(tokenizer_json.encode(), digest_size=8).hexdigest()
+    prefix = f"{stem}-{tokenizer_id}-{state_id}-"
+    cache = next((p for p in sorted(corpus.parent.glob(f"{prefix}*.tok")) if _intact_tokens(p, prefix)), None)
+    if cache is None:
+        built = corpus.parent / f"{stem}-{tokenizer_id}-{state_id}.tok"
+        count = _build_tokens(corpus, tokenizer_json, built)
+        cache = built.rename(corpus.parent / f"{prefix}{count}.tok")
+        for stale in cache.parent.glob(f"{stem}-{tokenizer_id}-*.tok"):  # this text, this tokenizer, older text
+            if stale != cache:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+    return cache
+
+
+def _intact_tokens(cache: Path, prefix: str) -> bool:
+    count = cache.name[len(prefix) : -len(".tok")]
+    with contextlib.suppress(OSError):
+        return count.isdigit() and cache.stat().st_size == int(count) * TOKEN_RECORD.itemsize
+    return False
+
+
+def _build_tokens(corpus: Path, tokenizer_json: str, cache: Path) -> int:
+    """Tokenize the byte cache ``corpus`` piece by piece (``CHUNK`` bytes, cut after a line end
+    so no token straddles two pieces) into ``cache``; returns the token count."""
+    from zoo.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer({"tokenizer": {"tokenizer.json": tokenizer_json}})
+    count, rest = 0, b""
+    with atomic_path(cache) as tmp, open(corpus, "rb") as source, open(tmp, "wb") as out:
+        while True:
+            block = source.read(CHUNK)
+            data = rest + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1 or len(data)
+            piece, rest = data[:cut], data[cut:]
+            if piece:
+                records = _token_records(tokenizer, piece)
+                out.write(records.tobytes())
+                count += len(records)
+            if not block:
+                break
+    return count
+
+
+def _token_records(tokenizer, piece: bytes) -> np.ndarray:
+    """The tokens of ``piece`` with the bytes each covers: from its start to the next token's
+    (the last one to the piece's end), so they sum to ``len(piece)``."""
+    text = piece.decode("utf-8", errors="replace")
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    records = np.zeros(len(encoding.ids), TOKEN_RECORD)
+    if not len(records):
+        return records
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    char_bytes = 1 + (points >= 0x80) + (points >= 0x800) + (points >= 0x10000)
+    byte_at = np.concatenate(([0], np.cumsum(char_bytes)))  # the byte offset of every character
+    starts = np.maximum.accumulate(byte_at[np.array([start for start, _ in encoding.offsets])])
+    starts = np.minimum(starts, len(piece))  # text that decoding replaced may be longer than the piece
+    starts[0] = 0  # the first token also covers anything before it (text no token maps to)
+    records["id"] = encoding.ids
+    records["bytes"] = np.diff(np.append(starts, len(piece)))
+    return records

@@ -369,7 +369,8 @@ class Trainer(Setup):
         ema_metrics = (
             self._finish_ema() if self.ema is not None else []
         )  # before the model file, which marks the run finished
-        path = zoo.save(self.model, self.out / MODEL_FILE, metadata={"metrics": metrics, "train": self._provenance()})
+        metadata = {"metrics": metrics, "train": self._provenance(), **self.carried}
+        path = zoo.save(self.model, self.out / MODEL_FILE, metadata=metadata)
         result = self._result(path, metrics)
         if self.ema is not None:
             result.ema_path, result.ema_metrics = self.out / EMA_FILE, ema_metrics
@@ -387,7 +388,11 @@ class Trainer(Setup):
         zoo.save(
             model,
             self.out / EMA_FILE,
-            metadata={"metrics": metrics, "train": {**self._provenance(), "ema_decay": self.cfg.loop.ema_decay}},
+            metadata={
+                "metrics": metrics,
+                "train": {**self._provenance(), "ema_decay": self.cfg.loop.ema_decay},
+                **self.carried,
+            },
         )
         return metrics
 
