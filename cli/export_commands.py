@@ -349,7 +349,7 @@ def _weights_info(path: Path) -> list[tuple[str, str]]:
         lines.append(
             (
                 "converted",
-                f"from timm {converted.get('timm')}{checkpoint}, order {converted.get('order')}, "
+                f"from {_source_text(converted)}{checkpoint}, order {converted.get('order')}, "
                 f"max abs difference {converted.get('max_abs_diff', 0):.2g}",
             )
         )
@@ -507,6 +507,12 @@ def _family_lines(record: dict) -> list[tuple[str, str]]:
 def _measured_on(quantization: dict) -> str:
     unit = "bytes" if "bits_per_byte" in quantization["fp32"] else "examples"
     return f"{quantization.get('validation_samples', 0):,} validation {unit}"
+
+
+def _source_text(converted: dict) -> str:
+    """The library and name a family was converted from: timm's model or transformers' folder."""
+    library = "transformers" if "transformers" in converted else "timm"
+    return f"{library} {converted.get(library)}"
 
 
 def _member_text(member: dict) -> str:

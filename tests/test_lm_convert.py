@@ -217,6 +217,7 @@ def test_a_folder_converts_with_text_calibration_and_the_family_file_loads_back(
     info = CliRunner().invoke(app, ["info", str(path)])
     assert info.exit_code == 0 and "slim_llama" in info.output, info.output
     assert "2 blocks with heads, mlp, blocks per block" in info.output  # the converted model's layers
+    assert "from transformers " in info.output and "timm" not in info.output  # where it came from
 
 
 def _refusal(source, match: str, **kwargs) -> str:
