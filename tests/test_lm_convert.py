@@ -202,7 +202,7 @@ def test_a_folder_converts_with_text_calibration_and_the_family_file_loads_back(
     x = tokens()
     family.eval().set_member(width=0.5)
     expected = family(x)
-    path = zoo.save(family, tmp_path / "family.safetensors", metadata=family.zoo_metadata)
+    path = zoo.save(family, tmp_path / "family.safetensors")  # its metadata (and tokenizer) by default
     loaded = zoo.load(path).eval()
     loaded.set_member(width=0.5)
     assert torch.equal(loaded(x), expected) and loaded.zoo_metadata == family.zoo_metadata

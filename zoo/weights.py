@@ -28,7 +28,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = None, dtype: str = "float32") -> Path:
-    """Write ``model`` to ``path`` atomically. ``dtype`` stores floating tensors smaller."""
+    """Write ``model`` to ``path`` atomically. ``metadata`` defaults to the model's own
+    (``model.zoo_metadata``: provenance, a language model's tokenizer), as in ``save_pretrained``;
+    ``dtype`` stores floating tensors smaller."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     header = {
@@ -39,7 +41,7 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
         "subnets": [s.to_dict() for s in model.members],
         "num_params": sum(p.numel() for p in model.parameters()),
         "dtype": dtype,
-        "metadata": metadata or {},
+        "metadata": dict(getattr(model, "zoo_metadata", {}) if metadata is None else metadata),
     }
     tensors = {
         name: (t.to(_DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
