@@ -13,13 +13,24 @@ The positions of ``input`` are ``past .. past + sequence - 1`` and must stay wit
 model's ``context_length``: past the context the absolute position embeddings shift, and
 every position must be recomputed (``export/runtime.py`` does that).
 
-Attention is written out rather than left to ``scaled_dot_product_attention``, whose export
-masks scores with -inf: onnxruntime's Softmax computes exp of masked scores through subnormal
-numbers, which are slow on x86 CPUs (``benchmarks/bench_ort_kernels.py``: a 4 x 256 x 256
-causal softmax 0.66 ms masked with -inf, 0.17 ms floored as here, 0.16 ms unmasked). Scores
-are shifted by their visible maximum and clamped at -80, so every exp stays a normal float; a
-masked key then weighs e^-80 (2e-35) instead of 0, far below float32's resolution of the
-weights.
+``zoo export`` (opset 23, the default for models with attention) writes each block's attention
+as ONNX's ``Attention`` op with the cache as its ``past_key``/``past_value`` and ``is_causal``
+(:func:`cached_onnx_attention`): onnxruntime runs it as one kernel that concatenates the cache
+itself, on q, k and v as ``[batch, sequence, width]`` (no transposes). With the written-out
+attention below, GPT-nano's export had taken 1.19x / 1.31x (batch 1 / 8) the time of
+onnxruntime's own matrix products and attention at the same shapes
+(``benchmarks/results/ort_floor_avx512.md``; with the op: ``ort_floor.md``). ``scaled_dot_product_attention``
+could not give this: its export has no cache inputs, and with a past its causal mask is aligned
+to the first key, not the last.
+
+Below opset 23, and for the TorchScript exporter that ``zoo search`` times with, attention is
+written out instead (:func:`masked_attention`), not left to ``scaled_dot_product_attention``,
+whose export masks scores with -inf: onnxruntime's Softmax computes exp of masked scores
+through subnormal numbers, which are slow on some x86 CPUs (``benchmarks/bench_ort_kernels.py``:
+a 4 x 256 x 256 causal softmax 0.66 ms masked with -inf, 0.17 ms floored as here, 0.16 ms
+unmasked on one machine; 0.16 ms in all three on an AVX-512 EPYC). Scores are shifted by their
+visible maximum and clamped at -80, so every exp stays a normal float; a masked key then weighs
+e^-80 (2e-35) instead of 0, far below float32's resolution of the weights.
 """
 
 from __future__ import annotations
@@ -49,13 +60,13 @@ class CachedDecoder(nn.Module):
     positions after the cache; export verification compares the two.
     """
 
-    def __init__(self, model: ElasticModel):
+    def __init__(self, model: ElasticModel, onnx_attention: bool = False):
         super().__init__()
         if model.input_kind != "tokens":
             raise ValueError(f"{model.arch} is not a language model; only those decode with a cache")
         if not getattr(model, "cached_decoding", True):
             raise ValueError(f"{model.arch}: ONNX export (decoding with a key/value cache) is not implemented yet")
-        self.model = model
+        self.model, self.onnx_attention = model, onnx_attention
         self.blocks = list(model.blocks.children())  # a sliced member holds exactly the blocks it runs
 
     def cache_shapes(self, past: int = 0) -> list[tuple[int, ...]]:
@@ -76,6 +87,12 @@ class CachedDecoder(nn.Module):
         present = []
         for i, block in enumerate(self.blocks):
             attn = block.attn
+            if self.onnx_attention and past is not None:
+                out, key, value = cached_onnx_attention(attn, block.norm1(x), past[2 * i], past[2 * i + 1])
+                present += [key, value]
+                x = x + attn.proj(out)
+                x = x + block.mlp(block.norm2(x))
+                continue
             q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
             if past is not None:
                 k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
@@ -86,6 +103,29 @@ class CachedDecoder(nn.Module):
             x = x + block.mlp(block.norm2(x))
         logits = model.lm_head(model.norm(x))
         return logits if past is None else (logits, *present)
+
+
+def cached_onnx_attention(
+    attn: nn.Module, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block's causal attention over its cache as ONNX's ``Attention`` op (opset 23): q, k and v
+    stay ``[batch, sequence, heads * head_dim]`` (no transposes), the op concatenates the cache
+    and returns it as ``present``. Only for export: onnxruntime aligns the causal mask to the
+    end of the keys (a query at position ``past + i`` sees keys ``<= past + i``), whereas the
+    op's PyTorch reference aligns it to their start, which is right only without a past."""
+    batch, heads = x.shape[0], attn.num_heads
+    q, k, v = attn.qkv(x).chunk(3, dim=-1)  # the qkv rows are (3, heads, head_dim): q, k, v are heads-major
+    out, key, value, _ = torch.onnx.ops.attention(
+        q,
+        k,
+        v,
+        past_key=past_key.expand(batch, -1, -1, -1),
+        past_value=past_value.expand(batch, -1, -1, -1),
+        is_causal=True,
+        q_num_heads=heads,
+        kv_num_heads=heads,
+    )
+    return out, key, value
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -170,9 +170,10 @@ def zoo_record(
     }
 
 
-def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tuple, dict]:
+def _export_args(model: ElasticModel, device: str, opset: int | None) -> tuple[torch.nn.Module, tuple, dict]:
     """What to export: the module, an example of batch 2 (1 would be specialised), and the
-    exporter's names and dynamic axes. Language models are exported with their cache."""
+    exporter's names and dynamic axes. Language models are exported with their cache, their
+    attention as ONNX's ``Attention`` op from opset 23 on (:func:`export.kv_cache.cached_onnx_attention`)."""
     batch = torch.export.Dim("batch", min=1)
     if model.input_kind != "tokens":
         return (
@@ -189,7 +190,7 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
             (example.to(device),),
             dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(axes,)),
         )
-    decoder = CachedDecoder(model)
+    decoder = CachedDecoder(model, onnx_attention=opset is not None and opset >= ATTENTION_OPSET)
     sequence = torch.export.Dim("sequence", min=1, max=context)
     past = torch.export.Dim("past", min=0, max=context - 1)
     example = model.example_input(2, seq_len=context // 2).to(device)
@@ -207,9 +208,9 @@ def to_onnx(
 ) -> tuple[onnx.ModelProto, dict[str, int] | None]:
     """The model's graph through PyTorch's dynamo exporter, weights embedded, optionally fused
     for onnxruntime; and the fused kernels (None when not fused)."""
-    module, example, names = _export_args(model, device)
-    if opset is None and any(isinstance(m, Attention) for m in module.modules()):
+    if opset is None and any(isinstance(m, Attention) for m in model.modules()):
         opset = ATTENTION_OPSET
+    module, example, names = _export_args(model, device, opset)
     quiet = logging.getLogger("onnxscript")  # it logs failed version conversions as tracebacks
     level = quiet.level
     try:
