@@ -11,7 +11,9 @@ and 8, one thread, timed interleaved:
   the ``MatMul`` it is, each attention as ONNX's ``Attention`` kernel, causal for the GPT);
 - **PyTorch**: the same sliced model in eager mode;
 - **int8**: the export statically quantized (``export/quantize.py``, calibrated on the family's
-  recorded data), with its accuracy / bits per byte against float32 on the recorded validation data.
+  recorded data), with its accuracy / bits per byte against float32 on the recorded validation data;
+- **int8 floor**: the floor graph through the same dynamic int8 as the export (int8 weight products,
+  float attention): what an int8 file needs at least.
 
 On a loaded machine wall time mostly measures waiting for a core, so everything runs on one
 thread and is timed by that thread's CPU time (``export.latency.latency_clock``). ``--profile``
@@ -162,6 +164,7 @@ def prepare(name: str, work: Path, rng) -> dict:
         example = model.example_input(batch)
         floor, floor_feeds = floor_graph(products(model, example), rng)
         save_model(floor, str(work / f"{name}.floor{batch}.onnx"))
+        quantize_int8(work / f"{name}.floor{batch}.onnx", work / f"{name}.floor{batch}.int8.onnx", "dynamic")
         feeds = {"input": example.numpy()}
         runs[batch] = {
             "export": ort_runner(work / f"{name}.onnx", feeds),
@@ -169,6 +172,7 @@ def prepare(name: str, work: Path, rng) -> dict:
             "floor": ort_runner(work / f"{name}.floor{batch}.onnx", floor_feeds),
             "PyTorch": lambda m=model, x=example: m(x),
             **{f"int8 {method}": ort_runner(work / f"{name}.{method}.onnx", feeds) for method in INT8},
+            "int8 floor": ort_runner(work / f"{name}.floor{batch}.int8.onnx", floor_feeds),
         }
     return {"runs": runs, "quality": quality, "model": model}
 
@@ -206,8 +210,8 @@ def latency_table(timings: dict[tuple[str, int], dict[str, float]]) -> list[str]
     names = list(next(iter(timings.values())))
     lines = [
         "| model | batch | " + " | ".join(f"{name} ms" for name in names) + " | export / floor | --fuse / floor "
-        "| export / PyTorch | " + " | ".join(f"{m} / PyTorch" for m in INT8) + " |",
-        "|---|---|" + "---|" * (len(names) + 3 + len(INT8)),
+        "| export / PyTorch | " + " | ".join(f"{m} / PyTorch" for m in (*INT8, "int8 floor")) + " |",
+        "|---|---|" + "---|" * (len(names) + 4 + len(INT8)),
     ]
     for (family, batch), ms in timings.items():
         floor, pt = ms["floor"], ms["PyTorch"]
@@ -215,7 +219,7 @@ def latency_table(timings: dict[tuple[str, int], dict[str, float]]) -> list[str]
             f"{ms['export'] / floor:.2f}x",
             f"{ms['export --fuse'] / floor:.2f}x",
             f"{ms['export'] / pt:.2f}x",
-            *(f"{ms[f'int8 {m}'] / pt:.2f}x" for m in INT8),
+            *(f"{ms[f'int8 {m}'] / pt:.2f}x" for m in (*INT8, "floor")),
         ]
         lines.append(f"| {family} | {batch} | " + " | ".join(cells) + " |")
     return lines
@@ -233,12 +237,12 @@ def quality_table(qualities: dict[str, dict]) -> list[str]:
     return lines
 
 
-def profile_table(profiles: dict[tuple[str, int], dict[str, float]]) -> list[str]:
-    lines = ["| model | batch | total ms | per operator type: ms (share) |", "|---|---|---|---|"]
-    for (family, batch), per_op in profiles.items():
+def profile_table(profiles: dict[tuple[str, int, str], dict[str, float]]) -> list[str]:
+    lines = ["| model | batch | file | total ms | per operator type: ms (share) |", "|---|---|---|---|---|"]
+    for (family, batch, kind), per_op in profiles.items():
         total = sum(per_op.values())
         ops = ", ".join(f"{op} {ms:.2f} ({ms / total:.0%})" for op, ms in per_op.items() if ms / total >= 0.01)
-        lines.append(f"| {family} | {batch} | {total:.2f} | {ops} |")
+        lines.append(f"| {family} | {batch} | {kind} | {total:.2f} | {ops} |")
     return lines
 
 
@@ -264,7 +268,8 @@ def main() -> int:
                 print(family, batch, {k: round(v, 2) for k, v in timings[family, batch].items()}, flush=True)
                 if args.profile:
                     example = prepared["model"].example_input(batch).numpy()
-                    profiles[family, batch] = profile(work / f"{name}.onnx", {"input": example}, args.repeats, work)
+                    for kind, path in (("float32", f"{name}.onnx"), ("int8 dynamic", f"{name}.dynamic.onnx")):
+                        profiles[family, batch, kind] = profile(work / path, {"input": example}, args.repeats, work)
     lines = [
         "# zoo's Transformer exports against onnxruntime's floor",
         "",
@@ -280,7 +285,8 @@ def main() -> int:
         "",
         "int8 files (export/quantize.py: `static` quantizes every op, `static-matmul` only the weight products, "
         "both QDQ with MinMax calibration on 256 examples of the recorded training data; `dynamic` is zoo "
-        "export's default for Transformers) against float32 in onnxruntime, on the recorded validation data "
+        "export's default for Transformers, as is the `int8 floor`, the floor graph's weight products in dynamic "
+        "int8) against float32 in onnxruntime, on the recorded validation data "
         "(all 179 digits; the first 64 windows of 256 bytes):",
         "",
         *quality_table(qualities),
