@@ -15,7 +15,7 @@ every position must be recomputed (``export/runtime.py`` does that).
 
 ``zoo export`` (opset 23, the default for models with attention) writes each block's attention
 as ONNX's ``Attention`` op with the cache as its ``past_key``/``past_value`` and ``is_causal``
-(:func:`cached_onnx_attention`): onnxruntime runs it as one kernel that concatenates the cache
+(:func:`onnx_attention`): onnxruntime runs it as one kernel that concatenates the cache
 itself, on q, k and v as ``[batch, sequence, width]`` (no transposes). With the written-out
 attention below, GPT-nano's export had taken 1.19x / 1.31x (batch 1 / 8) the time of
 onnxruntime's own matrix products and attention at the same shapes
@@ -88,7 +88,7 @@ class CachedDecoder(nn.Module):
         for i, block in enumerate(self.blocks):
             attn = block.attn
             if self.onnx_attention and past is not None:
-                out, key, value = cached_onnx_attention(attn, block.norm1(x), past[2 * i], past[2 * i + 1])
+                out, key, value = onnx_attention(attn, block.norm1(x), past[2 * i], past[2 * i + 1])
                 present += [key, value]
                 x = x + attn.proj(out)
                 x = x + block.mlp(block.norm2(x))
@@ -105,25 +105,22 @@ class CachedDecoder(nn.Module):
         return logits if past is None else (logits, *present)
 
 
-def cached_onnx_attention(
-    attn: nn.Module, x: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
+def onnx_attention(
+    attn: nn.Module, x: torch.Tensor, past_key: torch.Tensor | None = None, past_value: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block's causal attention over its cache as ONNX's ``Attention`` op (opset 23): q, k and v
-    stay ``[batch, sequence, heads * head_dim]`` (no transposes), the op concatenates the cache
-    and returns it as ``present``. Only for export: onnxruntime aligns the causal mask to the
-    end of the keys (a query at position ``past + i`` sees keys ``<= past + i``), whereas the
-    op's PyTorch reference aligns it to their start, which is right only without a past."""
+    """``attn`` (:class:`zoo.models.transformer.Attention`) on ``x`` as ONNX's ``Attention`` op (opset
+    23), with a batch-1 cache broadcast to the batch if given: the output before the projection and
+    the keys and values after the cache. q, k and v stay ``[batch, sequence, heads * head_dim]``, so
+    the graph has no transposes, and the op concatenates the cache itself. Only for export: with a
+    past, onnxruntime aligns the causal mask to the last key (a query at position ``past + i`` sees
+    keys ``<= past + i``), whereas the op's PyTorch reference aligns it to the first."""
     batch, heads = x.shape[0], attn.num_heads
     q, k, v = attn.qkv(x).chunk(3, dim=-1)  # the qkv rows are (3, heads, head_dim): q, k, v are heads-major
+    cache = {}
+    if past_key is not None:
+        cache = dict(past_key=past_key.expand(batch, -1, -1, -1), past_value=past_value.expand(batch, -1, -1, -1))
     out, key, value, _ = torch.onnx.ops.attention(
-        q,
-        k,
-        v,
-        past_key=past_key.expand(batch, -1, -1, -1),
-        past_value=past_value.expand(batch, -1, -1, -1),
-        is_causal=True,
-        q_num_heads=heads,
-        kv_num_heads=heads,
+        q, k, v, **cache, is_causal=attn.causal, q_num_heads=heads, kv_num_heads=heads
     )
     return out, key, value
 

@@ -17,12 +17,14 @@ verification: it is built in a temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,7 @@ from zoo.members import recorded
 from zoo.models.transformer import Attention
 
 from .fusion import describe_fusions, fuse_for_onnxruntime
-from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
+from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names, onnx_attention
 from .merge import describe_merges, merge_low_rank
 from .onnx_header import read_onnx_header
 from .onnx_header import zoo_record as zoo_record_of
@@ -203,6 +205,27 @@ def _export_args(model: ElasticModel, device: str, opset: int | None) -> tuple[t
     return decoder, (example, cache), names
 
 
+def _onnx_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
+    return self.proj_drop(self.proj(onnx_attention(self, x)[0]))
+
+
+@contextlib.contextmanager
+def attention_as_onnx_op(model: torch.nn.Module):
+    """While exporting, ``model``'s attention modules compute through ONNX's ``Attention`` op on
+    q, k and v as ``[batch, tokens, width]`` (:func:`export.kv_cache.onnx_attention`) instead of
+    SDPA, whose export transposes them to ``[batch, heads, tokens, head_dim]`` and back (ViT-Tiny
+    at batch 1: 1.13x onnxruntime's own products and attention with SDPA's graph, 1.04x with
+    this, ``benchmarks/bench_ort_floor.py``)."""
+    patched = [module for module in model.modules() if isinstance(module, Attention)]
+    for module in patched:
+        module.forward = types.MethodType(_onnx_attention_forward, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def to_onnx(
     model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, int] | None]:
@@ -215,7 +238,9 @@ def to_onnx(
     level = quiet.level
     try:
         quiet.setLevel(logging.CRITICAL)
-        with warnings.catch_warnings():
+        onnx_op = opset is not None and opset >= ATTENTION_OPSET
+        attention = attention_as_onnx_op(model) if onnx_op else contextlib.nullcontext()
+        with warnings.catch_warnings(), attention:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,

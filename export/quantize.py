@@ -7,10 +7,12 @@ gets quantized. Transformers get dynamic quantization of their MatMul/Gemm weigh
 activation ranges are computed per batch at run time, which suits LayerNorm'd activations
 with outliers, and needs no calibration data. ``static-matmul`` is the calibrated variant for
 Transformers: static QDQ of the weight products only (MatMul/Gemm with a constant weight).
-Quantizing every op (``static``) ruins a GPT: the causal mask's additions and the floored
-scores (:mod:`export.kv_cache`) span a range that int8 cannot hold (GPT-nano's bits per byte
-2.89 -> 4.55), and the products of attention (scores, probabilities times values) gain
-little and add quantize/dequantize pairs (``benchmarks/bench_ort_floor.py``).
+Quantizing every op (``static``) ruined a GPT whose attention was written out (below opset 23,
+:mod:`export.kv_cache`): the causal mask's additions and the floored scores span a range that
+int8 cannot hold (GPT-nano's bits per byte 2.89 -> 4.55), and the products of attention
+(scores, probabilities times values) gain little and add quantize/dequantize pairs. ONNX's
+``Attention`` op, which zoo's opset-23 exports use, stays float in every method
+(``benchmarks/bench_ort_floor.py``).
 
 The price is measured, not assumed: the fp32 and int8 files run on the same validation
 batches in onnxruntime and the report gives both metrics and their difference.
