@@ -213,9 +213,9 @@ def _onnx_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
 def attention_as_onnx_op(model: torch.nn.Module):
     """While exporting, ``model``'s attention modules compute through ONNX's ``Attention`` op on
     q, k and v as ``[batch, tokens, width]`` (:func:`export.kv_cache.onnx_attention`) instead of
-    SDPA, whose export transposes them to ``[batch, heads, tokens, head_dim]`` and back (ViT-Tiny
-    at batch 1: 1.13x onnxruntime's own products and attention with SDPA's graph, 1.04x with
-    this, ``benchmarks/bench_ort_floor.py``)."""
+    SDPA, whose export transposes them to ``[batch, heads, tokens, head_dim]`` and back (with
+    this, ViT-Tiny takes 1.11x / 1.12x the time of onnxruntime's own products and attention at
+    batch 1 / 8: ``benchmarks/results/ort_floor.md``)."""
     patched = [module for module in model.modules() if isinstance(module, Attention)]
     for module in patched:
         module.forward = types.MethodType(_onnx_attention_forward, module)
