@@ -5,11 +5,12 @@ exporter that ``zoo export`` uses takes seconds to tens of seconds per member he
 search exports its candidates with PyTorch's TorchScript exporter (under a second), which
 writes the same operators for these plain sliced networks; onnxruntime then applies the same
 graph optimisations to both. A language model is exported through the cached decoder without
-a cache, so that its attention is the export's (:mod:`export.kv_cache`; the model's own causal
-attention would go through slow subnormal numbers in onnxruntime). The ViT's attention stays
-MatMul, Softmax, MatMul here (the TorchScript exporter stops before opset 23's Attention op),
-a few percent slower than the real export. The member the search picks is exported for real
-and measured again on its own, and the search reports how far the two measurements are apart.
+a cache, whose attention is then written out with floored scores (:mod:`export.kv_cache`; the
+model's own causal attention would go through slow subnormal numbers in onnxruntime on some
+CPUs). The TorchScript exporter stops before opset 23's Attention op, which the real exports
+use for both the ViT and the GPT, so here attention stays MatMul, Softmax, MatMul, slower than
+in the real export. The member the search picks is exported for real and measured again on its
+own, and the search reports how far the two measurements are apart.
 """
 
 from __future__ import annotations

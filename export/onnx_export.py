@@ -19,12 +19,14 @@ verification: it is built in a temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from zoo.tokenizer import recorded_tokenizer_files
 from zoo.transformers_out import eos_token_ids
 
 from .fusion import describe_fusions, fuse_for_onnxruntime
-from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names
+from .kv_cache import PAST, PRESENT, CachedDecoder, add_empty_cache_defaults, cache_names, onnx_attention
 from .merge import describe_merges, merge_low_rank
 from .onnx_header import read_onnx_header
 from .onnx_header import zoo_record as zoo_record_of
@@ -180,9 +182,10 @@ def zoo_record(
     }
 
 
-def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tuple, dict]:
+def _export_args(model: ElasticModel, device: str, opset: int | None) -> tuple[torch.nn.Module, tuple, dict]:
     """What to export: the module, an example of batch 2 (1 would be specialised), and the
-    exporter's names and dynamic axes. Language models are exported with their cache."""
+    exporter's names and dynamic axes. Language models are exported with their cache, their
+    attention as ONNX's ``Attention`` op from opset 23 on (:func:`export.kv_cache.onnx_attention`)."""
     batch = torch.export.Dim("batch", min=1)
     if model.input_kind != "tokens":
         return (
@@ -199,7 +202,7 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
             (example.to(device),),
             dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(axes,)),
         )
-    decoder = CachedDecoder(model)
+    decoder = CachedDecoder(model, onnx_op=opset is not None and opset >= ATTENTION_OPSET)
     sequence = torch.export.Dim("sequence", min=1, max=context)
     past = torch.export.Dim("past", min=0, max=context - 1)
     example = model.example_input(2, seq_len=context // 2).to(device)
@@ -212,19 +215,42 @@ def _export_args(model: ElasticModel, device: str) -> tuple[torch.nn.Module, tup
     return decoder, (example, cache), names
 
 
+def _onnx_attention_forward(self: Attention, x: torch.Tensor) -> torch.Tensor:
+    return self.proj_drop(self.proj(onnx_attention(self, x)[0]))
+
+
+@contextlib.contextmanager
+def attention_as_onnx_op(model: torch.nn.Module):
+    """While exporting, ``model``'s attention modules compute through ONNX's ``Attention`` op on
+    q, k and v as ``[batch, tokens, width]`` (:func:`export.kv_cache.onnx_attention`) instead of
+    SDPA, whose export transposes them to ``[batch, heads, tokens, head_dim]`` and back (with
+    this, ViT-Tiny takes 1.11x / 1.12x the time of onnxruntime's own products and attention at
+    batch 1 / 8: ``benchmarks/results/ort_floor.md``)."""
+    patched = [module for module in model.modules() if isinstance(module, Attention)]
+    for module in patched:
+        module.forward = types.MethodType(_onnx_attention_forward, module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def to_onnx(
     model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, int] | None]:
     """The model's graph through PyTorch's dynamo exporter, weights embedded, optionally fused
     for onnxruntime; and the fused kernels (None when not fused)."""
-    module, example, names = _export_args(model, device)
-    if opset is None and any(isinstance(m, Attention) for m in module.modules()):
+    if opset is None and any(isinstance(m, Attention) for m in model.modules()):
         opset = ATTENTION_OPSET
+    module, example, names = _export_args(model, device, opset)
     quiet = logging.getLogger("onnxscript")  # it logs failed version conversions as tracebacks
     level = quiet.level
     try:
         quiet.setLevel(logging.CRITICAL)
-        with warnings.catch_warnings():
+        onnx_op = opset is not None and opset >= ATTENTION_OPSET
+        attention = attention_as_onnx_op(model) if onnx_op else contextlib.nullcontext()
+        with warnings.catch_warnings(), attention:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module,

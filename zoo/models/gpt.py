@@ -110,13 +110,15 @@ class SlimGPT(ElasticModel):
         return [block for name, block in self.blocks.items() if name in self.blocks.active]
 
     def forward_cached(
-        self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None, attend
+        self, tokens: torch.Tensor, past: tuple[torch.Tensor, ...] | None, attend, fused=None
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """What ``export/kv_cache.py`` exports: the logits of ``tokens`` placed after the ``past``
         positions whose keys and values ``past`` holds (key, value per active block, as
         :meth:`cache_shapes`, broadcast to the batch), and every block's keys and values so far;
         with ``past=None`` the logits alone. ``attend(q, k, v, hidden)`` is the attention with
-        ``hidden`` (0 or -inf per query and key) added to the scores."""
+        ``hidden`` (0 or -inf per query and key) added to the scores. ``fused(attn, x, past_key,
+        past_value)``, where given, is instead a block's whole attention with its cache (export's
+        ONNX ``Attention`` op): its output before the projection and the keys and values so far."""
         batch, sequence, cached = tokens.shape[0], tokens.shape[1], 0 if past is None else past[0].shape[2]
         x = self.tok_embed(tokens) + self.pos_embed[:, cached : cached + sequence]
         positions = torch.arange(cached + sequence, device=tokens.device)
@@ -125,6 +127,12 @@ class SlimGPT(ElasticModel):
         present = []
         for i, block in enumerate(self._active_blocks()):
             attn = block.attn
+            if fused is not None and past is not None:
+                out, k, v = fused(attn, block.norm1(x), past[2 * i], past[2 * i + 1])
+                present += [k, v]
+                x = x + attn.proj(out)
+                x = x + block.mlp(block.norm2(x))
+                continue
             q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
             if past is not None:
                 k = torch.cat([past[2 * i].expand(batch, -1, -1, -1), k], dim=2)
