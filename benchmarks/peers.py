@@ -11,7 +11,8 @@ timm's resnet18, trained here by a plain PyTorch loop) to 0.25, 0.5 and 0.75 of 
 
 The same optimizer (momentum SGD, lr 0.02, weight decay 5e-4), schedule (cosine, 5% warmup),
 batch (64) and data for all (``peers_data``: hard digits, and why); K steps per fine-tuning run
-(zoo's one run draws four members per step: its passes are 4K, the peers' 3K). Reported per
+(zoo's one run draws four members per step: its passes are 4K, the peers' 3K). Defaults sized
+for a 2-core CPU shared with other jobs: starting models trained 600 steps (5.5 epochs), K = 150. Reported per
 target and method: test accuracy of the exported ONNX file (mean ± std over seeds), parameters,
 FLOPs (one counter for all), onnxruntime latency (batch 1, one thread, interleaved with the full
 model's), and the steps, passes and seconds spent to obtain all three sizes.
@@ -20,7 +21,7 @@ Every (model, method, seed) is one record file under ``OUT/records``, written wh
 a stopped run resumes where it stopped, and the report is always recomputed from the records.
 
     pip install -e ".[peers]"
-    nice python benchmarks/peers.py --seeds 0 1 2          # -> benchmarks/results/peers/
+    nice python benchmarks/peers.py --seeds 0 1 2          # -> benchmarks/results/peers/ (work: /tmp/zoo-peers)
     python benchmarks/peers.py --report                    # peers.md and peers.png from the records
     python benchmarks/peers.py --models resnet20 --methods zoo --seeds 1   # one piece
 """
@@ -130,7 +131,7 @@ def run_method(method: str, start: dict, specs: tuple[str, str], work: Path, see
     if method == "zoo":
         return m.run_zoo(start["model"], plain, spec, search_spec, work, seed, steps)
     if method == "modelopt":
-        return m.run_modelopt(plain, spec, search_spec, work, seed, steps)
+        return m.run_modelopt(start["model"], plain, spec, search_spec, work, seed, steps)
     return m.run_torch_pruning(plain, method.removeprefix("tp-"), spec, work, seed, steps)
 
 
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="K: fine-tuning steps of every run")
-    parser.add_argument("--start-steps", type=int, default=1200, help="training steps of the starting models")
+    parser.add_argument("--steps", type=int, default=150, help="K: fine-tuning steps of every run")
+    parser.add_argument("--start-steps", type=int, default=600, help="training steps of the starting models")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="records, peers.md and peers.png")
     parser.add_argument("--work", type=Path, default=Path("/tmp/zoo-peers"), help="data, weights and ONNX files")
     parser.add_argument("--retry", action="store_true", help="run again the records that failed")

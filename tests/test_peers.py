@@ -62,7 +62,9 @@ def test_table_is_computed_from_the_records_per_seed(tmp_path):
     assert taylor["seeds"] == [0, 1]
     assert taylor["accuracy"] == pytest.approx(0.65) and taylor["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
     assert taylor["latency_ms"] == pytest.approx(3.0) and taylor["seconds"] == pytest.approx(60.5)
-    assert rows[("zoo-search", 0.75)]["accuracy"] == pytest.approx(0.65) and rows[("zoo-uniform", 0.25)]["passes"] == 1200
+    assert (
+        rows[("zoo-search", 0.75)]["accuracy"] == pytest.approx(0.65) and rows[("zoo-uniform", 0.25)]["passes"] == 1200
+    )
     peers.write_report(tmp_path)
     report = (tmp_path / "peers.md").read_text()
     assert "| 0.5 | tp-taylor | 0,1 | 65.0 ± 7.1 |" in report
