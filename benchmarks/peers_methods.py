@@ -60,7 +60,7 @@ def calibration_batches(spec: str, count: int = 8) -> list[tuple[torch.Tensor, t
 
 def uniform_widths(arch: str) -> dict[float, float]:
     """Per FLOP target, the widest uniform width (in 1/64 steps) whose member is within it."""
-    model = zoo.create_model(arch, num_classes=10)
+    model = zoo.create_model(arch, num_classes=10, img_size=SIZE)
     full = zoo.count_flops(model)
     widths = {}
     for target in TARGETS:
@@ -105,7 +105,7 @@ def convert(name: str, plain: torch.nn.Module, widths: list[float], spec: str, p
     if name == "resnet20":
         family = plain_to_family(plain, widths, calibration)
     else:
-        family = zoo.from_timm(plain, order="weight", calibration=calibration, widths=widths)
+        family = zoo.from_timm(plain, order="weight", calibration=calibration, widths=widths, img_size=SIZE)
     path.parent.mkdir(parents=True, exist_ok=True)
     zoo.save(family, path)
     return path
