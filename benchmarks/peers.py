@@ -21,7 +21,7 @@ Every (model, method, seed) is one record file under ``OUT/records``, written wh
 a stopped run resumes where it stopped, and the report is always recomputed from the records.
 
     pip install -e ".[peers]"
-    nice python benchmarks/peers.py --seeds 0 1 2          # -> benchmarks/results/peers/ (work: /tmp/zoo-peers)
+    nice python benchmarks/peers.py --seeds 0 1 2          # -> benchmarks/results/peers/ (work: runs/peers)
     python benchmarks/peers.py --report                    # peers.md and peers.png from the records
     python benchmarks/peers.py --models resnet20 --methods zoo --seeds 1   # one piece
 """
@@ -51,6 +51,7 @@ START_LR = {"resnet20": 0.1, "resnet18": 0.05}  # from scratch, --start-steps st
 LATENCY_REPEATS = 200
 PEERS = ("torch-pruning", "nvidia-modelopt", "torch", "timm", "onnxruntime")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "peers"
+DEFAULT_WORK = Path(__file__).resolve().parents[1] / "runs" / "peers"  # git-ignored; /tmp is wiped by a restart
 
 
 def versions() -> dict[str, str]:
@@ -91,27 +92,36 @@ def latency(files: dict[str, str]) -> dict[str, float]:
 
 
 def train_start(model_name: str, spec: str, work: Path, out: Path, steps: int) -> dict:
-    """The starting model (trained once, seed 0, plain loop): its weights file and record."""
+    """The starting model (trained once, seed 0, plain loop): its record, pointing at its weights
+    and ONNX file under ``work``; retrained (and checked against the record) when they are missing."""
     from peers_data import count_flops, count_params, export_plain, onnx_accuracy, start_model, train_plain
     from safetensors.torch import save_file
 
     path = record_path(out, model_name, "start", 0)
-    if path.exists():
-        return json.loads(path.read_text())
+    weights, onnx = work / model_name / "start.safetensors", work / model_name / "start.onnx"
+    recorded = json.loads(path.read_text()) if path.exists() else None
+    if recorded and weights.exists() and onnx.exists():
+        return dict(recorded, weights=str(weights), onnx=str(onnx))
     torch.manual_seed(0)
     model = start_model(model_name)
     settings = dict(steps=steps, lr=START_LR[model_name])
     seconds = train_plain(model, spec, steps, settings["lr"], 64, seed=0)
-    weights = work / model_name / "start.safetensors"
     weights.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(weights) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    onnx = export_plain(model, work / model_name / "start.onnx")
+    export_plain(model, onnx)
     record = dict(model=model_name, method="start", seed=0, weights=str(weights), onnx=str(onnx), **settings)
     record.update(accuracy=onnx_accuracy(onnx, spec), params=count_params(model), flops=count_flops(model))
     record.update(seconds=seconds, versions=versions())
-    write_json(path, record)
-    return record
+    if recorded is None:
+        write_json(path, record)
+        return record
+    # the work folder was lost (it lives outside the records): retrained, it must be the same model
+    same = ("steps", "lr", "accuracy", "params", "flops")
+    if any(record[key] != recorded[key] for key in same):
+        changed = {key: (recorded[key], record[key]) for key in same if record[key] != recorded[key]}
+        raise RuntimeError(f"{model_name}'s starting model retrained differs from its record: {changed}")
+    return dict(recorded, weights=str(weights), onnx=str(onnx))
 
 
 def load_start(record: dict) -> torch.nn.Module:
@@ -225,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=150, help="K: fine-tuning steps of every run")
     parser.add_argument("--start-steps", type=int, default=600, help="training steps of the starting models")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="records, peers.md and peers.png")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/zoo-peers"), help="data, weights and ONNX files")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="data, weights and ONNX files")
     parser.add_argument("--retry", action="store_true", help="run again the records that failed")
     parser.add_argument("--report", action="store_true", help="only rewrite peers.md and peers.png from the records")
     args = parser.parse_args(argv)

@@ -90,3 +90,28 @@ def test_a_finished_record_is_not_run_again_and_a_failed_one_only_with_retry(tmp
     redone = peers.measure("resnet18", "modelopt", 2, args, ("a", "b"))
     assert "modelopt" in ran and "error" not in redone and redone["full_latency_ms"] == 2.0
     assert json.loads(peers.record_path(tmp_path, "resnet18", "modelopt", 2).read_text()) == redone
+
+
+def test_a_lost_starting_model_is_retrained_and_must_match_its_record(tmp_path, monkeypatch):
+    import peers_data
+    import torch
+
+    trained, accuracy = [], [0.5]
+    layers = (torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(2, 10))
+    monkeypatch.setattr(peers_data, "start_model", lambda name: torch.nn.Sequential(*layers))
+    monkeypatch.setattr(peers_data, "train_plain", lambda *a, **k: trained.append(a) or 7.0)
+    monkeypatch.setattr(peers_data, "export_plain", lambda model, path: path.write_bytes(b"onnx") and path)
+    monkeypatch.setattr(peers_data, "onnx_accuracy", lambda path, spec: accuracy[0])
+    work, out = tmp_path / "work", tmp_path / "out"
+    first = peers.train_start("resnet20", "spec", work, out, 10)
+    written = peers.record_path(out, "resnet20", "start", 0).read_text()
+    assert first["accuracy"] == 0.5 and first["seconds"] == 7.0 and len(trained) == 1
+    assert peers.train_start("resnet20", "spec", work, out, 10) == first and len(trained) == 1
+    (work / "resnet20" / "start.safetensors").unlink()
+    assert peers.train_start("resnet20", "spec", work, out, 10) == first and len(trained) == 2
+    assert (work / "resnet20" / "start.safetensors").exists()
+    assert peers.record_path(out, "resnet20", "start", 0).read_text() == written
+    (work / "resnet20" / "start.onnx").unlink()
+    accuracy[0] = 0.6
+    with pytest.raises(RuntimeError, match=r"retrained differs from its record: \{'accuracy': \(0.5, 0.6\)\}"):
+        peers.train_start("resnet20", "spec", work / "elsewhere", out, 10)
