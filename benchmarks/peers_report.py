@@ -42,6 +42,7 @@ def markdown(tables: dict[str, list[dict]], starts: dict[str, dict], failed: lis
     for model, rows in tables.items():
         lines += ["", f"## {model}", "", HEADER, "|" + "---|" * 9]
         lines += [_row(row, starts.get(model)) for row in rows]
+    lines += side_by_side(tables)
     if failed:
         lines += ["", "## Runs that failed (their rows are empty)", ""]
         for r in failed:
@@ -49,6 +50,37 @@ def markdown(tables: dict[str, list[dict]], starts: dict[str, dict], failed: lis
             lines += [f"- {r['model']} {r['method']} seed {r['seed']} ({versions}): `{r['error']}`"]
             lines += ["", "  ```", *("  " + line for line in r["where"].splitlines()), "  ```", ""]
     return "\n".join(lines) + "\n"
+
+
+def side_by_side(tables: dict[str, list[dict]]) -> list[str]:
+    """The tables above in short: per model and target every method's accuracy (mean ± std over
+    its seeds) and latency; then per model and method the seeds and the cost of all three sizes."""
+    if not tables:
+        return []
+    lines = ["", "## Side by side", "", "Test accuracy % (mean ± std over the seeds), onnxruntime latency in ms.", ""]
+    lines += ["| model | target | " + " | ".join(MARKERS) + " |", "|" + "---|" * (2 + len(MARKERS))]
+    for model, rows in tables.items():
+        for target in sorted({r["target"] for r in rows}):
+            found = {r["method"]: r for r in rows if r["target"] == target}
+            cells = [
+                f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} ({r['latency_ms']:.2f} ms)" if r else "–"
+                for r in (found.get(method) for method in MARKERS)
+            ]
+            lines.append(f"| {model} | {target:g} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| model | method | seeds | steps / passes for all three | seconds for all three |",
+        "|---|---|---|---|---|",
+    ]
+    for model, rows in tables.items():
+        for method in MARKERS:
+            mine = [r for r in rows if r["method"] == method]
+            if mine:
+                r, seeds = mine[0], ",".join(str(s) for s in mine[0]["seeds"])
+                lines.append(
+                    f"| {model} | {method} | {seeds} | {r['steps']:.0f} / {r['passes']:.0f} | {r['seconds']:.0f} |"
+                )
+    return lines
 
 
 def plot(tables: dict[str, list[dict]], starts: dict[str, dict], path: Path) -> None:

@@ -68,6 +68,8 @@ def test_table_is_computed_from_the_records_per_seed(tmp_path):
     peers.write_report(tmp_path)
     report = (tmp_path / "peers.md").read_text()
     assert "| 0.5 | tp-taylor | 0,1 | 65.0 ± 7.1 |" in report
+    assert "| resnet20 | 0.5 | 50.0 ± 0.0 (2.00 ms) | 55.0 ± 0.0 (2.00 ms) | – | 65.0 ± 7.1 (3.00 ms) | – |" in report
+    assert "| resnet20 | tp-taylor | 0,1 | 300 / 900 | 60 |" in report
     assert "resnet20 modelopt seed 0 (a 1): `RuntimeError: no`" in report
     assert (tmp_path / "peers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
