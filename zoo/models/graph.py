@@ -1,0 +1,324 @@
+"""Any timm image model as a nested family: its channel groups read from the dependency graph.
+
+The family holds the timm model itself (``net``, at full size, or at one member's size when
+sliced) and one elastic width per *channel group*: the output channels of a conv or linear layer
+with every tensor axis coupled to them (its norm, the residual adds and every layer reading the
+sum, a depthwise conv, a concatenation's slice of its reader). Torch-Pruning's
+``DependencyGraph`` finds the groups (``zoo/models/_graph_plan.py``); a member keeps the first
+channels of each group (a fraction per group; ``width`` is one fraction for all).
+
+A member other than the largest runs its *skeleton*: the timm model pruned to the member's
+sizes, kept on the meta device, run with ``torch.func.functional_call`` on index-selected parts
+of the family's own tensors (prefix slices where the member's indices are a prefix). So a member
+is computed by slicing weights, never by masking; gradients reach the shared tensors, and each
+trained member keeps its own batch-norm statistics (``running_mean_<key>`` beside timm's norm's
+parameters; ``running_mean`` names the active member's). ``zoo.slice`` builds the pruned timm
+model for real (``max_member``), which is what export ships.
+
+The hand-written families stay for the models they cover; ``zoo.from_timm`` takes this path for
+every other timm model and refuses, naming the layer, what the graph cannot map.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..base import ElasticModel
+from ..space import DEFAULT_GRID, Dim, Member, Space, Values
+from ._builder import build, register_family
+from ._graph_plan import ChannelPlan, Index, UnmappableLayer, relative, take
+
+_STAT = re.compile(r"^(?P<norm>.*)\.running_(?P<kind>mean|var)_(?P<key>[a-z0-9_]+)$")
+_CACHED = 64  # member skeletons kept (a layerwise run draws a new member nearly every step)
+_CACHED_PLANS = 4
+_PLANS: OrderedDict[str, ChannelPlan] = OrderedDict()
+
+
+def _timm(name: str, timm_args: dict, num_classes: int, in_chans: int) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **timm_args)
+    except (TypeError, ValueError, AssertionError, RuntimeError, KeyError) as err:
+        raise ValueError(f"timm cannot build {name} with {timm_args}: {str(err).splitlines()[0]}") from None
+
+
+def _classifiers(model: nn.Module) -> list[nn.Module]:
+    """The layers that write the logits (their outputs are the classes, never elastic)."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    names = [names] if isinstance(names, str) else list(names)
+    found = []
+    for name in names:
+        try:
+            found.append(model.get_submodule(name))
+        except AttributeError:
+            continue
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Module) and not any(head is f for f in found):
+        found.append(head)
+    return [m for f in found for m in f.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def _plan(name: str, timm_args: dict, num_classes: int, in_chans: int, img_size: int) -> ChannelPlan:
+    """The channel plan of a timm model, traced once per process (slicing and masks rebuild the
+    family at other sizes; the plan does not change)."""
+    key = json.dumps([name, timm_args, num_classes, in_chans, img_size], sort_keys=True)
+    if key not in _PLANS:
+        with torch.device("meta"):
+            template = _timm(name, timm_args, num_classes, in_chans)
+        example = torch.zeros(1, in_chans, img_size, img_size, device="meta")
+        try:
+            _PLANS[key] = ChannelPlan(template, example, _classifiers(template))
+        except UnmappableLayer as err:
+            raise UnmappableLayer(f"cannot make a family of {name}: {err}") from None
+        while len(_PLANS) > _CACHED_PLANS:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    return _PLANS[key]
+
+
+def _divisor(channels: int) -> int:
+    return 8 if channels % 8 == 0 and channels >= 32 else 1
+
+
+def _norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Batch norms with running statistics (each member keeps its own)."""
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+class _Call(nn.Module):
+    """Calls one method of a skeleton, so ``functional_call`` reaches ``forward_features`` too."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, method: str, *args, **kwargs):
+        return getattr(self.inner, method)(*args, **kwargs)
+
+
+class GraphFamily(ElasticModel):
+    """A timm model whose every channel group is elastic (see the module docstring)."""
+
+    input_kind = "image"
+
+    def __init__(
+        self,
+        timm_model: str = "resnet10t",
+        timm_args: dict | None = None,
+        groups: list | None = None,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        img_size: int = 224,
+        low_rank: bool = False,
+        widths: Iterable[float] = DEFAULT_GRID,
+        ranks: Iterable[float] | None = None,
+        max_member: dict | None = None,
+        extra_members: Iterable[dict] = (),
+    ):
+        if low_rank:
+            raise ValueError(f"{timm_model} as a graph family is dense: it has no low-rank form")
+        timm_args = dict(timm_args or {})
+        plan = _plan(timm_model, timm_args, num_classes, in_chans, img_size)
+        template = plan.template
+        found = [[g.root, g.channels] for g in plan.groups]
+        if not found:
+            raise UnmappableLayer(f"cannot make a family of {timm_model}: its graph has no channel group")
+        if groups is not None and [list(g) for g in groups] != found:
+            raise ValueError(f"{timm_model}'s channel groups differ from the recorded ones (another timm version?)")
+        space = Space(group="group", groups=len(found), width_axes=("width",))
+        super().__init__(space=space, widths=widths, ranks=ranks, max_member=max_member, extra_members=extra_members)
+        self._plan = plan
+        self.dims = [Dim(g.channels, divisor=_divisor(g.channels), group=i) for i, g in enumerate(plan.groups)]
+        self._limit_keep = plan.keep(self._counts(self.max_values))
+        net = _timm(timm_model, timm_args, num_classes, in_chans)
+        if self.max_values != space.full():
+            plan.prune(net, plan.removals(self._counts(self.max_values)))
+        self.net = net
+        self._skeletons: OrderedDict = OrderedDict()
+        self._init_stats()
+        self.num_classes, self.in_chans = num_classes, in_chans
+        cfg = dict(getattr(template, "pretrained_cfg", None) or {})
+        self.pretrained_cfg = {
+            **{k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in cfg},
+            "input_size": (in_chans, img_size, img_size),
+            "num_classes": num_classes,
+            "first_conv": f"net.{cfg.get('first_conv', '')}",
+            "classifier": f"net.{cfg.get('classifier', '')}",
+        }
+        self.model_args = {"timm_model": timm_model, "timm_args": timm_args, "groups": found}
+        self._finish_init()
+
+    # ----- members ---------------------------------------------------------------------
+    def _counts(self, values: Values) -> list[int]:
+        return [dim.count(values["width"][g]) for g, dim in enumerate(self.dims)]
+
+    def _member(self, values: Values) -> tuple[nn.Module, dict[str, Index]]:
+        """The skeleton of a member and its indices into ``net`` (cached, most recent last)."""
+        key = tuple(values["width"])
+        if key not in self._skeletons:
+            counts = self._counts(values)
+            skeleton = _Call(self._plan.skeleton(counts))
+            for (_, norm), (_, mine) in zip(_norms(skeleton.inner), _norms(self.net)):
+                norm.momentum, norm.eps = mine.momentum, mine.eps
+            self._skeletons[key] = (skeleton, relative(self._plan.keep(counts), self._limit_keep))
+            while len(self._skeletons) > _CACHED:
+                self._skeletons.popitem(last=False)
+        self._skeletons.move_to_end(key)
+        return self._skeletons[key]
+
+    def set_member(self, member=None, rank=None, *, width=None, for_training: bool = False, **axes) -> Member:
+        chosen = super().set_member(member, rank, width=width, for_training=for_training, **axes)
+        self._alias(chosen.key)
+        self._runner = None if self._active_values == self.max_values else self._member(self._active_values)
+        return chosen
+
+    def member_part(self, member: Member, name: str, source: torch.Tensor, shape, chunks: int) -> torch.Tensor:
+        local = name.removeprefix("net.")
+        if _STAT.match(local):
+            return source
+        index = relative(self._plan.keep(self._counts(self.expand(member))), self._limit_keep).get(local)
+        return take(source, index) if index else source
+
+    # ----- batch-norm statistics per member ---------------------------------------------
+    def _init_stats(self) -> None:
+        self._norm_names = [n for n, _ in _norms(self.net)]
+        limit = self.largest
+        for name, norm in _norms(self.net):
+            for kind in ("mean", "var"):
+                tensor = norm._buffers.pop(f"running_{kind}")
+                if limit in self.members:
+                    norm.register_buffer(f"running_{kind}_{limit.key}", tensor)
+        for member in self.members:
+            if member != limit:
+                self.reset_stats(member.key, self.expand(member))
+
+    def reset_stats(self, key: str, values: Values) -> None:
+        keep = self._plan.keep(self._counts(values))
+        for name, norm in _norms(self.net):
+            like = norm.weight if norm.weight is not None else norm.num_batches_tracked
+            for kind, fill in (("mean", 0.0), ("var", 1.0)):
+                stat = f"{name}.running_{kind}"
+                size = len(keep[stat][0]) if stat in keep else self._plan.shapes[stat][0]
+                norm.register_buffer(f"running_{kind}_{key}", torch.full((size,), fill, device=like.device))
+        if self.members:
+            self._alias(self.active_member.key if hasattr(self, "_active") else key)
+
+    def _alias(self, key: str) -> None:
+        """``running_mean``/``running_var`` name the member's statistics (not saved; None without)."""
+        for _, norm in _norms(self.net):
+            for kind in ("mean", "var"):
+                norm._buffers.pop(f"running_{kind}", None)
+                norm.register_buffer(f"running_{kind}", getattr(norm, f"running_{kind}_{key}", None), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if hasattr(self, "_active"):
+            self._alias(self._active.key)  # ``.to()`` converts the two names separately: one tensor again
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if hasattr(self, "_active"):
+            self._alias(self._active.key)
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        return bool(self._norm_names)
+
+    def norm_layers(self) -> list[nn.Module]:
+        skeletons = [norm for skeleton, _ in self._skeletons.values() for _, norm in _norms(skeleton.inner)]
+        return [norm for _, norm in _norms(self.net)] + skeletons
+
+    # ----- running ---------------------------------------------------------------------
+    def _tensors(self, index: dict[str, Index]) -> dict[str, torch.Tensor]:
+        """The active member's tensors under the skeleton's names: parts of ``net``'s, its statistics."""
+        key = self.active_member.key
+        tensors = {}
+        for name, tensor in [*self.net.named_parameters(), *self.net.named_buffers()]:
+            stat = _STAT.match(name)
+            if stat is None:
+                tensors[f"inner.{name}"] = take(tensor, index[name]) if name in index else tensor
+            elif stat["key"] == key:
+                tensors[f"inner.{stat['norm']}.running_{stat['kind']}"] = tensor
+        if key not in {m.key for m in self.members}:  # a member without statistics trains on the batch's
+            keep = self._plan.keep(self._counts(self._active_values))
+            for name in self._norm_names:
+                for kind, fill in (("mean", 0.0), ("var", 1.0)):
+                    size = len(keep.get(f"{name}.running_{kind}", {0: []})[0]) or self._plan.shapes[
+                        f"{name}.running_{kind}"
+                    ][0]
+                    tensors[f"inner.{name}.running_{kind}"] = torch.full((size,), fill, device=tensor.device)
+        return tensors
+
+    def _call(self, method: str, *args, **kwargs):
+        if self._runner is None:
+            return getattr(self.net, method)(*args, **kwargs)
+        skeleton, index = self._runner
+        skeleton.train(self.training)
+        return functional_call(skeleton, self._tensors(index), (method, *args), kwargs, strict=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call("forward", x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call("forward_features", x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self._call("forward_head", x, pre_logits=pre_logits)
+
+    @property
+    def num_features(self) -> int:
+        """Features of ``forward_head(..., pre_logits=True)`` at the active member."""
+        head = self.net.get_classifier()
+        name = next((n for n, m in self.net.named_modules() if m is head), None)
+        if not isinstance(head, (nn.Linear, nn.Conv2d)) or name is None:
+            return self.net.num_features
+        index = self._runner[1].get(f"{name}.weight", {}) if self._runner else {}
+        held = head.weight.shape[1]
+        return index.get(1, held) if isinstance(index.get(1, held), int) else len(index[1])
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier: the family is rebuilt around it (its channel groups stay)."""
+        args = {**self.model_args, "num_classes": num_classes, "max_member": self.largest.to_dict()}
+        args.update(widths=[], ranks=[], extra_members=[m.to_dict() for m in self.members])
+        fresh = type(self)(**{k: v for k, v in args.items() if k != "global_pool"})
+        head = fresh.net.get_classifier()
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(_head_prefix(self.net))}
+        fresh.load_state_dict(state, strict=False)
+        self.net = fresh.net.to(next(self.parameters()).device).train(self.training)
+        self._skeletons.clear()
+        self._plan, self.num_classes = fresh._plan, num_classes
+        self.model_args["num_classes"] = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        self.set_member(self.active_member, for_training=True)
+        del head
+
+
+def _head_prefix(net: nn.Module) -> str:
+    head = net.get_classifier()
+    return "net." + next(n for n, m in net.named_modules() if m is head) + "."
+
+
+@register_family("graph", GraphFamily)
+def timm_graph(pretrained: bool = False, **kwargs) -> GraphFamily:
+    """Any timm image model (``timm_model=``) as a family of channel-group widths."""
+    return build("timm_graph", pretrained, kwargs)
