@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
 
     try:
-        with torch.enable_grad():  # the graph is read from autograd's
+        with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
+            warnings.simplefilter("ignore")  # its note on bare parameters: it slices their last axis, as zoo wants
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as err:  # the trace runs the model's own code: any failure is the model's
         raise UnmappableLayer(f"its dependency graph cannot be traced ({_first_line(err)})") from None
@@ -85,9 +87,10 @@ class ChannelPlan:
             module, handler = self._roots[g]
             for dep, positions in self.graph.get_pruning_group(module, handler, sorted(idxs)).items:
                 target = dep.target.module
-                name = self.graph._module2name.get(target)
-                if name is None and isinstance(target, nn.Parameter):
+                if isinstance(target, nn.Parameter):  # an unwrapped parameter (layer scale, tokens)
                     name = self.graph._param_to_name.get(target)
+                else:
+                    name = self.graph._module2name.get(target)
                 if name is None:  # an operation (add, concat, reshape): no tensor of its own
                     continue
                 plain = [int(getattr(i, "idx", i)) for i in positions]
@@ -142,7 +145,9 @@ class ChannelPlan:
                 chosen = [c for c in range(group.channels) if (c + 1) >> bit & 1]
                 for tname, axes in self._probe({g: chosen}).items():
                     for axis, gone in axes.items():
-                        code = codes.setdefault((tname, axis), torch.zeros(self.shapes[tname][axis], dtype=torch.long, device=_CPU))
+                        code = codes.setdefault(
+                            (tname, axis), torch.zeros(self.shapes[tname][axis], dtype=torch.long, device=_CPU)
+                        )
                         code[gone] += 1 << bit
             for (tname, axis), code in codes.items():
                 owner, channel = slots.setdefault(tname, {}).setdefault(axis, _unowned(self.shapes[tname][axis]))

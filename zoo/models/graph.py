@@ -31,6 +31,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..base import ElasticModel
+from ..convert import UnsupportedModel, converts_any
+from ..registry import create_uninitialized
 from ..space import DEFAULT_GRID, Dim, Member, Space, Values
 from ._builder import build, register_family
 from ._graph_plan import ChannelPlan, Index, UnmappableLayer, relative, take
@@ -256,9 +258,10 @@ class GraphFamily(ElasticModel):
             keep = self._plan.keep(self._counts(self._active_values))
             for name in self._norm_names:
                 for kind, fill in (("mean", 0.0), ("var", 1.0)):
-                    size = len(keep.get(f"{name}.running_{kind}", {0: []})[0]) or self._plan.shapes[
-                        f"{name}.running_{kind}"
-                    ][0]
+                    size = (
+                        len(keep.get(f"{name}.running_{kind}", {0: []})[0])
+                        or self._plan.shapes[f"{name}.running_{kind}"][0]
+                    )
                     tensors[f"inner.{name}.running_{kind}"] = torch.full((size,), fill, device=tensor.device)
         return tensors
 
@@ -311,6 +314,119 @@ class GraphFamily(ElasticModel):
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         self.set_member(self.active_member, for_training=True)
         del head
+
+
+# ----- conversion ------------------------------------------------------------------------------
+@converts_any
+def convert_graph(
+    model: nn.Module, name: str, timm_args: dict, img_size: int, widths: list[float], order: str, batches
+) -> GraphFamily:
+    """A timm model no hand-written family takes, as a graph family: its weights copied (batch-norm
+    statistics become the full member's), its channels ordered by importance."""
+    args = dict(timm_model=name, timm_args=timm_args, num_classes=model.num_classes, img_size=img_size)
+    args["in_chans"] = _in_chans(model)
+    try:
+        family = create_uninitialized("timm_graph", **args, widths=widths)
+    except UnmappableLayer as err:
+        raise UnsupportedModel(str(err)) from None
+    load_timm(family, model)
+    reorder_channels(family, order, batches)
+    return family
+
+
+def _in_chans(model: nn.Module) -> int:
+    chans = getattr(model, "in_chans", None)
+    return int(chans) if chans else next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+@torch.no_grad()
+def load_timm(family: GraphFamily, model: nn.Module) -> None:
+    """Copy the timm model's tensors into the full family; other members' statistics start fresh."""
+    key, norms = family.largest.key, set(family._norm_names)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        norm, _, leaf = name.rpartition(".")
+        if norm in norms and leaf in ("running_mean", "running_var"):
+            name = f"{name}_{key}"
+        state[name] = tensor
+    expected = family.net.state_dict()
+    problems = [k for k in state if k not in expected or expected[k].shape != state[k].shape]
+    if problems:
+        raise UnsupportedModel(f"{family.model_args['timm_model']} does not rebuild from its name ({problems[0]})")
+    family.net.load_state_dict(state, strict=False)
+    for member in family.members:
+        if member != family.largest:
+            family.reset_stats(member.key, family.expand(member))
+
+
+def channel_scores(family: GraphFamily, order: str, batches) -> list[torch.Tensor]:
+    """Importance of every group's channels: ``weight``, the L2 norm of all the parameters
+    coupled to a channel (normalised per tensor); ``activation``, the mean |output| of the group's
+    root layer on the calibration batches."""
+    plan = family._plan
+    scores = [torch.zeros(g.channels) for g in plan.groups]
+    if order == "weight":
+        params = dict(family.net.named_parameters())
+        for tname, axes in plan.slots.items():
+            if tname not in params:
+                continue
+            tensor = params[tname].detach().float().cpu()
+            for axis, (owner, channel) in axes.items():
+                per_index = tensor.movedim(axis, 0).reshape(tensor.shape[axis], -1).pow(2).sum(1)
+                for g in owner.unique().tolist():
+                    if g >= 0:
+                        mine = owner == g
+                        norms = (
+                            torch.zeros(plan.groups[g].channels).index_add_(0, channel[mine], per_index[mine]).sqrt()
+                        )
+                        scores[g] += norms / norms.mean() if norms.mean() > 0 else norms
+        return scores
+    return _activation_scores(family, batches, scores)
+
+
+@torch.no_grad()
+def _activation_scores(family: GraphFamily, batches, scores: list[torch.Tensor]) -> list[torch.Tensor]:
+    def hook(g: int):
+        def record(_module, _inputs, output):
+            out = output.detach().float()
+            out = out.movedim(1, -1) if out.dim() == 4 else out
+            scores[g] += out.abs().reshape(-1, out.shape[-1]).mean(0).cpu()
+
+        return record
+
+    roots = [family.net.get_submodule(g.root) for g in family._plan.groups]
+    handles = [root.register_forward_hook(hook(g)) for g, root in enumerate(roots)]
+    was = family.training
+    family.eval()
+    try:
+        for batch in batches:
+            family(batch)
+    finally:
+        family.train(was)
+        for handle in handles:
+            handle.remove()
+    return scores
+
+
+@torch.no_grad()
+def reorder_channels(family: GraphFamily, order: str, batches=None) -> None:
+    """Permute every group's channels, most important first, on every coupled axis (the full
+    model computes what it computed), so that members are prefixes of the important channels."""
+    if order == "none":
+        return
+    if family.max_values != family._space.full():
+        raise ValueError("reorder the full family, before slicing it")
+    orders = [torch.sort(s, descending=True, stable=True).indices for s in channel_scores(family, order, batches)]
+    permutation = family._plan.permutation(orders)
+    key = family.largest.key
+    for name, tensor in [*family.net.named_parameters(), *family.net.named_buffers()]:
+        stat = _STAT.match(name)
+        if stat is not None and stat["key"] != key:
+            continue
+        local = f"{stat['norm']}.running_{stat['kind']}" if stat else name
+        for axis, perm in permutation.get(local, {}).items():
+            tensor.copy_(tensor.index_select(axis, perm.to(tensor.device)))
+    family._skeletons.clear()
 
 
 def _head_prefix(net: nn.Module) -> str:
