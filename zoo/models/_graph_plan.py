@@ -77,6 +77,9 @@ class ChannelPlan:
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
 
+    def __deepcopy__(self, memo) -> "ChannelPlan":
+        return self  # never changed after tracing (skeletons copy the template): copies of a family share it
+
     # ----- pruning through the graph's handlers --------------------------------------------
     def _operations(self, removals: dict[int, list[int]]) -> dict[tuple[str, object], set[int]]:
         """(target name, handler) -> positions to remove, for the channels ``removals`` gives per group."""

@@ -1,0 +1,175 @@
+"""How much of timm becomes a zoo family: one model per timm model module, three checks each.
+
+For every module of ``timm/models/*.py`` that registers models, its smallest model (fewest
+parameters, counted on the meta device at 10 classes) is taken at a small input (64 px, or the
+size a model fixes) with random weights, and checked end to end:
+
+1. ``zoo.from_timm`` converts it (a hand-written family, else the graph family) with widths 0.5
+   and 1; the full member equals timm's model (max abs difference <= 1e-4, checked by
+   ``from_timm``);
+2. the width-0.5 member trains one SGD step with a masked optimizer step (nothing outside the
+   member moves) and then, in evaluation, equals its sliced standalone model (<= 1e-4);
+3. the sliced member saved, loaded by ``zoo.load`` and exported to ONNX, verified against
+   PyTorch by ``zoo export``'s own check.
+
+A model passes (``ok``) when all three do; otherwise ``refused`` with the first failure's
+one-line reason. Each model runs in its own process (a hang or a crash costs that model only)
+and every record is written to ``benchmarks/results/timm_coverage.json`` as it finishes, so an
+interrupted run resumes where it stopped:
+
+    nice -n 19 python benchmarks/timm_coverage.py            # every module (resumes)
+    python benchmarks/timm_coverage.py --only resnet,convnext  # some modules
+    python benchmarks/timm_coverage.py --table               # the README table from the results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "timm_coverage.json"
+MODELS = ROOT / "benchmarks" / "results" / "timm_coverage_models.json"
+SIZE, CLASSES, TIMEOUT = 64, 10, 900
+
+
+def smallest_per_module() -> dict[str, str]:
+    """timm module -> its model with the fewest parameters (models that fail to build are skipped);
+    chosen once, kept in ``MODELS``."""
+    if MODELS.exists():
+        return json.loads(MODELS.read_text())
+    import timm
+    import torch
+
+    chosen = {}
+    for module in timm.list_modules():
+        best = None
+        for name in timm.list_models(module=module):
+            try:
+                with torch.device("meta"):
+                    count = sum(p.numel() for p in timm.create_model(name, num_classes=CLASSES).parameters())
+            except Exception:  # a model that does not build at these arguments is not the representative
+                continue
+            if best is None or count < best[0]:
+                best = (count, name)
+        if best:
+            chosen[module] = best[1]
+    MODELS.parent.mkdir(parents=True, exist_ok=True)
+    MODELS.write_text(json.dumps(chosen, indent=1) + "\n")
+    return chosen
+
+
+def check(name: str) -> dict:
+    """The three checks on one model (run in a child process); the record's status and reason."""
+    import timm
+    import torch
+
+    import zoo
+    from export.onnx_export import export_file
+    from training.masking import MaskCache, masked_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = cfg.input_size[-1] if getattr(cfg, "fixed_input_size", False) else SIZE
+    batches = [torch.randn(4, 3, size, size) for _ in range(2)]
+    stage = "convert"
+    try:
+        family = zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches)
+        stage = "train"
+        family.train().set_member(width=0.5, for_training=True)
+        optimizer = torch.optim.SGD(family.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        loss = torch.nn.functional.cross_entropy(family(batches[0]), torch.randint(CLASSES, (4,)))
+        loss.backward()
+        masked_step(optimizer, MaskCache(family).union([family.active_member]))
+        family.eval().set_member(width=0.5)
+        sliced = zoo.slice(family, width=0.5)
+        difference = (sliced(batches[1]) - family(batches[1])).abs().max().item()
+        if not difference <= 1e-4:
+            raise ValueError(f"the trained member differs from its slice by {difference:.3g}")
+        stage = "export"
+        with tempfile.TemporaryDirectory() as folder:
+            path = zoo.save(family, Path(folder) / "family.safetensors")
+            export_file(path, Path(folder) / "member.onnx", width=0.5)
+    except Exception as err:  # every failure is a record: its stage and first line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        return {"status": "refused", "stage": stage, "reason": f"{type(err).__name__}: {reason}"}
+    converted = family.zoo_metadata["converted_from"]
+    return {"status": "ok", "family": converted["family"], "max_abs_diff": converted["max_abs_diff"], "reason": ""}
+
+
+def _load() -> list[dict]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+
+
+def _write(records: list[dict]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(records, key=lambda r: r["module"]), indent=1) + "\n")
+    tmp.replace(RESULTS)
+
+
+def run(only: set[str] | None) -> None:
+    records = _load()
+    done = {r["module"] for r in records}
+    for module, name in smallest_per_module().items():
+        if module in done or (only and module not in only):
+            continue
+        start = time.time()
+        command = [sys.executable, __file__, "--check", name]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        try:
+            out = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+            lines = out.stdout.strip().splitlines()
+            record = (
+                json.loads(lines[-1])
+                if out.returncode == 0 and lines
+                else {
+                    "status": "refused",
+                    "stage": "crash",
+                    "reason": (out.stderr.strip().splitlines() or ["no output"])[-1][:300],
+                }
+            )
+        except subprocess.TimeoutExpired:
+            record = {"status": "refused", "stage": "timeout", "reason": f"took over {TIMEOUT} s"}
+        records.append({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1)})
+        _write(records)
+        print(f"{module:<24}{name:<40}{record['status']:<9}{record['reason'][:90]}", flush=True)
+
+
+def table() -> str:
+    """The README's table: the count and one row per module."""
+    records = _load()
+    ok = sum(r["status"] == "ok" for r in records)
+    lines = [
+        f"{ok} of {len(records)} timm model modules pass ({100 * ok / max(len(records), 1):.0f}%).",
+        "",
+        "| module | model | status | reason |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['module']} | {r['model']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in records]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated timm modules")
+    parser.add_argument("--check", help=argparse.SUPPRESS)  # one model, in the child process
+    parser.add_argument("--table", action="store_true", help="print the README table from the results")
+    args = parser.parse_args()
+    if args.check:
+        print(json.dumps(check(args.check)))
+    elif args.table:
+        print(table())
+    else:
+        run(set(args.only.split(",")) if args.only else None)
+
+
+if __name__ == "__main__":
+    main()
