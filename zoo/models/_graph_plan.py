@@ -76,6 +76,31 @@ class ChannelPlan:
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
+        self._check(example)
+
+    def _check(self, example: torch.Tensor) -> None:
+        """A member at half of every group must have the sizes the slots say and run (on the meta
+        device: shapes only); else the layer where it fails is refused."""
+        counts = [max(1, g.channels // 2) for g in self.groups]
+        skeleton, keep = self.skeleton(counts), self.keep(counts)
+        for name, tensor in _tensors(skeleton):
+            expected = tuple(
+                len(keep[name][a]) if a in keep.get(name, {}) else n for a, n in enumerate(self.shapes[name])
+            )
+            if tuple(tensor.shape) != expected:
+                raise UnmappableLayer(
+                    f"the tensor {name} (pruned to {tuple(tensor.shape)}, its channels say {expected})"
+                )
+        entered = []
+        hooks = [m.register_forward_pre_hook(lambda m, _, n=n: entered.append(n)) for n, m in skeleton.named_modules()]
+        try:
+            with torch.no_grad():
+                skeleton.eval()(example)
+        except Exception as err:
+            raise UnmappableLayer(f"the layer {entered[-1] if entered else '?'} ({_first_line(err)})") from None
+        finally:
+            for hook in hooks:
+                hook.remove()
 
     def __deepcopy__(self, memo) -> "ChannelPlan":
         return self  # never changed after tracing (skeletons copy the template): copies of a family share it
@@ -155,6 +180,8 @@ class ChannelPlan:
             for (tname, axis), code in codes.items():
                 owner, channel = slots.setdefault(tname, {}).setdefault(axis, _unowned(self.shapes[tname][axis]))
                 mine = code > 0
+                if bool((code[mine] > group.channels).any()):
+                    raise UnmappableLayer(f"the tensor {tname} (an index of its axis {axis} holds several channels)")
                 if bool((owner[mine] >= 0).any()):
                     raise UnmappableLayer(f"the tensor {tname} (two channel groups share its axis {axis})")
                 owner[mine], channel[mine] = g, code[mine] - 1

@@ -1,0 +1,157 @@
+"""The graph family: a timm model no hand-written family covers, end to end.
+
+A real timm ``resnet10t`` (deep stem, avg-pool shortcuts: the ResNet planner refuses it) with
+trained-looking batch norm, at 32 px and 10 classes, becomes a family through ``zoo.from_timm``;
+its members train with masked optimizer steps, slice to standalone timm models with physically
+fewer channels, save, load and export. Heavier models (EfficientNet, ConvNeXt, SE-ResNeXt) are
+``slow``; ``benchmarks/timm_coverage.py`` runs one model of every timm module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import zoo
+from cli import commands  # noqa: F401  (registers the commands)
+from cli.app import app
+from training.masking import MaskCache, masked_step
+from zoo.models.graph import GraphFamily
+
+IMG, CLASSES = 32, 10
+runner = CliRunner()
+
+
+def trained_looking(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=CLASSES, **kwargs)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.2, 1.5), m.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def batches(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 3, IMG, IMG, generator=generator) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def converted() -> tuple[torch.nn.Module, GraphFamily]:
+    source = trained_looking("resnet10t")
+    family = zoo.from_timm(source, img_size=IMG, widths=[0.5], calibration=batches(), order="activation")
+    return source, family
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@torch.no_grad()
+def test_the_full_member_is_the_timm_model_and_zoo_says_which_family(converted):
+    source, family = converted
+    assert isinstance(family, GraphFamily) and family.arch == "timm_graph"
+    assert family.zoo_metadata["converted_from"]["family"] == "timm_graph"
+    assert family.members == [zoo.Member(0.5), zoo.Member(1.0)] and family.axes == ("width",)
+    x = batches(1, seed=5)[0]
+    family.eval().set_member(width=1.0)
+    assert _difference(family(x), source(x)) <= 1e-4
+    family.set_member(width=0.5)
+    assert _difference(family(x), source(x)) > 1e-3  # the member is another network
+
+
+def test_a_masked_step_moves_only_the_member_and_the_member_is_its_slice(converted):
+    family = copy.deepcopy(converted[1]).train()
+    member = family.set_member(width=0.5, for_training=True)
+    before = {n: p.detach().clone() for n, p in family.named_parameters()}
+    optimizer = torch.optim.SGD(family.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for x in batches():  # two steps: momentum and weight decay would move what the member does not use
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(family(x), torch.arange(8) % CLASSES).backward()
+        masked_step(optimizer, MaskCache(family).union([member]))
+    masks = zoo.parameter_masks(family, member)
+    moved = 0
+    for name, p in family.named_parameters():
+        mask = masks[name]
+        assert torch.equal(p.detach()[~mask], before[name][~mask]), name  # bit for bit
+        moved += int((p.detach()[mask] != before[name][mask]).any())
+    assert moved > 10
+    family.eval().set_member(member)
+    sliced = zoo.slice(family, member)
+    assert sum(p.numel() for p in sliced.parameters()) == sum(int(m.sum()) for m in masks.values())
+    x = batches(1, seed=7)[0]
+    assert _difference(sliced(x), family(x)) <= 1e-4
+    assert isinstance(sliced.net, type(converted[0])) and sliced.net.fc.in_features < converted[0].fc.in_features
+
+
+@torch.no_grad()
+def test_a_member_per_group_recalibrates_and_slices(converted):
+    family = copy.deepcopy(converted[1])
+    groups = family.space()["groups"]
+    member = zoo.Member(width=[0.25 if g % 2 else 0.75 for g in range(groups)])
+    with pytest.raises(ValueError, match="no batch-norm statistics"):
+        family.set_member(member)
+    zoo.recalibrate_bn(family, batches(), member)
+    family.eval().set_member(member)
+    x = batches(1, seed=3)[0]
+    assert _difference(zoo.slice(family, member)(x), family(x)) <= 1e-4
+
+
+@torch.no_grad()
+def test_files_rebuild_the_family_and_the_sliced_member_and_export_verifies(converted, tmp_path):
+    from export.onnx_export import export_file
+    from export.runtime import Predictor
+
+    family = converted[1].eval()
+    x = batches(1, seed=9)[0]
+    family.set_member(width=0.5)
+    expected = family(x)
+    path = zoo.save(family, tmp_path / "family.safetensors", metadata=family.zoo_metadata)
+    loaded = zoo.load(path).eval()
+    assert loaded.model_args["timm_model"] == "resnet10t" and loaded.members == family.members
+    loaded.set_member(width=0.5)
+    assert torch.equal(loaded(x), expected)
+    member = zoo.load(zoo.save(zoo.slice(family, width=0.5), tmp_path / "member.safetensors")).eval()
+    assert torch.equal(member(x), expected)
+    result = export_file(path, tmp_path / "member.onnx", width=0.5)  # verified against PyTorch on export
+    assert result.path.is_file()
+    logits = Predictor(result.path).run(x.numpy())
+    assert abs(logits - expected.numpy()).max() <= 1e-4
+
+
+def test_zoo_convert_and_info_name_the_graph_family(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["convert", "resnet10t", "--img-size", "32", "--num-classes", "10", "--out", "f.st"])
+    assert result.exit_code == 0, result.output
+    assert "into timm_graph" in result.output
+    info = runner.invoke(app, ["info", "f.st"])
+    assert info.exit_code == 0, info.output
+    assert "timm_graph (family graph, image input)" in info.output and "from timm resnet10t" in info.output
+
+
+def test_a_layer_the_graph_cannot_map_is_refused_by_name_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["convert", "ghostnet_050", "--img-size", "32", "--num-classes", "10", "--out", "x.safetensors"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "as a graph family: cannot make a family of ghostnet_050: the tensor blocks." in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050"])
+@torch.no_grad()
+def test_other_timm_kinds_convert_exactly_and_slice(name):
+    source = trained_looking(name)
+    family = zoo.from_timm(source, img_size=IMG, widths=[0.5], calibration=batches()).eval()
+    x = batches(1, seed=4)[0]
+    family.set_member(width=1.0)
+    assert _difference(family(x), source(x)) <= 1e-4
+    family.set_member(width=0.5)
+    assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
