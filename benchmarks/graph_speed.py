@@ -10,7 +10,7 @@ Goal: the family's step at most 1.3x the standalone one. ``resnet18`` converts t
 ``slim_resnet18``: its row shows what any family's masked step costs over the standalone model's
 plain one.
 
-    python benchmarks/graph_speed.py        # resnet10t, efficientnet_b0 (graph), resnet18 (hand-written): 64 px, batch 32
+    python benchmarks/graph_speed.py   # resnet10t, efficientnet_b0 (graph), resnet18 (hand-written): 64 px, batch 32
     python benchmarks/graph_speed.py --models convnext_atto --size 96 --batch 16 --repeats 20
 """
 
