@@ -174,7 +174,7 @@ class GraphFamily(ElasticModel):
             skeleton = _Call(self._plan.skeleton(counts))
             for (_, norm), (_, mine) in zip(_norms(skeleton.inner), _norms(self.net)):
                 norm.momentum, norm.eps = mine.momentum, mine.eps
-            self._skeletons[key] = (skeleton, relative(self._plan.keep(counts), self._limit_keep))
+            self._skeletons[key] = (skeleton, self._indices(values))
             while len(self._skeletons) > _CACHED:
                 self._skeletons.popitem(last=False)
         self._skeletons.move_to_end(key)
@@ -190,8 +190,15 @@ class GraphFamily(ElasticModel):
         local = name.removeprefix("net.")
         if _STAT.match(local):
             return source
-        index = relative(self._plan.keep(self._counts(self.expand(member))), self._limit_keep).get(local)
+        index = self._indices(self.expand(member)).get(local)
         return take(source, index) if index else source
+
+    def _indices(self, values: Values) -> dict[str, Index]:
+        """A member's indices into ``net`` (the last member's kept: slicing asks once per tensor)."""
+        key = tuple(values["width"])
+        if getattr(self, "_last_indices", (None,))[0] != key:
+            self._last_indices = (key, relative(self._plan.keep(self._counts(values)), self._limit_keep))
+        return self._last_indices[1]
 
     # ----- batch-norm statistics per member ---------------------------------------------
     def _init_stats(self) -> None:
@@ -304,16 +311,15 @@ class GraphFamily(ElasticModel):
         args = {**self.model_args, "num_classes": num_classes, "max_member": self.largest.to_dict()}
         args.update(widths=[], ranks=[], extra_members=[m.to_dict() for m in self.members])
         fresh = type(self)(**{k: v for k, v in args.items() if k != "global_pool"})
-        head = fresh.net.get_classifier()
         state = {k: v for k, v in self.state_dict().items() if not k.startswith(_head_prefix(self.net))}
         fresh.load_state_dict(state, strict=False)
         self.net = fresh.net.to(next(self.parameters()).device).train(self.training)
         self._skeletons.clear()
-        self._plan, self.num_classes = fresh._plan, num_classes
+        self._plan, self._limit_keep, self._last_indices = fresh._plan, fresh._limit_keep, (None,)
+        self.num_classes = num_classes
         self.model_args["num_classes"] = num_classes
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
         self.set_member(self.active_member, for_training=True)
-        del head
 
 
 # ----- conversion ------------------------------------------------------------------------------
