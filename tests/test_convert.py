@@ -433,10 +433,7 @@ def test_a_default_timm_resnet18_converts_on_digits_and_evaluates_without_data(t
 @pytest.mark.parametrize(
     "args, message",
     [
-        (
-            ["ghostnet_050", "--img-size", "32", "--num-classes", "10", "--out", "x.safetensors"],
-            "error: cannot convert ghostnet_050: the GhostNet architecture is not supported",
-        ),
+        (["resnet50d", "--low-rank", "--out", "x.safetensors"], "error: cannot convert resnet50d: the deep stem"),
         (
             ["resnet18", "--checkpoint", "missing.pth", "--out", "x.safetensors"],
             "error: no such checkpoint: missing.pth",

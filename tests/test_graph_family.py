@@ -135,17 +135,83 @@ def test_zoo_convert_and_info_name_the_graph_family(tmp_path, monkeypatch):
     assert "timm_graph (family graph, image input)" in info.output and "from timm resnet10t" in info.output
 
 
+class _Gate(torch.nn.Module):
+    """Keeps as many rows as its input has positive values: a shape that depends on the data."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, : 1 + int((x > 0).sum()) % x.shape[2]]
+
+
+class _DataDependent(torch.nn.Module):
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.gate, self.fc = torch.nn.Conv2d(in_chans, 16, 3), _Gate(), torch.nn.Linear(16, num_classes)
+        self.num_classes, self.pretrained_cfg = num_classes, {"classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.gate(self.stem(x)).mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_data_dependent(pretrained: bool = False, **kwargs) -> _DataDependent:
+    return _DataDependent(**kwargs)
+
+
 def test_a_layer_the_graph_cannot_map_is_refused_by_name_and_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = ["convert", "ghostnet_050", "--img-size", "32", "--num-classes", "10", "--out", "x.safetensors"]
+    args = ["convert", "zoo_test_data_dependent", "--img-size", "32", "--out", "x.safetensors"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
-    assert "as a graph family: cannot make a family of ghostnet_050: the tensor blocks." in result.output
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "cannot make a family of zoo_test_data_dependent: the layer gate cannot be traced" in result.output
     assert list(tmp_path.iterdir()) == []
 
 
+class _Shuffled(torch.nn.Module):
+    """A channel shuffle between two convs (ShuffleNet): the stem's channels reach the grouped
+    conv in another order, which no per-axis index map describes."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.bn = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+        self.conv, self.bn2 = torch.nn.Conv2d(16, 32, 3, padding=1, groups=4), torch.nn.BatchNorm2d(32)
+        self.fc = torch.nn.Linear(32, num_classes)
+        self.num_classes, self.pretrained_cfg = num_classes, {"classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.stem(x)).relu()
+        b, c, h, w = x.shape
+        x = x.view(b, 4, c // 4, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.fc(self.bn2(self.conv(x)).relu().mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_channel_shuffle(pretrained: bool = False, **kwargs) -> _Shuffled:
+    return _Shuffled(**kwargs)
+
+
+@torch.no_grad()
+def test_a_group_the_graph_cannot_map_stays_at_full_width():
+    """The shuffled stem channels stay whole (recorded, naming the tensor); the conv after the
+    shuffle is elastic, and its member is its slice."""
+    family = zoo.create_model("timm_graph", timm_model="zoo_test_channel_shuffle", num_classes=CLASSES, img_size=IMG)
+    assert family._plan.fixed == ["stem: the tensor conv.weight (an index of its axis 1 holds several channels)"]
+    assert family.model_args["groups"] == [["conv", 32]]
+    zoo.recalibrate_bn(family, batches(1), width=0.5)
+    family.eval().set_member(width=0.5)
+    x = batches(1, seed=2)[0]
+    assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050"])
+@pytest.mark.parametrize(
+    "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]
+)
 @torch.no_grad()
 def test_other_timm_kinds_convert_exactly_and_slice(name):
     source = trained_looking(name)

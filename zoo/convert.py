@@ -559,6 +559,7 @@ def _finish(
             "calibration_batches": len(batches) if batches else 0,
             "recalibrated": recalibrated,
             "max_abs_diff": difference,
+            **({"fixed_groups": family.fixed_groups} if getattr(family, "fixed_groups", None) else {}),
         },
         "mean": list(family.pretrained_cfg["mean"]),
         "std": list(family.pretrained_cfg["std"]),

@@ -46,12 +46,18 @@ class Group:
 def _dependency_graph(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
 
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda m, _, n=n: entered.append(n)) for n, m in model.named_modules()]
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
             warnings.simplefilter("ignore")  # its note on bare parameters: it slices their last axis, as zoo wants
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as err:  # the trace runs the model's own code: any failure is the model's
-        raise UnmappableLayer(f"its dependency graph cannot be traced ({_first_line(err)})") from None
+        where = f"the layer {entered[-1]}" if entered and entered[-1] else "the model"
+        raise UnmappableLayer(f"{where} cannot be traced ({_first_line(err)})") from None
+    finally:
+        for hook in hooks:
+            hook.remove()
     return graph
 
 
@@ -163,25 +169,41 @@ class ChannelPlan:
                     removed.setdefault(tname, {})[axis] = gone
         return removed
 
+    def _codes(self, g: int) -> dict[tuple[str, int], torch.Tensor]:
+        """(tensor, axis) -> 1 + the channel of group ``g`` each index holds (0: none). Channel
+        ``c`` is read from the probes that remove the channels whose number ``c + 1`` has bit b."""
+        group = self.groups[g]
+        codes: dict[tuple[str, int], torch.Tensor] = {}
+        for bit in range(math.ceil(math.log2(group.channels + 1))):
+            chosen = [c for c in range(group.channels) if (c + 1) >> bit & 1]
+            for tname, axes in self._probe({g: chosen}).items():
+                for axis, gone in axes.items():
+                    size = self.shapes[tname][axis]
+                    codes.setdefault((tname, axis), torch.zeros(size, dtype=torch.long, device=_CPU))[gone] += 1 << bit
+        for (tname, axis), code in codes.items():
+            counts = torch.bincount(code[code > 0], minlength=group.channels + 1)
+            if len(counts) > group.channels + 1 or len(set(counts[1:].tolist())) != 1:
+                raise UnmappableLayer(f"the tensor {tname} (an index of its axis {axis} holds several channels)")
+        return codes
+
     def _find_slots(self) -> dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        """tensor -> axis -> (group of each index or -1, channel of each index): channel
-        ``c`` is found from the probes that remove the channels whose number ``c + 1`` has bit b."""
-        slots: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        """tensor -> axis -> (group of each index or -1, channel of each index). A group whose
+        channels no index map describes (attention's fused q, k, v, whose heads are not units
+        here) stays at full width: it is left out of the groups and recorded in ``fixed``."""
+        found, self.fixed = [], []
         for g, group in enumerate(self.groups):
-            codes: dict[tuple[str, int], torch.Tensor] = {}
-            for bit in range(math.ceil(math.log2(group.channels + 1))):
-                chosen = [c for c in range(group.channels) if (c + 1) >> bit & 1]
-                for tname, axes in self._probe({g: chosen}).items():
-                    for axis, gone in axes.items():
-                        code = codes.setdefault(
-                            (tname, axis), torch.zeros(self.shapes[tname][axis], dtype=torch.long, device=_CPU)
-                        )
-                        code[gone] += 1 << bit
+            try:
+                found.append((group, self._roots[g], self._codes(g)))
+            except UnmappableLayer as err:
+                self.fixed.append(f"{group.root}: {err}")
+        if not found:
+            raise UnmappableLayer(f"no channel group maps ({self.fixed[0] if self.fixed else 'none found'})")
+        self.groups, self._roots = [f[0] for f in found], [f[1] for f in found]
+        slots: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for g, (_, _, codes) in enumerate(found):
             for (tname, axis), code in codes.items():
                 owner, channel = slots.setdefault(tname, {}).setdefault(axis, _unowned(self.shapes[tname][axis]))
                 mine = code > 0
-                if bool((code[mine] > group.channels).any()):
-                    raise UnmappableLayer(f"the tensor {tname} (an index of its axis {axis} holds several channels)")
                 if bool((owner[mine] >= 0).any()):
                     raise UnmappableLayer(f"the tensor {tname} (two channel groups share its axis {axis})")
                 owner[mine], channel[mine] = g, code[mine] - 1

@@ -80,10 +80,16 @@ def _plan(name: str, timm_args: dict, num_classes: int, in_chans: int, img_size:
             _PLANS[key] = ChannelPlan(template, example, _classifiers(template))
         except UnmappableLayer as err:
             raise UnmappableLayer(f"cannot make a family of {name}: {err}") from None
+        except Exception as err:  # Torch-Pruning's own failure on a module it does not know
+            raise UnmappableLayer(f"cannot make a family of {name}: {type(err).__name__}: {_first(err)}") from None
         while len(_PLANS) > _CACHED_PLANS:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
     return _PLANS[key]
+
+
+def _first(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _divisor(channels: int) -> int:
@@ -337,6 +343,7 @@ def convert_graph(
         raise UnsupportedModel(str(err)) from None
     load_timm(family, model)
     reorder_channels(family, order, batches)
+    family.fixed_groups = list(family._plan.fixed)  # zoo.convert records them
     return family
 
 
