@@ -39,30 +39,28 @@ MODELS = ROOT / "benchmarks" / "results" / "timm_coverage_models.json"
 SIZE, CLASSES, TIMEOUT = 64, 10, 900
 
 
-def smallest_per_module() -> dict[str, str]:
-    """timm module -> its model with the fewest parameters (models that fail to build are skipped);
-    chosen once, kept in ``MODELS``."""
-    if MODELS.exists():
-        return json.loads(MODELS.read_text())
+def smallest(module: str) -> str | None:
+    """The model of a timm module with the fewest parameters (models that fail to build are
+    skipped); chosen once, kept in ``MODELS``."""
+    chosen = json.loads(MODELS.read_text()) if MODELS.exists() else {}
+    if module in chosen:
+        return chosen[module]
     import timm
     import torch
 
-    chosen = {}
-    for module in timm.list_modules():
-        best = None
-        for name in timm.list_models(module=module):
-            try:
-                with torch.device("meta"):
-                    count = sum(p.numel() for p in timm.create_model(name, num_classes=CLASSES).parameters())
-            except Exception:  # a model that does not build at these arguments is not the representative
-                continue
-            if best is None or count < best[0]:
-                best = (count, name)
-        if best:
-            chosen[module] = best[1]
+    best = None
+    for name in timm.list_models(module=module):
+        try:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in timm.create_model(name, num_classes=CLASSES).parameters())
+        except Exception:  # a model that does not build at these arguments is not the representative
+            continue
+        if best is None or count < best[0]:
+            best = (count, name)
+    chosen[module] = best[1] if best else None
     MODELS.parent.mkdir(parents=True, exist_ok=True)
-    MODELS.write_text(json.dumps(chosen, indent=1) + "\n")
-    return chosen
+    MODELS.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    return chosen[module]
 
 
 def check(name: str) -> dict:
@@ -116,10 +114,15 @@ def _write(records: list[dict]) -> None:
 
 
 def run(only: set[str] | None) -> None:
+    import timm
+
     records = _load()
     done = {r["module"] for r in records}
-    for module, name in smallest_per_module().items():
+    for module in timm.list_modules():
         if module in done or (only and module not in only):
+            continue
+        name = smallest(module)
+        if name is None:
             continue
         start = time.time()
         command = [sys.executable, __file__, "--check", name]
