@@ -78,6 +78,7 @@ def _plan(name: str, timm_args: dict, num_classes: int, in_chans: int, img_size:
         example = torch.zeros(1, in_chans, img_size, img_size, device="meta")
         try:
             _PLANS[key] = ChannelPlan(template, example, _classifiers(template))
+            _PLANS[key].constants = _constants(template, name, timm_args, num_classes, in_chans)
         except UnmappableLayer as err:
             raise UnmappableLayer(f"cannot make a family of {name}: {err}") from None
         except Exception as err:  # Torch-Pruning's own failure on a module it does not know
@@ -86,6 +87,17 @@ def _plan(name: str, timm_args: dict, num_classes: int, in_chans: int, img_size:
             _PLANS.popitem(last=False)
     _PLANS.move_to_end(key)
     return _PLANS[key]
+
+
+def _constants(template: nn.Module, name: str, timm_args: dict, num_classes: int, in_chans: int) -> dict:
+    """The values of the buffers timm computes and does not save (relative position indices):
+    a family built on the meta device (loading, slicing) gets them from here."""
+    names = [f"{m}.{b}" if m else b for m, mod in template.named_modules() for b in mod._non_persistent_buffers_set]
+    if not names:
+        return {}
+    with torch.device("cpu"):
+        buffers = dict(_timm(name, timm_args, num_classes, in_chans).named_buffers())
+    return {n: buffers[n] for n in names if n in buffers}
 
 
 def _first(err: BaseException) -> str:
@@ -241,7 +253,16 @@ class GraphFamily(ElasticModel):
         super()._apply(fn, recurse)
         if hasattr(self, "_active"):
             self._alias(self._active.key)  # ``.to()`` converts the two names separately: one tensor again
+            self._restore_constants()
         return self
+
+    @torch.no_grad()
+    def _restore_constants(self) -> None:
+        """Unsaved buffers timm computes (``to_empty`` leaves them garbage): their values again."""
+        for name, value in getattr(self._plan, "constants", {}).items():
+            buffer = self.net.get_buffer(name)
+            if buffer is not None and buffer.shape == value.shape and buffer.device.type != "meta":
+                buffer.copy_(value)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
