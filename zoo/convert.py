@@ -445,7 +445,8 @@ def from_timm(
         try:
             family, batches = _generic(model, request, _timm_args(model, img_size))
         except UnsupportedModel as err:
-            raise UnsupportedModel(f"{refused}; as a graph family: {err}") from None
+            planned = any(cls in _PLANNERS for cls in type(model).__mro__)  # a planner refused a part of it
+            raise UnsupportedModel(f"{refused}; as a graph family: {err}" if planned else str(err)) from None
     return _finish(model, family, batches, name, origin, order)
 
 

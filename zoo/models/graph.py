@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..base import ElasticModel
-from ..convert import UnsupportedModel, converts_any
+from ..convert import UnsupportedModel, converts_any, supported
 from ..registry import create_uninitialized
 from ..space import DEFAULT_GRID, Dim, Member, Space, Values
 from ._builder import build, register_family
@@ -361,7 +361,7 @@ def convert_graph(
     try:
         family = create_uninitialized("timm_graph", **args, widths=widths)
     except UnmappableLayer as err:
-        raise UnsupportedModel(str(err)) from None
+        raise UnsupportedModel(f"{err} (zoo converts {supported()}, and other models as graph families)") from None
     load_timm(family, model)
     reorder_channels(family, order, batches)
     family.fixed_groups = list(family._plan.fixed)  # zoo.convert records them
