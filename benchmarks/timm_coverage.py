@@ -19,7 +19,7 @@ interrupted run resumes where it stopped:
 
     nice -n 19 python benchmarks/timm_coverage.py            # every module (resumes)
     python benchmarks/timm_coverage.py --only resnet,convnext  # some modules
-    python benchmarks/timm_coverage.py --table               # the README table from the results
+    python benchmarks/timm_coverage.py --table               # the README table (also timm_coverage.md)
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def table() -> str:
     records = _load()
     ok = sum(r["status"] == "ok" for r in records)
     lines = [
-        f"{ok} of {len(records)} timm model modules pass ({100 * ok / max(len(records), 1):.0f}%).",
+        f"{ok} of the {len(records)} timm model modules checked pass ({100 * ok / max(len(records), 1):.0f}%).",
         "",
         "| module | model | status | reason |",
         "|---|---|---|---|",
@@ -169,7 +169,9 @@ def main() -> None:
     if args.check:
         print(json.dumps(check(args.check)))
     elif args.table:
-        print(table())
+        text = table()
+        RESULTS.with_suffix(".md").write_text(text + "\n")
+        print(text)
     else:
         run(set(args.only.split(",")) if args.only else None)
 
