@@ -34,6 +34,14 @@ Index = tuple  # per axis: an int (a prefix of that length) or a LongTensor of i
 class UnmappableLayer(ValueError):
     """A layer whose channels the dependency graph cannot map; the message names it."""
 
+    layer: str = ""
+
+
+def _at(layer: str, message: str) -> UnmappableLayer:
+    err = UnmappableLayer(message)
+    err.layer = layer
+    return err
+
 
 @dataclass(frozen=True)
 class Group:
@@ -82,7 +90,42 @@ class ChannelPlan:
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
-        self._check(example)
+        self._settle(example)
+
+    def _settle(self, example: torch.Tensor) -> None:
+        """Check the half-width member; where it fails at a layer, the groups that write that
+        layer's outputs (else all that touch it) stay at full width, until the member runs or no
+        group would be left (then the layer is refused)."""
+        while True:
+            try:
+                self._check(example)
+                return
+            except UnmappableLayer as err:
+                culprits = self._groups_at(err.layer) if getattr(err, "layer", None) else set()
+                if not culprits or len(culprits) == len(self.groups):
+                    raise
+                self.fixed += [f"{self.groups[g].root}: {err}" for g in sorted(culprits)]
+                self._drop(culprits)
+
+    def _groups_at(self, layer: str) -> set[int]:
+        writers, touching = set(), set()
+        for tname, axes in self.slots.items():
+            if tname != layer and not tname.startswith(layer + "."):
+                continue
+            for axis, (owner, _) in axes.items():
+                groups = {g for g in owner.unique().tolist() if g >= 0}
+                touching |= groups
+                writers |= groups if axis == 0 else set()
+        return writers or touching
+
+    def _drop(self, groups: set[int]) -> None:
+        kept = [g for g in range(len(self.groups)) if g not in groups]
+        remap = torch.full((len(self.groups) + 1,), -1, dtype=torch.long, device=_CPU)  # the last: owner -1
+        remap[kept] = torch.arange(len(kept), device=_CPU)
+        self.groups, self._roots = [self.groups[g] for g in kept], [self._roots[g] for g in kept]
+        for axes in self.slots.values():
+            for axis, (owner, channel) in list(axes.items()):
+                axes[axis] = (remap[owner], channel)
 
     def _check(self, example: torch.Tensor) -> None:
         """A member at half of every group must have the sizes the slots say and run (on the meta
@@ -94,16 +137,15 @@ class ChannelPlan:
                 len(keep[name][a]) if a in keep.get(name, {}) else n for a, n in enumerate(self.shapes[name])
             )
             if tuple(tensor.shape) != expected:
-                raise UnmappableLayer(
-                    f"the tensor {name} (pruned to {tuple(tensor.shape)}, its channels say {expected})"
-                )
+                raise _at(name, f"the tensor {name} (pruned to {tuple(tensor.shape)}, its channels say {expected})")
         entered = []
         hooks = [m.register_forward_pre_hook(lambda m, _, n=n: entered.append(n)) for n, m in skeleton.named_modules()]
         try:
             with torch.no_grad():
                 skeleton.eval()(example)
         except Exception as err:
-            raise UnmappableLayer(f"the layer {entered[-1] if entered else '?'} ({_first_line(err)})") from None
+            layer = entered[-1] if entered else ""
+            raise _at(layer, f"the layer {layer or '?'} ({_first_line(err)})") from None
         finally:
             for hook in hooks:
                 hook.remove()
@@ -142,7 +184,7 @@ class ChannelPlan:
                 with _CPU:  # handlers make index tensors on the default device
                     result = handler(target, sorted(positions))
             except Exception as err:
-                raise UnmappableLayer(f"the layer {name} ({type(target).__name__}: {_first_line(err)})") from None
+                raise _at(name, f"the layer {name} ({type(target).__name__}: {_first_line(err)})") from None
             if isinstance(target, nn.Parameter):
                 _set(model, name, result)
         return model
