@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -156,8 +157,17 @@ def table() -> str:
         "| module | model | status | reason |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {r['module']} | {r['model']} | {r['status']} | {r['reason'].replace('|', '/')} |" for r in records]
+    lines += [f"| {r['module']} | {r['model']} | {r['status']} | {_cell(r)} |" for r in records]
     return "\n".join(lines)
+
+
+def _cell(record: dict) -> str:
+    """A record's reason for a table cell: its stage, without colour codes or the list of what
+    zoo converts (the same on every row), at most 160 characters."""
+    reason = re.sub(r"\x1b\[[0-9;]*m|\[[0-9;]*m", "", record["reason"]).replace("|", "/")
+    reason = reason.split(" (zoo converts ")[0]
+    reason = reason if len(reason) <= 160 else reason[:157] + "..."
+    return f"{record['stage']}: {reason}" if reason else ""
 
 
 def main() -> None:
