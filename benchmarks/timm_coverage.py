@@ -64,6 +64,25 @@ def smallest(module: str) -> str | None:
     return chosen[module]
 
 
+def _convert(name: str, cfg) -> tuple:
+    """The family at 64 px; a model that fixes its input size (a ViT) tries 64 px first (timm
+    resizes its position embedding), then its own size."""
+    import torch
+
+    import zoo
+
+    sizes = [SIZE] + ([cfg.input_size[-1]] if getattr(cfg, "fixed_input_size", False) else [])
+    for i, size in enumerate(sizes):
+        batches = [torch.randn(4, 3, size, size) for _ in range(2)]
+        try:
+            family = zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches)
+            return family, batches
+        except Exception:
+            if i == len(sizes) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def check(name: str) -> dict:
     """The three checks on one model (run in a child process); the record's status and reason."""
     import timm
@@ -76,11 +95,9 @@ def check(name: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     cfg = timm.models.get_pretrained_cfg(name)
-    size = cfg.input_size[-1] if getattr(cfg, "fixed_input_size", False) else SIZE
-    batches = [torch.randn(4, 3, size, size) for _ in range(2)]
     stage = "convert"
     try:
-        family = zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches)
+        family, batches = _convert(name, cfg)
         stage = "train"
         family.train().set_member(width=0.5, for_training=True)
         optimizer = torch.optim.SGD(family.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
