@@ -71,16 +71,17 @@ def _convert(name: str, cfg) -> tuple:
 
     import zoo
 
-    sizes = [SIZE] + ([cfg.input_size[-1]] if getattr(cfg, "fixed_input_size", False) else [])
-    for i, size in enumerate(sizes):
+    def at(size: int) -> tuple:
         batches = [torch.randn(4, 3, size, size) for _ in range(2)]
+        return zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches), batches
+
+    if getattr(cfg, "fixed_input_size", False) and cfg.input_size[-1] != SIZE:
         try:
-            family = zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches)
-            return family, batches
-        except Exception:
-            if i == len(sizes) - 1:
-                raise
-    raise AssertionError("unreachable")
+            return at(SIZE)
+        except Exception:  # the model's own size below
+            pass
+        return at(cfg.input_size[-1])
+    return at(SIZE)
 
 
 def check(name: str) -> dict:
