@@ -561,6 +561,7 @@ def _finish(
             "recalibrated": recalibrated,
             "max_abs_diff": difference,
             **({"fixed_groups": family.fixed_groups} if getattr(family, "fixed_groups", None) else {}),
+            **({"unordered_groups": family.unordered_groups} if getattr(family, "unordered_groups", None) else {}),
         },
         "mean": list(family.pretrained_cfg["mean"]),
         "std": list(family.pretrained_cfg["std"]),

@@ -363,8 +363,9 @@ def convert_graph(
     except UnmappableLayer as err:
         raise UnsupportedModel(f"{err} (zoo converts {supported()}, and other models as graph families)") from None
     load_timm(family, model)
-    reorder_channels(family, order, batches)
+    unordered = reorder_channels(family, order, batches)
     family.fixed_groups = list(family._plan.fixed)  # zoo.convert records them
+    family.unordered_groups = unordered
     return family
 
 
@@ -443,24 +444,46 @@ def _activation_scores(family: GraphFamily, batches, scores: list[torch.Tensor])
 
 
 @torch.no_grad()
-def reorder_channels(family: GraphFamily, order: str, batches=None) -> None:
-    """Permute every group's channels, most important first, on every coupled axis (the full
-    model computes what it computed), so that members are prefixes of the important channels."""
+def reorder_channels(family: GraphFamily, order: str, batches=None) -> list[str]:
+    """Permute every group's channels, most important first, on every coupled axis, so that
+    members are prefixes of the important channels. Each group's permutation is kept only if the
+    full model still computes what it computed (a grouped convolution's inputs, for one, cannot
+    move across its groups); returns the roots of the groups left in their order."""
     if order == "none":
-        return
+        return []
     if family.max_values != family._space.full():
         raise ValueError("reorder the full family, before slicing it")
     orders = [torch.sort(s, descending=True, stable=True).indices for s in channel_scores(family, order, batches)]
-    permutation = family._plan.permutation(orders)
-    key = family.largest.key
+    size = family.pretrained_cfg["input_size"]
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(next(family.parameters()).device)
+    was = family.net.training
+    family.net.eval()
+    reference, kept_order = family.net(x), []
+    for g, chosen in enumerate(orders):
+        one = [chosen if h == g else torch.arange(len(o)) for h, o in enumerate(orders)]
+        before = _permute(family, family._plan.permutation(one))
+        if not torch.allclose(family.net(x), reference, rtol=1e-4, atol=1e-5):
+            for tensor, value in before:
+                tensor.copy_(value)
+            kept_order.append(family._plan.groups[g].root)
+    family.net.train(was)
+    family._skeletons.clear()
+    return kept_order
+
+
+def _permute(family: GraphFamily, permutation: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Apply a permutation to ``net``'s tensors (the full member's statistics too); what they held."""
+    key, before = family.largest.key, []
     for name, tensor in [*family.net.named_parameters(), *family.net.named_buffers()]:
         stat = _STAT.match(name)
         if stat is not None and stat["key"] != key:
             continue
         local = f"{stat['norm']}.running_{stat['kind']}" if stat else name
+        if permutation.get(local):
+            before.append((tensor, tensor.detach().clone()))
         for axis, perm in permutation.get(local, {}).items():
             tensor.copy_(tensor.index_select(axis, perm.to(tensor.device)))
-    family._skeletons.clear()
+    return before
 
 
 def _head_prefix(net: nn.Module) -> str:
