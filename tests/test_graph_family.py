@@ -178,7 +178,8 @@ class _Shuffled(torch.nn.Module):
         self.stem, self.bn = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
         self.conv, self.bn2 = torch.nn.Conv2d(16, 32, 3, padding=1, groups=4), torch.nn.BatchNorm2d(32)
         self.fc = torch.nn.Linear(32, num_classes)
-        self.num_classes, self.pretrained_cfg = num_classes, {"classifier": "fc", "first_conv": "stem"}
+        self.num_classes = num_classes
+        self.pretrained_cfg = {"architecture": "zoo_test_channel_shuffle", "classifier": "fc", "first_conv": "stem"}
 
     def get_classifier(self) -> torch.nn.Module:
         return self.fc
@@ -206,6 +207,16 @@ def test_a_group_the_graph_cannot_map_stays_at_full_width():
     family.eval().set_member(width=0.5)
     x = batches(1, seed=2)[0]
     assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
+
+
+@torch.no_grad()
+def test_an_order_that_would_change_the_model_is_not_applied():
+    """The grouped conv's outputs cannot be reordered across its groups: conversion keeps timm's
+    order there, says so, and stays exact."""
+    source = trained_looking("zoo_test_channel_shuffle")
+    family = zoo.from_timm(source, img_size=IMG, widths=[1.0], order="weight")
+    assert family.zoo_metadata["converted_from"]["unordered_groups"] == ["conv"]
+    assert family.zoo_metadata["converted_from"]["max_abs_diff"] <= 1e-5
 
 
 @pytest.mark.slow

@@ -171,6 +171,8 @@ class GraphFamily(ElasticModel):
         self.num_classes, self.in_chans = num_classes, in_chans
         cfg = dict(getattr(template, "pretrained_cfg", None) or {})
         self.pretrained_cfg = {
+            "mean": (0.5,) * in_chans,  # zoo's image default (``image_cfg``) where timm's cfg states none
+            "std": (0.5,) * in_chans,
             **{k: cfg[k] for k in ("mean", "std", "interpolation", "crop_pct") if k in cfg},
             "input_size": (in_chans, img_size, img_size),
             "num_classes": num_classes,
