@@ -19,6 +19,7 @@ interrupted run resumes where it stopped:
 
     nice -n 19 python benchmarks/timm_coverage.py            # every module (resumes)
     python benchmarks/timm_coverage.py --only resnet,convnext  # some modules
+    python benchmarks/timm_coverage.py --only beit --redo     # one module again, beside a full run
     python benchmarks/timm_coverage.py --table               # the README table (also timm_coverage.md)
 """
 
@@ -60,7 +61,9 @@ def smallest(module: str) -> str | None:
             best = (count, name)
     chosen[module] = best[1] if best else None
     MODELS.parent.mkdir(parents=True, exist_ok=True)
-    MODELS.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    tmp = MODELS.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(chosen, indent=1, sort_keys=True) + "\n")
+    tmp.replace(MODELS)
     return chosen[module]
 
 
@@ -125,20 +128,26 @@ def _load() -> list[dict]:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else []
 
 
-def _write(records: list[dict]) -> None:
+def _record(record: dict) -> None:
+    """Put one module's record into the results file (replacing an earlier one), re-read under a
+    lock so that two runs (``--redo`` beside the full run) keep each other's records."""
+    import fcntl
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(sorted(records, key=lambda r: r["module"]), indent=1) + "\n")
-    tmp.replace(RESULTS)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        records = [r for r in _load() if r["module"] != record["module"]] + [record]
+        tmp = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(records, key=lambda r: r["module"]), indent=1) + "\n")
+        tmp.replace(RESULTS)
 
 
-def run(only: set[str] | None) -> None:
+def run(only: set[str] | None, redo: bool = False) -> None:
+    """Check each module not yet recorded (with ``redo``, the ``only`` modules again)."""
     import timm
 
-    records = _load()
-    done = {r["module"] for r in records}
     for module in timm.list_modules():
-        if module in done or (only and module not in only):
+        if (only and module not in only) or (module in {r["module"] for r in _load()} and not redo):
             continue
         name = smallest(module)
         if name is None:
@@ -160,8 +169,7 @@ def run(only: set[str] | None) -> None:
             )
         except subprocess.TimeoutExpired:
             record = {"status": "refused", "stage": "timeout", "reason": f"took over {TIMEOUT} s"}
-        records.append({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1)})
-        _write(records)
+        _record({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1)})
         print(f"{module:<24}{name:<40}{record['status']:<9}{record['reason'][:90]}", flush=True)
 
 
@@ -191,6 +199,7 @@ def _cell(record: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated timm modules")
+    parser.add_argument("--redo", action="store_true", help="check the --only modules again (replacing their records)")
     parser.add_argument("--check", help=argparse.SUPPRESS)  # one model, in the child process
     parser.add_argument("--table", action="store_true", help="print the README table from the results")
     args = parser.parse_args()
@@ -201,7 +210,9 @@ def main() -> None:
         RESULTS.with_suffix(".md").write_text(text + "\n")
         print(text)
     else:
-        run(set(args.only.split(",")) if args.only else None)
+        if args.redo and not args.only:
+            parser.error("--redo needs --only (the modules to check again)")
+        run(set(args.only.split(",")) if args.only else None, redo=args.redo)
 
 
 if __name__ == "__main__":
