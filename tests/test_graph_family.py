@@ -219,6 +219,48 @@ def test_an_order_that_would_change_the_model_is_not_applied():
     assert family.zoo_metadata["converted_from"]["max_abs_diff"] <= 1e-5
 
 
+class _CrossStage(torch.nn.Module):
+    """timm's cross-stage partial stage (cspnet's cs3 models): a conv's output split in two,
+    one half through a residual block, both concatenated again. Torch-Pruning cannot count the
+    channels of the residual sum there."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.exp = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 1)
+        self.conv1, self.conv2 = torch.nn.Conv2d(16, 8, 1), torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.transition, self.fc = torch.nn.Conv2d(32, 32, 1), torch.nn.Linear(32, num_classes)
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_cross_stage", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.exp(self.stem(x).relu()).relu().split(16, dim=1)
+        x1 = self.conv2(self.conv1(x1).relu()).relu() + x1
+        return self.fc(self.transition(torch.cat([x1, x2], 1)).relu().mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_cross_stage(pretrained: bool = False, **kwargs) -> _CrossStage:
+    return _CrossStage(**kwargs)
+
+
+@torch.no_grad()
+def test_a_concatenation_whose_channels_torch_pruning_cannot_count_converts():
+    """Torch-Pruning fails summing the channels it cannot count (int + None): zoo maps no
+    channels through that concatenation, as Torch-Pruning does where it cannot count its output
+    either; the groups there that no index map then describes stay at full width, and the
+    member is still its slice."""
+    source = trained_looking("zoo_test_cross_stage")
+    family = zoo.from_timm(source, img_size=IMG, widths=[0.5], calibration=batches())
+    assert family.zoo_metadata["converted_from"]["max_abs_diff"] <= 1e-5
+    assert family.model_args["groups"]
+    family.eval().set_member(width=0.5)
+    x = batches(1, seed=2)[0]
+    assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]

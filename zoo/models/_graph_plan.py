@@ -53,20 +53,48 @@ class Group:
 
 def _dependency_graph(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
+    from torch_pruning.dependency import index_mapping
 
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda m, _, n=n: entered.append(n)) for n, m in model.named_modules()]
+    hooks.append(model.register_forward_hook(lambda *_: entered.append(_TRACED)))
+    if not getattr(index_mapping.update_concat_index_mapping, "zoo", False):  # once, for every later call too
+        index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
             warnings.simplefilter("ignore")  # its note on bare parameters: it slices their last axis, as zoo wants
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     except Exception as err:  # the trace runs the model's own code: any failure is the model's
+        if entered and entered[-1] is _TRACED:  # the model ran: Torch-Pruning's reading of the trace failed
+            raise UnmappableLayer(f"its dependency graph cannot be built ({_first_line(err)})") from None
         where = f"the layer {entered[-1]}" if entered and entered[-1] else "the model"
         raise UnmappableLayer(f"{where} cannot be traced ({_first_line(err)})") from None
     finally:
         for hook in hooks:
             hook.remove()
     return graph
+
+
+_TRACED = object()  # marks, among the layers entered, that the whole model ran
+
+
+def _concat_mapping(original):
+    """Torch-Pruning's concatenation mapping, except for a concatenation one of whose inputs has
+    no channel count it can infer (a space-to-depth stem of image slices): Torch-Pruning maps
+    none there when it cannot count the output either, and fails summing None when it can
+    (``int + NoneType``); here such a concatenation gets no mapping in both cases. Installed in
+    Torch-Pruning's module, since every ``get_pruning_group`` maps the concatenations again."""
+    from torch_pruning import ops
+    from torch_pruning.dependency import shape_infer
+
+    def update(graph, node) -> None:
+        if node.type == ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+            if any(shape_infer.infer_channels_between(graph, n, node) is None for n in node.inputs):
+                return
+        original(graph, node)
+
+    update.zoo = True
+    return update
 
 
 def _first_line(err: BaseException) -> str:
