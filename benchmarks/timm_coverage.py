@@ -1,8 +1,8 @@
 """How much of timm becomes a zoo family: one model per timm model module, three checks each.
 
 For every module of ``timm/models/*.py`` that registers models, its smallest model (fewest
-parameters, counted on the meta device at 10 classes) is taken at a small input (64 px, or the
-size a model fixes) with random weights, and checked end to end:
+parameters, counted on the meta device at 10 classes) is taken at a small input (64 px, or its
+own input size where it does not convert at 64 px) with random weights, and checked end to end:
 
 1. ``zoo.from_timm`` converts it (a hand-written family, else the graph family) with widths 0.5
    and 1; the full member equals timm's model (max abs difference <= 1e-4, checked by
@@ -68,8 +68,8 @@ def smallest(module: str) -> str | None:
 
 
 def _convert(name: str, cfg) -> tuple:
-    """The family at 64 px; a model that fixes its input size (a ViT) tries 64 px first (timm
-    resizes its position embedding), then its own size."""
+    """The family at 64 px; a model that does not convert there (a ViT whose patch size does not
+    divide 64, a window size, a fixed position embedding) tries its own input size."""
     import torch
 
     import zoo
@@ -78,13 +78,13 @@ def _convert(name: str, cfg) -> tuple:
         batches = [torch.randn(4, 3, size, size) for _ in range(2)]
         return zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches), batches
 
-    if getattr(cfg, "fixed_input_size", False) and cfg.input_size[-1] != SIZE:
-        try:
-            return at(SIZE)
-        except Exception:  # the model's own size below
-            pass
-        return at(cfg.input_size[-1])
-    return at(SIZE)
+    if cfg.input_size[-1] == SIZE:
+        return at(SIZE)
+    try:
+        return at(SIZE)
+    except Exception:  # the model's own size below
+        pass
+    return at(cfg.input_size[-1])
 
 
 def check(name: str) -> dict:
@@ -121,7 +121,14 @@ def check(name: str) -> dict:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         return {"status": "refused", "stage": stage, "reason": f"{type(err).__name__}: {reason}"}
     converted = family.zoo_metadata["converted_from"]
-    return {"status": "ok", "family": converted["family"], "max_abs_diff": converted["max_abs_diff"], "reason": ""}
+    size = family.pretrained_cfg["input_size"][-1]
+    return {
+        "status": "ok",
+        "family": converted["family"],
+        "img_size": size,
+        "max_abs_diff": converted["max_abs_diff"],
+        "reason": "",
+    }
 
 
 def _load() -> list[dict]:

@@ -261,6 +261,43 @@ def test_a_concatenation_whose_channels_torch_pruning_cannot_count_converts():
     assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
 
 
+class _GrownCache(torch.nn.Module):
+    """An unsaved buffer the first forward grows to the input's size (convit's rel_indices)."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = torch.nn.Linear(32, num_classes)
+        self.register_buffer("cache", torch.zeros(1, 1), persistent=False)
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_grown_cache", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache.shape[1] != x.shape[-1]:
+            self.cache = torch.linspace(0, 1, x.shape[-1], device=x.device).expand(1, -1).clone()
+        x = self.conv(self.stem(x).relu()) * self.cache
+        return self.fc(x.relu().mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_grown_cache(pretrained: bool = False, **kwargs) -> _GrownCache:
+    return _GrownCache(**kwargs)
+
+
+@torch.no_grad()
+def test_a_cache_the_model_grew_is_sliced_as_it_is():
+    source = trained_looking("zoo_test_grown_cache")
+    family = zoo.from_timm(source, img_size=IMG, widths=[0.5], order="none")
+    family.eval().set_member(width=0.5)
+    x = batches(1, seed=2)[0]
+    expected = family(x)
+    assert family.net.cache.shape == (1, IMG)
+    assert _difference(zoo.slice(family, width=0.5)(x), expected) <= 1e-5
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]

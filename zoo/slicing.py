@@ -50,7 +50,13 @@ def slice_model(
     model.set_member(chosen)  # validates (batch-norm statistics must exist)
     small = _build_member(model, chosen, next(model.parameters()).device)
     for name, tensor, source, chunks in _pairs(model, small):
-        tensor.copy_(model.member_part(chosen, name, source, tensor.shape, chunks))
+        part = model.member_part(chosen, name, source, tensor.shape, chunks)
+        owner, _, leaf = name.rpartition(".")
+        module = small.get_submodule(owner)
+        if part.shape != tensor.shape and leaf in module._non_persistent_buffers_set:
+            module.register_buffer(leaf, part.clone(), persistent=False)  # a cache the model grew (convit's)
+        else:
+            tensor.copy_(part)
     small.train(model.training)
     small.zoo_metadata = dict(getattr(model, "zoo_metadata", {}))
     return small
