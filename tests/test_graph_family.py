@@ -298,6 +298,44 @@ def test_a_cache_the_model_grew_is_sliced_as_it_is():
     assert _difference(zoo.slice(family, width=0.5)(x), expected) <= 1e-5
 
 
+class _Mix(torch.nn.Module):
+    def forward(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        return cls + x.mean(1, keepdim=True)
+
+
+class _ClassToken(torch.nn.Module):
+    """A class token expanded and handed to a layer (CaiT's class-attention blocks)."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.mix = torch.nn.Conv2d(in_chans, 16, 4, stride=4), _Mix()
+        self.cls_token, self.fc = torch.nn.Parameter(torch.zeros(1, 1, 16)), torch.nn.Linear(16, num_classes)
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_class_token", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        return self.fc(self.mix(x, self.cls_token.expand(x.shape[0], -1, -1))[:, 0])
+
+
+@timm.models.register_model
+def zoo_test_class_token(pretrained: bool = False, **kwargs) -> _ClassToken:
+    return _ClassToken(**kwargs)
+
+
+def test_flops_count_a_parameter_view_handed_to_a_layer():
+    """PyTorch's flop counter fails on a view of a parameter made without gradients (its module
+    tracker finds no gradient function): zoo counts with gradients on, inside no_grad too."""
+    family = zoo.from_timm(trained_looking("zoo_test_class_token"), img_size=IMG, widths=[0.5], order="none")
+    expected = 2 * 16 * 48 * (IMG // 4) ** 2 + 2 * 16 * CLASSES  # the stem and the classifier
+    with torch.no_grad():
+        assert zoo.count_flops(family) == expected
+    assert zoo.count_flops(family, 0.5) == expected // 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]
