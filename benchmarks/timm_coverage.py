@@ -183,12 +183,25 @@ def run(only: set[str] | None, redo: bool = False) -> None:
         print(f"{module:<24}{name:<40}{record['status']:<9}{record['reason'][:90]}", flush=True)
 
 
-def table() -> str:
-    """The README's table: the count and one row per module."""
+def table(total: int | None = None) -> str:
+    """The README's table: the count (of ``total`` modules, timm's own count by default), the
+    refusals per stage, one row per module."""
+    if total is None:
+        import timm
+
+        total = len(timm.list_modules())
     records = _load()
     ok = sum(r["status"] == "ok" for r in records)
+    stages = {}
+    for r in records:
+        if r["status"] != "ok":
+            stages[r["stage"]] = stages.get(r["stage"], 0) + 1
+    refused = ", ".join(f"{stage} {n}" for stage, n in sorted(stages.items(), key=lambda kv: (-kv[1], kv[0])))
     lines = [
-        f"{ok} of the {len(records)} timm model modules checked pass ({100 * ok / max(len(records), 1):.0f}%).",
+        f"{len(records)} of the {total} timm modules that register models measured; {ok} of the {len(records)} "
+        f"pass all three stages ({100 * ok / max(len(records), 1):.0f}%).",
+        "",
+        f"Refused, by the stage that failed: {refused or 'none'}.",
         "",
         "| module | model | status | reason |",
         "|---|---|---|---|",

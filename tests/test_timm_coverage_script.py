@@ -28,5 +28,9 @@ def test_a_record_replaces_its_module_and_keeps_the_others(tmp_path, monkeypatch
     script._record({"module": "b", "model": "b1", "status": "ok", "reason": ""})
     records = json.loads(script.RESULTS.read_text())
     assert [(r["module"], r["status"]) for r in records] == [("a", "ok"), ("b", "ok"), ("c", "ok")]
-    assert script.table().splitlines()[0] == "3 of the 3 timm model modules checked pass (100%)."
+    script._record({"module": "d", "model": "d1", "status": "refused", "stage": "export", "reason": "E: y"})
+    lines = script.table(total=10).splitlines()
+    assert lines[0] == "4 of the 10 timm modules that register models measured; 3 of the 4 pass all three stages (75%)."
+    assert lines[2] == "Refused, by the stage that failed: export 1."
+    assert lines[-1] == "| d | d1 | refused | export: E: y |"
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
