@@ -336,6 +336,45 @@ def test_flops_count_a_parameter_view_handed_to_a_layer():
     assert zoo.count_flops(family, 0.5) == expected // 2
 
 
+class _EvalCache(torch.nn.Module):
+    """A tensor cached in eval mode and dropped on train() (timm's attention-bias caches in
+    efficientformer, levit, tiny_vit)."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.fc = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.Linear(16, num_classes)
+        self.bias, self.cache = torch.nn.Parameter(torch.zeros(16)), {}
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_eval_cache", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias * 2
+        if not self.training:
+            bias = self.cache.setdefault(str(x.device), bias)
+        return self.fc((self.stem(x).mean((2, 3)) + bias).relu())
+
+
+@timm.models.register_model
+def zoo_test_eval_cache(pretrained: bool = False, **kwargs) -> _EvalCache:
+    return _EvalCache(**kwargs)
+
+
+def test_a_tensor_the_model_caches_in_eval_mode_does_not_stop_conversion():
+    """Torch-Pruning traces in eval mode with gradients on: the cached tensor is no graph leaf,
+    and copying the model failed; the model's mode is restored after tracing, which drops it."""
+    family = zoo.from_timm(trained_looking("zoo_test_eval_cache").train(), img_size=IMG, widths=[0.5])
+    assert family.zoo_metadata["converted_from"]["max_abs_diff"] <= 1e-5
+    assert family.model_args["groups"] == [["stem", 16]]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]

@@ -60,10 +60,15 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
     hooks.append(model.register_forward_hook(lambda *_: entered.append(_TRACED)))
     if not getattr(index_mapping.update_concat_index_mapping, "zoo", False):  # once, for every later call too
         index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
+    training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
             warnings.simplefilter("ignore")  # its note on bare parameters: it slices their last axis, as zoo wants
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        # Torch-Pruning traced in eval mode: timm's models that cache tensors in eval mode
+        # (attention biases) drop them on train(), else copies of the model would fail (a traced
+        # tensor is no graph leaf: it cannot be deep-copied)
+        model.train(training)
     except Exception as err:  # the trace runs the model's own code: any failure is the model's
         if entered and entered[-1] is _TRACED:  # the model ran: Torch-Pruning's reading of the trace failed
             raise UnmappableLayer(f"its dependency graph cannot be built ({_first_line(err)})") from None
