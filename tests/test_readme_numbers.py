@@ -96,8 +96,20 @@ def _convert_rows() -> list[tuple[str, str, Cells]]:
     return rows + [(passage, "convert/convert.md", Cells(prefix, sep=" / ")) for passage, prefix in low_rank.items()]
 
 
+def _coverage_rows() -> list[tuple[str, str, str]]:
+    """The timm coverage count, its refusals per stage and every module's row, copied whole from
+    timm_coverage.md (which test_the_coverage_table_is_the_results_files ties to the JSON)."""
+    lines = (RESULTS / "timm_coverage.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| module |")]
+    total = re.search(r"of the (\d+) timm modules", lines[0]).group(1)
+    return [(line, "timm_coverage.md", line) for line in [lines[0], lines[2], *rows]] + [
+        (f"({total} in timm", "timm_coverage.md", f"of the {total} timm modules")
+    ]
+
+
 # (README passage, file, text in the file | (JSON key path, value as the README rounds it) | Cells(...))
 NUMBERS = [
+    *_coverage_rows(),
     # the graph family's training step against its standalone slice (benchmarks/graph_speed.py)
     ("costs 1.16× its standalone slice for `resnet10t`", "graph_speed.json", ("0.ratio_forward_backward", "1.16")),
     ("and 1.13× for `efficientnet_b0`", "graph_speed.json", ("1.ratio_forward_backward", "1.13")),
@@ -541,3 +553,11 @@ def test_the_families_table_gives_the_catalogues_counts():
             "" if dense_only else f"{facts['params_low_rank'] / 1e6:.2f}",
         )
         assert (family, params, low_rank) == shown, name
+
+
+def test_the_coverage_table_is_the_results_files():
+    """timm_coverage.md is what ``--table`` writes from timm_coverage.json now."""
+    spec = importlib.util.spec_from_file_location("timm_coverage", ROOT / "benchmarks" / "timm_coverage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (RESULTS / "timm_coverage.md").read_text() == script.table() + "\n"
