@@ -375,6 +375,38 @@ def test_a_tensor_the_model_caches_in_eval_mode_does_not_stop_conversion():
     assert family.model_args["groups"] == [["stem", 16]]
 
 
+class _PatchesAnySize(torch.nn.Module):
+    """Embeds patches (its first conv is ``patch_embed``) and has no ``img_size`` argument."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3):
+        super().__init__()
+        self.patch_embed, self.fc = torch.nn.Conv2d(in_chans, 16, 4, stride=4), torch.nn.Linear(16, num_classes)
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {
+            "architecture": "zoo_test_patches_any_size",
+            "classifier": "fc",
+            "first_conv": "patch_embed",
+        }
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.patch_embed(x).relu().mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_patches_any_size(pretrained: bool = False, **kwargs) -> _PatchesAnySize:
+    return _PatchesAnySize(**{k: v for k, v in kwargs.items() if k in ("num_classes", "in_chans", "img_size")})
+
+
+def test_a_model_that_embeds_patches_without_an_image_size_argument_converts():
+    """timm's efficientvim: its first layer is ``patch_embed`` and it takes no ``img_size``."""
+    family = zoo.from_timm(trained_looking("zoo_test_patches_any_size"), img_size=IMG, widths=[0.5])
+    assert family.model_args["timm_args"] == {}
+    assert family.pretrained_cfg["input_size"] == (3, IMG, IMG)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import math
 import os
 import pickle
@@ -345,7 +346,7 @@ def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrid
         **{k: v for k, v in overrides.items() if v is not None},
     }
     cfg_first = getattr(timm.models.get_pretrained_cfg(base), "first_conv", "") or ""
-    if not str(cfg_first).startswith("patch_embed"):
+    if not str(cfg_first).startswith("patch_embed") or not _takes_img_size(base):
         args.pop("img_size", None)  # CNNs take any size: it is only recorded
     try:
         model = timm.create_model(name, pretrained=False, **args)
@@ -508,9 +509,27 @@ def _planned(model: nn.Module, request: _Request) -> tuple[ElasticModel, list | 
 
 def _timm_args(model: nn.Module, img_size: int | None) -> dict:
     """timm arguments the graph family records to rebuild the model: the image size of a model
-    that embeds patches (``timm_model`` passes it to those only)."""
-    first = str((getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or "")
-    return {"img_size": img_size} if img_size is not None and first.startswith("patch_embed") else {}
+    that embeds patches and takes one (``timm_model`` passes it to those only)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first, name = str(cfg.get("first_conv") or ""), cfg.get("architecture")
+    takes = first.startswith("patch_embed") and (not name or _takes_img_size(name))
+    return {"img_size": img_size} if img_size is not None and takes else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_img_size(name: str) -> bool:
+    """Whether timm's ``name`` has an ``img_size`` argument (efficientvim embeds patches and takes
+    none): built once with it on the meta device."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, img_size=224)
+    except TypeError as err:
+        return "img_size" not in str(err)
+    except Exception:  # a failure not about the argument: building the model reports it
+        return True
+    return True
 
 
 def _generic(model: nn.Module, request: _Request, timm_args: dict) -> tuple[ElasticModel, list | None]:
