@@ -407,6 +407,44 @@ def test_a_model_that_embeds_patches_without_an_image_size_argument_converts():
     assert family.pretrained_cfg["input_size"] == (3, IMG, IMG)
 
 
+class _SharedLayer(torch.nn.Module):
+    """One depthwise conv under two names (coat's position encodings shared across blocks)."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.fc = torch.nn.Conv2d(in_chans, 16, 3, padding=1), torch.nn.Linear(16, num_classes)
+        self.first = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.second = self.first
+        self.num_classes, self.in_chans = num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_shared_layer", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.first(x).relu()
+        return self.fc((x + self.second(x)).mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_shared_layer(pretrained: bool = False, **kwargs) -> _SharedLayer:
+    return _SharedLayer(**kwargs)
+
+
+@torch.no_grad()
+def test_a_layer_shared_under_two_names_saves_and_loads(tmp_path):
+    """safetensors refuses tensors that share memory: each name is written, and loading fills
+    the one tensor (the full family and its sliced member)."""
+    family = zoo.from_timm(trained_looking("zoo_test_shared_layer"), img_size=IMG, widths=[0.5]).eval()
+    x = batches(1, seed=2)[0]
+    for width in (1.0, 0.5):
+        model = zoo.slice(family, width=width).eval()
+        loaded = zoo.load(zoo.save(model, tmp_path / "m.safetensors")).eval()
+        assert loaded.net.first is loaded.net.second
+        assert _difference(loaded(x), model(x)) == 0.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]
