@@ -124,13 +124,13 @@ def list_command(pattern: str = typer.Argument(None, help="fnmatch filter, e.g. 
     for name in catalogue.names(pattern):
         facts = catalogue.MODELS[name]
         shipped = catalogue.PRETRAINED.get(name)
-        axes = f"{', '.join(facts['axes_low_rank'])} per {facts['groups'][1]}"
+        axes = f"{', '.join(facts['axes_low_rank'] or facts['axes'])} per {facts['groups'][1]}"
         table.add_row(
             name,
             facts["family"],
             axes,
             f"{facts['params']:,}",
-            f"{facts['params_low_rank']:,}",
+            f"{facts['params_low_rank']:,}" if facts["params_low_rank"] else "-",
             f"{name}.{shipped['tag']}" if shipped else "-",
         )
     Console(width=max(Console().width, 130)).print(table)  # never cut names on a narrow or piped output

@@ -217,6 +217,9 @@ def _report(name: str, family, order: str, calibrate: Optional[str], seconds: fl
     )
     members = ", ".join(f"{s} ({zoo.count_params(family, s) / 1e6:.2f} M)" for s in family.members)
     typer.echo(f"  members: {members}")
+    fixed = source.get("fixed_groups") or []
+    if fixed:
+        typer.echo(f"  {len(fixed)} channel group(s) its graph cannot map stay at full width (first: {fixed[0]})")
     if family.uses_batchnorm and not calibrate:
         typer.echo(
             "  batch norm: only the full member has statistics; give --calibrate DATA for smaller members (or "

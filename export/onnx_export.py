@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -236,6 +237,20 @@ def attention_as_onnx_op(model: torch.nn.Module):
             del module.forward
 
 
+def _export_reason(err: BaseException) -> str:
+    """One line: the exporter's own cause where its message has an exception summary (its first
+    line only says which step failed), without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    lines = [line.strip() for line in text.splitlines()]
+    step = lines[0] if lines else type(err).__name__
+    if "## Exception summary" in lines:
+        after = [line for line in lines[lines.index("## Exception summary") + 1 :] if line]
+        if after:  # the root cause first, as "<class 'module.Name'>: message"
+            cause = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>", r"\1", after[0])
+            step = f"{step.split('. ')[0]}: {cause}"
+    return step
+
+
 def to_onnx(
     model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, int] | None]:
@@ -263,8 +278,7 @@ def to_onnx(
                 **names,
             )
     except Exception as err:  # the exporter raises many types; report one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"torch.onnx.export failed for {model.arch}: {first}") from None
+        raise ValueError(f"torch.onnx.export failed for {model.arch}: {_export_reason(err)}") from None
     finally:
         quiet.setLevel(level)
     proto, fusions = program.model_proto, None

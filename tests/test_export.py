@@ -433,3 +433,18 @@ def test_a_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="verification failed.*0.5"):
         export_member(member, tmp_path / "out" / "m.onnx")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exporter_failure_is_reported_by_its_root_cause():
+    """torch.onnx's first line only names the step that failed; the exception summary it
+    appends holds the cause, root first."""
+    from export.onnx_export import _export_reason
+
+    message = (
+        "Failed to decompose the FX graph for ONNX compatibility. \x1b[96mThis is step 2/3\x1b[0m of exporting.\n"
+        "## Exception summary\n\n<class 'torch._dynamo.exc.Unsupported'>: data-dependent branch\n⬆️\n"
+        "<class 'RuntimeError'>: wrapper\n\n(Refer to the full stack trace above for more information.)"
+    )
+    reason = _export_reason(RuntimeError(message))
+    assert reason == "Failed to decompose the FX graph for ONNX compatibility: Unsupported: data-dependent branch"
+    assert _export_reason(ValueError("one line\nmore")) == "one line"

@@ -126,8 +126,27 @@ def _lm_rows() -> list[tuple]:
     ]  # fmt: skip
 
 
+def _coverage_rows() -> list[tuple[str, str, str]]:
+    """The timm coverage count, its refusals per stage and every module's row, copied whole from
+    timm_coverage.md (which test_the_coverage_table_is_the_results_files ties to the JSON)."""
+    lines = (RESULTS / "timm_coverage.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| module |")]
+    total = re.search(r"of the (\d+) timm modules", lines[0]).group(1)
+    return [(line, "timm_coverage.md", line) for line in [lines[0], lines[2], *rows]] + [
+        (f"({total} in timm", "timm_coverage.md", f"of the {total} timm modules")
+    ]
+
+
 # (README passage, file, text in the file | (JSON key path, value as the README rounds it) | Cells(...))
 NUMBERS = [
+    *_coverage_rows(),
+    # the graph family's training step against its standalone slice (benchmarks/graph_speed.py)
+    ("costs 1.16× its standalone slice for `resnet10t`", "graph_speed.json", ("0.ratio_forward_backward", "1.16")),
+    ("and 1.13× for `efficientnet_b0`", "graph_speed.json", ("1.ratio_forward_backward", "1.13")),
+    ("The whole training step costs 1.51× and 1.18×", "graph_speed.json", ("0.ratio", "1.51")),
+    ("The whole training step costs 1.51× and 1.18×", "graph_speed.json", ("1.ratio", "1.18")),
+    ("`slim_resnet18` measured 1.12× forward and backward", "graph_speed.json", ("2.ratio_forward_backward", "1.12")),
+    ("and 1.65× for the whole step in the same run", "graph_speed.json", ("2.ratio", "1.65")),
     # the set-up section's training run and install size (the command's own output, benchmarks/results/setup/)
     ("0.9944 / 1.0000 / 0.9944 / 0.9944 at widths", "setup/train_resnet20.txt", " width=0.75  153,550    0.9944"),
     ("0.9944 / 1.0000 / 0.9944 / 0.9944 at widths", "setup/train_resnet20.txt", " width=0.5    68,642    1.0000"),
@@ -712,11 +731,24 @@ def _catalogue() -> dict[str, dict]:
 
 
 def test_the_families_table_gives_the_catalogues_counts():
-    rows = re.findall(r"^\| `(\w+)` \| (\w+) \| ([\d.]+) M \|.*\(([\d.]+) M at rank 1\.0\) \|$",
+    rows = re.findall(r"^\| `(\w+)` \| (\w+) \| ([\d.]+) M \|.*(?:\(([\d.]+) M at rank 1\.0\)|dense only) \|$",
                       (ROOT / "README.md").read_text(), re.MULTILINE)  # fmt: skip
     models = _catalogue()
     assert sorted(name for name, *_ in rows) == sorted(models)
     for name, family, params, low_rank in rows:
         facts = models[name]
-        shown = (facts["family"], f"{facts['params'] / 1e6:.2f}", f"{facts['params_low_rank'] / 1e6:.2f}")
+        dense_only = facts["params_low_rank"] is None  # the graph family
+        shown = (
+            facts["family"],
+            f"{facts['params'] / 1e6:.2f}",
+            "" if dense_only else f"{facts['params_low_rank'] / 1e6:.2f}",
+        )
         assert (family, params, low_rank) == shown, name
+
+
+def test_the_coverage_table_is_the_results_files():
+    """timm_coverage.md is what ``--table`` writes from timm_coverage.json now."""
+    spec = importlib.util.spec_from_file_location("timm_coverage", ROOT / "benchmarks" / "timm_coverage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert (RESULTS / "timm_coverage.md").read_text() == script.table() + "\n"

@@ -59,6 +59,8 @@ class SyncBatchNorm:
 
     def __init__(self, model: nn.Module):
         self.layers = [m for m in model.modules() if isinstance(m, ElasticBatchNorm2d)]
+        if not self.layers and getattr(model, "uses_batchnorm", False):  # the graph family: timm's own norms
+            raise ValueError("--sync-bn: this family's batch norms are timm's own, which zoo does not synchronise")
         if not self.layers:
             raise ValueError("--sync-bn: this family has no batch norm (its LayerNorm needs no synchronisation)")
 

@@ -184,6 +184,8 @@ class UnitDropout(_Structured):
         super().__init__(model, seed)
         self.keep, self.nested = keep, nested
         self.layout = unit_layout(model)
+        if not self.layout:  # a graph family's units are its timm layers' channels, which it does not declare
+            raise ValueError(f"--update unit-dropout needs a family of zoo's elastic layers; {model.arch} has none")
 
     def draw(self) -> Masks:
         width = (

@@ -15,7 +15,7 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from .layers import Elastic, ElasticBatchNorm2d, LayerFactory
+from .layers import Elastic, ElasticBatchNorm2d, LayerFactory, take_rows
 from .space import DEFAULT_GRID, Dim, Member, Space, Values, check_fraction, fixed, grid
 
 
@@ -196,6 +196,23 @@ class ElasticModel(nn.Module):
         model's space; the canonical ``Member``. Nothing given means the largest."""
         return self._space.compact(self.expand(as_member(member, rank, width, **axes)))
 
+    def reset_stats(self, key: str, values: Values) -> None:
+        """Fresh batch-norm statistics (mean 0, variance 1) for the member ``key``."""
+        for module in self.modules():
+            if isinstance(module, ElasticBatchNorm2d):
+                module.add_stats(key, values)
+
+    def norm_layers(self) -> list[nn.Module]:
+        """The batch norms whose ``momentum`` a member's forward uses (recalibration sets it)."""
+        return [m for m in self.modules() if isinstance(m, ElasticBatchNorm2d)]
+
+    def member_part(self, member: Member, name: str, source: torch.Tensor, shape, chunks: int) -> torch.Tensor:
+        """The part of the family's tensor ``name`` that ``member``'s own model holds under that
+        name (``zoo.slice`` copies it): the first rows of each of ``chunks`` row blocks, then a
+        prefix of every axis."""
+        out = take_rows(source, shape[0] // chunks, chunks) if source.dim() else source
+        return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
+
     def needs_calibration(self, member: Member) -> bool:
         """True for a batch-norm member without statistics (one it was not trained for)."""
         return self.uses_batchnorm and member not in self.members
@@ -237,10 +254,7 @@ class ElasticModel(nn.Module):
         member = self.resolve_member(member)
         if member in self.members:
             return
-        values = self.expand(member)
-        for module in self.modules():
-            if isinstance(module, ElasticBatchNorm2d):
-                module.add_stats(member.key, values)
+        self.reset_stats(member.key, self.expand(member))
         self.members = self.sort_members([*self.members, member])
         self.model_args["extra_members"] = [*self.model_args.get("extra_members", []), member.to_dict()]
 

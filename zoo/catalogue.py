@@ -138,6 +138,17 @@ MODELS: dict[str, dict] = {
         "params": 22_050_664,
         "params_low_rank": 29_128_552,
     },
+    "timm_graph": {  # any timm model (timm_model=...); the facts are of its default, resnet10t
+        "family": "graph",
+        "input": "image",
+        "batchnorm": True,
+        "axes": ("width",),
+        "axes_low_rank": None,  # dense only
+        "groups": (10, "group"),
+        "groups_arg": "groups",  # the channel groups of the converted model
+        "params": 5_435_488,
+        "params_low_rank": None,
+    },
     "slim_vit_tiny": {
         "family": "vit",
         "input": "image",
@@ -150,7 +161,7 @@ MODELS: dict[str, dict] = {
 
 
 def axes(name: str, low_rank: bool) -> tuple[str, ...]:
-    return MODELS[name]["axes_low_rank" if low_rank else "axes"]
+    return MODELS[name]["axes_low_rank" if low_rank else "axes"] or MODELS[name]["axes"]
 
 
 def space(name: str, low_rank: bool, model_args: dict | None = None) -> str:
@@ -159,6 +170,7 @@ def space(name: str, low_rank: bool, model_args: dict | None = None) -> str:
     (``groups_arg``: a converted language model's layers)."""
     count, group = MODELS[name]["groups"]
     count = (model_args or {}).get(MODELS[name].get("groups_arg", ""), count)
+    count = len(count) if isinstance(count, list) else count  # a list of the groups themselves
     return f"{count} {group}s with {', '.join(axes(name, low_rank))} per {group}"
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import math
 import os
 import pickle
@@ -80,6 +81,18 @@ def converts(timm_class: type, supports: str) -> Callable[[Planner], Planner]:
         return planner
 
     return decorator
+
+
+# A family that takes whatever no planner took (``zoo/models/graph.py``): ``builder(model, name,
+# timm_args, img_size, widths, order, batches)`` returns the family, its full member equal to the
+# model, channels ordered, other members' statistics fresh; or raises ``UnsupportedModel``.
+_ANY: list[Callable] = []
+
+
+def converts_any(builder: Callable) -> Callable:
+    """Register the family that converts any timm model no planner takes (at most one)."""
+    _ANY[:] = [builder]
+    return builder
 
 
 def supported() -> str:
@@ -333,7 +346,7 @@ def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrid
         **{k: v for k, v in overrides.items() if v is not None},
     }
     cfg_first = getattr(timm.models.get_pretrained_cfg(base), "first_conv", "") or ""
-    if not str(cfg_first).startswith("patch_embed"):
+    if not str(cfg_first).startswith("patch_embed") or not _takes_img_size(base):
         args.pop("img_size", None)  # CNNs take any size: it is only recorded
     try:
         model = timm.create_model(name, pretrained=False, **args)
@@ -409,7 +422,8 @@ def from_timm(
     ``calibration`` for members below full width (their statistics are estimated on it);
     without it only the full member is kept. The full member computes what the timm model
     computes: checked here on random inputs, the difference recorded in
-    ``model.zoo_metadata["converted_from"]``.
+    ``model.zoo_metadata["converted_from"]``. A model no hand-written family converts becomes
+    a graph family (``zoo/models/graph.py``: one width per channel group of its dependency graph).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
@@ -423,32 +437,125 @@ def from_timm(
             raise ValueError("give a timm model name with a checkpoint, or a model with its weights loaded, not both")
         model, name = source, (getattr(source, "pretrained_cfg", None) or {}).get("architecture", type(source).__name__)
         origin = {"timm": name}
-    plan = plan_for(model, name)
-    plan.args.setdefault(
-        "img_size", img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
-    )
+    request = _Request(name, order, low_rank, widths, ranks, calibration, img_size)
+    try:
+        family, batches = _planned(model, request)
+    except UnsupportedModel as refused:
+        if low_rank or not _ANY:
+            raise
+        try:
+            family, batches = _generic(model, request, _timm_args(model, img_size))
+        except UnsupportedModel as err:
+            planned = any(cls in _PLANNERS for cls in type(model).__mro__)  # a planner refused a part of it
+            raise UnsupportedModel(f"{refused}; as a graph family: {err}" if planned else str(err)) from None
+    return _finish(model, family, batches, name, origin, order)
+
+
+@dataclass
+class _Request:
+    name: str
+    order: str
+    low_rank: bool
+    widths: Iterable[float] | None
+    ranks: Iterable[float] | None
+    calibration: object
+    img_size: int | None
+
+
+def _batches(request: _Request, input_size: tuple[int, int, int]) -> list | None:
+    calibration = request.calibration
     if callable(calibration):
-        calibration = calibration((plan.args["in_chans"], plan.args["img_size"], plan.args["img_size"]))
+        calibration = calibration(input_size)
     batches = list(calibration) if calibration is not None else None
-    if order == "activation" and not batches:
+    if request.order == "activation" and not batches:
         raise ValueError("order 'activation' needs calibration batches (--calibrate DATA)")
+    return batches
 
-    dense = create_uninitialized(plan.arch, **plan.args, widths=[1.0])
-    _copy(plan, model, dense)
-    reorder(dense, order, batches)
 
-    family_widths = _members(widths, [1.0] if low_rank else DEFAULT_GRID, "width")
-    family_ranks = _members(ranks, DEFAULT_GRID, "rank") if low_rank else None
+def _family_widths(request: _Request, uses_batchnorm: bool, batches, arch: str):
+    """The members' widths and ranks: without calibration data a batch-norm family keeps only its full member."""
+    low_rank = request.low_rank
+    family_widths = _members(request.widths, [1.0] if low_rank else DEFAULT_GRID, "width")
+    family_ranks = _members(request.ranks, DEFAULT_GRID, "rank") if low_rank else None
     below_full = family_widths != [1.0] or (low_rank and family_ranks != [1.0])
-    if dense.uses_batchnorm and batches is None and below_full:
-        if widths is not None or ranks is not None:
+    if uses_batchnorm and batches is None and below_full:
+        if request.widths is not None or request.ranks is not None:
             raise ValueError(
-                f"{plan.arch}: members below full width or rank need batch-norm statistics; "
+                f"{arch}: members below full width or rank need batch-norm statistics; "
                 "give calibration data (--calibrate DATA)"
             )
         family_widths, family_ranks = [1.0], ([1.0] if low_rank else None)
-    family = create_uninitialized(plan.arch, **plan.args, low_rank=low_rank, widths=family_widths, ranks=family_ranks)
+    return family_widths, family_ranks
+
+
+def _planned(model: nn.Module, request: _Request) -> tuple[ElasticModel, list | None]:
+    """A hand-written family's conversion: its planner's plan, copied, ordered, factorized."""
+    plan = plan_for(model, request.name)
+    plan.args.setdefault(
+        "img_size",
+        request.img_size or int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1]),
+    )
+    batches = _batches(request, (plan.args["in_chans"], plan.args["img_size"], plan.args["img_size"]))
+    dense = create_uninitialized(plan.arch, **plan.args, widths=[1.0])
+    _copy(plan, model, dense)
+    reorder(dense, request.order, batches)
+    family_widths, family_ranks = _family_widths(request, dense.uses_batchnorm, batches, plan.arch)
+    family = create_uninitialized(
+        plan.arch, **plan.args, low_rank=request.low_rank, widths=family_widths, ranks=family_ranks
+    )
     _factorize_from(dense, family)
+    return family, batches
+
+
+def _timm_args(model: nn.Module, img_size: int | None) -> dict:
+    """timm arguments the graph family records to rebuild the model: the image size of a model
+    that embeds patches and takes one (``timm_model`` passes it to those only)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first, name = str(cfg.get("first_conv") or ""), cfg.get("architecture")
+    takes = first.startswith("patch_embed") and (not name or _takes_img_size(name))
+    return {"img_size": img_size} if img_size is not None and takes else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_img_size(name: str) -> bool:
+    """Whether timm's ``name`` has an ``img_size`` argument (efficientvim embeds patches and takes
+    none): built once with it on the meta device."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, img_size=224)
+    except TypeError as err:
+        return "img_size" not in str(err)
+    except Exception:  # a failure not about the argument: building the model reports it
+        return True
+    return True
+
+
+def _generic(model: nn.Module, request: _Request, timm_args: dict) -> tuple[ElasticModel, list | None]:
+    """The graph family's conversion (``converts_any``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = request.img_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    batches = _batches(request, (_in_chans(model), size, size))
+    family_widths, _ = _family_widths(request, _has_batchnorm(model), batches, request.name)
+    family = _ANY[0](model, request.name, timm_args, size, family_widths, request.order, batches)
+    return family, batches
+
+
+def _in_chans(model: nn.Module) -> int:
+    return int(
+        getattr(model, "in_chans", None) or next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+    )
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+def _finish(
+    model: nn.Module, family: ElasticModel, batches: list | None, name: str, origin: dict, order: str
+) -> ElasticModel:
+    """Recalibrate the members below full width, check the full member against timm, record where it came from."""
     recalibrated = []
     if family.uses_batchnorm and batches:
         for member in family.members:
@@ -467,10 +574,13 @@ def from_timm(
     family.zoo_metadata = {
         "converted_from": {
             **origin,
+            "family": family.arch,
             "order": order,
             "calibration_batches": len(batches) if batches else 0,
             "recalibrated": recalibrated,
             "max_abs_diff": difference,
+            **({"fixed_groups": family.fixed_groups} if getattr(family, "fixed_groups", None) else {}),
+            **({"unordered_groups": family.unordered_groups} if getattr(family, "unordered_groups", None) else {}),
         },
         "mean": list(family.pretrained_cfg["mean"]),
         "std": list(family.pretrained_cfg["std"]),

@@ -8,7 +8,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from .base import ElasticModel
 
 
-@torch.no_grad()
 def count_flops(model: ElasticModel, member=None, *, batch_size: int = 1) -> int:
     """Forward FLOPs (multiply and add counted separately) for one example input batch.
 
@@ -24,7 +23,9 @@ def count_flops(model: ElasticModel, member=None, *, batch_size: int = 1) -> int
     model.set_member(chosen, for_training=True)
     model.train(uncalibrated)
     try:
-        with FlopCounterMode(display=False) as counter:
+        # with gradients on: the counter's module tracker hooks every input that requires grad,
+        # and a view of a parameter made without them (CaiT's expanded class token) has none to hook
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
             model(model.example_input(batch))
     finally:
         model.train(was_training)

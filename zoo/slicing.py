@@ -14,14 +14,8 @@ from typing import Iterable, Iterator
 import torch
 
 from .base import ElasticModel
-from .layers import ElasticBatchNorm2d, take_rows
 from .registry import create_uninitialized
 from .space import Member
-
-
-def _prefix(source: torch.Tensor, shape: torch.Size, chunks: int) -> torch.Tensor:
-    out = take_rows(source, shape[0] // chunks, chunks) if source.dim() else source
-    return out[tuple(slice(0, n) for n in shape)] if out.dim() else out
 
 
 def _build_member(model: ElasticModel, chosen: Member, device: torch.device | str) -> ElasticModel:
@@ -55,8 +49,14 @@ def slice_model(
     chosen = model.resolve_member(member, rank, width=width, **axes)
     model.set_member(chosen)  # validates (batch-norm statistics must exist)
     small = _build_member(model, chosen, next(model.parameters()).device)
-    for _, tensor, source, chunks in _pairs(model, small):
-        tensor.copy_(_prefix(source, tensor.shape, chunks))
+    for name, tensor, source, chunks in _pairs(model, small):
+        part = model.member_part(chosen, name, source, tensor.shape, chunks)
+        owner, _, leaf = name.rpartition(".")
+        module = small.get_submodule(owner)
+        if part.shape != tensor.shape and leaf in module._non_persistent_buffers_set:
+            module.register_buffer(leaf, part.clone(), persistent=False)  # a cache the model grew (convit's)
+        else:
+            tensor.copy_(part)
     small.train(model.training)
     small.zoo_metadata = dict(getattr(model, "zoo_metadata", {}))
     return small
@@ -69,13 +69,14 @@ def parameter_masks(model: ElasticModel, chosen: Member) -> dict[str, torch.Tens
     The region is exactly what :func:`slice_model` copies, so a masked update moves the
     sliced member's parameters and nothing else.
     """
-    member = _build_member(model, model.resolve_member(chosen), "meta")
+    chosen = model.resolve_member(chosen)
+    member = _build_member(model, chosen, "meta")
     masks = {}
     for name, tensor, source, chunks in _pairs(model, member, buffers=False):
-        mask = torch.zeros(source.shape, dtype=torch.bool, device=source.device)
-        blocks = mask.view(chunks, -1, *mask.shape[1:])  # one row block per fused chunk
-        blocks[(slice(None), slice(0, tensor.shape[0] // chunks), *(slice(0, n) for n in tensor.shape[1:]))] = True
-        masks[name] = mask
+        coordinates = torch.arange(source.numel(), device=source.device).view(source.shape)
+        mask = torch.zeros(source.numel(), dtype=torch.bool, device=source.device)
+        mask[model.member_part(chosen, name, coordinates, tensor.shape, chunks).flatten()] = True
+        masks[name] = mask.view(source.shape)
     return masks
 
 
@@ -115,16 +116,14 @@ def recalibrate_bn(
     Networks' post-statistics. No parameter changes.
     """
     chosen = model.resolve_member(member, rank, width=width, **axes)
-    bns = [m for m in model.modules() if isinstance(m, ElasticBatchNorm2d)]
-    if not bns:
+    if not model.uses_batchnorm:
         return chosen
     model.add_member(chosen)
-    values = model.expand(chosen)
-    for bn in bns:
-        bn.add_stats(chosen.key, values)
+    model.reset_stats(chosen.key, model.expand(chosen))
     was_training, previous = model.training, model.active_member
-    momenta = [bn.momentum for bn in bns]
     model.set_member(chosen)
+    bns = model.norm_layers()
+    momenta = [bn.momentum for bn in bns]
     model.train()
     seen = 0
     try:

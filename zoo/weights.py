@@ -43,10 +43,14 @@ def save(model: ElasticModel, path: str | os.PathLike, metadata: dict | None = N
         "dtype": dtype,
         "metadata": dict(getattr(model, "zoo_metadata", {}) if metadata is None else metadata),
     }
-    tensors = {
-        name: (t.to(_DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
-        for name, t in model.state_dict().items()
-    }
+    tensors, held = {}, set()
+    for name, t in model.state_dict().items():
+        t = (t.to(_DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
+        # a tensor two modules share (coat's shared position encodings) is written under each name
+        # (safetensors refuses shared memory); loading fills the one tensor from both, equal
+        storage = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone() if storage in held else t
+        held.add(storage)
     data = to_safetensors(tensors, metadata={"zoo": json.dumps(header)})
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)  # Python's own write: a failure keeps its errno (safetensors' does not)
