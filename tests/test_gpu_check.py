@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILES = {"summary.md", "steps.log", "environment.json", "image_loops.md", "image_loops.json", "text_loops.md",
@@ -35,6 +36,7 @@ def _statuses(out: Path) -> dict[str, str]:
     return {cells[1].strip(): cells[2].strip() for cells in rows[1:]}
 
 
+@pytest.mark.slow  # ~32 s of CPU: the whole GPU check script, dry; run it before a GPU session
 def test_the_tiny_dry_run_runs_every_step_and_skips_the_cuda_ones_without_the_provider(tmp_path):
     export_device = "cpu" if CUDA_PROVIDER else "cuda"  # without the provider: the skipping path
     done = _check("--cpu-dry-run", "--tiny", "--export-device", export_device, "--out-dir", str(tmp_path))

@@ -202,6 +202,7 @@ def tiny_resnet(monkeypatch) -> str:
     return "tiny_resnet"
 
 
+@pytest.mark.slow  # ~33 s of CPU (inductor compiles each member); aot_eager below stays in CI
 def test_inductor_generates_a_forward_and_backward_per_member_that_train_as_eager(tiny_resnet, tmp_path, monkeypatch):
     """`--compile` with inductor, the default backend, generating and compiling its C++ kernels
     for real: in a fresh, empty cache (torch keeps only its precompiled header, which holds no

@@ -150,6 +150,7 @@ def test_a_frozen_node_times_out_and_the_survivor_exits_with_one_line_keeping_th
     assert _naming(str(out)) == []
 
 
+@pytest.mark.slow  # ~40 s of CPU (a restart through the launcher); the frozen-node test above stays in CI
 def test_a_restarted_process_resumes_from_the_last_checkpoint_and_records_it(tmp_path):
     """CI-sized torchrun restart: one node, its training process killed once (--max-restarts 1)."""
     out = tmp_path / "run"
