@@ -156,3 +156,49 @@ def test_a_structured_core_that_skips_blocks_leaves_them_bit_identical(kind):
 def test_models_and_batches_are_made_on_the_exactness_device(exactness_device):
     assert next(_model(low_rank=False).parameters()).device == torch.device(exactness_device)
     assert torch.randn(2).device == torch.device(exactness_device)
+
+
+def _scattered(masks):
+    """The same boxes with their channels at scattered positions (as another channel order)."""
+    out = {}
+    for p, m in masks.items():
+        for axis in range(min(2, m.dim())):
+            m = m.index_select(axis, torch.randperm(m.shape[axis], generator=torch.Generator().manual_seed(axis)))
+        out[p] = m
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+@pytest.mark.parametrize("scattered", [False, True], ids=["prefix-box", "index-box"])
+def test_a_box_step_equals_the_whole_tensor_step(kind, scattered):
+    """The fast path (each tensor's box stepped alone) leaves the parameters and optimizer state
+    the generic path leaves (whole tensors stepped, the outside put back)."""
+    from training.masking import _box
+
+    models = [_model(False), _model(False)]
+    masks = MaskCache(models[0]).member(Member(0.5))
+    assert all(_box(m) is not None for m in (_scattered(masks) if scattered else masks).values())
+    optimizers = [_optimizer(kind, model) for model in models]
+    optimizers[1].__class__ = type("WholeTensor", (type(optimizers[1]),), {})  # not known to be elementwise
+    for step in range(3):
+        for model, optimizer in zip(models, optimizers):
+            masks = MaskCache(model).member(Member(0.5))
+            torch.manual_seed(step)
+            if step == 0:  # a full step first: state everywhere
+                _train_step(model, optimizer, model.largest, None)
+            else:
+                _train_step(model, optimizer, Member(0.5), _scattered(masks) if scattered else masks)
+    first, second = _snapshot(models[0], optimizers[0]), _snapshot(models[1], optimizers[1])
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.allclose(first[key], second[key], rtol=1e-6, atol=1e-7), key
+
+
+def test_a_mask_that_is_no_box_takes_the_whole_tensor_path():
+    from training.masking import _box
+
+    mask = torch.zeros(4, 3, dtype=torch.bool)
+    mask[:2, :2] = True
+    assert _box(mask) == (slice(0, 2), slice(0, 2))
+    mask[3, 2] = True  # two blocks: the product of its axes would hold (3, 0) too
+    assert _box(mask) is None

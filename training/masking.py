@@ -3,10 +3,16 @@
 The method's update is ``x <- x - lr * m ⊙ g``. A core's forward and backward slice the
 weights, so its gradient outside the core is already exactly zero; but zero gradient is not a
 masked *update*: weight decay, momentum and Adam's moments would still move coordinates the
-step did not train. :func:`masked_step` wraps any ``torch.optim`` optimizer generically: it
-snapshots the parameters that the mask does not fully cover, and every optimizer-state tensor
-of the same shape, runs the optimizer's own ``step``, then puts the out-of-mask coordinates
-back with ``torch.where``. The result is exact (bit for bit), whatever the optimizer does.
+step did not train. :func:`masked_step` wraps any ``torch.optim`` optimizer and keeps every
+coordinate outside the mask bit-identical, whatever the optimizer does:
+
+* where a mask is a box (a set of indices per axis: the member's channels, as slicing takes
+  them) and the optimizer is elementwise (SGD, Adam, AdamW, ...), each tensor, its gradient and
+  its optimizer state are swapped for their box for the optimizer's own ``step``, then written
+  back: the step costs what the member's own step costs, as if it were trained alone;
+* otherwise (a mask of another shape, an optimizer whose step reads whole tensors, as LAMB's
+  norms or Adafactor's factored moments), the tensor and its state are snapshotted, the step
+  runs on the whole tensor, and the out-of-mask coordinates are put back with ``torch.where``.
 
 What this does to the optimizer state of masked coordinates (on a step that trains a core):
 
@@ -30,6 +36,7 @@ A step that trains the largest member is unmasked and costs nothing extra.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Callable, Iterable
 
@@ -111,14 +118,23 @@ def masked_step(
     if not masks:
         step()
         return
-    saved = []
+    elementwise = type(optimizer) in _ELEMENTWISE
+    swapped, saved = [], []
     for p, mask in masks.items():
         if p.grad is None:  # the optimizer skips it: nothing to restore
             continue
         state = optimizer.state.get(p, {})
-        old_state = {k: v.clone() for k, v in state.items() if _same_shape(v, p)}
-        saved.append((p, mask, p.detach().clone(), old_state))
-    step()
+        box = _box(mask) if elementwise and all(_same_shape(v, p) or _scalar(v) for v in state.values()) else None
+        if box is not None:
+            swapped.append(_Swap(p, box, state))
+        else:
+            old_state = {k: v.clone() for k, v in state.items() if _same_shape(v, p)}
+            saved.append((p, mask, p.detach().clone(), old_state))
+    try:
+        step()
+    finally:
+        for swap in swapped:
+            swap.back(optimizer.state.get(swap.p, {}))
     with torch.no_grad():
         for p, mask, old, old_state in saved:
             p.copy_(torch.where(mask, p, old))
@@ -126,6 +142,82 @@ def masked_step(
                 if _same_shape(value, p):
                     before = old_state.get(key)
                     value.copy_(torch.where(mask, value, before) if before is not None else value.masked_fill(~mask, 0))
+
+
+# Optimizers whose step is elementwise (scalar state aside): a coordinate's update reads only
+# its own gradient and state, so stepping a box of a tensor equals stepping the whole tensor there.
+_ELEMENTWISE = {
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+}
+
+
+class _Swap:
+    """A parameter, its gradient and its same-shape optimizer state replaced by their box for
+    one step (the tensors keep their identity, so the optimizer's state stays keyed by them)."""
+
+    def __init__(self, p: nn.Parameter, box: tuple, state: dict):
+        self.p, self.box = p, box
+        self.full, self.grad = p.data, p.grad
+        self.state = {k: v for k, v in state.items() if _same_shape(v, p)}
+        p.data = self.full[box].contiguous()
+        p.grad = self.grad[box].contiguous()
+        for key, value in self.state.items():
+            state[key] = value[box].contiguous()
+
+    def back(self, state: dict) -> None:
+        """Write the box back into the whole tensors; state the step created gets zero outside it."""
+        p, box = self.p, self.box
+        with torch.no_grad():
+            self.full[box] = p.data
+            self.grad[box] = p.grad
+            for key, value in state.items():
+                if key in self.state or (_same_shape(value, p) and not _scalar(value)):
+                    whole = self.state.get(key)
+                    if whole is None:
+                        whole = torch.zeros_like(self.full, dtype=value.dtype)
+                    whole[box] = value
+                    state[key] = whole
+        p.data, p.grad = self.full, self.grad
+
+
+def _box(mask: torch.Tensor) -> tuple | None:
+    """The mask as an index per axis (a slice where it is a prefix), or None when it is not the
+    product of its axes' indices. Cached per mask tensor (masks are cached per member) and
+    its version (an in-place change is another mask)."""
+    hit = _BOXES.get(id(mask))
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        return hit[2]
+    box = None
+    if mask.dim() > 0:
+        others = [[d for d in range(mask.dim()) if d != a] for a in range(mask.dim())]
+        axes = [torch.nonzero(mask.any(dim=dims) if dims else mask).flatten() for dims in others]
+        if int(mask.sum()) == math.prod(len(i) for i in axes):
+            box = _indexer(axes)
+    _BOXES[id(mask)] = (mask, mask._version, box)
+    while len(_BOXES) > 4096:
+        _BOXES.popitem(last=False)
+    return box
+
+
+def _indexer(axes: list[torch.Tensor]) -> tuple:
+    """Basic slices when every axis keeps a prefix (views), else broadcast index tensors."""
+    if all(len(i) == 0 or int(i[-1]) == len(i) - 1 for i in axes):
+        return tuple(slice(0, len(i)) for i in axes)
+    return tuple(i.view([-1 if a == d else 1 for d in range(len(axes))]) for a, i in enumerate(axes))
+
+
+_BOXES: OrderedDict[int, tuple[torch.Tensor, int, tuple | None]] = OrderedDict()
+
+
+def _scalar(value: object) -> bool:
+    return not torch.is_tensor(value) or value.dim() == 0
 
 
 def _same_shape(value: object, p: torch.Tensor) -> bool:
