@@ -60,11 +60,13 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
     hooks.append(model.register_forward_hook(lambda *_: entered.append(_TRACED)))
     if not getattr(index_mapping.update_concat_index_mapping, "zoo", False):  # once, for every later call too
         index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
+        index_mapping.update_index_mapping = _mapped_once(index_mapping.update_index_mapping)
     training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
             warnings.simplefilter("ignore")  # its note on bare parameters: it slices their last axis, as zoo wants
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph.zoo_static = True  # zoo never prunes the traced modules: their index mappings stay
         # Torch-Pruning traced in eval mode: timm's models that cache tensors in eval mode
         # (attention biases) drop them on train(), else copies of the model would fail (a traced
         # tensor is no graph leaf: it cannot be deep-copied)
@@ -99,6 +101,23 @@ def _concat_mapping(original):
         original(graph, node)
 
     update.zoo = True
+    return update
+
+
+def _mapped_once(original):
+    """Torch-Pruning maps every concatenation, split and reshape again on each
+    ``get_pruning_group``, since a pruner changes the traced modules between calls. zoo's graphs
+    (``zoo_static``) are never pruned, so their mappings are made once: DenseNet's 120 groups,
+    read a thousand times, spent minutes there. Other graphs (a Torch-Pruning pruner in the same
+    process) are mapped as before."""
+
+    def update(graph) -> None:
+        if getattr(graph, "zoo_static", False):
+            if getattr(graph, "zoo_mapped", False):
+                return
+            graph.zoo_mapped = True
+        original(graph)
+
     return update
 
 

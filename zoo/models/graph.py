@@ -461,13 +461,24 @@ def reorder_channels(family: GraphFamily, order: str, batches=None) -> list[str]
     was = family.net.training
     family.net.eval()
     reference, kept_order = family.net(x), []
-    for g, chosen in enumerate(orders):
-        one = [chosen if h == g else torch.arange(len(o)) for h, o in enumerate(orders)]
-        before = _permute(family, family._plan.permutation(one))
-        if not torch.allclose(family.net(x), reference, rtol=1e-4, atol=1e-5):
-            for tensor, value in before:
-                tensor.copy_(value)
-            kept_order.append(family._plan.groups[g].root)
+
+    def permute(groups: list[int]) -> None:
+        """Permute ``groups`` together; where the model changes, each half on its own (most
+        models keep every permutation: one try)."""
+        some = [orders[g] if g in groups else torch.arange(len(o)) for g, o in enumerate(orders)]
+        before = _permute(family, family._plan.permutation(some))
+        if torch.allclose(family.net(x), reference, rtol=1e-4, atol=1e-5):
+            return
+        for tensor, value in before:
+            tensor.copy_(value)
+        if len(groups) == 1:
+            kept_order.append(family._plan.groups[groups[0]].root)
+            return
+        permute(groups[: len(groups) // 2])
+        permute(groups[len(groups) // 2 :])
+
+    permute(list(range(len(orders))))
+    kept_order.sort(key=[g.root for g in family._plan.groups].index)
     family.net.train(was)
     family._skeletons.clear()
     return kept_order
