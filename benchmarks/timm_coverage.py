@@ -15,7 +15,8 @@ own input size where it does not convert at 64 px) with random weights, and chec
    PyTorch by ``zoo export``'s own check.
 
 A model passes (``ok``) when all three do; otherwise ``refused`` with the first failure's
-one-line reason. Each model runs in its own process (a hang or a crash costs that model only)
+one-line reason. Each model runs in its own process (a hang or a crash costs that model only; at
+most 900 s of CPU time each, so that the load of a shared machine does not decide)
 and every record is written to ``benchmarks/results/timm_coverage.json`` as it finishes, so an
 interrupted run resumes where it stopped:
 
@@ -32,6 +33,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -173,21 +175,27 @@ def run(only: set[str] | None, redo: bool = False) -> None:
         command = [sys.executable, __file__, "--check", name]
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         try:
-            out = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
+            out = subprocess.run(command, capture_output=True, text=True, timeout=4 * TIMEOUT, env=env, cwd=ROOT)
             lines = out.stdout.strip().splitlines()
             record = (
                 json.loads(lines[-1])
                 if out.returncode == 0 and lines
+                else _over_time(f"{TIMEOUT} s of CPU time")
+                if out.returncode == -signal.SIGXCPU
                 else {
                     "status": "refused",
                     "stage": "crash",
                     "reason": (out.stderr.strip().splitlines() or ["no output"])[-1][:300],
                 }
             )
-        except subprocess.TimeoutExpired:
-            record = {"status": "refused", "stage": "timeout", "reason": f"took over {TIMEOUT} s"}
+        except subprocess.TimeoutExpired:  # a hang: the CPU limit did not end it
+            record = _over_time(f"{4 * TIMEOUT} s")
         _record({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1)})
         print(f"{module:<24}{name:<40}{record['status']:<9}{record['reason'][:90]}", flush=True)
+
+
+def _over_time(limit: str) -> dict:
+    return {"status": "refused", "stage": "timeout", "reason": f"took over {limit}"}
 
 
 def table(total: int | None = None) -> str:
@@ -232,6 +240,10 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the README table from the results")
     args = parser.parse_args()
     if args.check:
+        import resource
+
+        # CPU time, not wall time: on a shared machine the wall clock mostly measures the load
+        resource.setrlimit(resource.RLIMIT_CPU, (TIMEOUT, TIMEOUT + 10))
         print(json.dumps(check(args.check)))
     elif args.table:
         text = table()
