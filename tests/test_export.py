@@ -428,7 +428,7 @@ def test_a_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     import export.verify
 
     weights = family_file(tmp_path, "gpt")
-    monkeypatch.setattr(export.verify, "max_abs_difference", lambda *args: 0.5)  # as if the graph were wrong
+    monkeypatch.setattr(export.verify, "max_abs_difference", lambda *args: export.verify.Gap(0.5, 3.0))  # wrong
     member = WeightsSource.open(weights).member()
     with pytest.raises(ValueError, match="verification failed.*0.5"):
         export_member(member, tmp_path / "out" / "m.onnx")
@@ -448,3 +448,12 @@ def test_an_exporter_failure_is_reported_by_its_root_cause():
     reason = _export_reason(RuntimeError(message))
     assert reason == "Failed to decompose the FX graph for ONNX compatibility: Unsupported: data-dependent branch"
     assert _export_reason(ValueError("one line\nmore")) == "one line"
+
+
+def test_the_verification_tolerance_scales_with_the_outputs():
+    """float32 rounds large logits coarser: 1e-4 per unit of the outputs' scale, absolute below 1."""
+    from export.verify import Gap
+
+    assert Gap(0.0016, 160.0).within() and not Gap(0.0016, 10.0).within()
+    assert not Gap(2e-4, 0.5).within() and Gap(9e-5, 0.5).within()
+    assert "(> 0.001, 0.0001 of the outputs' scale 10)" in Gap(0.5, 10.0).failure("onnxruntime")

@@ -445,6 +445,55 @@ def test_a_layer_shared_under_two_names_saves_and_loads(tmp_path):
         assert _difference(loaded(x), model(x)) == 0.0
 
 
+class _UnitAttention(torch.nn.Module):
+    """Attention within mask units, as Hiera's: queries, keys and values of five axes (batch,
+    heads, units, tokens, head size); timm's ``fused_attn`` switch picks the fused kernel."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem, self.qkv = torch.nn.Conv2d(in_chans, 32, 4, stride=4), torch.nn.Linear(32, 96)
+        self.proj, self.fc = torch.nn.Linear(32, 32), torch.nn.Linear(32, num_classes)
+        self.fused_attn, self.num_classes, self.in_chans = True, num_classes, in_chans
+        self.pretrained_cfg = {"architecture": "zoo_test_unit_attention", "classifier": "fc", "first_conv": "stem"}
+
+    def get_classifier(self) -> torch.nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (batch, 64, 32)
+        b, n, _ = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(b, 4, n // 4, 3, 2, 16).permute(3, 0, 4, 1, 2, 5)  # 3 x (b, 2, 4, 16, 16)
+        if self.fused_attn:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) * 16**-0.5).softmax(-1) @ v
+        out = self.proj(out.permute(0, 2, 3, 1, 4).reshape(b, n, 32))
+        return self.fc(out.mean(1))
+
+
+@timm.models.register_model
+def zoo_test_unit_attention(pretrained: bool = False, **kwargs) -> _UnitAttention:
+    return _UnitAttention(**kwargs)
+
+
+def test_attention_the_exporter_takes_only_written_out_exports_verified(tmp_path):
+    """torch.onnx takes only four-axis queries in scaled_dot_product_attention: the member is
+    exported with timm's attention written out (``fused_attn`` off while exporting, on again)
+    and verified against PyTorch's fused forward."""
+    from export.onnx_export import export_file
+
+    family = zoo.from_timm(trained_looking("zoo_test_unit_attention"), img_size=IMG, widths=[0.5], order="none")
+    path = zoo.save(zoo.slice(family, width=0.5), tmp_path / "m.safetensors")
+    export_file(path, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").stat().st_size > 10_000 and family.net.fused_attn is True
+    loaded = zoo.load(path).eval()
+    import onnxruntime as ort
+
+    x = batches(1, seed=3)[0]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    assert _difference(torch.from_numpy(got), loaded(x)) <= 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["efficientnet_b0", "convnext_atto", "seresnext26t_32x4d", "mobilenetv3_small_050", "ghostnet_050"]
@@ -458,3 +507,13 @@ def test_other_timm_kinds_convert_exactly_and_slice(name):
     assert _difference(family(x), source(x)) <= 1e-4
     family.set_member(width=0.5)
     assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_a_five_axis_expand_that_is_not_grouped_query_attention_converts():
+    """Torch-Pruning reads any five-axis expand as grouped-query attention; GCViT's global query
+    is not one (its "repeat" is 0, and mapping divided by it): zoo leaves that expand unmapped."""
+    from zoo.models.graph import _plan
+
+    plan = _plan("gcvit_xxtiny", {"img_size": 224}, CLASSES, 3, 224)
+    assert len(plan.groups) > 10

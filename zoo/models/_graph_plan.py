@@ -61,6 +61,7 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
     if not getattr(index_mapping.update_concat_index_mapping, "zoo", False):  # once, for every later call too
         index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
         index_mapping.update_index_mapping = _mapped_once(index_mapping.update_index_mapping)
+        index_mapping.update_expand_index_mapping = _expand_mapping(index_mapping.update_expand_index_mapping)
     training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
@@ -101,6 +102,25 @@ def _concat_mapping(original):
         original(graph, node)
 
     update.zoo = True
+    return update
+
+
+def _expand_mapping(original):
+    """Torch-Pruning reads every five-axis ``expand`` as Hugging Face's grouped-query attention
+    (key/value heads repeated) and maps its channels so; a five-axis expand of something else
+    (GCViT's global query, Hiera's mask units) has fewer output channels than input ones, its
+    "repeat" is 0 and every later mapping divides by it. Such an expand keeps its channels
+    unmapped here; the groups through it are then checked like any other."""
+    from torch_pruning.dependency import index_mapping
+    from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
+
+    def update(graph, node) -> None:
+        original(graph, node)
+        for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies if d.target == node)]:
+            mapping = dep.index_mapping[0]
+            if isinstance(mapping, index_mapping._GQAIndexMapping) and mapping.repeat * mapping.head_dim < 1:
+                dep.index_mapping[0] = INDEX_MAPPING_PLACEHOLDER
+
     return update
 
 
