@@ -154,7 +154,10 @@ def run_zoo(
         space="layerwise", widths=sorted({*widths.values(), 1.0}), steps=steps, batch_size=BATCH_SIZE,
         optimizer="sgd", lr=lr, weight_decay=WEIGHT_DECAY, eval_every=steps, overwrite=True,
     )  # fmt: skip
-    trained = train(config).model_path
+    result = train(config)
+    if result.model_path is None:  # stopped by a signal after a checkpoint: no record, the next run redoes it
+        raise KeyboardInterrupt(f"zoo train stopped at step {result.steps} of {result.total_steps}")
+    trained = result.model_path
     train_s = time.perf_counter() - start
     family = zoo.load(trained)
     full_flops = zoo.count_flops(family, family.largest)
