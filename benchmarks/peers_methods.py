@@ -137,8 +137,12 @@ def zoo_search(weights: Path, budget: float, spec: str, out: Path, seed: int) ->
     return zoo.Member.from_dict(report["best"]["member"]), Path(report["latency_check"]["file"])
 
 
-def run_zoo(name: str, plain: torch.nn.Module, spec: str, search_spec: str, work: Path, seed: int, steps: int) -> dict:
-    """Convert, train the family jointly once, then the uniform and the searched member per target."""
+def run_zoo(
+    name: str, plain: torch.nn.Module, spec: str, search_spec: str, work: Path, seed: int, steps: int,
+    lr: float = FINETUNE_LR, label: str = "zoo", search: bool = True,
+) -> dict:  # fmt: skip
+    """Convert, train the family jointly once, then the uniform and (``search``) the searched
+    member per target, rows labelled ``label``-uniform and ``label``-search."""
     from export.onnx_export import export_file
     from training.trainer import TrainConfig, train
 
@@ -148,9 +152,12 @@ def run_zoo(name: str, plain: torch.nn.Module, spec: str, search_spec: str, work
     config = TrainConfig.from_flags(
         arch, str(work / "train"), init=str(family_path), seed=seed, data=spec, strategy="sandwich",
         space="layerwise", widths=sorted({*widths.values(), 1.0}), steps=steps, batch_size=BATCH_SIZE,
-        optimizer="sgd", lr=FINETUNE_LR, weight_decay=WEIGHT_DECAY, eval_every=steps, overwrite=True,
+        optimizer="sgd", lr=lr, weight_decay=WEIGHT_DECAY, eval_every=steps, overwrite=True,
     )  # fmt: skip
-    trained = train(config).model_path
+    result = train(config)
+    if result.model_path is None:  # stopped by a signal after a checkpoint: no record, the next run redoes it
+        raise KeyboardInterrupt(f"zoo train stopped at step {result.steps} of {result.total_steps}")
+    trained = result.model_path
     train_s = time.perf_counter() - start
     family = zoo.load(trained)
     full_flops = zoo.count_flops(family, family.largest)
@@ -158,15 +165,18 @@ def run_zoo(name: str, plain: torch.nn.Module, spec: str, search_spec: str, work
     for target in TARGETS:
         member = zoo.Member(width=widths[target])
         onnx = export_file(trained, work / f"uniform_{target}.onnx", width=widths[target]).path
-        rows.append(dict(member_row(family, member, onnx, spec, "zoo-uniform"), target=target))
+        rows.append(dict(member_row(family, member, onnx, spec, f"{label}-uniform"), target=target))
+        if not search:
+            continue
         begin = time.perf_counter()
         found, onnx = zoo_search(trained, target * full_flops, search_spec, work / f"search_{target}", seed)
         search_s += time.perf_counter() - begin
         zoo.recalibrate_bn(family, [inputs for inputs, _ in calibration_batches(spec)], found)
-        rows.append(dict(member_row(family, found, onnx, spec, "zoo-search"), target=target))
+        rows.append(dict(member_row(family, found, onnx, spec, f"{label}-search"), target=target))
     passes = steps * SANDWICH_PASSES
-    cost = {"zoo-uniform": dict(steps=steps, passes=passes, seconds=train_s)}
-    cost["zoo-search"] = dict(steps=steps, passes=passes, seconds=train_s + search_s)
+    cost = {f"{label}-uniform": dict(steps=steps, passes=passes, seconds=train_s)}
+    if search:
+        cost[f"{label}-search"] = dict(steps=steps, passes=passes, seconds=train_s + search_s)
     return dict(rows=rows, cost=cost)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from zoo.fileio import atomic_path
 from zoo.search import place_labels, short_count
 
-MARKERS = {"zoo-uniform": "o", "zoo-search": "*", "tp-magnitude": "s", "tp-taylor": "D", "modelopt": "^"}
-COLORS = {"zoo-uniform": "tab:blue", "zoo-search": "tab:cyan", "tp-magnitude": "tab:orange", "tp-taylor": "tab:red",
-          "modelopt": "tab:green"}  # fmt: skip
+MARKERS = {"zoo-uniform": "o", "zoo-search": "*", "zoo-lr4-uniform": "v", "tp-magnitude": "s", "tp-taylor": "D",
+           "modelopt": "^"}  # fmt: skip
+COLORS = {"zoo-uniform": "tab:blue", "zoo-search": "tab:cyan", "zoo-lr4-uniform": "tab:purple",
+          "tp-magnitude": "tab:orange", "tp-taylor": "tab:red", "modelopt": "tab:green"}  # fmt: skip
 LABEL_OFFSETS = [(5, 4), (5, -11), (-5, 4), (-5, -11), (8, 10), (8, -16), (-8, 10), (-8, -16)]
 HEADER = (
     "| target | method | seeds | test accuracy | params | FLOPs (share) | latency ms (full) | "
@@ -58,13 +59,15 @@ def side_by_side(tables: dict[str, list[dict]]) -> list[str]:
     if not tables:
         return []
     lines = ["", "## Side by side", "", "Test accuracy % (mean ± std over the seeds), onnxruntime latency in ms.", ""]
-    lines += ["| model | target | " + " | ".join(MARKERS) + " |", "|" + "---|" * (2 + len(MARKERS))]
+    present = {r["method"] for rows in tables.values() for r in rows}
+    columns = [m for m in MARKERS if m != "zoo-lr4-uniform" or m in present]  # the diagnostic where it ran
+    lines += ["| model | target | " + " | ".join(columns) + " |", "|" + "---|" * (2 + len(columns))]
     for model, rows in tables.items():
         for target in sorted({r["target"] for r in rows}):
             found = {r["method"]: r for r in rows if r["target"] == target}
             cells = [
                 f"{100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} ({r['latency_ms']:.2f} ms)" if r else "–"
-                for r in (found.get(method) for method in MARKERS)
+                for r in (found.get(method) for method in columns)
             ]
             lines.append(f"| {model} | {target:g} | " + " | ".join(cells) + " |")
     lines += [
