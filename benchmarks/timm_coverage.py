@@ -181,7 +181,7 @@ def run(only: set[str] | None, redo: bool = False) -> None:
                 json.loads(lines[-1])
                 if out.returncode == 0 and lines
                 else _over_time(f"{TIMEOUT} s of CPU time")
-                if out.returncode == -signal.SIGXCPU
+                if out.returncode in (-signal.SIGXCPU, -signal.SIGKILL)  # the soft CPU limit, or the hard one
                 else {
                     "status": "refused",
                     "stage": "crash",
