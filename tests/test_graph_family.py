@@ -509,6 +509,25 @@ def test_other_timm_kinds_convert_exactly_and_slice(name):
     assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
 
 
+@torch.no_grad()
+def test_a_group_search_that_does_not_end_leaves_its_root_whole(monkeypatch):
+    """Torch-Pruning's search grew one of RexNet's groups to millions of operations: past
+    GROUP_LIMIT the root couples nothing, its channels stay whole (recorded in ``fixed``), and
+    the other groups still make an exact family."""
+    from zoo.models import _graph_plan
+
+    monkeypatch.setattr(_graph_plan, "GROUP_LIMIT", 6)  # the stem's and the shared trunk's groups reach further
+    source = trained_looking("zoo_test_cross_stage")
+    family = zoo.from_timm(source, img_size=IMG + 8, widths=[0.5], calibration=batches(), order="none")
+    unbounded = [f for f in family._plan.fixed if "its group search did not end (over 6 operations)" in f]
+    assert unbounded and family._plan.groups
+    x = torch.randn(2, 3, IMG + 8, IMG + 8)
+    family.eval().set_member(width=1.0)
+    assert _difference(family(x), source(x)) <= 1e-4
+    family.set_member(width=0.5)
+    assert _difference(zoo.slice(family, width=0.5)(x), family(x)) <= 1e-4
+
+
 @pytest.mark.slow
 def test_a_five_axis_expand_that_is_not_grouped_query_attention_converts():
     """Torch-Pruning reads any five-axis expand as grouped-query attention; GCViT's global query

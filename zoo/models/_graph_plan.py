@@ -62,6 +62,7 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
         index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
         index_mapping.update_index_mapping = _mapped_once(index_mapping.update_index_mapping)
         index_mapping.update_expand_index_mapping = _expand_mapping(index_mapping.update_expand_index_mapping)
+        _index_groups()
     training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
@@ -124,6 +125,63 @@ def _expand_mapping(original):
     return update
 
 
+GROUP_LIMIT = 20_000  # coupled operations in one group: legitimate groups hold hundreds
+
+
+class _Unbounded(Exception):
+    """A group search past ``GROUP_LIMIT``: Torch-Pruning's search on RexNet's partial residual
+    adds grew one group to millions of operations (each seen with other indices) and did not end."""
+
+
+def _bounded(graph) -> list[str]:
+    """Make the graph's group search give up past ``GROUP_LIMIT``: the root it started from then
+    couples nothing (no group: its channels stay whole). Returns the list those roots go to."""
+    from torch_pruning.dependency.group import Group
+
+    search, unbounded = graph.get_pruning_group, []
+
+    def get_pruning_group(module, pruning_fn, idxs):
+        try:
+            return search(module, pruning_fn, idxs)
+        except _Unbounded:
+            unbounded.append(graph._module2name.get(module, "?"))
+            return Group()
+
+    graph.get_pruning_group = get_pruning_group
+    return unbounded
+
+
+def _index_groups() -> None:
+    """Torch-Pruning's group search asks, for every dependency it reaches, whether the group
+    already holds that operation with those indices, by comparing it with every item so far:
+    quadratic in the group's size, with index lists compared element by element. On models whose
+    groups reach many layers with many index sets (RexNet's partial residual adds) one search
+    took over 15 minutes. Here each group also keeps a set of its (target, handler, indices), so
+    the question is one lookup; the answers are the same."""
+    from torch_pruning.dependency.group import Group
+
+    if getattr(Group.has_pruning_op, "zoo", False):
+        return
+    add_dep, has_pruning_op = Group.add_dep, Group.has_pruning_op
+
+    def indexed_add_dep(self, dep, idxs) -> None:
+        add_dep(self, dep, idxs)
+        seen, added = self.__dict__.setdefault("zoo_seen", (set(), [0]))
+        seen.add((dep.target, dep.handler, tuple(idxs)))
+        added[0] += 1
+        if added[0] > GROUP_LIMIT:
+            raise _Unbounded
+
+    def indexed_has_pruning_op(self, dep, idxs) -> bool:
+        seen, added = self.__dict__.get("zoo_seen", (None, [-1]))
+        if added[0] != len(self._group):  # items set another way: Torch-Pruning's own scan
+            return has_pruning_op(self, dep, idxs)
+        return (dep.target, dep.handler, tuple(idxs)) in seen
+
+    indexed_has_pruning_op.zoo = True
+    Group.add_dep, Group.has_pruning_op = indexed_add_dep, indexed_has_pruning_op
+
+
 def _mapped_once(original):
     """Torch-Pruning maps every concatenation, split and reshape again on each
     ``get_pruning_group``, since a pruner changes the traced modules between calls. zoo's graphs
@@ -153,8 +211,10 @@ class ChannelPlan:
         self.template = template
         self.graph = _dependency_graph(template, example)
         self.shapes = {n: tuple(t.shape) for n, t in _tensors(template)}
-        roots = []
+        roots, unbounded = [], _bounded(self.graph)
         for group in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
+            if not group.items:  # its search did not end
+                continue
             dep, idxs = group.items[0]
             name = self.graph._module2name.get(dep.target.module)
             if name is not None and idxs:
@@ -162,6 +222,7 @@ class ChannelPlan:
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
+        self.fixed += [f"{root}: its group search did not end (over {GROUP_LIMIT} operations)" for root in unbounded]
         self._settle(example)
 
     def _settle(self, example: torch.Tensor) -> None:
