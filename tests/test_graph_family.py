@@ -476,6 +476,7 @@ def zoo_test_unit_attention(pretrained: bool = False, **kwargs) -> _UnitAttentio
     return _UnitAttention(**kwargs)
 
 
+@pytest.mark.slow  # two dynamo exports, 50 s: the suite's 10-minute budget
 def test_attention_the_exporter_takes_only_written_out_exports_verified(tmp_path):
     """torch.onnx takes only four-axis queries in scaled_dot_product_attention: the member is
     exported with timm's attention written out (``fused_attn`` off while exporting, on again)
