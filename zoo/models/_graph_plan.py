@@ -126,6 +126,7 @@ def _expand_mapping(original):
 
 
 GROUP_LIMIT = 20_000  # coupled operations in one group: legitimate groups hold hundreds
+_BOUNDED = [False]  # inside one of zoo's group searches (``_bounded``)
 
 
 class _Unbounded(Exception):
@@ -141,11 +142,14 @@ def _bounded(graph) -> list[str]:
     search, unbounded = graph.get_pruning_group, []
 
     def get_pruning_group(module, pruning_fn, idxs):
+        _BOUNDED[0] = True  # only zoo's searches give up: a Torch-Pruning pruner beside them does not
         try:
             return search(module, pruning_fn, idxs)
         except _Unbounded:
             unbounded.append(graph._module2name.get(module, "?"))
             return Group()
+        finally:
+            _BOUNDED[0] = False
 
     graph.get_pruning_group = get_pruning_group
     return unbounded
@@ -160,8 +164,6 @@ def _index_groups() -> None:
     the question is one lookup; the answers are the same."""
     from torch_pruning.dependency.group import Group
 
-    if getattr(Group.has_pruning_op, "zoo", False):
-        return
     add_dep, has_pruning_op = Group.add_dep, Group.has_pruning_op
 
     def indexed_add_dep(self, dep, idxs) -> None:
@@ -169,7 +171,7 @@ def _index_groups() -> None:
         seen, added = self.__dict__.setdefault("zoo_seen", (set(), [0]))
         seen.add((dep.target, dep.handler, tuple(idxs)))
         added[0] += 1
-        if added[0] > GROUP_LIMIT:
+        if added[0] > GROUP_LIMIT and _BOUNDED[0]:
             raise _Unbounded
 
     def indexed_has_pruning_op(self, dep, idxs) -> bool:
@@ -178,7 +180,6 @@ def _index_groups() -> None:
             return has_pruning_op(self, dep, idxs)
         return (dep.target, dep.handler, tuple(idxs)) in seen
 
-    indexed_has_pruning_op.zoo = True
     Group.add_dep, Group.has_pruning_op = indexed_add_dep, indexed_has_pruning_op
 
 
