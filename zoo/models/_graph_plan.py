@@ -62,6 +62,8 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
         index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
         index_mapping.update_index_mapping = _mapped_once(index_mapping.update_index_mapping)
         index_mapping.update_expand_index_mapping = _expand_mapping(index_mapping.update_expand_index_mapping)
+        index_mapping.update_reshape_index_mapping = _reshape_mapping(index_mapping.update_reshape_index_mapping)
+        index_mapping.update_split_index_mapping = _split_mapping(index_mapping.update_split_index_mapping)
         _index_groups()
     training = model.training
     try:
@@ -121,6 +123,38 @@ def _expand_mapping(original):
             mapping = dep.index_mapping[0]
             if isinstance(mapping, index_mapping._GQAIndexMapping) and mapping.repeat * mapping.head_dim < 1:
                 dep.index_mapping[0] = INDEX_MAPPING_PLACEHOLDER
+
+    return update
+
+
+def _reshape_mapping(original):
+    """Torch-Pruning maps a reshape between channel counts it infers on both sides, dividing the
+    larger by the smaller; where one side counts 0 (it reaches the model's input through a
+    residual, as SHViT's partial-channel attention does) the division fails before anything is
+    mapped. Such a reshape keeps its channels unmapped; the groups through it are then checked
+    like any other."""
+
+    def update(graph, node) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            pass
+
+    return update
+
+
+def _split_mapping(original):
+    """Torch-Pruning maps a split's i-th reader to its i-th piece, which holds only where every
+    piece has one reader; where the readers outnumber the pieces (Sequencer's LSTM outputs) the
+    pieces cannot be told apart and a reader past the last piece got an empty offset (an
+    ``IndexError`` in every later search). Such a split keeps its channels unmapped; the groups
+    through it are then checked like any other."""
+
+    def update(graph, node) -> None:
+        offsets = getattr(node.module, "offsets", None)
+        if offsets is not None and len(node.outputs) > len(offsets) - 1:
+            return
+        original(graph, node)
 
     return update
 
@@ -228,18 +262,42 @@ class ChannelPlan:
 
     def _settle(self, example: torch.Tensor) -> None:
         """Check the half-width member; where it fails at a layer, the groups that write that
-        layer's outputs (else all that touch it) stay at full width, until the member runs or no
-        group would be left (then the layer is refused)."""
+        layer's outputs (else all that touch it) stay at full width; where none is left there
+        (the failing operation reads a group traced elsewhere: DPN's dual-path adds), the group
+        whose full width lets the member run past that point is found by bisection. Until the
+        member runs, or no group would be left (then the layer is refused)."""
         while True:
             try:
                 self._check(example)
                 return
             except UnmappableLayer as err:
                 culprits = self._groups_at(err.layer) if getattr(err, "layer", None) else set()
+                if not culprits:
+                    culprits = self._culprit(example, getattr(err, "progress", -1))
                 if not culprits or len(culprits) == len(self.groups):
                     raise
                 self.fixed += [f"{self.groups[g].root}: {err}" for g in sorted(culprits)]
                 self._drop(culprits)
+
+    def _culprit(self, example: torch.Tensor, progress: int) -> set[int]:
+        """The group k such that keeping groups 0..k whole lets the member run further than
+        ``progress`` (layers entered) and keeping 0..k-1 does not; empty if none does."""
+
+        def further(whole: int) -> bool:
+            counts = [g.channels if i < whole else max(1, g.channels // 2) for i, g in enumerate(self.groups)]
+            try:
+                self._check(example, counts)
+            except UnmappableLayer as err:
+                return getattr(err, "progress", -1) > progress
+            return True
+
+        low, high = 0, len(self.groups)  # further(low) is False: the failure being settled
+        if not further(high):
+            return set()
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if further(middle) else (middle, high)
+        return {high - 1}
 
     def _groups_at(self, layer: str) -> set[int]:
         writers, touching = set(), set()
@@ -261,10 +319,11 @@ class ChannelPlan:
             for axis, (owner, channel) in list(axes.items()):
                 axes[axis] = (remap[owner], channel)
 
-    def _check(self, example: torch.Tensor) -> None:
-        """A member at half of every group must have the sizes the slots say and run (on the meta
-        device: shapes only); else the layer where it fails is refused."""
-        counts = [max(1, g.channels // 2) for g in self.groups]
+    def _check(self, example: torch.Tensor, counts: list[int] | None = None) -> None:
+        """A member (by default at half of every group) must have the sizes the slots say and run
+        (on the meta device: shapes only); else the layer where it fails is refused, with how
+        many layers it entered (``progress``)."""
+        counts = counts or [max(1, g.channels // 2) for g in self.groups]
         skeleton, keep = self.skeleton(counts), self.keep(counts)
         for name, tensor in _tensors(skeleton):
             expected = tuple(
@@ -279,7 +338,9 @@ class ChannelPlan:
                 skeleton.eval()(example)
         except Exception as err:
             layer = entered[-1] if entered else ""
-            raise _at(layer, f"the layer {layer or '?'} ({_first_line(err)})") from None
+            failure = _at(layer, f"the layer {layer or '?'} ({_first_line(err)})")
+            failure.progress = len(entered)
+            raise failure from None
         finally:
             for hook in hooks:
                 hook.remove()
