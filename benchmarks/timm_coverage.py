@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "timm_coverage.json"
 MODELS = ROOT / "benchmarks" / "results" / "timm_coverage_models.json"
-SIZE, CLASSES, TIMEOUT = 64, 10, 900
+SIZES, CLASSES, TIMEOUT = (64, 96, 128), 10, 900
 
 
 def smallest(module: str) -> str | None:
@@ -74,7 +74,7 @@ def smallest(module: str) -> str | None:
 
 def _convert(name: str, cfg) -> tuple:
     """The family at 64 px; a model that does not convert there (a ViT whose patch size does not
-    divide 64, a window size, a fixed position embedding) tries its own input size."""
+    divide 64, a window size, a fixed position embedding) tries 96 and 128 px, then its own size."""
     import torch
 
     import zoo
@@ -83,13 +83,13 @@ def _convert(name: str, cfg) -> tuple:
         batches = [torch.randn(4, 3, size, size) for _ in range(2)]
         return zoo.from_timm(name, num_classes=CLASSES, img_size=size, widths=[0.5], calibration=batches), batches
 
-    if cfg.input_size[-1] == SIZE:
-        return at(SIZE)
-    try:
-        return at(SIZE)
-    except Exception:  # the model's own size below
-        pass
-    return at(cfg.input_size[-1])
+    own = cfg.input_size[-1]
+    for size in [s for s in SIZES if s < own]:
+        try:
+            return at(size)
+        except Exception:  # the next size
+            pass
+    return at(own)
 
 
 def check(name: str) -> dict:

@@ -141,3 +141,11 @@ def test_a_failure_no_layer_name_explains_is_traced_to_its_group_by_bisection(mo
     monkeypatch.setattr(_graph_plan.ChannelPlan, "_culprit", lambda self, example, progress: set())
     with pytest.raises(zoo.convert.UnsupportedModel, match="the layer act"):
         zoo.from_timm(timm.create_model("zoo_test_dual_path"), img_size=IMG, widths=[0.5], order="none")
+
+
+@pytest.mark.slow
+def test_a_concatenation_counted_through_a_split_with_more_readers_than_pieces_converts():
+    """Gemma 4's patch reshapes: counting a concatenation's channels, Torch-Pruning looked a
+    split's piece up past the last one (IndexError); that concatenation stays unmapped."""
+    plan = graph._plan("gemma4_vit_167m_enc", {"img_size": 96}, CLASSES, 3, 96)
+    assert len(plan.groups) >= 16  # at least each block's MLP hidden channels

@@ -93,16 +93,22 @@ def _concat_mapping(original):
     """Torch-Pruning's concatenation mapping, except for a concatenation one of whose inputs has
     no channel count it can infer (a space-to-depth stem of image slices): Torch-Pruning maps
     none there when it cannot count the output either, and fails summing None when it can
-    (``int + NoneType``); here such a concatenation gets no mapping in both cases. Installed in
-    Torch-Pruning's module, since every ``get_pruning_group`` maps the concatenations again."""
+    (``int + NoneType``); here such a concatenation gets no mapping in both cases. Nor does one
+    whose counting reaches a split with more readers than pieces (Gemma 4's patch reshapes), where
+    Torch-Pruning looks a piece up past the last one (``IndexError``, raised before it maps
+    anything). Installed in Torch-Pruning's module, since every ``get_pruning_group`` maps the
+    concatenations again."""
     from torch_pruning import ops
     from torch_pruning.dependency import shape_infer
 
     def update(graph, node) -> None:
-        if node.type == ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
-            if any(shape_infer.infer_channels_between(graph, n, node) is None for n in node.inputs):
-                return
-        original(graph, node)
+        try:
+            if node.type == ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
+                if any(shape_infer.infer_channels_between(graph, n, node) is None for n in node.inputs):
+                    return
+            original(graph, node)
+        except IndexError:
+            pass
 
     update.zoo = True
     return update
