@@ -345,9 +345,8 @@ def timm_model(name: str, checkpoint: str | os.PathLike | None = None, **overrid
         **(_shape_args(base, state) if state is not None else {}),
         **{k: v for k, v in overrides.items() if v is not None},
     }
-    cfg_first = getattr(timm.models.get_pretrained_cfg(base), "first_conv", "") or ""
-    if not str(cfg_first).startswith("patch_embed") or not _takes_img_size(base):
-        args.pop("img_size", None)  # CNNs take any size: it is only recorded
+    if "img_size" in args and not _takes_img_size(base):
+        args.pop("img_size")  # a model without the argument takes any size: it is only recorded
     try:
         model = timm.create_model(name, pretrained=False, **args)
     except (TypeError, ValueError, AssertionError) as err:
@@ -509,10 +508,11 @@ def _planned(model: nn.Module, request: _Request) -> tuple[ElasticModel, list | 
 
 def _timm_args(model: nn.Module, img_size: int | None) -> dict:
     """timm arguments the graph family records to rebuild the model: the image size of a model
-    that embeds patches and takes one (``timm_model`` passes it to those only)."""
+    that takes one (``timm_model`` passes it to those only: Visformer's and HaloNet's layers are
+    built for it, though their first layer is a conv stem)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     first, name = str(cfg.get("first_conv") or ""), cfg.get("architecture")
-    takes = first.startswith("patch_embed") and (not name or _takes_img_size(name))
+    takes = _takes_img_size(name) if name else first.startswith("patch_embed")
     return {"img_size": img_size} if img_size is not None and takes else {}
 
 
