@@ -90,6 +90,27 @@ class _DualPath(_Small):
         return self.fc(x.relu().mean((2, 3)))
 
 
+class _GroupedConv(_Small):
+    """RegNet's bottleneck: a 3x3 conv in 7 groups of 8 channels, whose outputs round to
+    multiples of 8 (28 channels at half width became 32, not a multiple of 7)."""
+
+    def __init__(self, num_classes: int = CLASSES, in_chans: int = 3, **kwargs):
+        super().__init__("zoo_test_grouped_conv", num_classes, in_chans)
+        self.stem, self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1), nn.Conv2d(16, 56, 1)
+        self.conv2, self.conv3 = nn.Conv2d(56, 56, 3, padding=1, groups=7), nn.Conv2d(56, 16, 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).relu()
+        x = x + self.conv3(self.conv2(self.conv1(x).relu()).relu())
+        return self.fc(x.mean((2, 3)))
+
+
+@timm.models.register_model
+def zoo_test_grouped_conv(pretrained: bool = False, **kwargs) -> _GroupedConv:
+    return _GroupedConv(**kwargs)
+
+
 @timm.models.register_model
 def zoo_test_partial_attention(pretrained: bool = False, **kwargs) -> _PartialAttention:
     return _PartialAttention(**kwargs)
@@ -128,6 +149,13 @@ def test_a_reshape_or_split_torch_pruning_cannot_map_leaves_the_rest_elastic(nam
     family = _exact_family(name)
     assert list(elastic) in [list(g) for g in family.model_args["groups"]]
     assert family.zoo_metadata["converted_from"]["fixed_groups"]  # what stays whole is said
+
+
+@torch.no_grad()
+def test_a_grouped_convs_outputs_round_to_a_multiple_of_its_groups():
+    family = _exact_family("zoo_test_grouped_conv")  # the half member runs: 28 channels, not 32
+    member = zoo.slice(family, width=0.5)
+    assert member.net.conv2.out_channels == 28 and member.net.conv2.groups == 7
 
 
 @torch.no_grad()

@@ -351,6 +351,19 @@ class ChannelPlan:
             for hook in hooks:
                 hook.remove()
 
+    def conv_groups(self) -> list[int]:
+        """Per group, the least common multiple of the ``groups`` of the grouped (not depthwise)
+        convs whose outputs it holds: a member's count must be a multiple of it, else such a conv
+        (RegNet's, ResNeXt's) cannot run. The meta device checks no such thing, so ``_check`` passes."""
+        needs = [1] * len(self.groups)
+        for name, module in self.template.named_modules():
+            if isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups != module.in_channels:
+                owner = self.slots.get(f"{name}.weight", {}).get(0, (None, None))[0]
+                for g in [] if owner is None else owner.unique().tolist():
+                    if g >= 0:
+                        needs[g] = math.lcm(needs[g], module.groups)
+        return needs
+
     def __deepcopy__(self, memo) -> "ChannelPlan":
         return self  # never changed after tracing (skeletons copy the template): copies of a family share it
 

@@ -22,6 +22,7 @@ every other timm model and refuses, naming the layer, what the graph cannot map.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import OrderedDict
 from typing import Iterable
@@ -104,8 +105,11 @@ def _first(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:200]
 
 
-def _divisor(channels: int) -> int:
-    return 8 if channels % 8 == 0 and channels >= 32 else 1
+def _divisor(channels: int, conv_groups: int = 1) -> int:
+    """Counts round to multiples of 8 where the group allows (and keeps at least 4 steps), and
+    always to multiples of its grouped convs' ``groups``."""
+    both = math.lcm(8 if channels % 8 == 0 and channels >= 32 else 1, conv_groups)
+    return both if channels % both == 0 and channels // both >= 4 else conv_groups
 
 
 def _norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -160,7 +164,10 @@ class GraphFamily(ElasticModel):
         space = Space(group="group", groups=len(found), width_axes=("width",))
         super().__init__(space=space, widths=widths, ranks=ranks, max_member=max_member, extra_members=extra_members)
         self._plan = plan
-        self.dims = [Dim(g.channels, divisor=_divisor(g.channels), group=i) for i, g in enumerate(plan.groups)]
+        self.dims = [
+            Dim(g.channels, divisor=_divisor(g.channels, need), group=i)
+            for i, (g, need) in enumerate(zip(plan.groups, plan.conv_groups()))
+        ]
         self._limit_keep = plan.keep(self._counts(self.max_values))
         net = _timm(timm_model, timm_args, num_classes, in_chans)
         if self.max_values != space.full():
