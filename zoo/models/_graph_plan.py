@@ -166,12 +166,14 @@ def _split_mapping(original):
 
 
 GROUP_LIMIT = 20_000  # coupled operations in one group: legitimate groups hold hundreds
+INDEX_LIMIT = 2_000_000  # their indices: Visformer's flattened attention maps multiplied them past millions
 _BOUNDED = [False]  # inside one of zoo's group searches (``_bounded``)
 
 
 class _Unbounded(Exception):
-    """A group search past ``GROUP_LIMIT``: Torch-Pruning's search on RexNet's partial residual
-    adds grew one group to millions of operations (each seen with other indices) and did not end."""
+    """A group search past ``GROUP_LIMIT`` or ``INDEX_LIMIT``: Torch-Pruning's search on RexNet's
+    partial residual adds grew one group to millions of operations (each seen with other indices)
+    and did not end; on Visformer's attention, flattened maps multiplied the indices instead."""
 
 
 def _bounded(graph) -> list[str]:
@@ -211,7 +213,9 @@ def _index_groups() -> None:
         seen, added = self.__dict__.setdefault("zoo_seen", (set(), [0]))
         seen.add((dep.target, dep.handler, tuple(idxs)))
         added[0] += 1
-        if added[0] > GROUP_LIMIT and _BOUNDED[0]:
+        indices = self.__dict__.setdefault("zoo_indices", [0])
+        indices[0] += len(idxs)
+        if (added[0] > GROUP_LIMIT or indices[0] > INDEX_LIMIT) and _BOUNDED[0]:
             raise _Unbounded
 
     def indexed_has_pruning_op(self, dep, idxs) -> bool:
@@ -263,7 +267,8 @@ class ChannelPlan:
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
-        self.fixed += [f"{root}: its group search did not end (over {GROUP_LIMIT} operations)" for root in unbounded]
+        past = f"over {GROUP_LIMIT} operations or {INDEX_LIMIT} indices"
+        self.fixed += [f"{root}: its group search did not end ({past})" for root in unbounded]
         self._settle(example)
 
     def _settle(self, example: torch.Tensor) -> None:
