@@ -47,8 +47,8 @@ SIZES, CLASSES, TIMEOUT = (64, 96, 128), 10, 900
 
 
 def smallest(module: str) -> str | None:
-    """The model of a timm module with the fewest parameters (models that fail to build are
-    skipped); chosen once, kept in ``MODELS``."""
+    """The classifier of a timm module with the fewest parameters (models that fail to build,
+    and encoders without ``get_classifier``, are skipped); chosen once, kept in ``MODELS``."""
     chosen = json.loads(MODELS.read_text()) if MODELS.exists() else {}
     if module in chosen:
         return chosen[module]
@@ -59,9 +59,12 @@ def smallest(module: str) -> str | None:
     for name in timm.list_models(module=module):
         try:
             with torch.device("meta"):
-                count = sum(p.numel() for p in timm.create_model(name, num_classes=CLASSES).parameters())
+                model = timm.create_model(name, num_classes=CLASSES)
         except Exception:  # a model that does not build at these arguments is not the representative
             continue
+        if not hasattr(model, "get_classifier"):  # an encoder (gemma4_vit's *_enc): no logits to train
+            continue
+        count = sum(p.numel() for p in model.parameters())
         if best is None or count < best[0]:
             best = (count, name)
     chosen[module] = best[1] if best else None

@@ -166,8 +166,9 @@ def _split_mapping(original):
 
 
 GROUP_LIMIT = 20_000  # coupled operations in one group: legitimate groups hold hundreds
-INDEX_LIMIT = 2_000_000  # their indices: Visformer's flattened attention maps multiplied them past millions
+INDEX_LIMIT = 2_000_000  # indices it adds or flattens: Visformer's and EfficientViT's flattened maps multiply them
 _BOUNDED = [False]  # inside one of zoo's group searches (``_bounded``)
+_INDICES = [0]  # indices the current search has added or flattened
 
 
 class _Unbounded(Exception):
@@ -177,14 +178,17 @@ class _Unbounded(Exception):
 
 
 def _bounded(graph) -> list[str]:
-    """Make the graph's group search give up past ``GROUP_LIMIT``: the root it started from then
-    couples nothing (no group: its channels stay whole). Returns the list those roots go to."""
+    """Make the graph's group search give up past ``GROUP_LIMIT`` or ``INDEX_LIMIT``: the root it
+    started from then couples nothing (no group: its channels stay whole). Returns the list those
+    roots go to. Only while the groups are found (``_unbound`` after): a later search starts from
+    a root whose search ended, with fewer indices, and must never come back empty."""
     from torch_pruning.dependency.group import Group
 
     search, unbounded = graph.get_pruning_group, []
 
     def get_pruning_group(module, pruning_fn, idxs):
         _BOUNDED[0] = True  # only zoo's searches give up: a Torch-Pruning pruner beside them does not
+        _INDICES[0] = 0
         try:
             return search(module, pruning_fn, idxs)
         except _Unbounded:
@@ -197,26 +201,30 @@ def _bounded(graph) -> list[str]:
     return unbounded
 
 
+def _unbound(graph) -> None:
+    del graph.get_pruning_group  # the class's method again
+
+
 def _index_groups() -> None:
     """Torch-Pruning's group search asks, for every dependency it reaches, whether the group
     already holds that operation with those indices, by comparing it with every item so far:
     quadratic in the group's size, with index lists compared element by element. On models whose
     groups reach many layers with many index sets (RexNet's partial residual adds) one search
     took over 15 minutes. Here each group also keeps a set of its (target, handler, indices), so
-    the question is one lookup; the answers are the same."""
+    the question is one lookup; the answers are the same. Adding and flattening (where one index
+    becomes many) count the search's indices for its limits (``_spend``)."""
+    from torch_pruning.dependency import index_mapping
     from torch_pruning.dependency.group import Group
 
     add_dep, has_pruning_op = Group.add_dep, Group.has_pruning_op
+    flatten = index_mapping._FlattenIndexMapping.__call__
 
     def indexed_add_dep(self, dep, idxs) -> None:
         add_dep(self, dep, idxs)
         seen, added = self.__dict__.setdefault("zoo_seen", (set(), [0]))
         seen.add((dep.target, dep.handler, tuple(idxs)))
         added[0] += 1
-        indices = self.__dict__.setdefault("zoo_indices", [0])
-        indices[0] += len(idxs)
-        if (added[0] > GROUP_LIMIT or indices[0] > INDEX_LIMIT) and _BOUNDED[0]:
-            raise _Unbounded
+        _spend(len(idxs), added[0] > GROUP_LIMIT)
 
     def indexed_has_pruning_op(self, dep, idxs) -> bool:
         seen, added = self.__dict__.get("zoo_seen", (None, [-1]))
@@ -224,7 +232,20 @@ def _index_groups() -> None:
             return has_pruning_op(self, dep, idxs)
         return (dep.target, dep.handler, tuple(idxs)) in seen
 
+    def counted_flatten(self, idxs):  # each index becomes ``stride`` ones: the work that grows
+        mapped = flatten(self, idxs)
+        _spend(len(mapped))
+        return mapped
+
     Group.add_dep, Group.has_pruning_op = indexed_add_dep, indexed_has_pruning_op
+    index_mapping._FlattenIndexMapping.__call__ = counted_flatten
+
+
+def _spend(indices: int, past: bool = False) -> None:
+    """Count a search's indices; inside zoo's searches, give up past either limit."""
+    _INDICES[0] += indices
+    if _BOUNDED[0] and (past or _INDICES[0] > INDEX_LIMIT):
+        raise _Unbounded
 
 
 def _mapped_once(original):
@@ -264,6 +285,7 @@ class ChannelPlan:
             name = self.graph._module2name.get(dep.target.module)
             if name is not None and idxs:
                 roots.append((Group(name, len(idxs)), dep.target.module, dep.handler))
+        _unbound(self.graph)
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
