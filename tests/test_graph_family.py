@@ -516,9 +516,9 @@ def test_a_group_search_that_does_not_end_leaves_its_root_whole(monkeypatch, lim
     """Torch-Pruning's search grew one of RexNet's groups to millions of operations (Visformer's,
     to millions of indices): past either limit the root couples nothing, its channels stay whole
     (recorded in ``fixed``), and the other groups still make an exact family."""
-    from zoo.models import _graph_plan, graph
+    from zoo.models import _tp_patches, graph
 
-    monkeypatch.setattr(_graph_plan, limit, small)  # the stem's and the shared trunk's groups reach further
+    monkeypatch.setattr(_tp_patches, limit, small)  # the stem's and the shared trunk's groups reach further
     monkeypatch.setattr(graph, "_PLANS", type(graph._PLANS)())  # traced under this limit
     source = trained_looking("zoo_test_cross_stage")
     family = zoo.from_timm(source, img_size=IMG + 8, widths=[0.5], calibration=batches(), order="none")

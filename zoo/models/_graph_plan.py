@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import _tp_patches
+from ._tp_patches import bounded, install, unbound
+
 _CPU = torch.device("cpu")  # index bookkeeping, whatever device a model is built on
 Index = tuple  # per axis: an int (a prefix of that length) or a LongTensor of indices
 
@@ -53,18 +56,11 @@ class Group:
 
 def _dependency_graph(model: nn.Module, example: torch.Tensor):
     import torch_pruning as tp
-    from torch_pruning.dependency import index_mapping
 
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda m, _, n=n: entered.append(n)) for n, m in model.named_modules()]
     hooks.append(model.register_forward_hook(lambda *_: entered.append(_TRACED)))
-    if not getattr(index_mapping.update_concat_index_mapping, "zoo", False):  # once, for every later call too
-        index_mapping.update_concat_index_mapping = _concat_mapping(index_mapping.update_concat_index_mapping)
-        index_mapping.update_index_mapping = _mapped_once(index_mapping.update_index_mapping)
-        index_mapping.update_expand_index_mapping = _expand_mapping(index_mapping.update_expand_index_mapping)
-        index_mapping.update_reshape_index_mapping = _reshape_mapping(index_mapping.update_reshape_index_mapping)
-        index_mapping.update_split_index_mapping = _split_mapping(index_mapping.update_split_index_mapping)
-        _index_groups()
+    install()
     training = model.training
     try:
         with torch.enable_grad(), warnings.catch_warnings():  # the graph is read from autograd's
@@ -89,182 +85,6 @@ def _dependency_graph(model: nn.Module, example: torch.Tensor):
 _TRACED = object()  # marks, among the layers entered, that the whole model ran
 
 
-def _concat_mapping(original):
-    """Torch-Pruning's concatenation mapping, except for a concatenation one of whose inputs has
-    no channel count it can infer (a space-to-depth stem of image slices): Torch-Pruning maps
-    none there when it cannot count the output either, and fails summing None when it can
-    (``int + NoneType``); here such a concatenation gets no mapping in both cases. Nor does one
-    whose counting reaches a split with more readers than pieces (Gemma 4's patch reshapes), where
-    Torch-Pruning looks a piece up past the last one (``IndexError``, raised before it maps
-    anything). Installed in Torch-Pruning's module, since every ``get_pruning_group`` maps the
-    concatenations again."""
-    from torch_pruning import ops
-    from torch_pruning.dependency import shape_infer
-
-    def update(graph, node) -> None:
-        try:
-            if node.type == ops.OPTYPE.CONCAT and node.module.concat_sizes is None:
-                if any(shape_infer.infer_channels_between(graph, n, node) is None for n in node.inputs):
-                    return
-            original(graph, node)
-        except IndexError:
-            pass
-
-    update.zoo = True
-    return update
-
-
-def _expand_mapping(original):
-    """Torch-Pruning reads every five-axis ``expand`` as Hugging Face's grouped-query attention
-    (key/value heads repeated) and maps its channels so; a five-axis expand of something else
-    (GCViT's global query, Hiera's mask units) has fewer output channels than input ones, its
-    "repeat" is 0 and every later mapping divides by it. Such an expand keeps its channels
-    unmapped here; the groups through it are then checked like any other."""
-    from torch_pruning.dependency import index_mapping
-    from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
-
-    def update(graph, node) -> None:
-        original(graph, node)
-        for dep in [*node.dependencies, *(d for n in node.inputs for d in n.dependencies if d.target == node)]:
-            mapping = dep.index_mapping[0]
-            if isinstance(mapping, index_mapping._GQAIndexMapping) and mapping.repeat * mapping.head_dim < 1:
-                dep.index_mapping[0] = INDEX_MAPPING_PLACEHOLDER
-
-    return update
-
-
-def _reshape_mapping(original):
-    """Torch-Pruning maps a reshape between channel counts it infers on both sides, dividing the
-    larger by the smaller; where one side counts 0 (it reaches the model's input through a
-    residual, as SHViT's partial-channel attention does) the division fails before anything is
-    mapped. Such a reshape keeps its channels unmapped; the groups through it are then checked
-    like any other."""
-
-    def update(graph, node) -> None:
-        try:
-            original(graph, node)
-        except ZeroDivisionError:
-            pass
-
-    return update
-
-
-def _split_mapping(original):
-    """Torch-Pruning maps a split's i-th reader to its i-th piece, which holds only where every
-    piece has one reader; where the readers outnumber the pieces (Sequencer's LSTM outputs) the
-    pieces cannot be told apart and a reader past the last piece got an empty offset (an
-    ``IndexError`` in every later search). Such a split keeps its channels unmapped; the groups
-    through it are then checked like any other."""
-
-    def update(graph, node) -> None:
-        offsets = getattr(node.module, "offsets", None)
-        if offsets is not None and len(node.outputs) > len(offsets) - 1:
-            return
-        original(graph, node)
-
-    return update
-
-
-GROUP_LIMIT = 20_000  # coupled operations in one group: legitimate groups hold hundreds
-INDEX_LIMIT = 2_000_000  # indices it adds or flattens: Visformer's and EfficientViT's flattened maps multiply them
-_BOUNDED = [False]  # inside one of zoo's group searches (``_bounded``)
-_INDICES = [0]  # indices the current search has added or flattened
-
-
-class _Unbounded(Exception):
-    """A group search past ``GROUP_LIMIT`` or ``INDEX_LIMIT``: Torch-Pruning's search on RexNet's
-    partial residual adds grew one group to millions of operations (each seen with other indices)
-    and did not end; on Visformer's attention, flattened maps multiplied the indices instead."""
-
-
-def _bounded(graph) -> list[str]:
-    """Make the graph's group search give up past ``GROUP_LIMIT`` or ``INDEX_LIMIT``: the root it
-    started from then couples nothing (no group: its channels stay whole). Returns the list those
-    roots go to. Only while the groups are found (``_unbound`` after): a later search starts from
-    a root whose search ended, with fewer indices, and must never come back empty."""
-    from torch_pruning.dependency.group import Group
-
-    search, unbounded = graph.get_pruning_group, []
-
-    def get_pruning_group(module, pruning_fn, idxs):
-        _BOUNDED[0] = True  # only zoo's searches give up: a Torch-Pruning pruner beside them does not
-        _INDICES[0] = 0
-        try:
-            return search(module, pruning_fn, idxs)
-        except _Unbounded:
-            unbounded.append(graph._module2name.get(module, "?"))
-            return Group()
-        finally:
-            _BOUNDED[0] = False
-
-    graph.get_pruning_group = get_pruning_group
-    return unbounded
-
-
-def _unbound(graph) -> None:
-    del graph.get_pruning_group  # the class's method again
-
-
-def _index_groups() -> None:
-    """Torch-Pruning's group search asks, for every dependency it reaches, whether the group
-    already holds that operation with those indices, by comparing it with every item so far:
-    quadratic in the group's size, with index lists compared element by element. On models whose
-    groups reach many layers with many index sets (RexNet's partial residual adds) one search
-    took over 15 minutes. Here each group also keeps a set of its (target, handler, indices), so
-    the question is one lookup; the answers are the same. Adding and flattening (where one index
-    becomes many) count the search's indices for its limits (``_spend``)."""
-    from torch_pruning.dependency import index_mapping
-    from torch_pruning.dependency.group import Group
-
-    add_dep, has_pruning_op = Group.add_dep, Group.has_pruning_op
-    flatten = index_mapping._FlattenIndexMapping.__call__
-
-    def indexed_add_dep(self, dep, idxs) -> None:
-        add_dep(self, dep, idxs)
-        seen, added = self.__dict__.setdefault("zoo_seen", (set(), [0]))
-        seen.add((dep.target, dep.handler, tuple(idxs)))
-        added[0] += 1
-        _spend(len(idxs), added[0] > GROUP_LIMIT)
-
-    def indexed_has_pruning_op(self, dep, idxs) -> bool:
-        seen, added = self.__dict__.get("zoo_seen", (None, [-1]))
-        if added[0] != len(self._group):  # items set another way: Torch-Pruning's own scan
-            return has_pruning_op(self, dep, idxs)
-        return (dep.target, dep.handler, tuple(idxs)) in seen
-
-    def counted_flatten(self, idxs):  # each index becomes ``stride`` ones: the work that grows
-        mapped = flatten(self, idxs)
-        _spend(len(mapped))
-        return mapped
-
-    Group.add_dep, Group.has_pruning_op = indexed_add_dep, indexed_has_pruning_op
-    index_mapping._FlattenIndexMapping.__call__ = counted_flatten
-
-
-def _spend(indices: int, past: bool = False) -> None:
-    """Count a search's indices; inside zoo's searches, give up past either limit."""
-    _INDICES[0] += indices
-    if _BOUNDED[0] and (past or _INDICES[0] > INDEX_LIMIT):
-        raise _Unbounded
-
-
-def _mapped_once(original):
-    """Torch-Pruning maps every concatenation, split and reshape again on each
-    ``get_pruning_group``, since a pruner changes the traced modules between calls. zoo's graphs
-    (``zoo_static``) are never pruned, so their mappings are made once: DenseNet's 120 groups,
-    read a thousand times, spent minutes there. Other graphs (a Torch-Pruning pruner in the same
-    process) are mapped as before."""
-
-    def update(graph) -> None:
-        if getattr(graph, "zoo_static", False):
-            if getattr(graph, "zoo_mapped", False):
-                return
-            graph.zoo_mapped = True
-        original(graph)
-
-    return update
-
-
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
@@ -277,7 +97,7 @@ class ChannelPlan:
         self.template = template
         self.graph = _dependency_graph(template, example)
         self.shapes = {n: tuple(t.shape) for n, t in _tensors(template)}
-        roots, unbounded = [], _bounded(self.graph)
+        roots, unbounded = [], bounded(self.graph)
         for group in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear]):
             if not group.items:  # its search did not end
                 continue
@@ -285,11 +105,11 @@ class ChannelPlan:
             name = self.graph._module2name.get(dep.target.module)
             if name is not None and idxs:
                 roots.append((Group(name, len(idxs)), dep.target.module, dep.handler))
-        _unbound(self.graph)
+        unbound(self.graph)
         self.groups = [g for g, _, _ in roots]
         self._roots = [(module, handler) for _, module, handler in roots]
         self.slots = self._find_slots()
-        past = f"over {GROUP_LIMIT} operations or {INDEX_LIMIT} indices"
+        past = f"over {_tp_patches.GROUP_LIMIT} operations or {_tp_patches.INDEX_LIMIT} indices"
         self.fixed += [f"{root}: its group search did not end ({past})" for root in unbounded]
         self._settle(example)
 
