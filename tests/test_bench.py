@@ -97,8 +97,8 @@ def test_bench_reports_progress_through_exports_and_repeats(weights):
 
     calls = []
     source = zoo.WeightsSource.open(weights)
-    bench_family(source, source.model.members, 2, 3, 1, lambda done, total: calls.append((done, total)))
-    assert calls == [(done, 2 + 3) for done in range(1, 6)]  # 2 members exported, then 3 repeats
+    bench_family(source, source.model.members[:1], 2, 3, 1, lambda done, total: calls.append((done, total)))
+    assert calls == [(done, 1 + 3) for done in range(1, 5)]  # 1 member exported, then 3 repeats
 
 
 def test_zoo_bench_draws_a_bar_on_a_terminal(weights):

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 import zoo
 from training.trainer import TrainConfig, train
 
 
+@pytest.mark.slow  # ~50 s; DDP through the launcher stays in CI: tests/test_loop.py, two nodes
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """LayerNorm family (no per-process batch statistics), a 2-pass sandwich step (no_sync on
     the first backward), SGD with momentum. The only difference between the runs is the order

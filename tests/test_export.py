@@ -11,6 +11,7 @@ import pytest
 import torch
 from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
+from torch.onnx._internal.exporter._registration import ONNXRegistry
 from typer.testing import CliRunner
 
 import zoo
@@ -19,7 +20,14 @@ from cli.app import app
 from export.kv_cache import SCORE_FLOOR, CachedDecoder, floored_scores, masked_attention
 from export.latency import member_latency
 from export.merge import dense_is_cheaper, merge_low_rank
-from export.onnx_export import ATTENTION_OPSET, export_file, export_member, read_record
+from export.onnx_export import (
+    _UNCACHED_FROM_TORCHLIB,
+    ATTENTION_OPSET,
+    _torchlib_registry,
+    export_file,
+    export_member,
+    read_record,
+)
 from export.quantize import evaluate
 from zoo import WeightsSource
 from zoo.weights import file_sha256
@@ -81,7 +89,9 @@ CASES = [
     ("gpt", {}, 1.0, None),
     ("gpt", LOW_RANK_GRID, 0.5, 0.25),
 ]
-SLOW_CASES = {("mobilenetv2", 1.0), ("vit", 1.0)}  # 13-20 s each; their low-rank members stay in CI
+# 13-40 s each (the clean-clone suite passed 600 s): CI keeps a low-rank member of the ResNet, ViT
+# and GPT (the same export path, and merging); MobileNetV2's members export in test_small_exports
+SLOW_CASES = {("resnet", 1.0), ("mobilenetv2", 1.0), ("mobilenetv2", 0.5), ("vit", 1.0), ("gpt", 1.0)}
 
 
 @pytest.mark.parametrize(
@@ -249,6 +259,8 @@ def test_merge_rule_merges_only_where_dense_is_cheaper(tmp_path):
     assert merged.metadata["low_rank_layers"] == {"merged": 20, "factorized": 0}
     assert kept.metadata["low_rank_layers"] == {"merged": 0, "factorized": 20}
     assert "merged 20 of 20 low-rank layers (conv 20 of 20)" in merged.summary()
+    assert _torchlib_registry.cache_info().hits >= 1  # the second export reused the first's ONNX table
+    assert ONNXRegistry.from_torchlib.__func__ is _UNCACHED_FROM_TORCHLIB.__func__  # torch's own again
 
 
 def test_export_all_writes_every_member_and_a_manifest(tmp_path):
