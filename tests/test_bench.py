@@ -39,12 +39,14 @@ def test_bench_prints_a_row_per_member_and_writes_a_png(weights, tmp_path):
     assert not list(plot.parent.glob(".*tmp*"))  # written atomically, nothing left behind
 
 
-def test_bench_json_has_sizes_flops_latencies_and_metrics(weights):
+def test_bench_json_has_sizes_flops_latencies_and_metrics_and_draws_a_bar_on_a_terminal(weights):
     result = CliRunner().invoke(
         app,
         ["bench", str(weights), "--width", "0.5", "--batch-size", "3", "--repeats", "1", "--threads", "1", "--json"],
+        env={"FORCE_COLOR": "1"},
     )
     assert result.exit_code == 0, result.output
+    assert "benchmarking slim_resnet20 (1 members)" in result.stderr  # the progress bar, beside the JSON
     report = json.loads(result.stdout)
     assert {"weights", "arch", "threads", "batch_sizes", "repeats", "members"} <= set(report)
     assert report["arch"] == "slim_resnet20" and report["batch_sizes"] == [1, 3] and report["threads"] == 1
@@ -99,11 +101,3 @@ def test_bench_reports_progress_through_exports_and_repeats(weights):
     source = zoo.WeightsSource.open(weights)
     bench_family(source, source.model.members[:1], 2, 3, 1, lambda done, total: calls.append((done, total)))
     assert calls == [(done, 1 + 3) for done in range(1, 5)]  # 1 member exported, then 3 repeats
-
-
-def test_zoo_bench_draws_a_bar_on_a_terminal(weights):
-    result = CliRunner().invoke(
-        app, ["bench", str(weights), "--width", "0.5", "--repeats", "1", "--threads", "1"], env={"FORCE_COLOR": "1"}
-    )
-    assert result.exit_code == 0, result.output
-    assert "benchmarking slim_resnet20 (1 members)" in result.stderr and "w0.5" in result.stdout

@@ -86,6 +86,7 @@ def test_bad_flags_exit_with_usage_error(capsys):
     assert "--seeds must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~30 s; the script's tables and plot stay in CI (above), CIFAR files in test_data
 def test_tiny_resnet_table_on_cifar10_files(tmp_path):
     """--data cifar10:PATH adds the resnet table on that data (a tiny CIFAR-10 in the real format)."""
     cifar10_dir = write_cifar10(tmp_path / "cifar-10-batches-py")
