@@ -167,7 +167,9 @@ def timm_modules() -> list[str]:
 
 
 def run(only: set[str] | None, redo: bool = False) -> None:
-    """Check each module not yet recorded (with ``redo``, the ``only`` modules again)."""
+    """Check each module not yet recorded (with ``redo``, the ``only`` modules again); each
+    record names the commit it was measured on."""
+    commit = _commit()
     for module in timm_modules():
         if (only and module not in only) or (module in {r["module"] for r in _load()} and not redo):
             continue
@@ -193,8 +195,19 @@ def run(only: set[str] | None, redo: bool = False) -> None:
             )
         except subprocess.TimeoutExpired:  # a hang: the CPU limit did not end it
             record = _over_time(f"{4 * TIMEOUT} s")
-        _record({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1)})
+        _record({"module": module, "model": name, **record, "seconds": round(time.time() - start, 1), "commit": commit})
         print(f"{module:<24}{name:<40}{record['status']:<9}{record['reason'][:90]}", flush=True)
+
+
+def _commit() -> str:
+    """This checkout's commit (``+`` where its zoo, export or training code differs from it)."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "zoo", "export", "training"]).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def _over_time(limit: str) -> dict:

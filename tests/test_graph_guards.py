@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import zoo
-from zoo.models import _graph_plan, graph
+from zoo.models import _graph_plan, _tp_patches, graph
 
 IMG, CLASSES = 32, 10
 
@@ -145,7 +145,10 @@ def _exact_family(name: str):
     [("zoo_test_partial_attention", ("mlp1", 32)), ("zoo_test_two_readers", ("mlp1", 32))],
 )
 @torch.no_grad()
-def test_a_reshape_or_split_torch_pruning_cannot_map_leaves_the_rest_elastic(name, elastic):
+def test_a_reshape_or_split_torch_pruning_cannot_map_leaves_the_rest_elastic(name, elastic, monkeypatch):
+    # the LSTM's group searches never end: a lower bound ends them sooner, with the same groups
+    monkeypatch.setattr(_tp_patches, "GROUP_LIMIT", 2_000)
+    monkeypatch.setattr(graph, "_PLANS", type(graph._PLANS)())
     family = _exact_family(name)
     assert list(elastic) in [list(g) for g in family.model_args["groups"]]
     assert family.zoo_metadata["converted_from"]["fixed_groups"]  # what stays whole is said

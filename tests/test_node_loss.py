@@ -130,6 +130,7 @@ def _end(node: subprocess.Popen) -> None:
     node.communicate()
 
 
+@pytest.mark.slow  # 30-53 s: the clean-clone suite reached 617-671 s
 def test_a_frozen_node_times_out_and_the_survivor_exits_with_one_line_keeping_the_checkpoint(tmp_path):
     """CI-sized: a 5 s --dist-timeout, no restarts."""
     out = tmp_path / "run"

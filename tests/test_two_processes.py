@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from safetensors.torch import load_file
 from test_faults import _processes_naming
 
@@ -22,6 +23,7 @@ ARGS = ["slim_resnet20", "--width", "0.5", "--eval-every", "1000", "--eval-limit
         "--batch-size", "8", "--nproc-per-node", "2"]  # fmt: skip
 
 
+@pytest.mark.slow  # 30-53 s: the clean-clone suite reached 617-671 s
 def test_sigterm_stops_both_ranks_with_workers_at_one_step_and_the_run_resumes_with_other_workers(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "cli", "train", *ARGS, "--out", str(out)]
