@@ -98,7 +98,7 @@ def test_tiny_resnet_table_on_cifar10_files(tmp_path):
     assert [len(finite_cells(row)) for row in rows] == [2] * 4 + [5] * 3
 
 
-@pytest.mark.slow  # ~30 s: two tiny comparisons; the clean-clone suite passed 600 s
+@pytest.mark.slow  # ~30 s, two tiny comparisons; the script end to end stays in CI (the first test above)
 def test_seeds_run_in_separate_processes_merge_into_one_table(tmp_path, capsys):
     compare = load_compare()
     for seed in (0, 1):

@@ -57,7 +57,7 @@ TIMM_STYLE = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # ~40 s: three interpreters deep (script, pytest, the member); the clean-clone suite passed 600 s
+@pytest.mark.slow  # ~40 s, three interpreters deep; CI keeps the script's check of timm's file (below)
 def test_the_script_runs_timm_style_tests_on_a_member_and_tabulates_them(tmp_path):
     tests = tmp_path / "timm-tests"
     tests.mkdir()
