@@ -283,6 +283,17 @@ def _registry_built_once():
         _registration.ONNXRegistry.from_torchlib = _UNCACHED_FROM_TORCHLIB
 
 
+def _passes_checker(proto: onnx.ModelProto) -> bool:
+    """The ONNX checker on the graph in memory (a graph too large to embed is refused later)."""
+    if proto.ByteSize() > MAX_EMBEDDED_BYTES:
+        return True
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError:
+        return False
+    return True
+
+
 def to_onnx(
     model: ElasticModel, opset: int | None = None, device: str = "cpu", fuse: bool = False
 ) -> tuple[onnx.ModelProto, dict[str, int] | None]:
@@ -295,27 +306,32 @@ def to_onnx(
     level = quiet.level
     onnx_op = opset is not None and opset >= ATTENTION_OPSET
 
-    def export() -> torch.onnx.ONNXProgram:
+    def export(optimize: bool) -> onnx.ModelProto:
         attention = attention_as_onnx_op(model) if onnx_op else contextlib.nullcontext()
         with warnings.catch_warnings(), attention, _registry_built_once():
             warnings.simplefilter("ignore")
-            options = {"dynamo": True, "verbose": False, "external_data": False, "optimize": True}
-            return torch.onnx.export(module, example, opset_version=opset, **options, **names)
+            options = {"dynamo": True, "verbose": False, "external_data": False, "optimize": optimize}
+            return torch.onnx.export(module, example, opset_version=opset, **options, **names).model_proto
 
-    try:
-        quiet.setLevel(logging.CRITICAL)
+    def export_any_attention(optimize: bool) -> onnx.ModelProto:
         try:
-            program = export()
+            return export(optimize)
         except Exception:
             fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
             if not fused:
                 raise
-            program = _with_explicit_attention(fused, export)
+            return _with_explicit_attention(fused, lambda: export(optimize))
+
+    try:
+        quiet.setLevel(logging.CRITICAL)
+        proto = export_any_attention(optimize=True)
+        if not _passes_checker(proto):  # onnxscript's optimizer left a value no node makes (Gemma 4's ViT)
+            proto = export_any_attention(optimize=False)  # onnxruntime optimizes the graph when it loads it
     except Exception as err:  # the exporter raises many types; report one line
         raise ValueError(f"torch.onnx.export failed for {model.arch}: {_export_reason(err)}") from None
     finally:
         quiet.setLevel(level)
-    proto, fusions = program.model_proto, None
+    fusions = None
     if fuse:
         proto, fusions = fuse_for_onnxruntime(proto)
     return add_empty_cache_defaults(proto), fusions

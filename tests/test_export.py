@@ -447,6 +447,33 @@ def test_a_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_graph_the_optimizer_broke_is_exported_again_without_it(tmp_path, monkeypatch):
+    """onnxscript's optimizer left Gemma 4's ViT with a value no node makes (found by
+    benchmarks/timm_coverage.py): where the checker refuses the optimized graph, the member is
+    exported again without the optimizer, then verified as any export."""
+    from onnx import TensorProto, helper
+
+    import export.onnx_export as onnx_export
+
+    x, y = (helper.make_tensor_value_info(name, TensorProto.FLOAT, [1]) for name in "xy")
+    dangling = helper.make_graph([helper.make_node("Relu", ["made_by_no_node"], ["y"])], "g", [x], [y])
+    sound = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    assert not onnx_export._passes_checker(helper.make_model(dangling))
+    assert onnx_export._passes_checker(helper.make_model(sound, opset_imports=[helper.make_opsetid("", 18)]))
+
+    optimized, real_export = [], torch.onnx.export
+
+    def spying_export(*args, **kwargs):
+        optimized.append(kwargs["optimize"])
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spying_export)
+    monkeypatch.setattr(onnx_export, "_passes_checker", lambda proto: not optimized[-1])  # refuse the optimized one
+    weights = family_file(tmp_path, "resnet", **GRID)
+    result = export_member(WeightsSource.open(weights).member(0.5), tmp_path / "m.onnx")
+    assert optimized == [True, False] and result.max_abs_diff <= 1e-4 and result.path.is_file()
+
+
 def test_an_exporter_failure_is_reported_by_its_root_cause():
     """torch.onnx's first line only names the step that failed; the exception summary it
     appends holds the cause, root first."""
