@@ -253,17 +253,17 @@ def _export_reason(err: BaseException) -> str:
     return step
 
 
-@functools.cache
-def _torchlib_registry(registry_class: type, opset_version: int):
-    return _UNCACHED_FROM_TORCHLIB.__func__(registry_class, opset_version=opset_version)
-
-
 try:  # torch's own exporter internals; where they moved, every export builds its table as before
     from torch.onnx._internal.exporter import _registration
 
     _UNCACHED_FROM_TORCHLIB = _registration.ONNXRegistry.__dict__["from_torchlib"]
 except (ImportError, KeyError):
     _registration = None
+
+
+@functools.cache
+def _torchlib_registry(registry_class: type, opset_version: int):
+    return _UNCACHED_FROM_TORCHLIB.__func__(registry_class, opset_version=opset_version)
 
 
 @contextlib.contextmanager

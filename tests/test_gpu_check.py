@@ -36,7 +36,6 @@ def _statuses(out: Path) -> dict[str, str]:
     return {cells[1].strip(): cells[2].strip() for cells in rows[1:]}
 
 
-@pytest.mark.slow  # 30-53 s: the clean-clone suite reached 617-671 s
 @pytest.mark.slow  # ~32 s of CPU: the whole GPU check script, dry; run it before a GPU session
 def test_the_tiny_dry_run_runs_every_step_and_skips_the_cuda_ones_without_the_provider(tmp_path):
     export_device = "cpu" if CUDA_PROVIDER else "cuda"  # without the provider: the skipping path

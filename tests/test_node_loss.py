@@ -130,7 +130,7 @@ def _end(node: subprocess.Popen) -> None:
     node.communicate()
 
 
-@pytest.mark.slow  # 30-53 s: the clean-clone suite reached 617-671 s
+@pytest.mark.slow  # 30-53 s (the clean-clone suite reached 617-671 s): node loss is checked by -m slow only
 def test_a_frozen_node_times_out_and_the_survivor_exits_with_one_line_keeping_the_checkpoint(tmp_path):
     """CI-sized: a 5 s --dist-timeout, no restarts."""
     out = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_a_frozen_node_times_out_and_the_survivor_exits_with_one_line_keeping_th
     assert _naming(str(out)) == []
 
 
-@pytest.mark.slow  # ~40 s of CPU (a restart through the launcher); the frozen-node test above stays in CI
+@pytest.mark.slow  # ~40 s of CPU (a restart through the launcher); the frozen-node test above is the shorter check
 def test_a_restarted_process_resumes_from_the_last_checkpoint_and_records_it(tmp_path):
     """CI-sized torchrun restart: one node, its training process killed once (--max-restarts 1)."""
     out = tmp_path / "run"

@@ -1,7 +1,7 @@
-"""CI-sized runs of two processes through torch's launcher: SIGTERM stops every rank at one
-step, with data-loading workers, and the run resumes with another worker count to its end.
-The full-size versions, which also compare the resumed weights with an uninterrupted run, stay
-``slow`` (tests/test_faults.py, tests/test_streaming.py)."""
+"""Short runs of two processes through torch's launcher: SIGTERM stops every rank at one step,
+with data-loading workers, and the run resumes with another worker count to its end. The
+full-size versions, which also compare the resumed weights with an uninterrupted run, are
+``slow`` too (tests/test_faults.py, tests/test_streaming.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ARGS = ["slim_resnet20", "--width", "0.5", "--eval-every", "1000", "--eval-limit
         "--batch-size", "8", "--nproc-per-node", "2"]  # fmt: skip
 
 
-@pytest.mark.slow  # 30-53 s: the clean-clone suite reached 617-671 s
+@pytest.mark.slow  # 30-53 s; CI keeps SIGTERM with a worker (tests/test_exits.py) and DDP (tests/test_loop.py)
 def test_sigterm_stops_both_ranks_with_workers_at_one_step_and_the_run_resumes_with_other_workers(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "cli", "train", *ARGS, "--out", str(out)]
